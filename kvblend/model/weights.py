@@ -1,0 +1,75 @@
+"""Llama-family weights loaded from safetensors into fused per-layer tensors (qkv and gate/up concatenated)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kvblend.model.spec import ModelSpec
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    if not tensors:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return tensors
+
+
+def load_weights(model_dir: str | os.PathLike, spec: ModelSpec, device: str | torch.device = "cpu") -> LlamaWeights:
+    """Read an HF Llama/Mistral/Qwen2 checkpoint in the spec's dtype on `device`."""
+    raw = _read_tensors(Path(model_dir))
+    dtype = spec.torch_dtype
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise KeyError(f"checkpoint {model_dir} lacks tensor {name!r}")
+        return raw.pop(name).to(device=device, dtype=dtype)
+
+    layers = []
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        bias = None
+        if spec.attention_bias:
+            bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        layers.append(
+            LayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=qkv,
+                qkv_bias=bias,
+                o=take(p + "self_attn.o_proj.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                down=take(p + "mlp.down_proj.weight"),
+            )
+        )
+    embed = take("model.embed_tokens.weight")
+    lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in raw else take("lm_head.weight")
+    return LlamaWeights(embed=embed, layers=layers, norm=take("model.norm.weight"), lm_head=lm_head)

@@ -1,0 +1,26 @@
+"""Content-addressed chunk KV store: ChunkKey, safetensors entries, memory/disk/Redis tiers, TieredStore."""
+
+from kvblend.store.disk import DiskTier
+from kvblend.store.entry import ChunkKV, EntryError, read_entry, serialize
+from kvblend.store.key import ChunkKey
+from kvblend.store.memory import MemoryTier
+from kvblend.store.redis_tier import RedisConfig, RedisTier
+from kvblend.store.tier import Tier, TierStats
+from kvblend.store.tiered import StoreConfig, TieredStore, open_store
+
+__all__ = [
+    "ChunkKV",
+    "ChunkKey",
+    "DiskTier",
+    "EntryError",
+    "MemoryTier",
+    "RedisConfig",
+    "RedisTier",
+    "StoreConfig",
+    "Tier",
+    "TierStats",
+    "TieredStore",
+    "open_store",
+    "read_entry",
+    "serialize",
+]

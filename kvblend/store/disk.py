@@ -1,0 +1,186 @@
+"""Local-disk tier: one safetensors file per entry in a directory shared by the host's processes.
+
+Writes are atomic (temp file + rename), so concurrent writers of one key leave one valid file. The byte
+budget is enforced by evicting the least recently used files (mtime is bumped on every hit). Every read is
+verified; a corrupt or truncated file is a miss, is removed and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from kvblend.store.entry import ChunkKV, EntryError, read_entry, serialize
+from kvblend.store.key import ChunkKey
+from kvblend.store.tier import TierStats
+
+log = logging.getLogger(__name__)
+SUFFIX = ".kv.safetensors"
+
+
+def _file_reader(fd: int):
+    def read(ranges):
+        return [os.pread(fd, n, o) for o, n in ranges]
+
+    return read
+
+
+class DiskTier:
+    name = "disk"
+    synchronous = False
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"disk tier budget must be positive, got {max_bytes}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._stats = TierStats()
+        self._lock = threading.Lock()
+        self._bytes = self._scan_bytes()
+
+    def path(self, key: ChunkKey) -> Path:
+        digest = key.digest
+        return self.root / digest[:2] / (digest + SUFFIX)
+
+    def _entries(self) -> list[os.DirEntry]:
+        found = []
+        for shard in os.scandir(self.root):
+            if shard.is_dir() and len(shard.name) == 2:
+                found.extend(e for e in os.scandir(shard.path) if e.name.endswith(SUFFIX))
+        return found
+
+    def _scan_bytes(self) -> int:
+        total = 0
+        for entry in self._entries():
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._count("misses")
+            return None
+        try:
+            kv = read_entry(_file_reader(fd), key, layers, size=os.fstat(fd).st_size)
+        except EntryError as exc:
+            log.warning("disk tier: dropping bad entry %s: %s", path.name, exc)
+            self._count("corrupt")
+            self._count("misses")
+            self._remove(path)
+            return None
+        except OSError as exc:
+            log.warning("disk tier: cannot read %s: %s", path.name, exc)
+            self._count("errors")
+            self._count("misses")
+            return None
+        finally:
+            os.close(fd)
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        self._count("hits")
+        return kv
+
+    def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
+        return self.put_bytes(key, serialize(kv))
+
+    def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
+        """Write an already-serialised entry atomically; False (and a log line) if the disk refuses it."""
+        if len(blob) > self.max_bytes:
+            return False
+        path = self.path(key)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(blob)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("disk tier: cannot write %s: %s", path.name, exc)
+            self._count("errors")
+            return False
+        with self._lock:
+            self._stats.puts += 1
+            self._bytes += len(blob)
+            over = self._bytes > self.max_bytes
+        if over:
+            self._evict(keep=path)
+        return True
+
+    def _evict(self, keep: Path) -> None:
+        """Rescan (other processes write here too) and delete least recently used files until under budget."""
+        files = []
+        for entry in self._entries():
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            if self._remove(path):
+                total -= size
+                self._count("evictions")
+        with self._lock:
+            self._bytes = total
+
+    def _remove(self, path: Path) -> bool:
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def contains(self, key: ChunkKey) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: ChunkKey) -> None:
+        path = self.path(key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if self._remove(path):
+            with self._lock:
+                self._bytes -= size
+
+    def prefetch(self, keys: Iterable[ChunkKey]) -> None:
+        """Ask the kernel to start reading the files into the page cache."""
+        for key in keys:
+            try:
+                fd = os.open(self.path(key), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def _count(self, field: str) -> None:
+        with self._lock:
+            setattr(self._stats, field, getattr(self._stats, field) + 1)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries()), "bytes": self._bytes})

@@ -1,0 +1,76 @@
+"""Process-memory tier: an LRU of decoded entries under a byte budget."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+from kvblend.store.entry import ChunkKV
+from kvblend.store.key import ChunkKey
+from kvblend.store.tier import TierStats
+
+
+class MemoryTier:
+    """LRU over whole entries; a put larger than the budget is refused rather than evicting everything."""
+
+    name = "memory"
+    synchronous = True
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"memory tier budget must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._bytes = 0
+        self._stats = TierStats()
+        self._lock = threading.Lock()
+
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        with self._lock:
+            kv = self._entries.get(key.digest)
+            if kv is None:
+                self._stats.misses += 1
+                return None
+            self._entries.move_to_end(key.digest)
+            self._stats.hits += 1
+        return kv if layers is None else kv.select_layers(layers)
+
+    def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
+        if kv.layers is not None:
+            raise ValueError("memory tier stores whole entries only")
+        if kv.nbytes > self.max_bytes:
+            return False
+        with self._lock:
+            old = self._entries.pop(key.digest, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key.digest] = kv
+            self._bytes += kv.nbytes
+            self._stats.puts += 1
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self._stats.evictions += 1
+        return True
+
+    def contains(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return key.digest in self._entries
+
+    def delete(self, key: ChunkKey) -> None:
+        with self._lock:
+            old = self._entries.pop(key.digest, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
+    def prefetch(self, keys: Iterable[ChunkKey]) -> None:
+        """Entries here are already resident: refresh their LRU position so they survive until used."""
+        with self._lock:
+            for key in keys:
+                if key.digest in self._entries:
+                    self._entries.move_to_end(key.digest)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries), "bytes": self._bytes})

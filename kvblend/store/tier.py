@@ -1,0 +1,43 @@
+"""The interface every cache tier implements, and the counters each keeps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Protocol, Sequence
+
+from kvblend.store.entry import ChunkKV
+from kvblend.store.key import ChunkKey
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tier(Protocol):
+    """A place chunk KV can live. A failing tier reports misses; it never raises out of `get`."""
+
+    name: str
+    synchronous: bool  # True: cheap enough to write on the caller's thread (process memory)
+
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None: ...
+
+    def put(self, key: ChunkKey, kv: ChunkKV) -> bool: ...
+
+    def contains(self, key: ChunkKey) -> bool: ...
+
+    def delete(self, key: ChunkKey) -> None: ...
+
+    def prefetch(self, keys: Iterable[ChunkKey]) -> None: ...
+
+    def stats(self) -> TierStats: ...

@@ -1,0 +1,144 @@
+"""TieredStore: memory -> disk -> Redis, read-through with promotion, write-through with background writes."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from kvblend.store.disk import DiskTier
+from kvblend.store.entry import ChunkKV, serialize
+from kvblend.store.key import ChunkKey
+from kvblend.store.memory import MemoryTier
+from kvblend.store.redis_tier import RedisConfig, RedisTier
+from kvblend.store.tier import Tier, TierStats
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Which tiers exist and their budgets. Tiers are consulted fastest first: memory, disk, Redis."""
+
+    memory_bytes: int = 2 << 30
+    disk_dir: str | None = None
+    disk_bytes: int = 20 << 30
+    redis_url: str | None = None
+    redis_timeout_s: float = 0.5
+    write_queue: int = 64
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes <= 0:
+            raise ValueError(f"memory_bytes must be positive, got {self.memory_bytes}")
+        if self.disk_bytes <= 0:
+            raise ValueError(f"disk_bytes must be positive, got {self.disk_bytes}")
+        if self.write_queue <= 0:
+            raise ValueError(f"write_queue must be positive, got {self.write_queue}")
+        if self.redis_url is not None:
+            RedisConfig(self.redis_url, timeout_s=self.redis_timeout_s)
+
+
+def open_store(config: StoreConfig) -> "TieredStore":
+    tiers: list[Tier] = [MemoryTier(config.memory_bytes)]
+    if config.disk_dir:
+        tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+    if config.redis_url:
+        tiers.append(RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s)))
+    return TieredStore(tiers, write_queue=config.write_queue)
+
+
+class TieredStore:
+    """One interface over several tiers. Synchronous tiers are written on the caller's thread, the others
+    by one background writer fed through a bounded queue (a full queue makes `put` wait, never drop)."""
+
+    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64) -> None:
+        if not tiers:
+            raise ValueError("a store needs at least one tier")
+        self.tiers = list(tiers)
+        self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
+        self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
+        self._writer.start()
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblend-prefetch")
+
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        """First tier that has the key wins; a whole-entry hit is promoted into the faster tiers."""
+        for i, tier in enumerate(self.tiers):
+            kv = tier.get(key, layers)
+            if kv is None:
+                continue
+            if layers is None and i > 0:
+                self._write(key, kv, self.tiers[:i])
+            return kv
+        return None
+
+    def put(self, key: ChunkKey, kv: ChunkKV) -> None:
+        """Write-through to every tier. The store owns `kv` afterwards: do not modify its tensors."""
+        if kv.key != key:
+            raise ValueError("entry does not belong to the key it is stored under")
+        self._write(key, kv, self.tiers)
+
+    def _write(self, key: ChunkKey, kv: ChunkKV, tiers: Sequence[Tier]) -> None:
+        slow = []
+        for tier in tiers:
+            if tier.synchronous:
+                tier.put(key, kv)
+            else:
+                slow.append(tier)
+        if slow:
+            self._queue.put((key, kv, slow))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                key, kv, tiers = item
+                blob = serialize(kv)
+                for tier in tiers:
+                    try:
+                        tier.put_bytes(key, blob)
+                    except Exception:
+                        log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
+            except Exception:
+                log.exception("store: cannot serialise an entry for the slow tiers")
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued background write has finished."""
+        self._queue.join()
+
+    def contains(self, key: ChunkKey) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def delete(self, key: ChunkKey) -> None:
+        for tier in self.tiers:
+            tier.delete(key)
+
+    def prefetch(self, keys: Iterable[ChunkKey]) -> Future:
+        """Start loading `keys` into the fastest tier in the background; the future resolves to the hit count."""
+        keys = list(keys)
+        for tier in self.tiers[1:]:
+            tier.prefetch(keys)
+        fastest = self.tiers[0]
+        return self._prefetcher.submit(lambda: sum(fastest.contains(k) or self.get(k) is not None for k in keys))
+
+    def stats(self) -> dict[str, TierStats]:
+        return {tier.name: tier.stats() for tier in self.tiers}
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._prefetcher.shutdown(wait=True)
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
