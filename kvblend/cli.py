@@ -95,6 +95,67 @@ def cmd_model_dir(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval_fidelity(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+
+    import torch
+    from tqdm import tqdm
+
+    from kvblend.blend.fidelity import evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
+    from kvblend.blend.prompt import chat_template
+    from kvblend.corpus import pydoc_topics, read_corpus
+    from kvblend.model.embedded import resolve_model_dir
+    from kvblend.model.runner import LlamaModel
+    from kvblend.model.tokenizer import load_tokenizer
+
+    lo, _, hi = args.chunks.partition("-")
+    chunks_per_case = (int(lo), int(hi or lo))
+    if not 1 <= chunks_per_case[0] <= chunks_per_case[1]:
+        raise ValueError(f"--chunks must be N or LO-HI with 1 <= LO <= HI, got {args.chunks!r}")
+    if args.cases <= 0:
+        raise ValueError("--cases must be positive")
+    docs = pydoc_topics() if str(args.corpus) == "pydoc" else read_corpus([args.corpus])
+    questions = read_questions(args.questions) if args.questions else []
+    model_dir = resolve_model_dir(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_dir)
+    cases = make_cases(tokenizer, docs, questions, args.cases, args.chunk_tokens, chunks_per_case, seed=args.seed)
+    contexts = ("alone", "behind_prefix") if args.context == "both" else (args.context,)
+    settings = standard_settings(args.chunk_tokens)
+    with tqdm(total=len(cases), unit="case", desc="fidelity", file=sys.stderr) as bar:
+        rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, settings, contexts, args.greedy_steps,
+                        progress=lambda: bar.update(1))
+    for row in rows:
+        row["gap_closed"] = gap_closed(rows, row)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {
+        "model": str(model_dir.name),
+        "fingerprint": model.spec.fingerprint,
+        "dtype": model.spec.dtype,
+        "corpus": str(args.corpus),
+        "cases": len(cases),
+        "chunk_tokens": args.chunk_tokens,
+        "chunks_per_case": list(chunks_per_case),
+        "greedy_steps": args.greedy_steps,
+        "git_sha": sha or None,
+        "command": "kvblend " + " ".join(sys.argv[1:]),
+        "settings": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(rows, args.plot, f"{model_dir.name}: {len(cases)} cases, {args.dtype}")
+    print(f"{'context':14s} {'policy':13s} {'ratio':>5s} {'kl_mean':>8s} {'kl_p90':>8s} {'top1':>6s} "
+          f"{'greedy32':>8s} {'match_len':>9s} {'gap':>6s}")
+    for r in rows:
+        print(f"{r['context']:14s} {r['policy']:13s} {r['ratio']:5.2f} {r['kl_mean']:8.4f} {r['kl_p90']:8.4f} "
+              f"{r['top1']:6.3f} {r['greedy32_match']:8.3f} {r['greedy_match_len']:9.2f} {r['gap_closed']:6.2f}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvblend", description="CacheBlend-style KV reuse for RAG in vLLM")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -114,6 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="entries and bytes held by each persistent tier")
     add_store_args(p)
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("eval", help="evaluations")
+    ev = p.add_subparsers(dest="evaluation", required=True)
+    p = ev.add_parser("fidelity", help="blend vs full prefill: KL, top-1 and greedy agreement per policy and ratio")
+    p.add_argument("--corpus", type=Path, required=True, help="directory of .txt/.md files, or 'pydoc' for the stdlib topics")
+    p.add_argument("--questions", type=Path, default=None, help='JSONL, one {"question": "..."} per line')
+    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--chunks", default="4-6", help="chunks per case, N or LO-HI (default 4-6)")
+    p.add_argument("--context", choices=["alone", "behind_prefix", "both"], default="alone",
+                   help="how chunk KV is computed: alone from position 0, or behind the prompt prefix")
+    p.add_argument("--greedy-steps", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--plot", type=Path, default=None)
+    p.set_defaults(func=cmd_eval_fidelity)
 
     p = sub.add_parser("model-dir", help="print (and on first use create) the model directory and its spec")
     p.add_argument("--model", type=Path, default=None)

@@ -64,22 +64,20 @@ class LlamaModel:
         return F.embedding(ids.to(self.device), self.weights.embed)
 
     def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm, fused QKV projection and RoPE at `positions`: q, k (rotated) and v."""
+        """Input norm, Q/K/V projections and RoPE at `positions`: q, k (rotated) and v."""
         s, w = self.spec, self.weights.layers[layer]
         x = rms_norm(h, w.input_norm, s.rms_norm_eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
-        q = apply_rope(q.view(-1, s.num_heads, s.head_dim), positions, s.rope, self.freq)
-        k = apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), positions, s.rope, self.freq)
-        return q, k, v.view(-1, s.num_kv_heads, s.head_dim)
+        q = F.linear(x, w.q, w.q_bias).view(-1, s.num_heads, s.head_dim)
+        k = F.linear(x, w.k, w.k_bias).view(-1, s.num_kv_heads, s.head_dim)
+        v = F.linear(x, w.v, w.v_bias).view(-1, s.num_kv_heads, s.head_dim)
+        return apply_rope(q, positions, s.rope, self.freq), apply_rope(k, positions, s.rope, self.freq), v
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, post-attention norm, SwiGLU MLP and residual."""
         s, w = self.spec, self.weights.layers[layer]
         h = h + F.linear(attn, w.o)
         x = rms_norm(h, w.post_norm, s.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w.down)
+        return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32."""
@@ -87,23 +85,51 @@ class LlamaModel:
         return F.linear(x, self.weights.lm_head).float()
 
     @torch.inference_mode()
-    def prefill(
-        self, ids: torch.Tensor, positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
-    ) -> Prefill:
-        """Full forward of a token sequence; logits at `logits_at` token indices (default: the last token)."""
-        ids = ids.to(self.device)
-        if positions is None:
-            positions = torch.arange(ids.shape[0], device=self.device)
-        positions = positions.to(self.device)
+    def forward(self, ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+                logits_at: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run n tokens after the KV already in cache rows [0, start) (at positions [0, start)); write their K/V
+        into cache rows [start, start + n) of the buffers [layers, capacity, kv_heads, head_dim] in place; return
+        logits at `logits_at` (indices into the new tokens; default the last). Positions default to
+        [start, start + n); attention is causal by position."""
+        n = ids.shape[0]
+        end = start + n
+        if end > cache_k.shape[1]:
+            raise ValueError(f"cache holds {cache_k.shape[1]} rows, {end} needed")
+        positions = torch.arange(start, end, device=self.device) if positions is None else positions.to(self.device)
         if int(positions.max()) >= self.spec.max_position:
             raise ValueError(f"position {int(positions.max())} exceeds the model's max length {self.spec.max_position}")
-        s = self.spec
-        ks = torch.empty(s.num_layers, ids.shape[0], s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
-        vs = torch.empty_like(ks)
+        key_pos = torch.cat([torch.arange(start, device=self.device), positions])
         h = self.embed(ids)
-        for layer in range(s.num_layers):
+        for layer in range(self.spec.num_layers):
             q, k, v = self.qkv(layer, h, positions)
-            ks[layer], vs[layer] = k, v
-            h = self.finish_layer(layer, h, attention(q, positions, k, v, positions))
-        at = torch.tensor([ids.shape[0] - 1], device=self.device) if logits_at is None else logits_at.to(self.device)
-        return Prefill(k=ks, v=vs, logits=self.logits(h[at]))
+            cache_k[layer, start:end], cache_v[layer, start:end] = k, v
+            attn = attention(q, positions, cache_k[layer, :end], cache_v[layer, :end], key_pos)
+            h = self.finish_layer(layer, h, attn)
+        at = torch.tensor([n - 1], device=self.device) if logits_at is None else logits_at.to(self.device)
+        return self.logits(h[at])
+
+    def empty_cache(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        k = torch.empty(s.num_layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+        return k, torch.empty_like(k)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> Prefill:
+        """Full forward of a token sequence (at `positions`, default 0..n-1): K/V per layer, logits at `logits_at`."""
+        k, v = self.empty_cache(ids.shape[0])
+        logits = self.forward(ids.to(self.device), k, v, 0, logits_at, positions)
+        return Prefill(k=k, v=v, logits=logits)
+
+    @torch.inference_mode()
+    def greedy(self, k: torch.Tensor, v: torch.Tensor, next_logits: torch.Tensor, steps: int) -> list[int]:
+        """Greedy continuation of `steps` tokens from a prompt's KV [layers, P, ...] and its last-token logits."""
+        prompt_len = k.shape[1]
+        cache_k, cache_v = self.empty_cache(prompt_len + steps)
+        cache_k[:, :prompt_len], cache_v[:, :prompt_len] = k, v
+        tokens, logits = [], next_logits.reshape(-1)
+        for i in range(steps):
+            tokens.append(int(logits.argmax()))
+            if i + 1 < steps:
+                ids = torch.tensor([tokens[-1]], device=self.device)
+                logits = self.forward(ids, cache_k, cache_v, prompt_len + i).reshape(-1)
+        return tokens

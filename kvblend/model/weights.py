@@ -1,4 +1,4 @@
-"""Llama-family weights loaded from safetensors into fused per-layer tensors (qkv and gate/up concatenated)."""
+"""Llama-family weights loaded from safetensors into per-layer dataclasses."""
 
 from __future__ import annotations
 
@@ -14,13 +14,20 @@ from kvblend.model.spec import ModelSpec
 
 @dataclass
 class LayerWeights:
+    """One decoder layer, unfused as in the checkpoint (fusing changes bf16 GEMM rounding vs transformers)."""
+
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
     down: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,19 +62,19 @@ def load_weights(model_dir: str | os.PathLike, spec: ModelSpec, device: str | to
     layers = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        bias = None
-        if spec.attention_bias:
-            bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        biases = {f"{n}_bias": take(p + f"self_attn.{n}_proj.bias") for n in "qkv"} if spec.attention_bias else {}
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=qkv,
-                qkv_bias=bias,
+                q=take(p + "self_attn.q_proj.weight"),
+                k=take(p + "self_attn.k_proj.weight"),
+                v=take(p + "self_attn.v_proj.weight"),
                 o=take(p + "self_attn.o_proj.weight"),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                gate=take(p + "mlp.gate_proj.weight"),
+                up=take(p + "mlp.up_proj.weight"),
                 down=take(p + "mlp.down_proj.weight"),
+                **biases,
             )
         )
     embed = take("model.embed_tokens.weight")

@@ -70,6 +70,11 @@ class DiskTier:
         except FileNotFoundError:
             self._count("misses")
             return None
+        except OSError as exc:
+            log.warning("disk tier: cannot open %s: %s", path.name, exc)
+            self._count("errors")
+            self._count("misses")
+            return None
         try:
             kv = read_entry(_file_reader(fd), key, layers, size=os.fstat(fd).st_size)
         except EntryError as exc:

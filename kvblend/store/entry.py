@@ -18,10 +18,12 @@ from safetensors.torch import save
 
 from kvblend.store.key import ChunkKey
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the payload checksum also covers base position, dtype and layer count
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 MAX_HEADER = 1 << 24
+# What a damaged header or tensor table raises while it is parsed; read_entry reports all of them as EntryError.
+_MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)
 
 # read_ranges([(offset, length), ...]) -> the bytes of each range, from a file, a Redis value or memory.
 RangeReader = Callable[[Sequence[tuple[int, int]]], list[bytes]]
@@ -72,6 +74,11 @@ def _layer_checksum(k, v) -> str:
     return digest.hexdigest()
 
 
+def _payload_checksum(checksums: Sequence[str], base_position: str, dtype: str, num_layers: str) -> str:
+    """sha256 over the layer checksums and the metadata the key does not pin (base position, dtype, layers)."""
+    return hashlib.sha256("\0".join([*checksums, base_position, dtype, num_layers]).encode()).hexdigest()
+
+
 def _buffer(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a uint8 array, without a copy when it is contiguous on the CPU."""
     return t.contiguous().cpu().view(torch.uint8).numpy()
@@ -100,8 +107,10 @@ def serialize(kv: ChunkKV) -> bytes:
         "dtype": kv.dtype_name,
         "num_layers": str(kv.k.shape[0]),
         "layer_checksums": json.dumps(checksums),
-        "payload_checksum": hashlib.sha256("".join(checksums).encode()).hexdigest(),
     }
+    metadata["payload_checksum"] = _payload_checksum(
+        checksums, metadata["base_position"], metadata["dtype"], metadata["num_layers"]
+    )
     return save(tensors, metadata=metadata)
 
 
@@ -126,7 +135,25 @@ def _decode(raw: bytes, dtype: str, shape: list[int], name: str) -> torch.Tensor
 
 
 def read_entry(read_ranges: RangeReader, key: ChunkKey, layers: Sequence[int] | None = None, size: int | None = None) -> ChunkKV:
-    """Parse and verify an entry (or only `layers` of it) through a range reader; raise EntryError if bad."""
+    """Parse and verify an entry (or only `layers` of it) through a range reader; raise EntryError if bad.
+
+    Asking for layers the entry does not have is the caller's mistake (ValueError), not a bad entry.
+    """
+    header, meta, base = _read_header(read_ranges, key)
+    num_layers = int(meta["num_layers"])
+    wanted = list(range(num_layers)) if layers is None else list(layers)
+    if not wanted or any(not 0 <= layer < num_layers for layer in wanted):
+        raise ValueError(f"layers {wanted} out of range for an entry of {num_layers} layers")
+    try:
+        return _read_tensors(read_ranges, key, header, meta, base, wanted, layers is not None, size)
+    except EntryError:
+        raise
+    except _MALFORMED as exc:
+        raise EntryError(f"malformed entry tensors: {exc!r}") from exc
+
+
+def _read_header(read_ranges: RangeReader, key: ChunkKey) -> tuple[dict, dict, int]:
+    """The entry's tensor table, its metadata (verified against `key`) and the offset its data starts at."""
     try:
         (head,) = read_ranges([(0, 8)])
         if len(head) != 8:
@@ -136,24 +163,31 @@ def read_entry(read_ranges: RangeReader, key: ChunkKey, layers: Sequence[int] | 
             raise EntryError(f"implausible header length {header_len}")
         (raw_header,) = read_ranges([(8, header_len)])
         header = json.loads(raw_header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EntryError(f"unreadable entry header: {exc}") from exc
-    meta = header.pop("__metadata__", None) or {}
-    _check_metadata(meta, key)
-    num_layers = int(meta["num_layers"])
-    wanted = list(range(num_layers)) if layers is None else list(layers)
-    if any(not 0 <= layer < num_layers for layer in wanted):
-        raise EntryError(f"layers {wanted} out of range for an entry of {num_layers} layers")
-    base = 8 + header_len
+        meta = header.pop("__metadata__", None) or {}
+        _check_metadata(meta, key)
+    except EntryError:
+        raise
+    except _MALFORMED as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise EntryError(f"unreadable entry header: {exc!r}") from exc
+    return header, meta, 8 + header_len
+
+
+def _read_tensors(read_ranges: RangeReader, key: ChunkKey, header: dict, meta: dict, base: int,
+                  wanted: list[int], sliced: bool, size: int | None) -> ChunkKV:
+    """Read token ids and the `wanted` layers' K and V, verify their checksums, and decode them."""
     names = ["token_ids"] + [f"{kv}.{layer}" for layer in wanted for kv in "kv"]
     try:
         infos = [header[name] for name in names]
         offsets = [(base + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0]) for info in infos]
     except (KeyError, TypeError, IndexError) as exc:
         raise EntryError(f"entry header lacks tensor info: {exc}") from exc
-    if size is not None and max(o + n for o, n in offsets) > size:
-        raise EntryError(f"entry truncated: tensors extend past its {size} bytes")
+    if size is not None:  # checked for every read, so a sliced read also catches a truncated entry
+        end = base + max(info["data_offsets"][1] for info in header.values())
+        if end != size:
+            raise EntryError(f"entry is {size} bytes but its header says {end}: truncated or overwritten")
     blobs = dict(zip(names, read_ranges(offsets)))
+    if hashlib.sha256(blobs["token_ids"]).hexdigest() != key.tokens_hash:
+        raise EntryError("stored token ids do not match the key's token ids hash")
     checksums = json.loads(meta["layer_checksums"])
     for layer in wanted:
         if _layer_checksum(blobs[f"k.{layer}"], blobs[f"v.{layer}"]) != checksums[layer]:
@@ -171,7 +205,7 @@ def read_entry(read_ranges: RangeReader, key: ChunkKey, layers: Sequence[int] | 
         v=v,
         token_ids=tensors["token_ids"],
         base_position=int(meta["base_position"]),
-        layers=None if layers is None else tuple(wanted),
+        layers=tuple(wanted) if sliced else None,
     )
 
 
@@ -194,5 +228,10 @@ def _check_metadata(meta: dict, key: ChunkKey) -> None:
         if field not in meta:
             raise EntryError(f"entry metadata lacks {field!r}")
     checksums = json.loads(meta["layer_checksums"])
-    if hashlib.sha256("".join(checksums).encode()).hexdigest() != meta.get("payload_checksum"):
-        raise EntryError("payload checksum does not match the layer checksums")
+    if len(checksums) != int(meta["num_layers"]) or int(meta["base_position"]) < 0:
+        raise EntryError(
+            f"inconsistent metadata: {meta['num_layers']} layers, {len(checksums)} checksums, base {meta['base_position']}"
+        )
+    expected_checksum = _payload_checksum(checksums, meta["base_position"], meta["dtype"], meta["num_layers"])
+    if expected_checksum != meta.get("payload_checksum"):
+        raise EntryError("payload checksum does not match the layer checksums and metadata")

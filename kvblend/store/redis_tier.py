@@ -7,6 +7,7 @@ the tier stays quiet for `retry_s` before trying the server again, so queries ne
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -119,9 +120,10 @@ class RedisTier:
             return out
 
         try:
-            if not self._call("exists", lambda: self._client.exists(name), 0):
+            size = self._call("strlen", lambda: self._client.strlen(name), 0)  # 0: no such key
+            if not size:
                 return None
-            return read_entry(read, key, layers)
+            return read_entry(read, key, layers, size=size)
         except ConnectionError:
             return None
 
@@ -159,7 +161,11 @@ class RedisTier:
         with self._lock:
             setattr(self._stats, field, getattr(self._stats, field) + 1)
 
+    def _pattern(self) -> str:
+        """SCAN MATCH pattern of this tier's keys: the prefix with its glob characters escaped, then `*`."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "*"
+
     def stats(self) -> TierStats:
-        count = self._call("dbsize", lambda: sum(1 for _ in self._client.scan_iter(self.config.prefix + "*")), 0)
+        count = self._call("scan", lambda: sum(1 for _ in self._client.scan_iter(self._pattern())), 0)
         with self._lock:
             return TierStats(**{**self._stats.as_dict(), "entries": count})

@@ -122,11 +122,14 @@ class TieredStore:
 
     def prefetch(self, keys: Iterable[ChunkKey]) -> Future:
         """Start loading `keys` into the fastest tier in the background; the future resolves to the hit count."""
-        keys = list(keys)
+        return self._prefetcher.submit(self._load, list(keys))
+
+    def _load(self, keys: list[ChunkKey]) -> int:
+        """Warm the slow tiers (a Redis MGET, disk readahead) off the caller's thread, then promote each hit."""
         for tier in self.tiers[1:]:
             tier.prefetch(keys)
         fastest = self.tiers[0]
-        return self._prefetcher.submit(lambda: sum(fastest.contains(k) or self.get(k) is not None for k in keys))
+        return sum(fastest.contains(k) or self.get(k) is not None for k in keys)
 
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats() for tier in self.tiers}

@@ -1,0 +1,84 @@
+"""Selection experiments toward closing 90% of the KL gap at a 15% recompute budget (SmolLM2, fp32, CPU).
+
+Every variant runs on the same cases as the published CacheBlend selection, full reuse and full prefill, and
+every result is recorded, kept or not:
+    python benchmarks/selection_experiments.py --cases 12 --json benchmarks/results/selection_experiments.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from kvblend.blend.config import BlendConfig
+from kvblend.blend.fidelity import Setting, evaluate, gap_closed, make_cases
+from kvblend.blend.prompt import chat_template
+from kvblend.corpus import pydoc_topics
+from kvblend.model.embedded import embedded_model_dir
+from kvblend.model.runner import LlamaModel
+from kvblend.model.tokenizer import load_tokenizer
+
+R = 0.15
+
+
+def variants() -> list[Setting]:
+    def cb(name: str, **kw) -> Setting:
+        return Setting("cacheblend", R, BlendConfig("cacheblend", R, **kw), variant=name)
+
+    return [
+        Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
+        Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),
+        cb("published: check layer 1, K+V deviation"),
+        cb("K deviation only", deviation="k"),
+        cb("V deviation only", deviation="v"),
+        cb("check layer 2 (layers 0-2 full)", check_layers=(2,)),
+        cb("gradual 1,2: 0.30 -> 0.15", check_layers=(1, 2), schedule=(0.3, R)),
+        cb("gradual 1,2,3: 0.30 -> 0.20 -> 0.15", check_layers=(1, 2, 3), schedule=(0.3, 0.2, R)),
+        cb("gradual 1,4,8: 0.50 -> 0.25 -> 0.15", check_layers=(1, 4, 8), schedule=(0.5, 0.25, R)),
+        cb("chunk heads 4 + deviation", head_tokens=4),
+        cb("chunk heads 16 + deviation", head_tokens=16),
+        cb("attention-weighted deviation", deviation="kv_attn"),
+        cb("attention-weighted + heads 4", deviation="kv_attn", head_tokens=4),
+        cb("attention-weighted, gradual 1,2", deviation="kv_attn", check_layers=(1, 2), schedule=(0.3, R)),
+        Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
+        Setting("random", R, BlendConfig("random", R), variant="random selection"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--greedy-steps", type=int, default=32)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    model_dir = embedded_model_dir()
+    model = LlamaModel.from_dir(model_dir, dtype="float32")
+    tokenizer = load_tokenizer(model_dir)
+    cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (4, 6), seed=args.seed)
+    start = time.time()
+    rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, variants(), ("alone",), args.greedy_steps,
+                    progress=lambda: print(".", end="", flush=True, file=sys.stderr))
+    for row in rows:
+        row["gap_closed"] = gap_closed(rows, row)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"cases": len(cases), "seed": args.seed, "dtype": "float32", "git_sha": sha, "seconds": time.time() - start,
+              "command": "python " + " ".join(sys.argv), "torch_threads": torch.get_num_threads(), "settings": rows}
+    with open(args.json, "w") as fh:
+        json.dump(report, fh, indent=1)
+    print("\n| variant | KL mean | KL p90 | top-1 | greedy32 match len | gap closed | token-layers computed |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = r.get("variant") or r["policy"]
+        print(f"| {name} | {r['kl_mean']:.4f} | {r['kl_p90']:.4f} | {r['top1']:.3f} | {r['greedy_match_len']:.2f} | "
+              f"{r['gap_closed']:.2f} | {r['compute_fraction']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

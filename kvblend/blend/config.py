@@ -1,0 +1,61 @@
+"""BlendConfig: which tokens of the cached chunks get recomputed, and how many."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
+DEVIATIONS = ("k", "v", "kv", "kv_attn")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Selection policy and budget.
+
+    cacheblend: all chunk tokens are recomputed up to the first check layer; at each check layer the tokens
+      whose fresh KV deviates most from the reused KV are kept, the candidate fraction shrinking along
+      `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers.
+      `deviation` scores tokens by K, V or both ("kv": each normalised by its mean); "kv_attn" further weights
+      them by the attention the question's tokens pay them at that layer. `head_tokens` > 0 always keeps
+      the first tokens of every chunk (EPIC's sinks) inside the same budget.
+    epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
+    random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
+    full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
+    """
+
+    policy: str = "cacheblend"
+    ratio: float = 0.15
+    check_layers: tuple[int, ...] = (1,)
+    schedule: tuple[float, ...] | None = None
+    deviation: str = "kv"
+    epic_tokens: int = 32
+    head_tokens: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown blend policy {self.policy!r}; choose one of {POLICIES}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
+        if self.deviation not in DEVIATIONS:
+            raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.epic_tokens < 0 or self.head_tokens < 0:
+            raise ValueError(f"epic_tokens and head_tokens must be >= 0, got {self.epic_tokens}, {self.head_tokens}")
+        if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
+            raise ValueError(f"check_layers must be distinct ascending layer indices, got {self.check_layers}")
+        schedule = self.ratios()
+        if len(schedule) != len(self.check_layers):
+            raise ValueError(f"schedule {schedule} needs one ratio per check layer {self.check_layers}")
+        if any(b > a for a, b in zip(schedule, schedule[1:])) or schedule[-1] != self.ratio:
+            raise ValueError(f"schedule {schedule} must shrink monotonically and end at ratio {self.ratio}")
+        if any(not 0.0 <= r <= 1.0 for r in schedule):
+            raise ValueError(f"schedule ratios must be in [0, 1], got {schedule}")
+
+    def ratios(self) -> tuple[float, ...]:
+        """Candidate fraction kept at each check layer (the last one is `ratio`)."""
+        return self.schedule if self.schedule is not None else (self.ratio,) * len(self.check_layers)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the policy selects tokens at check layers (cacheblend, random)."""
+        return self.policy in ("cacheblend", "random")

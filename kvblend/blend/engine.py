@@ -1,0 +1,320 @@
+"""The CacheBlend engine: cached chunk KV + rope_shift + selective recompute -> the KV of the whole prompt.
+
+Plan once per request (rows, positions, deltas, the initial active set), then run layer by layer. At each layer
+the *active* rows (prefix, suffix, chunk tokens still selected) get fresh Q/K/V from their hidden states and
+attend over all keys, whose other rows hold the cached chunk KV re-rotated to the new positions. A row can only
+leave the active set (at a check layer), since a row whose hidden state was dropped cannot be resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvblend.blend.config import BlendConfig
+from kvblend.blend.layout import LayoutError, PromptLayout
+from kvblend.blend.rope_check import check_rope_shift
+from kvblend.blend.select import (
+    attention_received,
+    chunk_head_rows,
+    deviation_scores,
+    random_scores,
+    select_count,
+    select_tokens,
+)
+from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
+from kvblend.model.runner import LlamaModel
+from kvblend.store.key import ChunkKey
+from kvblend.triton_kernels import rope_shift_gather, sparse_query_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlendStats:
+    """What one request reused and recomputed, and where its time went."""
+
+    policy: str
+    tokens_total: int
+    tokens_chunks: int
+    tokens_reused: int
+    tokens_recomputed: int
+    token_layers_computed: int = 0
+    token_layers_full: int = 0
+    stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def recompute_ratio(self) -> float:
+        """Chunk tokens recomputed in the last layer over all chunk tokens."""
+        return self.tokens_recomputed / self.tokens_chunks if self.tokens_chunks else 1.0
+
+    @property
+    def compute_fraction(self) -> float:
+        """Token-layers computed relative to a full prefill of the same prompt."""
+        return self.token_layers_computed / self.token_layers_full if self.token_layers_full else 1.0
+
+
+@dataclass
+class BlendPlan:
+    layout: PromptLayout
+    config: BlendConfig
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cached_keys: list[ChunkKey]
+    cached_rows: torch.Tensor
+    cached_delta: torch.Tensor
+    fixed_rows: torch.Tensor
+    initial_rows: torch.Tensor
+    logits_rows: torch.Tensor
+    head_rows: torch.Tensor
+    exact_prefix: int
+    recomputed_chunks: list[int]
+
+
+@dataclass
+class BlendResult:
+    k: torch.Tensor
+    v: torch.Tensor
+    logits: torch.Tensor
+    stats: BlendStats
+    plan: BlendPlan
+
+
+class BlendRun:
+    """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
+
+    def __init__(self, engine: "BlendEngine", plan: BlendPlan, source: LayerSource | None,
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        model, spec = engine.model, engine.model.spec
+        self.model, self.plan, self.source = model, plan, source
+        self.prefix_kv = prefix_kv
+        device = model.device
+        T = plan.ids.shape[0]
+        self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.rows = plan.initial_rows.to(device)
+        self.positions = plan.positions.to(device)
+        self.h = model.embed(plan.ids.to(device)[self.rows])
+        self.is_cached = torch.zeros(T, dtype=torch.bool, device=device)
+        self.is_cached[plan.cached_rows.to(device)] = True
+        self.checks = dict(zip(plan.config.check_layers, plan.config.ratios())) if plan.config.selects else {}
+        n_chunks = int(self.is_cached.sum())
+        self.stats = BlendStats(
+            policy=plan.config.policy,
+            tokens_total=T,
+            tokens_chunks=sum(len(c.token_ids) for c in plan.layout.chunks),
+            tokens_reused=0,
+            tokens_recomputed=0,
+            token_layers_full=T * spec.num_layers,
+        )
+        self._n_cached = n_chunks
+        self._cached_src = torch.arange(n_chunks, device=device)
+        self._cached_dst = plan.cached_rows.to(device)
+        self._delta = plan.cached_delta.to(device)
+        self._heads = plan.head_rows.to(device)
+        if source is not None:
+            source.start(0)
+
+    def _tick(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.stats.stage_ms[stage] += (now - start) * 1e3
+        return now
+
+    def step(self, layer: int) -> None:
+        """Compute layer `layer`: fill its KV rows (cached, shifted) and advance the active rows' hidden states."""
+        model, plan = self.model, self.plan
+        t = time.perf_counter()
+        K, V = self.k[layer], self.v[layer]
+        if self._n_cached:
+            ck, cv = self.source.wait(layer)
+            if layer + 1 < model.spec.num_layers:
+                self.source.start(layer + 1)
+            t = self._tick("fetch_wait", t)
+            rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta, model.freq, model.spec.rope.style)
+            t = self._tick("rope_shift_gather", t)
+        if self.prefix_kv is not None:
+            K[: plan.exact_prefix] = self.prefix_kv[0][layer]
+            V[: plan.exact_prefix] = self.prefix_kv[1][layer]
+        rows = self.rows
+        q, k, v = model.qkv(layer, self.h, self.positions[rows])
+        t = self._tick("qkv", t)
+        keep = self._select(layer, rows, q, k, v, K, V) if layer in self.checks else None
+        K[rows], V[rows] = k, v
+        if keep is not None:
+            t = self._tick("select", t)
+            rows, q, self.h = rows[keep], q[keep], self.h[keep]
+        attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions)
+        t = self._tick("attention", t)
+        self.h = model.finish_layer(layer, self.h, attn.reshape(attn.shape[0], -1))
+        self._tick("mlp", t)
+        self.rows = rows
+        self.stats.token_layers_computed += rows.numel()
+
+    def _select(self, layer: int, rows, q, k, v, K, V) -> torch.Tensor:
+        """Mask over `rows` of those kept after this check layer: every non-chunk row plus the chosen chunk rows."""
+        config = self.plan.config
+        chunk_sel = self.is_cached[rows].nonzero().squeeze(1)
+        chunk_rows = rows[chunk_sel]
+        if config.policy == "random":
+            scores = random_scores(chunk_sel.numel(), config.seed, layer, k.device)
+        else:
+            kind = "kv" if config.deviation == "kv_attn" else config.deviation
+            scores = deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], kind)
+            if config.deviation == "kv_attn":
+                suffix = rows >= self.plan.layout.suffix_start
+                fresh_k = K.clone()
+                fresh_k[rows] = k
+                received = attention_received(q[suffix], self.positions[rows[suffix]], fresh_k, self.positions)
+                scores = scores * received[chunk_rows] / received[chunk_rows].mean().clamp_min(1e-30)
+        forced = torch.isin(chunk_rows, self._heads) if self._heads.numel() else None
+        chosen = chunk_sel[select_tokens(scores, select_count(self.checks[layer], self._n_cached), forced)]
+        keep = ~self.is_cached[rows]
+        keep[chosen] = True
+        return keep
+
+    def finish(self) -> BlendResult:
+        """Logits at the plan's logits rows (always active) and the final report."""
+        where = torch.searchsorted(self.rows, self.plan.logits_rows.to(self.rows.device))
+        logits = self.model.logits(self.h[where])
+        recomputed = int(self.is_cached[self.rows].sum())
+        self.stats.tokens_recomputed = recomputed + sum(
+            len(self.plan.layout.chunks[i].token_ids) for i in self.plan.recomputed_chunks
+        )
+        self.stats.tokens_reused = self._n_cached - recomputed
+        if self.source is not None:
+            self.source.close()
+        return BlendResult(self.k, self.v, logits, self.stats, self.plan)
+
+
+class BlendEngine:
+    """Blends cached chunk KV for a model. Refuses to blend (plans full prefill) if the rope self-check fails."""
+
+    def __init__(self, model: LlamaModel, store=None) -> None:
+        self.model = model
+        self.store = store
+        self.disabled_reason = check_rope_shift(model.spec)
+        if self.disabled_reason:
+            log.warning("blending disabled for this model, requests run as full prefill: %s", self.disabled_reason)
+
+    def plan(
+        self,
+        layout: PromptLayout,
+        config: BlendConfig,
+        logits_at: str = "last",
+        exact_prefix: int = 0,
+        recompute_keys: Sequence[ChunkKey] = (),
+        on_missing: str = "error",
+    ) -> BlendPlan:
+        """Rows, positions and the initial selection for one request.
+
+        `exact_prefix`: the first n prompt tokens have exact KV supplied by the caller (a true prefix cache hit).
+        `recompute_keys`: chunks to compute instead of reuse (e.g. their entry failed to load).
+        `on_missing`: "error" raises on a chunk the store lacks; "recompute" computes it and logs why.
+        """
+        spec = self.model.spec
+        T = layout.num_tokens
+        if T > spec.max_position:
+            raise LayoutError(f"prompt of {T} tokens exceeds the model's max length of {spec.max_position}")
+        if not 0 <= exact_prefix <= len(layout.prefix):
+            raise LayoutError(f"exact_prefix {exact_prefix} must lie within the prefix of {len(layout.prefix)} tokens")
+        if config.selects and config.check_layers[-1] >= spec.num_layers:
+            raise ValueError(f"check layer {config.check_layers[-1]} beyond the model's {spec.num_layers} layers")
+        if on_missing not in ("error", "recompute"):
+            raise ValueError(f"on_missing must be 'error' or 'recompute', got {on_missing!r}")
+        policy_full = config.policy == "full_prefill" or self.disabled_reason is not None
+        starts = layout.chunk_starts()
+        cached, recomputed, fixed = [], [], [torch.arange(exact_prefix, len(layout.prefix))]
+        bases = {}
+        for i, chunk in enumerate(layout.chunks):
+            rows = torch.arange(starts[i], starts[i] + len(chunk.token_ids))
+            reason = None
+            if policy_full:
+                reason = "full prefill"
+            elif chunk.key in recompute_keys:
+                reason = "failed to load"
+            else:
+                entry = None if self.store is None else self.store.get(chunk.key, layers=(0,))
+                if entry is None:
+                    if on_missing == "error":
+                        raise LayoutError(f"chunk {i} (key {chunk.key.digest[:12]}) is not in the store")
+                    reason = "not in the store"
+                else:
+                    bases[i] = entry.base_position
+            if reason is None:
+                cached.append(i)
+            else:
+                if reason not in ("full prefill",):
+                    log.warning("chunk %d (key %s) %s: recomputing its %d tokens", i, chunk.key.digest[:12], reason, len(rows))
+                recomputed.append(i)
+                fixed.append(rows)
+        fixed.append(torch.arange(layout.suffix_start, T))
+        fixed_rows = torch.cat(fixed)
+        cached_rows = [torch.arange(starts[i], starts[i] + len(layout.chunks[i].token_ids)) for i in cached]
+        cached_delta = [torch.full((len(layout.chunks[i].token_ids),), starts[i] - bases[i]) for i in cached]
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.int64)  # noqa: E731
+        cached_starts = [starts[i] for i in cached]
+        cached_lengths = [len(layout.chunks[i].token_ids) for i in cached]
+        head_rows = chunk_head_rows(cached_starts, cached_lengths, config.head_tokens)
+        if config.policy == "epic":
+            extra = chunk_head_rows(cached_starts, cached_lengths, config.epic_tokens)
+        elif config.selects:
+            extra = cat(cached_rows)
+        else:
+            extra = torch.empty(0, dtype=torch.int64)
+        initial = torch.cat([fixed_rows, extra]).unique(sorted=True)
+        logits_rows = torch.arange(T - 1, T) if logits_at == "last" else torch.arange(layout.suffix_start, T)
+        return BlendPlan(
+            layout=layout,
+            config=config,
+            ids=layout.token_ids(),
+            positions=torch.arange(T),
+            cached_keys=[layout.chunks[i].key for i in cached],
+            cached_rows=cat(cached_rows),
+            cached_delta=cat(cached_delta),
+            fixed_rows=fixed_rows,
+            initial_rows=initial,
+            logits_rows=logits_rows,
+            head_rows=head_rows,
+            exact_prefix=exact_prefix,
+            recomputed_chunks=recomputed,
+        )
+
+    def start(self, plan: BlendPlan, source: LayerSource | None = None,
+              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendRun:
+        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store."""
+        if plan.cached_keys and source is None:
+            if self.store is None:
+                raise ValueError("the plan reuses cached chunks but the engine has no store or source")
+            source = StoreLayerSource(self.store, plan.cached_keys, self.model.device)
+        if plan.exact_prefix and prefix_kv is None:
+            raise ValueError("the plan expects exact prefix KV but none was given")
+        return BlendRun(self, plan, source, prefix_kv)
+
+    @torch.inference_mode()
+    def run(self, plan: BlendPlan, source: LayerSource | None = None,
+            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
+        run = self.start(plan, source, prefix_kv)
+        try:
+            for layer in range(self.model.spec.num_layers):
+                run.step(layer)
+        except BaseException:
+            if run.source is not None:
+                run.source.close()
+            raise
+        return run.finish()
+
+    def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error") -> BlendResult:
+        """Plan and run from the store; a chunk whose entry fails mid-run is recomputed instead (and logged)."""
+        failed: list[ChunkKey] = []
+        while True:
+            plan = self.plan(layout, config, logits_at=logits_at, recompute_keys=failed, on_missing=on_missing)
+            try:
+                return self.run(plan)
+            except ChunkLoadError as exc:
+                log.warning("%s; recomputing that chunk instead", exc)
+                failed.append(exc.key)

@@ -1,0 +1,57 @@
+"""Token selection: which chunk tokens keep being recomputed after a check layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvblend.triton_kernels import kv_deviation
+
+
+def select_count(ratio: float, num_tokens: int) -> int:
+    """How many of `num_tokens` chunk tokens a recompute ratio keeps (rounded half up)."""
+    return min(num_tokens, math.floor(ratio * num_tokens + 0.5))
+
+
+def deviation_scores(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Per-token squared L2 deviation between fresh and reused K and/or V, fp32 [tokens]."""
+    dev_k, dev_v = kv_deviation(k_new, v_new, k_old, v_old)
+    if kind == "k":
+        return dev_k
+    if kind == "v":
+        return dev_v
+    return dev_k / dev_k.mean().clamp_min(1e-30) + dev_v / dev_v.mean().clamp_min(1e-30)
+
+
+def select_tokens(scores: torch.Tensor, count: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of the `count` highest scores; `forced` indices (a bool mask) are taken first."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    if forced is not None and forced.any():
+        scores = torch.where(forced, torch.inf, scores)
+    return torch.topk(scores, min(count, scores.numel()), sorted=False).indices.sort().values
+
+
+def attention_received(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Mean softmax attention each key receives from the queries q [n, heads, D] (GQA), fp32 [keys]."""
+    group = q.shape[1] // k.shape[1]
+    qf = q.float().transpose(0, 1)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = qf @ kf.transpose(1, 2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+
+
+def random_scores(num_tokens: int, seed: int, layer: int, device: torch.device) -> torch.Tensor:
+    """Uniform random scores (the control policy), reproducible per seed and layer."""
+    g = torch.Generator().manual_seed(seed * 1000 + layer)
+    return torch.rand(num_tokens, generator=g).to(device)
+
+
+def chunk_head_rows(starts: list[int], lengths: list[int], k: int) -> torch.Tensor:
+    """Prompt rows of the first k tokens of each chunk (EPIC's attention-sink fix)."""
+    rows = [torch.arange(s, s + min(k, n)) for s, n in zip(starts, lengths)]
+    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)

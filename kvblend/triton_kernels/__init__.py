@@ -1,0 +1,33 @@
+"""Triton kernels of the blend path, each beside its torch reference; backend="auto" picks Triton for CUDA tensors.
+
+Imports with torch alone: without triton every op runs its torch reference.
+"""
+
+from kvblend.triton_kernels.dispatch import BACKENDS, HAS_TRITON
+from kvblend.triton_kernels.kv_deviation import kv_deviation, kv_deviation_ref, select_top
+from kvblend.triton_kernels.paged_kv import (
+    LAYOUTS,
+    paged_kv_read,
+    paged_kv_read_ref,
+    paged_kv_write,
+    paged_kv_write_ref,
+)
+from kvblend.triton_kernels.rope_shift import rope_shift_gather, rope_shift_gather_ref
+from kvblend.triton_kernels.sparse_attention import sparse_query_attention, sparse_query_attention_ref
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "LAYOUTS",
+    "kv_deviation",
+    "kv_deviation_ref",
+    "paged_kv_read",
+    "paged_kv_read_ref",
+    "paged_kv_write",
+    "paged_kv_write_ref",
+    "rope_shift_gather",
+    "rope_shift_gather_ref",
+    "select_top",
+    "sparse_query_attention",
+    "sparse_query_attention_ref",
+]

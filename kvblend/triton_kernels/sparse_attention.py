@@ -1,0 +1,145 @@
+"""Attention of a sparse set of query tokens over all prompt keys, causal by absolute position.
+
+After the check layer CacheBlend recomputes only the selected tokens (plus the question suffix); their
+queries attend to every key whose position is not after theirs. Flash-attention style: fp32 online
+softmax over key tiles; the query heads sharing a KV head are packed into one tile so K/V load once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvblend.triton_kernels.checks import check_index_vector, check_kv_pair
+from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sparse_query_attention_kernel(
+        q, q_pos, k, v, k_pos, out, num_queries, num_keys, qk_scale,
+        q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        KEYS_SORTED: tl.constexpr, SCAN: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        row = tl.arange(0, BLOCK_M)
+        token = tile * TOKENS_PER_TILE + row // GROUP
+        head = kv_head * GROUP + row % GROUP
+        row_ok = (row < TOKENS_PER_TILE * GROUP) & (token < num_queries)
+        dim = tl.arange(0, HEAD_DIM)[None, :]
+        q_offset = token.to(tl.int64)[:, None] * q_stride_t + head[:, None] * q_stride_h + dim
+        q_tile = tl.load(q + q_offset, mask=row_ok[:, None], other=0.0)
+        pos = tl.load(q_pos + token, mask=row_ok, other=-1)
+        if DOT_IN_FP32:
+            q_tile = q_tile.to(tl.float32)
+
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        end = num_keys
+        if KEYS_SORTED:
+            last_pos = tl.max(pos, axis=0)
+            visible_blocks = tl.zeros((SCAN,), dtype=tl.int32)
+            for first in range(0, num_keys, SCAN * BLOCK_N):
+                block_start = first + tl.arange(0, SCAN) * BLOCK_N
+                start_pos = tl.load(k_pos + block_start, mask=block_start < num_keys, other=last_pos + 1)
+                visible_blocks += (start_pos <= last_pos).to(tl.int32)
+            end = tl.minimum(tl.sum(visible_blocks, axis=0) * BLOCK_N, num_keys)
+        for start in range(0, end, BLOCK_N):
+            key = start + tl.arange(0, BLOCK_N)
+            key_ok = key < num_keys
+            key_row = key.to(tl.int64)[:, None]
+            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
+            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
+            kpos = tl.load(k_pos + key, mask=key_ok, other=0)
+            if DOT_IN_FP32:
+                k_tile = k_tile.to(tl.float32)
+                v_tile = v_tile.to(tl.float32)
+            visible = key_ok[None, :] & (kpos[None, :] <= pos[:, None])
+            scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+            m_i = m_new
+        acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
+        tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def sparse_query_attention(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    keys_sorted: bool = False,
+) -> torch.Tensor:
+    """Attention of q [Tq, heads, D] over k, v [S, kv_heads, D]: key j is visible to query i iff k_pos[j] <= q_pos[i].
+
+    Output [Tq, heads, D] in q's dtype; a query with no visible key gets zeros. keys_sorted=True promises
+    k_pos ascending, so each query tile stops after the key block holding its last visible key.
+    """
+    _check_args(q, q_pos, k, v, k_pos)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if not use_triton(backend, q, q_pos, k, v, k_pos):
+        return sparse_query_attention_ref(q, q_pos, k, v, k_pos, scale)
+    num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[:2]
+    group = num_heads // num_kv_heads
+    block_m = max(64, triton.next_power_of_2(group))
+    tokens_per_tile = block_m // group
+    out = torch.empty_like(q)
+    if num_queries == 0:
+        return out
+    # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
+    dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(num_queries, tokens_per_tile), num_kv_heads)
+    _sparse_query_attention_kernel[grid](
+        q, q_pos, k, v, k_pos, out, num_queries, num_keys, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64,
+        PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
+        KEYS_SORTED=keys_sorted, SCAN=256, num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def sparse_query_attention_ref(
+    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Torch reference of `sparse_query_attention`: fp32 SDPA under the position mask; zeros where no key is visible."""
+    visible = k_pos[None, :] <= q_pos[:, None]
+    qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=visible, scale=scale, enable_gqa=True).transpose(0, 1)
+    out = torch.where(visible.any(dim=1)[:, None, None], out, 0.0)
+    return out.to(q.dtype)
+
+
+def _check_args(q, q_pos, k, v, k_pos) -> None:
+    check_kv_pair(k, v, "sparse_query_attention")
+    if q.dim() != 3 or q.dtype != k.dtype or q.device != k.device or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"sparse_query_attention: q must be [Tq, heads, D] of K's dtype, device and D, "
+            f"got q {q.dtype} {tuple(q.shape)} on {q.device}, k {k.dtype} {tuple(k.shape)} on {k.device}"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    head_dim = q.shape[2]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if any(t.stride(2) != 1 for t in (q, k, v)):
+        raise ValueError("sparse_query_attention needs q, k and v with contiguous head_dim (stride 1)")
+    check_index_vector(q_pos, q.shape[0], "q_pos")
+    check_index_vector(k_pos, k.shape[0], "k_pos")

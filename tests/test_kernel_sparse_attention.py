@@ -1,0 +1,101 @@
+"""sparse_query_attention: Triton kernel vs torch reference; causal by absolute position, GQA, (un)sorted keys."""
+
+import math
+
+import pytest
+import torch
+
+from kvblend.triton_kernels import sparse_query_attention, sparse_query_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# (queries, keys, query heads, kv heads, head_dim)
+SHAPES = [(37, 101, 9, 3, 64), (5, 70, 32, 8, 128), (70, 150, 4, 4, 64), (9, 65, 6, 1, 64)]
+
+
+def make_case(shape, dtype, seed, keys_sorted=True):
+    """Random q/k/v; keys at positions 0..S-1 (shuffled unless keys_sorted); queries at a random subset of them."""
+    queries, keys, heads, kv_heads, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(queries, heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(keys, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(keys, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k_pos = torch.arange(keys) if keys_sorted else torch.randperm(keys, generator=gen)
+    q_pos = torch.randperm(keys, generator=gen)[:queries].sort().values
+    return q, q_pos.to(DEVICE), k, v, k_pos.to(DEVICE)
+
+
+def check_close(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_reference(shape, dtype, poisoned_empty):
+    q, q_pos, k, v, k_pos = make_case(shape, dtype, seed=shape[0])
+    ref = sparse_query_attention(q, q_pos, k, v, k_pos, backend="torch")
+    check_close(sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton"), ref, dtype)
+    check_close(sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True), ref, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_unsorted_keys_and_queries(shape, poisoned_empty):
+    q, _, k, v, k_pos = make_case(shape, torch.bfloat16, seed=1, keys_sorted=False)
+    q_pos = torch.randint(0, shape[1], (shape[0],), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton")
+    check_close(out, sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(shape[4])), torch.bfloat16)
+
+
+def test_reference_is_causal_softmax_by_position():
+    q, q_pos, k, v, k_pos = make_case((6, 20, 4, 2, 64), torch.float64, seed=3, keys_sorted=False)
+    out = sparse_query_attention_ref(q, q_pos, k, v, k_pos, scale=0.3)
+    for i in range(6):
+        for h in range(4):
+            visible = k_pos <= q_pos[i]
+            weights = torch.softmax((k[visible, h // 2] @ q[i, h]) * 0.3, dim=0)
+            torch.testing.assert_close(out[i, h], weights @ v[visible, h // 2], rtol=1e-5, atol=1e-5)
+
+
+def test_custom_scale(poisoned_empty):
+    q, q_pos, k, v, k_pos = make_case(SHAPES[0], torch.float32, seed=4)
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, scale=0.05, backend="triton")
+    check_close(out, sparse_query_attention_ref(q, q_pos, k, v, k_pos, 0.05), torch.float32)
+
+
+@pytest.mark.parametrize("keys_sorted", [False, True])
+def test_query_with_no_visible_key_gets_zeros(keys_sorted, poisoned_empty):
+    q, q_pos, k, v, k_pos = make_case(SHAPES[0], torch.bfloat16, seed=5)
+    k_pos = k_pos + 10
+    q_pos[:4] = torch.tensor([-1, 0, 5, 9])
+    ref = sparse_query_attention(q, q_pos, k, v, k_pos, backend="torch")
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=keys_sorted)
+    assert torch.equal(ref[:4], torch.zeros_like(ref[:4]))
+    check_close(out, ref, torch.bfloat16)
+
+
+def test_no_queries():
+    q, q_pos, k, v, k_pos = make_case(SHAPES[0], torch.float32, seed=6)
+    out = sparse_query_attention(q[:0], q_pos[:0], k, v, k_pos, backend="triton")
+    assert out.shape == (0, 9, 64)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(q=a["q"][:, :8]), "multiple"),
+        (lambda a: a.update(q=a["q"][..., :48], k=a["k"][..., :48], v=a["v"][..., :48]), "power of two"),
+        (lambda a: a.update(q=a["q"].half()), "dtype"),
+        (lambda a: a.update(q_pos=a["q_pos"][:-1]), "q_pos"),
+        (lambda a: a.update(k_pos=a["k_pos"].int()), "k_pos"),
+        (lambda a: a.update(v=a["v"][:-1]), "K and V"),
+        (lambda a: a.update(backend="flash"), "backend"),
+    ],
+)
+def test_bad_arguments_are_refused(change, message):
+    q, q_pos, k, v, k_pos = make_case(SHAPES[0], torch.float32, seed=7)
+    args = dict(q=q, q_pos=q_pos, k=k, v=v, k_pos=k_pos, backend="triton")
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        sparse_query_attention(**args)

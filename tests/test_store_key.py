@@ -1,0 +1,86 @@
+"""ChunkKey: same model + same tokens -> same key in any process; any difference -> another key."""
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from kvblend.store.key import ChunkKey, token_ids_hash
+from test_store_helpers import python_env, run_python
+
+FP = "fp-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+TOKENS = [1, 42, 7, 65535, 2**31 + 5, 0, 128000]
+
+
+def test_key_changes_with_any_input():
+    base = ChunkKey.for_tokens(FP, TOKENS, "default", "alone")
+    variants = {
+        "fingerprint": ChunkKey.for_tokens(FP + "b", TOKENS),
+        "fingerprint case": ChunkKey.for_tokens(FP.upper(), TOKENS),
+        "namespace": ChunkKey.for_tokens(FP, TOKENS, "wiki"),
+        "context": ChunkKey.for_tokens(FP, TOKENS, "default", "behind_prefix:0123456789abcdef"),
+        "prefix hash": ChunkKey.for_tokens(FP, TOKENS, "default", "behind_prefix:0123456789abcdee"),
+        "one more token": ChunkKey.for_tokens(FP, TOKENS + [3]),
+        "one token fewer": ChunkKey.for_tokens(FP, TOKENS[:-1]),
+        "swapped tokens": ChunkKey.for_tokens(FP, [TOKENS[1], TOKENS[0], *TOKENS[2:]]),
+    }
+    for i in range(len(TOKENS)):
+        changed = list(TOKENS)
+        changed[i] += 1
+        variants[f"token {i} + 1"] = ChunkKey.for_tokens(FP, changed)
+    digests = [base.digest] + [key.digest for key in variants.values()]
+    assert len(set(digests)) == len(digests), "two different inputs share a key"
+    for name, key in variants.items():
+        assert key != base, name
+        assert len(key.digest) == 64 and int(key.digest, 16) >= 0
+
+
+def test_key_is_independent_of_the_token_container():
+    want = ChunkKey.for_tokens(FP, TOKENS)
+    for ids in (tuple(TOKENS), np.array(TOKENS, dtype=np.int64), torch.tensor(TOKENS), np.array(TOKENS, dtype=np.uint64)):
+        key = ChunkKey.for_tokens(FP, ids)
+        assert key == want and key.digest == want.digest and str(key) == want.digest
+    assert hash(ChunkKey.for_tokens(FP, TOKENS)) == hash(want)
+
+
+def test_token_hash_is_little_endian_int64():
+    """Platform independent by construction: the same bytes on any machine."""
+    explicit = hashlib.sha256(struct.pack(f"<{len(TOKENS)}q", *TOKENS)).hexdigest()
+    assert token_ids_hash(TOKENS) == explicit
+
+
+def test_key_is_the_same_in_another_process():
+    cases = [
+        (FP, TOKENS, "default", "alone"),
+        ("other-model", list(range(300)), "wiki.v2", "behind_prefix:deadbeefdeadbeef"),
+        (FP, [5], "ns:1", "alone"),
+    ]
+    here = [ChunkKey.for_tokens(*case).digest for case in cases]
+    code = (
+        "import json, sys\n"
+        "from kvblend.store.key import ChunkKey\n"
+        "cases = json.loads(sys.argv[1])\n"
+        "print(json.dumps([ChunkKey.for_tokens(*c).digest for c in cases]))\n"
+    )
+    env = python_env()
+    env["PYTHONHASHSEED"] = "12345"  # hash randomisation must not matter
+    there = json.loads(run_python(code, json.dumps(cases), env=env))
+    assert there == here
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("", [1, 2]),  # no fingerprint
+        (FP, []),  # no tokens
+        (FP, [1], "bad namespace"),
+        (FP, [1], "x" * 129),
+        (FP, [1], "default", "somewhere"),
+    ],
+)
+def test_key_rejects_bad_inputs(args):
+    with pytest.raises(ValueError):
+        ChunkKey.for_tokens(*args)
