@@ -210,3 +210,27 @@ def test_failed_rope_self_check_disables_blending(model_fp32, template, tokenize
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [0, 1])
     plan = engine.plan(layout, BlendConfig("cacheblend", 0.15))
     assert plan.cached_keys == [] and plan.initial_rows.numel() == layout.num_tokens
+
+
+def test_segments_with_gaps_and_exact_prefix(model_fp32, template, tokenizer, chunk_pool, store):
+    """Chunks found mid-prompt with plain tokens between them, and a prefix whose KV is already exact (as when
+    vLLM's prefix cache covers the first rows, here reaching into the first chunk)."""
+    a, b = (ChunkRef(tuple(chunk_pool[i]), chunk_key(model_fp32, chunk_pool[i])) for i in (6, 2))
+    sep = tuple(encode(tokenizer, "\n\n---\n\n"))
+    layout = PromptLayout.from_segments([template.prefix, a, sep, b, sep, encode(tokenizer, "Summarise.")])
+    ids = layout.token_ids()
+    suffix = torch.arange(layout.suffix_start, layout.num_tokens)
+    plain = model_fp32.prefill(ids, logits_at=suffix)
+    exact = len(template.prefix) + 10
+    engine = BlendEngine(model_fp32, store)
+    prefix_kv = (plain.k[:, :exact], plain.v[:, :exact])
+    r1 = engine.run(engine.plan(layout, BlendConfig("cacheblend", 1.0), logits_at="suffix", exact_prefix=exact),
+                    prefix_kv=prefix_kv)
+    assert kl_per_token(plain.logits, r1.logits).max() < 1e-6
+    torch.testing.assert_close(r1.k[:, :exact], plain.k[:, :exact], rtol=0, atol=0)
+    reuse_plan = engine.plan(layout, BlendConfig("full_reuse", 0.0), logits_at="suffix", exact_prefix=exact)
+    assert reuse_plan.cached_rows.min() == exact and reuse_plan.cached_rows.numel() == 2 * CHUNK - 10
+    reuse = engine.run(reuse_plan, prefix_kv=prefix_kv)
+    b_start = layout.chunk_starts()[1]
+    torch.testing.assert_close(reuse.v[:, b_start : b_start + CHUNK], store.get(b.key).v)
+    assert torch.isin(torch.arange(b_start + CHUNK, b_start + CHUNK + len(sep)), reuse_plan.fixed_rows).all()

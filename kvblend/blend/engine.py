@@ -17,11 +17,10 @@ from typing import Sequence
 import torch
 
 from kvblend.blend.config import BlendConfig
-from kvblend.blend.layout import LayoutError, PromptLayout
+from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
 from kvblend.blend.select import (
     attention_received,
-    chunk_head_rows,
     deviation_scores,
     random_scores,
     select_count,
@@ -46,6 +45,7 @@ class BlendStats:
     tokens_recomputed: int
     token_layers_computed: int = 0
     token_layers_full: int = 0
+    rows_last_layer: int = 0
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -66,6 +66,7 @@ class BlendPlan:
     ids: torch.Tensor
     positions: torch.Tensor
     cached_keys: list[ChunkKey]
+    cached_src: torch.Tensor
     cached_rows: torch.Tensor
     cached_delta: torch.Tensor
     fixed_rows: torch.Tensor
@@ -74,6 +75,7 @@ class BlendPlan:
     head_rows: torch.Tensor
     exact_prefix: int
     recomputed_chunks: list[int]
+    recomputed_tokens: int
 
 
 @dataclass
@@ -103,17 +105,17 @@ class BlendRun:
         self.is_cached = torch.zeros(T, dtype=torch.bool, device=device)
         self.is_cached[plan.cached_rows.to(device)] = True
         self.checks = dict(zip(plan.config.check_layers, plan.config.ratios())) if plan.config.selects else {}
-        n_chunks = int(self.is_cached.sum())
+        n_chunks = plan.cached_rows.numel()
         self.stats = BlendStats(
             policy=plan.config.policy,
             tokens_total=T,
             tokens_chunks=sum(len(c.token_ids) for c in plan.layout.chunks),
             tokens_reused=0,
             tokens_recomputed=0,
-            token_layers_full=T * spec.num_layers,
+            token_layers_full=(T - plan.exact_prefix) * spec.num_layers,
         )
         self._n_cached = n_chunks
-        self._cached_src = torch.arange(n_chunks, device=device)
+        self._cached_src = plan.cached_src.to(device)
         self._cached_dst = plan.cached_rows.to(device)
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
@@ -182,10 +184,9 @@ class BlendRun:
         where = torch.searchsorted(self.rows, self.plan.logits_rows.to(self.rows.device))
         logits = self.model.logits(self.h[where])
         recomputed = int(self.is_cached[self.rows].sum())
-        self.stats.tokens_recomputed = recomputed + sum(
-            len(self.plan.layout.chunks[i].token_ids) for i in self.plan.recomputed_chunks
-        )
+        self.stats.tokens_recomputed = recomputed + self.plan.recomputed_tokens
         self.stats.tokens_reused = self._n_cached - recomputed
+        self.stats.rows_last_layer = self.rows.numel()
         if self.source is not None:
             self.source.close()
         return BlendResult(self.k, self.v, logits, self.stats, self.plan)
@@ -220,69 +221,79 @@ class BlendEngine:
         T = layout.num_tokens
         if T > spec.max_position:
             raise LayoutError(f"prompt of {T} tokens exceeds the model's max length of {spec.max_position}")
-        if not 0 <= exact_prefix <= len(layout.prefix):
-            raise LayoutError(f"exact_prefix {exact_prefix} must lie within the prefix of {len(layout.prefix)} tokens")
+        if not 0 <= exact_prefix < T:
+            raise LayoutError(f"exact_prefix {exact_prefix} must leave at least one of the {T} tokens to compute")
         if config.selects and config.check_layers[-1] >= spec.num_layers:
             raise ValueError(f"check layer {config.check_layers[-1]} beyond the model's {spec.num_layers} layers")
         if on_missing not in ("error", "recompute"):
             raise ValueError(f"on_missing must be 'error' or 'recompute', got {on_missing!r}")
-        policy_full = config.policy == "full_prefill" or self.disabled_reason is not None
-        starts = layout.chunk_starts()
-        cached, recomputed, fixed = [], [], [torch.arange(exact_prefix, len(layout.prefix))]
-        bases = {}
-        for i, chunk in enumerate(layout.chunks):
-            rows = torch.arange(starts[i], starts[i] + len(chunk.token_ids))
-            reason = None
-            if policy_full:
-                reason = "full prefill"
-            elif chunk.key in recompute_keys:
-                reason = "failed to load"
-            else:
-                entry = None if self.store is None else self.store.get(chunk.key, layers=(0,))
-                if entry is None:
-                    if on_missing == "error":
-                        raise LayoutError(f"chunk {i} (key {chunk.key.digest[:12]}) is not in the store")
-                    reason = "not in the store"
+        if logits_at not in ("last", "suffix", "none"):
+            raise ValueError(f"logits_at must be 'last', 'suffix' or 'none', got {logits_at!r}")
+        if logits_at != "none" and not layout.suffix:
+            raise LayoutError("logits need the prompt to end with plain tokens (a question), not a chunk")
+        full = config.policy == "full_prefill" or self.disabled_reason is not None
+        fixed, recomputed, heads, picks = [], [], [], []
+        cached_keys, cached_src, cached_dst, cached_delta = [], [], [], []
+        src_offset, pos, chunk_index, recomputed_tokens = 0, 0, -1, 0
+        for segment in layout.segments:
+            n = layout._len(segment)
+            live = torch.arange(min(max(pos, exact_prefix), pos + n), pos + n)
+            if not isinstance(segment, ChunkRef):
+                fixed.append(live)
+            elif live.numel():
+                chunk_index += 1
+                base = None if full else self._base_position(segment.key, chunk_index, recompute_keys, on_missing)
+                if base is None:
+                    recomputed.append(chunk_index)
+                    recomputed_tokens += live.numel()
+                    fixed.append(live)
                 else:
-                    bases[i] = entry.base_position
-            if reason is None:
-                cached.append(i)
+                    cached_keys.append(segment.key)
+                    cached_src.append(src_offset + live - pos)
+                    cached_dst.append(live)
+                    cached_delta.append(torch.full((live.numel(),), pos - base))
+                    heads.append(live[live < pos + config.head_tokens])
+                    picks.append(live[live < pos + config.epic_tokens] if config.policy == "epic" else
+                                 live if config.selects else live[:0])
+                    src_offset += n
             else:
-                if reason not in ("full prefill",):
-                    log.warning("chunk %d (key %s) %s: recomputing its %d tokens", i, chunk.key.digest[:12], reason, len(rows))
-                recomputed.append(i)
-                fixed.append(rows)
-        fixed.append(torch.arange(layout.suffix_start, T))
-        fixed_rows = torch.cat(fixed)
-        cached_rows = [torch.arange(starts[i], starts[i] + len(layout.chunks[i].token_ids)) for i in cached]
-        cached_delta = [torch.full((len(layout.chunks[i].token_ids),), starts[i] - bases[i]) for i in cached]
+                chunk_index += 1
+            pos += n
         cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.int64)  # noqa: E731
-        cached_starts = [starts[i] for i in cached]
-        cached_lengths = [len(layout.chunks[i].token_ids) for i in cached]
-        head_rows = chunk_head_rows(cached_starts, cached_lengths, config.head_tokens)
-        if config.policy == "epic":
-            extra = chunk_head_rows(cached_starts, cached_lengths, config.epic_tokens)
-        elif config.selects:
-            extra = cat(cached_rows)
-        else:
-            extra = torch.empty(0, dtype=torch.int64)
-        initial = torch.cat([fixed_rows, extra]).unique(sorted=True)
-        logits_rows = torch.arange(T - 1, T) if logits_at == "last" else torch.arange(layout.suffix_start, T)
+        fixed_rows = cat(fixed)
+        logits_rows = {"last": torch.arange(T - 1, T), "suffix": torch.arange(layout.suffix_start, T),
+                       "none": torch.empty(0, dtype=torch.int64)}[logits_at]
         return BlendPlan(
             layout=layout,
             config=config,
             ids=layout.token_ids(),
             positions=torch.arange(T),
-            cached_keys=[layout.chunks[i].key for i in cached],
-            cached_rows=cat(cached_rows),
+            cached_keys=cached_keys,
+            cached_src=cat(cached_src),
+            cached_rows=cat(cached_dst),
             cached_delta=cat(cached_delta),
             fixed_rows=fixed_rows,
-            initial_rows=initial,
+            initial_rows=torch.cat([fixed_rows, cat(picks)]).unique(sorted=True),
             logits_rows=logits_rows,
-            head_rows=head_rows,
+            head_rows=cat(heads),
             exact_prefix=exact_prefix,
             recomputed_chunks=recomputed,
+            recomputed_tokens=recomputed_tokens,
         )
+
+    def _base_position(self, key: ChunkKey, index: int, recompute_keys: Sequence[ChunkKey], on_missing: str) -> int | None:
+        """The position the chunk's cached K was computed at, or None if the chunk must be recomputed."""
+        if key in recompute_keys:
+            reason = "failed to load"
+        else:
+            entry = None if self.store is None else self.store.get(key, layers=(0,))
+            if entry is not None:
+                return entry.base_position
+            if on_missing == "error":
+                raise LayoutError(f"chunk {index} (key {key.digest[:12]}) is not in the store")
+            reason = "is not in the store"
+        log.warning("chunk %d (key %s) %s: recomputing it", index, key.digest[:12], reason)
+        return None
 
     def start(self, plan: BlendPlan, source: LayerSource | None = None,
               prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendRun:
@@ -308,13 +319,15 @@ class BlendEngine:
             raise
         return run.finish()
 
-    def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error") -> BlendResult:
+    def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
+              exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
         """Plan and run from the store; a chunk whose entry fails mid-run is recomputed instead (and logged)."""
         failed: list[ChunkKey] = []
         while True:
-            plan = self.plan(layout, config, logits_at=logits_at, recompute_keys=failed, on_missing=on_missing)
+            plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
+                             recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan)
+                return self.run(plan, prefix_kv=prefix_kv)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

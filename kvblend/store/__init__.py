@@ -6,9 +6,11 @@ from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
 from kvblend.store.redis_tier import RedisConfig, RedisTier
 from kvblend.store.tier import Tier, TierStats
+from kvblend.store.index import ChunkIndex
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 
 __all__ = [
+    "ChunkIndex",
     "ChunkKV",
     "ChunkKey",
     "DiskTier",

@@ -48,7 +48,7 @@ class RedisTier:
 
         self.config = RedisConfig(config) if isinstance(config, str) else config
         self._errors = (redis.exceptions.RedisError, OSError)
-        self._client = redis.Redis.from_url(
+        self.client = redis.Redis.from_url(
             self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
         )
         self._down_until = 0.0
@@ -59,7 +59,7 @@ class RedisTier:
     def _name(self, key: ChunkKey) -> str:
         return self.config.prefix + key.digest
 
-    def _call(self, what: str, fn, default):
+    def call(self, what: str, fn, default):
         """Run a Redis command; on failure log the outage once, count it, and return `default`."""
         if time.monotonic() < self._down_until:
             return default
@@ -81,7 +81,7 @@ class RedisTier:
 
     @property
     def available(self) -> bool:
-        return self._call("ping", self._client.ping, False)
+        return self.call("ping", self.client.ping, False)
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
         name = self._name(key)
@@ -91,7 +91,7 @@ class RedisTier:
             if blob is not None:
                 kv = read_entry(bytes_reader(blob), key, layers, size=len(blob))
             elif layers is None:
-                blob = self._call("get", lambda: self._client.get(name), None)
+                blob = self.call("get", lambda: self.client.get(name), None)
                 kv = None if blob is None else read_entry(bytes_reader(blob), key, None, size=len(blob))
             else:
                 kv = self._read_layers(name, key, layers)
@@ -109,18 +109,18 @@ class RedisTier:
 
         def read(ranges):
             def run():
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self.client.pipeline(transaction=False)
                 for offset, length in ranges:
                     pipe.getrange(name, offset, offset + length - 1)
                 return pipe.execute()
 
-            out = self._call("getrange", run, failed)
+            out = self.call("getrange", run, failed)
             if out is failed:
                 raise ConnectionError("redis unavailable")
             return out
 
         try:
-            size = self._call("strlen", lambda: self._client.strlen(name), 0)  # 0: no such key
+            size = self.call("strlen", lambda: self.client.strlen(name), 0)  # 0: no such key
             if not size:
                 return None
             return read_entry(read, key, layers, size=size)
@@ -131,25 +131,25 @@ class RedisTier:
         return self.put_bytes(key, serialize(kv))
 
     def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
-        ok = self._call("set", lambda: self._client.set(self._name(key), blob, ex=self.config.ttl_s), False)
+        ok = self.call("set", lambda: self.client.set(self._name(key), blob, ex=self.config.ttl_s), False)
         if ok:
             self._count("puts")
         return bool(ok)
 
     def contains(self, key: ChunkKey) -> bool:
-        return bool(self._call("exists", lambda: self._client.exists(self._name(key)), 0))
+        return bool(self.call("exists", lambda: self.client.exists(self._name(key)), 0))
 
     def delete(self, key: ChunkKey) -> None:
         with self._lock:
             self._readahead.pop(self._name(key), None)
-        self._call("delete", lambda: self._client.delete(self._name(key)), 0)
+        self.call("delete", lambda: self.client.delete(self._name(key)), 0)
 
     def prefetch(self, keys: Iterable[ChunkKey]) -> None:
         """Fetch the values in one MGET into a small read-ahead buffer that the next `get` consumes."""
         names = [self._name(k) for k in keys][: self.config.readahead_entries]
         if not names:
             return
-        values = self._call("mget", lambda: self._client.mget(names), None) or []
+        values = self.call("mget", lambda: self.client.mget(names), None) or []
         with self._lock:
             for name, value in zip(names, values):
                 if value is not None:
@@ -162,10 +162,10 @@ class RedisTier:
             setattr(self._stats, field, getattr(self._stats, field) + 1)
 
     def _pattern(self) -> str:
-        """SCAN MATCH pattern of this tier's keys: the prefix with its glob characters escaped, then `*`."""
-        return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "*"
+        """SCAN MATCH pattern of this tier's entries: the escaped prefix, then a 64-hex-char digest."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "?" * 64
 
     def stats(self) -> TierStats:
-        count = self._call("scan", lambda: sum(1 for _ in self._client.scan_iter(self._pattern())), 0)
+        count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
         with self._lock:
             return TierStats(**{**self._stats.as_dict(), "entries": count})

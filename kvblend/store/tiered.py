@@ -7,10 +7,12 @@ import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from kvblend.store.disk import DiskTier
 from kvblend.store.entry import ChunkKV, serialize
+from kvblend.store.index import ChunkIndex
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
 from kvblend.store.redis_tier import RedisConfig, RedisTier
@@ -43,22 +45,27 @@ class StoreConfig:
 
 
 def open_store(config: StoreConfig) -> "TieredStore":
+    """The configured tiers, and a chunk index kept beside the persistent ones (for chunk discovery)."""
     tiers: list[Tier] = [MemoryTier(config.memory_bytes)]
+    index_dir, redis = None, None
     if config.disk_dir:
         tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+        index_dir = Path(config.disk_dir) / "index"
     if config.redis_url:
-        tiers.append(RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s)))
-    return TieredStore(tiers, write_queue=config.write_queue)
+        redis = RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s))
+        tiers.append(redis)
+    return TieredStore(tiers, write_queue=config.write_queue, index=ChunkIndex(index_dir, redis))
 
 
 class TieredStore:
     """One interface over several tiers. Synchronous tiers are written on the caller's thread, the others
     by one background writer fed through a bounded queue (a full queue makes `put` wait, never drop)."""
 
-    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64) -> None:
+    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64, index: ChunkIndex | None = None) -> None:
         if not tiers:
             raise ValueError("a store needs at least one tier")
         self.tiers = list(tiers)
+        self.index = index if index is not None else ChunkIndex()
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
         self._writer.start()
@@ -76,12 +83,13 @@ class TieredStore:
         return None
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> None:
-        """Write-through to every tier. The store owns `kv` afterwards: do not modify its tensors."""
+        """Write-through to every tier; chunks computed alone are also indexed for discovery (after their
+        entry is written). The store owns `kv` afterwards: do not modify its tensors."""
         if kv.key != key:
             raise ValueError("entry does not belong to the key it is stored under")
-        self._write(key, kv, self.tiers)
+        self._write(key, kv, self.tiers, index=key.context == "alone")
 
-    def _write(self, key: ChunkKey, kv: ChunkKV, tiers: Sequence[Tier]) -> None:
+    def _write(self, key: ChunkKey, kv: ChunkKV, tiers: Sequence[Tier], index: bool = False) -> None:
         slow = []
         for tier in tiers:
             if tier.synchronous:
@@ -89,7 +97,9 @@ class TieredStore:
             else:
                 slow.append(tier)
         if slow:
-            self._queue.put((key, kv, slow))
+            self._queue.put((key, kv, slow, index))
+        elif index:
+            self.index.add(kv.token_ids.tolist())
 
     def _write_loop(self) -> None:
         while True:
@@ -97,13 +107,15 @@ class TieredStore:
             try:
                 if item is _STOP:
                     return
-                key, kv, tiers = item
+                key, kv, tiers, index = item
                 blob = serialize(kv)
                 for tier in tiers:
                     try:
                         tier.put_bytes(key, blob)
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
+                if index:
+                    self.index.add(kv.token_ids.tolist())
             except Exception:
                 log.exception("store: cannot serialise an entry for the slow tiers")
             finally:

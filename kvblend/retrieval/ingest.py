@@ -1,0 +1,30 @@
+"""Index documents: chunk, embed only chunks the index lacks, and replace the chunks of documents that changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kvblend.corpus import Document
+from kvblend.retrieval.chunker import DEFAULT_CHUNKER, ChunkerConfig, chunk_document
+from kvblend.retrieval.embedder import Embedder
+from kvblend.retrieval.index import VectorIndex
+
+
+def index_documents(
+    index: VectorIndex, embedder: Embedder, tokenizer, docs: Iterable[Document], config: ChunkerConfig = DEFAULT_CHUNKER
+) -> int:
+    """Add the documents' chunks to the index (not saved); returns how many chunks were added."""
+    if embedder.name != index.embedder_name:
+        raise ValueError(f"index {index.path} holds vectors of {index.embedder_name!r}, not {embedder.name!r}")
+    stored: dict[str, set[str]] = {}
+    for chunk in index.chunks():
+        stored.setdefault(chunk.source, set()).add(chunk.chunk_id)
+    added = 0
+    for doc in docs:
+        chunks = chunk_document(tokenizer, doc, config)
+        if stored.pop(doc.source, set()) - {c.chunk_id for c in chunks}:
+            index.remove_source(doc.source)
+        new = [c for c in chunks if c.chunk_id not in index]
+        if new:
+            added += index.add(new, embedder.embed([c.text for c in new]))
+    return added

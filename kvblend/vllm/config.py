@@ -1,0 +1,67 @@
+"""ConnectorConfig: kvblend's settings inside vLLM, read from `kv_connector_extra_config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from kvblend.blend.config import BlendConfig
+from kvblend.store.tiered import StoreConfig
+
+MODES = ("blend", "storage")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
+    store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt."""
+
+    mode: str = "blend"
+    store_dir: str | None = None
+    disk_gb: float = 20.0
+    memory_gb: float = 2.0
+    redis_url: str | None = None
+    redis_timeout_s: float = 0.5
+    namespace: str = "default"
+    span_tokens: int = 256
+    extract: bool = True
+    discover: bool = True
+    min_chunk_tokens: int = 32
+    policy: str = "cacheblend"
+    ratio: float = 0.15
+    check_layers: tuple[int, ...] = (1,)
+    self_check: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"kvblend connector mode must be one of {MODES}, got {self.mode!r}")
+        if self.span_tokens <= 0 or self.min_chunk_tokens <= 0:
+            raise ValueError("span_tokens and min_chunk_tokens must be positive")
+        self.blend_config()
+        self.store_config()
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "ConnectorConfig":
+        """Parse `kv_connector_extra_config`; unknown keys are an error (a typo must not pass silently)."""
+        extra = dict(extra or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - names)
+        if unknown:
+            raise ValueError(f"unknown kvblend connector settings {unknown}; known: {sorted(names)}")
+        if "check_layers" in extra:
+            extra["check_layers"] = tuple(int(x) for x in extra["check_layers"])
+        return cls(**extra)
+
+    def store_config(self) -> StoreConfig:
+        from kvblend.model.embedded import cache_dir
+
+        return StoreConfig(
+            memory_bytes=int(self.memory_gb * (1 << 30)),
+            disk_dir=self.store_dir or str(cache_dir() / "store"),
+            disk_bytes=int(self.disk_gb * (1 << 30)),
+            redis_url=self.redis_url,
+            redis_timeout_s=self.redis_timeout_s,
+        )
+
+    def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
+        return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio,
+                           check_layers=self.check_layers)

@@ -1,0 +1,92 @@
+"""KVBlendConnector: kvblend inside vLLM V1 through its public KV-connector API (no vLLM file is patched).
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+    llm = LLM(model=..., kv_transfer_config=KVTransferConfig(
+        kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
+        kv_role="kv_both", kv_load_failure_policy="recompute",
+        kv_connector_extra_config={"mode": "blend", "store_dir": "...", "redis_url": "redis://..."}))
+
+The scheduler-side instance (in vLLM's engine-core process) decides what the store supplies; the worker-side
+instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+
+from kvblend.model.spec import dtype_name, load_spec
+from kvblend.store.tiered import open_store
+from kvblend.vllm.config import ConnectorConfig
+from kvblend.vllm.scheduler import SchedulerSide
+from kvblend.vllm.worker import WorkerSide
+
+log = logging.getLogger(__name__)
+
+
+class KVBlendConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.config = ConnectorConfig.from_extra(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise ValueError("kvblend's connector runs the blend engine on whole layers: tensor parallelism is not supported")
+        model_config = vllm_config.model_config
+        dtype = dtype_name(model_config.dtype)
+        spec = load_spec(model_config.model, dtype=dtype)
+        self.store = open_store(self.config.store_config())
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(self.config, spec.fingerprint, self.store)
+        else:
+            layers = vllm_config.compilation_config.static_forward_context
+            self.worker_side = WorkerSide(model_config.model, dtype, vllm_config.cache_config.block_size,
+                                          spec.num_kv_heads, spec.head_dim, self.store, layers)
+        log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
+                 spec.fingerprint[:12], dtype)
+
+    # -- scheduler side -----------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        n = self.scheduler_side.matched_tokens(request.request_id, list(request.prompt_token_ids or []),
+                                               request.kv_transfer_params, num_computed_tokens)
+        return n, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self.scheduler_side.after_alloc(request.request_id, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output):
+        return self.scheduler_side.build_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output) -> None:
+        self.scheduler_side.on_worker_meta(connector_output.kv_connector_worker_meta)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return False, self.scheduler_side.finished(request.request_id)
+
+    # -- worker side --------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches) -> None:
+        self.worker_side.register(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        self.worker_side.start_load(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker_side.wait_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
+        """Nothing per layer: extraction copies whole spans in `wait_for_save`, when every layer's KV of the
+        step is in the paged cache, so one copy per span replaces one per layer."""
+
+    def wait_for_save(self) -> None:
+        if self.has_connector_metadata():
+            self.worker_side.after_step(self._get_connector_metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.take_failed_blocks()
+
+    def build_connector_worker_meta(self):
+        return self.worker_side.worker_meta()
+
+    def shutdown(self) -> None:
+        self.store.close()

@@ -1,0 +1,85 @@
+"""What the scheduler-side connector tells the worker each step, and what the worker reports back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from kvblend.blend.config import BlendConfig
+from kvblend.store.key import ChunkKey
+
+
+@dataclass(frozen=True)
+class Span:
+    """Prompt rows [start, start + length) whose KV is the stored entry `key` (computed at base `start`)."""
+
+    start: int
+    length: int
+    key: ChunkKey
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class LoadJob:
+    """Storage mode: copy exact prefix-chained spans into the request's blocks, rows [write_from, end)."""
+
+    req_id: str
+    block_ids: list[int]
+    spans: list[Span]
+    write_from: int
+
+
+@dataclass
+class BlendJob:
+    """Blend mode: compute the KV of prompt rows [num_computed, len(prompt) - 1) with the blend engine."""
+
+    req_id: str
+    prompt: list[int]
+    block_ids: list[int]
+    num_computed: int
+    exact_spans: list[Span]
+    chunks: list[Span]
+    config: BlendConfig
+
+
+@dataclass
+class SaveJob:
+    """Extraction: store the KV of these spans of a prompt vLLM has just prefilled itself."""
+
+    req_id: str
+    prompt: list[int]
+    block_ids: list[int]
+    spans: list[Span]
+
+
+@dataclass
+class KVBlendMetadata(KVConnectorMetadata):
+    loads: list[LoadJob] = field(default_factory=list)
+    blends: list[BlendJob] = field(default_factory=list)
+    saves: list[SaveJob] = field(default_factory=list)
+    check: SaveJob | None = None
+
+
+@dataclass
+class KVBlendWorkerMeta(KVConnectorWorkerMetadata):
+    """Self-check verdict (None until decided), per-request blend reports, and the entries this step stored
+    (digest, and token ids for chunks computed alone) so the scheduler knows of them before the store's
+    background writer has made them visible to other processes."""
+
+    blend_ready: bool | None = None
+    reason: str = ""
+    reports: dict[str, dict] = field(default_factory=dict)
+    stored: list[tuple[str, list[int] | None]] = field(default_factory=list)
+
+    def aggregate(self, other: "KVBlendWorkerMeta") -> "KVBlendWorkerMeta":
+        verdicts = [v for v in (self.blend_ready, other.blend_ready) if v is not None]
+        return KVBlendWorkerMeta(
+            blend_ready=None if not verdicts else all(verdicts),
+            reason="; ".join(r for r in (self.reason, other.reason) if r),
+            reports={**self.reports, **other.reports},
+            stored=self.stored + other.stored,
+        )

@@ -1,0 +1,94 @@
+"""Token KV in and out of one attention layer's paged cache in vLLM, whatever the backend's layout.
+
+Writes go through the backend's own cache-update op (`impl.do_kv_cache_update`), so every CPU ISA layout
+(vec, AMX, ...) is handled by the code that defines it. Reads on CPU use the layout's permutation, measured
+once per (ISA, block size, head dim) by writing index codes through that same op. On GPU the FlashAttention
+layout `[2, num_blocks, block_size, kv_heads, head_dim]` is read and written with kvblend's Triton kernels.
+Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvblend.triton_kernels import paged_kv_read, paged_kv_write
+
+
+def slots_for(block_ids: list[int] | torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
+    """Slot of every position in [start, end) of a request whose blocks are `block_ids`."""
+    blocks = torch.as_tensor(block_ids, dtype=torch.int64)
+    pos = torch.arange(start, end)
+    if end > blocks.numel() * block_size:
+        raise ValueError(f"positions up to {end} need {(end + block_size - 1) // block_size} blocks, got {blocks.numel()}")
+    return blocks[pos // block_size] * block_size + pos % block_size
+
+
+_PERMUTATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cpu_permutation(layer, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[block_size, head_dim] -> flat offset inside the K half and the V half of one (block, head)."""
+    key = (getattr(layer, "isa", None), block_size, head_dim, dtype)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS[key] = _probe_cpu_layout(layer, block_size, head_dim, dtype)
+    return _PERMUTATIONS[key]
+
+
+def _probe_cpu_layout(layer, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if block_size > 256 or head_dim > 256:
+        raise ValueError("layout probe encodes offsets in bf16 and supports block_size and head_dim up to 256")
+    maps = []
+    for codes in (torch.arange(block_size)[:, None].expand(block_size, head_dim),
+                  torch.arange(head_dim)[None, :].expand(block_size, head_dim)):
+        probe = torch.full((2, 1, block_size, 2 * head_dim), -1.0, dtype=dtype)
+        values = codes.to(dtype)[:, None, :].contiguous()
+        layer.impl.do_kv_cache_update(layer, values, values, probe, torch.arange(block_size, 2 * block_size))
+        maps.append(probe[1, 0].reshape(2, block_size * head_dim).long())
+    offsets, dims = maps
+    result = []
+    for half in (0, 1):
+        perm = torch.full((block_size, head_dim), -1, dtype=torch.int64)
+        perm[offsets[half], dims[half]] = torch.arange(block_size * head_dim)
+        if (perm < 0).any():
+            raise ValueError(f"unrecognised CPU KV layout for ISA {getattr(layer, 'isa', None)}")
+        result.append(perm)
+    return result[0], result[1]
+
+
+class PagedCache:
+    """One layer's paged KV cache: write token-major K/V to slots, read them back."""
+
+    def __init__(self, layer, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int) -> None:
+        self.layer, self.kv = layer, kv_cache
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        if kv_cache.device.type == "cpu" and kv_cache.shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
+            self.kind = "cpu_attn"
+            self.k_perm, self.v_perm = _cpu_permutation(layer, block_size, head_dim, kv_cache.dtype)
+        elif kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[2:] == (block_size, num_kv_heads, head_dim):
+            self.kind = "flash"
+        else:
+            raise ValueError(f"unknown paged KV layout {tuple(kv_cache.shape)} on {kv_cache.device} "
+                             f"(block_size {block_size}, {num_kv_heads} kv heads, head_dim {head_dim})")
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store K/V [tokens, kv_heads, head_dim] at `slots`."""
+        k, v = k.to(self.kv.dtype).contiguous(), v.to(self.kv.dtype).contiguous()
+        slots = slots.to(self.kv.device)
+        if self.kind == "cpu_attn":
+            self.layer.impl.do_kv_cache_update(self.layer, k, v, self.kv, slots)
+        else:
+            paged_kv_write(k, v, self.kv, slots, "flash")
+
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [tokens, kv_heads, head_dim] stored at `slots` (a copy)."""
+        slots = slots.to(self.kv.device)
+        if self.kind == "flash":
+            return paged_kv_read(self.kv, slots, "flash", self.num_kv_heads, self.head_dim)
+        n, d = self.block_size, self.head_dim
+        flat = self.kv.view(-1)
+        block, offset = slots // n, slots % n
+        heads = torch.arange(self.num_kv_heads)
+        half_base = ((block[:, None] * self.num_kv_heads + heads[None, :]) * 2) * (n * d)
+        k = flat[half_base[:, :, None] + self.k_perm[offset][:, None, :]]
+        v = flat[half_base[:, :, None] + n * d + self.v_perm[offset][:, None, :]]
+        return k, v

