@@ -4,11 +4,9 @@ Chunks reach the store two ways: as their own requests through vLLM's extraction
 offline torch precompute. Later prompts hold them mid-prompt, in other orders, with text between them.
 """
 
-import logging
 import pathlib
 
 import pytest
-import torch
 
 from kvblend.blend.prompt import chat_template
 from kvblend.corpus import pydoc_topics
