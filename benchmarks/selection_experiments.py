@@ -26,27 +26,39 @@ from kvblend.model.tokenizer import load_tokenizer
 R = 0.15
 
 
-def variants() -> list[Setting]:
+def variants(round_: int) -> list[Setting]:
     def cb(name: str, **kw) -> Setting:
         return Setting("cacheblend", R, BlendConfig("cacheblend", R, **kw), variant=name)
 
-    return [
-        Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
-        Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),
-        cb("published: check layer 1, K+V deviation"),
-        cb("K deviation only", deviation="k"),
-        cb("V deviation only", deviation="v"),
-        cb("check layer 2 (layers 0-2 full)", check_layers=(2,)),
-        cb("gradual 1,2: 0.30 -> 0.15", check_layers=(1, 2), schedule=(0.3, R)),
-        cb("gradual 1,2,3: 0.30 -> 0.20 -> 0.15", check_layers=(1, 2, 3), schedule=(0.3, 0.2, R)),
-        cb("gradual 1,4,8: 0.50 -> 0.25 -> 0.15", check_layers=(1, 4, 8), schedule=(0.5, 0.25, R)),
-        cb("chunk heads 4 + deviation", head_tokens=4),
-        cb("chunk heads 16 + deviation", head_tokens=16),
-        cb("attention-weighted deviation", deviation="kv_attn"),
-        cb("attention-weighted + heads 4", deviation="kv_attn", head_tokens=4),
-        cb("attention-weighted, gradual 1,2", deviation="kv_attn", check_layers=(1, 2), schedule=(0.3, R)),
-        Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
-        Setting("random", R, BlendConfig("random", R), variant="random selection"),
+    ends = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
+            Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),
+            cb("published: check layer 1, K+V deviation")]
+    if round_ == 1:
+        return ends + [
+            cb("K deviation only", deviation="k"),
+            cb("V deviation only", deviation="v"),
+            cb("check layer 2 (layers 0-2 full)", check_layers=(2,)),
+            cb("gradual 1,2: 0.30 -> 0.15", check_layers=(1, 2), schedule=(0.3, R)),
+            cb("gradual 1,2,3: 0.30 -> 0.20 -> 0.15", check_layers=(1, 2, 3), schedule=(0.3, 0.2, R)),
+            cb("gradual 1,4,8: 0.50 -> 0.25 -> 0.15", check_layers=(1, 4, 8), schedule=(0.5, 0.25, R)),
+            cb("chunk heads 4 + deviation", head_tokens=4),
+            cb("chunk heads 16 + deviation", head_tokens=16),
+            cb("attention-weighted deviation", attention_weighted=True),
+            cb("attention-weighted + heads 4", attention_weighted=True, head_tokens=4),
+            cb("attention-weighted, gradual 1,2", attention_weighted=True, check_layers=(1, 2), schedule=(0.3, R)),
+            Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
+            Setting("random", R, BlendConfig("random", R), variant="random selection"),
+        ]
+    return ends + [
+        cb("attn-weighted, gradual 1,2: 0.30 -> 0.15", attention_weighted=True, check_layers=(1, 2), schedule=(0.3, R)),
+        cb("attn-weighted, gradual 1,2: 0.50 -> 0.15", attention_weighted=True, check_layers=(1, 2), schedule=(0.5, R)),
+        cb("attn-weighted, gradual 1,2,3: 0.30 -> 0.20 -> 0.15", attention_weighted=True, check_layers=(1, 2, 3),
+           schedule=(0.3, 0.2, R)),
+        cb("attn-weighted, gradual 1,3: 0.30 -> 0.15", attention_weighted=True, check_layers=(1, 3), schedule=(0.3, R)),
+        cb("attn-weighted, check layer 2", attention_weighted=True, check_layers=(2,)),
+        cb("attn-weighted V, gradual 1,2: 0.30 -> 0.15", deviation="v", attention_weighted=True, check_layers=(1, 2),
+           schedule=(0.3, R)),
+        cb("attn-weighted, gradual 1,2: 0.20 -> 0.15", attention_weighted=True, check_layers=(1, 2), schedule=(0.2, R)),
     ]
 
 
@@ -55,6 +67,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--greedy-steps", type=int, default=32)
+    parser.add_argument("--round", type=int, default=2, choices=[1, 2], help="which set of variants")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     model_dir = embedded_model_dir()
@@ -62,7 +75,7 @@ def main() -> int:
     tokenizer = load_tokenizer(model_dir)
     cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (4, 6), seed=args.seed)
     start = time.time()
-    rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, variants(), ("alone",), args.greedy_steps,
+    rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, variants(args.round), ("alone",), args.greedy_steps,
                     progress=lambda: print(".", end="", flush=True, file=sys.stderr))
     for row in rows:
         row["gap_closed"] = gap_closed(rows, row)

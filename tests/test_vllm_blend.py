@@ -116,7 +116,7 @@ def test_cacheblend_fidelity_through_vllm_logprobs(engine, stored, template, tok
 
 
 def test_offline_precompute_corrupt_entry_and_stopped_redis(engine, texts, template, tokenizer, model_dir,
-                                                            redis_server, caplog):
+                                                            redis_server):
     """Chunks precomputed offline by the torch runner are used by vLLM; a corrupted one is recomputed; chunks
     only in a stopped Redis are simply not found. Every answer stays correct."""
     llm, store_dir = engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
-DEVIATIONS = ("k", "v", "kv", "kv_attn")
+DEVIATIONS = ("k", "v", "kv")
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,9 @@ class BlendConfig:
     cacheblend: all chunk tokens are recomputed up to the first check layer; at each check layer the tokens
       whose fresh KV deviates most from the reused KV are kept, the candidate fraction shrinking along
       `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers.
-      `deviation` scores tokens by K, V or both ("kv": each normalised by its mean); "kv_attn" further weights
-      them by the attention the question's tokens pay them at that layer. `head_tokens` > 0 always keeps
-      the first tokens of every chunk (EPIC's sinks) inside the same budget.
+      `deviation` scores tokens by K, V or both ("kv": each normalised by its mean); `attention_weighted`
+      multiplies that by the attention the question's tokens pay each token at the check layer.
+      `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
@@ -28,6 +28,7 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (1,)
     schedule: tuple[float, ...] | None = None
     deviation: str = "kv"
+    attention_weighted: bool = False
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0

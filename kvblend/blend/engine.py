@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -95,6 +95,7 @@ class BlendRun:
         model, spec = engine.model, engine.model.spec
         self.model, self.plan, self.source = model, plan, source
         self.prefix_kv = prefix_kv
+        self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
         self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype, device=device)
@@ -119,10 +120,13 @@ class BlendRun:
         self._cached_dst = plan.cached_rows.to(device)
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
+        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         if source is not None:
             source.start(0)
 
     def _tick(self, stage: str, start: float) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.model.device)
         now = time.perf_counter()
         self.stats.stage_ms[stage] += (now - start) * 1e3
         return now
@@ -137,20 +141,24 @@ class BlendRun:
             if layer + 1 < model.spec.num_layers:
                 self.source.start(layer + 1)
             t = self._tick("fetch_wait", t)
-            rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta, model.freq, model.spec.rope.style)
+            rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta, model.freq,
+                              model.spec.rope.style, check=layer == 0)
             t = self._tick("rope_shift_gather", t)
         if self.prefix_kv is not None:
             K[: plan.exact_prefix] = self.prefix_kv[0][layer]
             V[: plan.exact_prefix] = self.prefix_kv[1][layer]
         rows = self.rows
-        q, k, v = model.qkv(layer, self.h, self.positions[rows])
+        if self._rot is None:
+            self._rot = model.rotary(self.positions[rows])
+        q, k, v = model.qkv(layer, self.h, self.positions[rows], self._rot)
         t = self._tick("qkv", t)
         keep = self._select(layer, rows, q, k, v, K, V) if layer in self.checks else None
         K[rows], V[rows] = k, v
         if keep is not None:
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
-        attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions)
+            self._rot = None
+        attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True)
         t = self._tick("attention", t)
         self.h = model.finish_layer(layer, self.h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)
@@ -165,9 +173,8 @@ class BlendRun:
         if config.policy == "random":
             scores = random_scores(chunk_sel.numel(), config.seed, layer, k.device)
         else:
-            kind = "kv" if config.deviation == "kv_attn" else config.deviation
-            scores = deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], kind)
-            if config.deviation == "kv_attn":
+            scores = deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
+            if config.attention_weighted:
                 suffix = rows >= self.plan.layout.suffix_start
                 fresh_k = K.clone()
                 fresh_k[rows] = k
@@ -210,12 +217,14 @@ class BlendEngine:
         exact_prefix: int = 0,
         recompute_keys: Sequence[ChunkKey] = (),
         on_missing: str = "error",
+        bases: Mapping[ChunkKey, int] | None = None,
     ) -> BlendPlan:
         """Rows, positions and the initial selection for one request.
 
         `exact_prefix`: the first n prompt tokens have exact KV supplied by the caller (a true prefix cache hit).
         `recompute_keys`: chunks to compute instead of reuse (e.g. their entry failed to load).
         `on_missing`: "error" raises on a chunk the store lacks; "recompute" computes it and logs why.
+        `bases`: each chunk's KV base position, when the caller supplies the KV through its own LayerSource.
         """
         spec = self.model.spec
         T = layout.num_tokens
@@ -242,7 +251,12 @@ class BlendEngine:
                 fixed.append(live)
             elif live.numel():
                 chunk_index += 1
-                base = None if full else self._base_position(segment.key, chunk_index, recompute_keys, on_missing)
+                if full:
+                    base = None
+                elif bases is not None:
+                    base = bases[segment.key]
+                else:
+                    base = self._base_position(segment.key, chunk_index, recompute_keys, on_missing)
                 if base is None:
                     recomputed.append(chunk_index)
                     recomputed_tokens += live.numel()

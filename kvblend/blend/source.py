@@ -68,38 +68,50 @@ class StoreLayerSource:
 
 
 class TensorLayerSource:
-    """Chunk KV already in memory as [layers, chunk tokens, kv_heads, head_dim].
+    """Chunk KV already in memory: one [layers, tokens, kv_heads, head_dim] K and V tensor per chunk.
 
-    On a GPU with the tensors in pinned host memory, each layer is copied on a side stream and the compute
-    stream waits on an event, so the copy of layer i+1 overlaps the recompute of layer i.
+    On the compute device each layer is one concatenation. From pinned host memory to a GPU, each layer is
+    copied on a side stream into one of two staging buffers and the compute stream waits on an event, so the
+    copy of layer i+1 overlaps the recompute of layer i.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device | str) -> None:
-        self.k, self.v = k, v
+    def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str) -> None:
+        self.ks, self.vs = list(ks), list(vs)
         self.device = torch.device(device)
-        self._copy = self.device.type == "cuda" and k.device.type == "cpu"
-        self._stream = torch.cuda.Stream(self.device) if self._copy else None
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+        self.num_layers = self.ks[0].shape[0]
+        self._copy = self.device.type == "cuda" and self.ks[0].device.type == "cpu"
+        self._pending: dict[int, object] = {}
+        if self._copy:
+            n = sum(k.shape[1] for k in self.ks)
+            shape = (n,) + tuple(self.ks[0].shape[2:])
+            self._stream = torch.cuda.Stream(self.device)
+            self._staging = [(torch.empty(shape, dtype=self.ks[0].dtype, device=self.device),
+                              torch.empty(shape, dtype=self.ks[0].dtype, device=self.device)) for _ in range(2)]
 
     def start(self, layer: int) -> None:
-        if not self._copy or layer in self._pending or layer >= self.k.shape[0]:
+        if not self._copy or layer in self._pending or layer >= self.num_layers:
             return
+        k_buf, v_buf = self._staging[layer % 2]
+        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            k = self.k[layer].to(self.device, non_blocking=True)
-            v = self.v[layer].to(self.device, non_blocking=True)
+            self._stream.wait_stream(compute)  # the buffer's previous layer has been consumed by work enqueued so far
+            offset = 0
+            for k, v in zip(self.ks, self.vs):
+                n = k.shape[1]
+                k_buf[offset : offset + n].copy_(k[layer], non_blocking=True)
+                v_buf[offset : offset + n].copy_(v[layer], non_blocking=True)
+                offset += n
             done = torch.cuda.Event()
             done.record(self._stream)
-        self._pending[layer] = (k, v, done)
+        self._pending[layer] = done
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._copy:
-            return self.k[layer].to(self.device), self.v[layer].to(self.device)
+            return (torch.cat([k[layer] for k in self.ks]).to(self.device),
+                    torch.cat([v[layer] for v in self.vs]).to(self.device))
         self.start(layer)
-        k, v, done = self._pending.pop(layer)
-        torch.cuda.current_stream(self.device).wait_event(done)
-        k.record_stream(torch.cuda.current_stream(self.device))
-        v.record_stream(torch.cuda.current_stream(self.device))
-        return k, v
+        torch.cuda.current_stream(self.device).wait_event(self._pending.pop(layer))
+        return self._staging[layer % 2]
 
     def close(self) -> None:
         self._pending.clear()

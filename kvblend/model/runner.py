@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvblend.model.rope import apply_rope, inv_freq
+from kvblend.model.rope import cos_sin, inv_freq, rotate
 from kvblend.model.spec import ModelSpec, load_spec
 from kvblend.model.weights import LlamaWeights, load_weights
 
@@ -63,14 +63,20 @@ class LlamaModel:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids.to(self.device), self.weights.embed)
 
-    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm, Q/K/V projections and RoPE at `positions`: q, k (rotated) and v."""
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, computed once and shared by every layer."""
+        return cos_sin(self.freq, positions.to(self.device))
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor,
+            rot: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, Q/K/V projections and RoPE at `positions` (`rot`: their precomputed cos/sin)."""
         s, w = self.spec, self.weights.layers[layer]
+        cos, sin = self.rotary(positions) if rot is None else rot
         x = rms_norm(h, w.input_norm, s.rms_norm_eps)
         q = F.linear(x, w.q, w.q_bias).view(-1, s.num_heads, s.head_dim)
         k = F.linear(x, w.k, w.k_bias).view(-1, s.num_kv_heads, s.head_dim)
         v = F.linear(x, w.v, w.v_bias).view(-1, s.num_kv_heads, s.head_dim)
-        return apply_rope(q, positions, s.rope, self.freq), apply_rope(k, positions, s.rope, self.freq), v
+        return rotate(q, cos, sin, s.rope.style), rotate(k, cos, sin, s.rope.style), v
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, post-attention norm, SwiGLU MLP and residual."""
@@ -100,8 +106,9 @@ class LlamaModel:
             raise ValueError(f"position {int(positions.max())} exceeds the model's max length {self.spec.max_position}")
         key_pos = torch.cat([torch.arange(start, device=self.device), positions])
         h = self.embed(ids)
+        rot = self.rotary(positions)
         for layer in range(self.spec.num_layers):
-            q, k, v = self.qkv(layer, h, positions)
+            q, k, v = self.qkv(layer, h, positions, rot)
             cache_k[layer, start:end], cache_v[layer, start:end] = k, v
             attn = attention(q, positions, cache_k[layer, :end], cache_v[layer, :end], key_pos)
             h = self.finish_layer(layer, h, attn)

@@ -51,13 +51,20 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model_dir: str | os.PathLike, spec: ModelSpec, device: str | torch.device = "cpu") -> LlamaWeights:
     """Read an HF Llama/Mistral/Qwen2 checkpoint in the spec's dtype on `device`."""
-    raw = _read_tensors(Path(model_dir))
+    return weights_from_tensors(_read_tensors(Path(model_dir)), spec, device, str(model_dir))
+
+
+def weights_from_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, device: str | torch.device = "cpu",
+                         origin: str = "state dict") -> LlamaWeights:
+    """LlamaWeights from HF-named tensors (a checkpoint, or a live transformers model's parameters, which are
+    shared, not copied, when dtype and device already match)."""
+    raw = dict(tensors)
     dtype = spec.torch_dtype
 
     def take(name: str) -> torch.Tensor:
         if name not in raw:
-            raise KeyError(f"checkpoint {model_dir} lacks tensor {name!r}")
-        return raw.pop(name).to(device=device, dtype=dtype)
+            raise KeyError(f"{origin} lacks tensor {name!r}")
+        return raw.pop(name).detach().to(device=device, dtype=dtype)
 
     layers = []
     for i in range(spec.num_layers):

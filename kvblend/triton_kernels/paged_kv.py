@@ -55,17 +55,19 @@ def paged_kv_write(
     slot_mapping: torch.Tensor,
     layout: str,
     backend: str = "auto",
+    check: bool = True,
 ) -> None:
     """Store k[t], v[t] ([T, kv_heads, head_dim]) at cache slot slot_mapping[t]; slots of -1 are skipped.
 
     This is how blended KV lands in vLLM's paged cache for the attention backend in use.
-    Slots are range-checked first, which costs one device sync.
+    Slots are range-checked first (one device sync); check=False skips that for slots already checked.
     """
     check_kv_pair(k, v, "paged_kv_write")
     num_heads, head_dim = k.shape[1:]
     block_size = _check_cache(kv_cache, layout, num_heads, head_dim, k.dtype)
     check_index_vector(slot_mapping, k.shape[0], "slot_mapping")
-    check_index_ranges((slot_mapping, -1, _num_slots(kv_cache, layout, block_size), "slot_mapping"))
+    if check:
+        check_index_ranges((slot_mapping, -1, _num_slots(kv_cache, layout, block_size), "slot_mapping"))
     if not use_triton(backend, k, v, kv_cache, slot_mapping):
         paged_kv_write_ref(k, v, kv_cache, slot_mapping, layout)
         return

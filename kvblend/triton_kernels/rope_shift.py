@@ -74,13 +74,15 @@ def rope_shift_gather(
     freq: torch.Tensor,
     style: str,
     backend: str = "auto",
+    check: bool = True,
 ) -> None:
     """dst_k[dst_rows[i]] = src_k[src_rows[i]] turned by delta[i] * freq; dst_v[dst_rows[i]] = src_v[src_rows[i]].
 
     One launch places the K and V of many cached chunks into the prompt's buffer (dst_rows distinct).
-    Row ranges are checked first, which costs one device sync.
+    Row ranges are checked first (one device sync); check=False skips that for rows the caller has already
+    checked, e.g. a blend plan's rows reused at every layer.
     """
-    num_rows = _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style)
+    num_rows = _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check)
     freq = freq.to(device=src_k.device, dtype=torch.float32)
     if not use_triton(backend, src_k, src_v, dst_k, dst_v, src_rows, dst_rows, delta, freq):
         rope_shift_gather_ref(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style)
@@ -139,7 +141,7 @@ def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: s
     return out
 
 
-def _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style) -> int:
+def _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check_ranges: bool) -> int:
     check_kv_pair(src_k, src_v, "rope_shift_gather source")
     check_kv_pair(dst_k, dst_v, "rope_shift_gather destination")
     if src_k.dtype != dst_k.dtype or src_k.shape[1:] != dst_k.shape[1:] or src_k.device != dst_k.device:
@@ -156,5 +158,6 @@ def _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, sty
     num_rows = src_rows.numel()
     for name, index in (("src_rows", src_rows), ("dst_rows", dst_rows), ("delta", delta)):
         check_index_vector(index, num_rows, name)
-    check_index_ranges((src_rows, 0, src_k.shape[0], "src_rows"), (dst_rows, 0, dst_k.shape[0], "dst_rows"))
+    if check_ranges:
+        check_index_ranges((src_rows, 0, src_k.shape[0], "src_rows"), (dst_rows, 0, dst_k.shape[0], "dst_rows"))
     return num_rows

@@ -1,0 +1,285 @@
+"""GPU blend benchmark: TTFT of kvblend's blend path against HF transformers on a Llama-3-8B-shaped model.
+
+Random bf16 weights are built on the device (no checkpoint can be fetched there) and shared by the HF model
+and kvblend's runner. Prompts: 6, 16, 32 chunks x 512 tokens + a 64-token question. Rows, one run, one GPU:
+  hf_full_prefill, kvblend_full_prefill, prefix_caching (first chunk reused), full_reuse, cacheblend (r=0.15),
+  epic (k=16) -- the last three with chunk KV resident on the GPU and in CPU pinned memory.
+TTFT = prompt in -> first-token logits, median of --reps timed runs after warm-up, CUDA events, and each run
+draws another chunk order (rotated inputs). Kernel throughput is reported against ceilings measured in the
+same run. Run on the device:  python benchmarks/gpu_blend.py --out $OUT
+`--tiny` runs a 2-layer toy shape on the CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvblend.blend.config import BlendConfig  # noqa: E402
+from kvblend.blend.engine import BlendEngine  # noqa: E402
+from kvblend.blend.layout import ChunkRef, PromptLayout  # noqa: E402
+from kvblend.blend.source import TensorLayerSource  # noqa: E402
+from kvblend.model.runner import LlamaModel  # noqa: E402
+from kvblend.model.spec import spec_from_config  # noqa: E402
+from kvblend.model.weights import weights_from_tensors  # noqa: E402
+from kvblend.store.key import ChunkKey  # noqa: E402
+from kvblend.triton_kernels import paged_kv_write, rope_shift_gather, sparse_query_attention  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=32768,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=4096,
+            rms_norm_eps=1e-5, tie_word_embeddings=False)
+CHUNK, QUESTION = 512, 64
+
+
+class Timer:
+    """Milliseconds of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end)
+
+
+def build_models(config: dict, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = LlamaConfig(**config, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_config).eval()
+    torch.set_default_dtype(torch.float32)
+    spec = spec_from_config({**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]}, dtype="bfloat16",
+                            weights_id="random-seed-0")
+    weights = weights_from_tensors(dict(hf.named_parameters()), spec, device)
+    return hf, LlamaModel(spec, weights)
+
+
+def make_chunks(model: LlamaModel, n: int, device: torch.device):
+    """n random 512-token chunks, each prefilled alone from position 0 (as the store would hold them)."""
+    g = torch.Generator().manual_seed(1)
+    chunks = []
+    for i in range(n):
+        ids = torch.randint(0, model.spec.vocab_size, (CHUNK,), generator=g)
+        out = model.prefill(ids.to(device))
+        key = ChunkKey.for_tokens(model.spec.fingerprint, ids.tolist(), "bench")
+        chunks.append((ChunkRef(tuple(ids.tolist()), key), out.k, out.v))
+    question = torch.randint(0, model.spec.vocab_size, (QUESTION,), generator=g).tolist()
+    return chunks, question
+
+
+def run_blend(engine: BlendEngine, layout: PromptLayout, config: BlendConfig, source, cache, slots,
+              exact_prefix: int = 0, prefix_kv=None):
+    """Plan, run every layer, write the prompt's KV into a paged cache (as the connector does), logits."""
+    plan = engine.plan(layout, config, exact_prefix=exact_prefix, bases={c.key: 0 for c in layout.chunks})
+    result = engine.run(plan, source=source if plan.cached_keys else None, prefix_kv=prefix_kv)
+    if cache is not None:
+        for layer in range(result.k.shape[0]):
+            paged_kv_write(result.k[layer], result.v[layer], cache[layer], slots, "flash", check=False)
+    return result
+
+
+def measure_ceilings(device: torch.device, timer: Timer) -> dict:
+    n = 1 << 29 if device.type == "cuda" else 1 << 22
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(10))
+    m = 8192 if device.type == "cuda" else 512
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_ms = statistics.median(timer(lambda: a @ b) for _ in range(10))
+    return {"copy_GBps": 2 * src.nbytes / copy_ms / 1e6, "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9}
+
+
+def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int) -> list[dict]:
+    """rope_shift_gather, paged_kv_write and sparse_query_attention at the 8k shape vs the measured ceilings."""
+    s = model.spec
+    g = torch.Generator(device=device).manual_seed(2)
+    src_k = torch.randn(tokens, s.num_kv_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
+    src_v = torch.randn_like(src_k)
+    dst_k, dst_v = torch.empty_like(src_k), torch.empty_like(src_v)
+    rows = torch.randperm(tokens, device=device, generator=g)
+    delta = torch.randint(0, tokens, (tokens,), device=device, generator=g)
+    rope_ms = statistics.median(timer(lambda: rope_shift_gather(
+        src_k, src_v, torch.arange(tokens, device=device), dst_k, dst_v, rows, delta, model.freq, "neox", check=False))
+        for _ in range(20))
+    blocks = tokens // 16 + 1
+    cache = torch.empty(2, blocks, 16, s.num_kv_heads, s.head_dim, device=device, dtype=torch.bfloat16)
+    slots = torch.randperm(blocks * 16, device=device, generator=g)[:tokens]
+    write_ms = statistics.median(timer(lambda: paged_kv_write(dst_k, dst_v, cache, slots, "flash", check=False))
+                                 for _ in range(20))
+    kv_bytes = 2 * src_k.nbytes
+    q_rows = torch.sort(torch.randperm(tokens, device=device, generator=g)[: tokens * 15 // 100]).values
+    q = torch.randn(q_rows.numel(), s.num_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
+    pos = torch.arange(tokens, device=device)
+    attn_ms = statistics.median(timer(lambda: sparse_query_attention(q, q_rows, src_k, src_v, pos, keys_sorted=True))
+                                for _ in range(20))
+    attn_flops = 4 * s.num_heads * s.head_dim * float((q_rows + 1).sum())
+    return [
+        {"kernel": "rope_shift_gather", "achieved": 2 * kv_bytes / rope_ms / 1e6, "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
+        {"kernel": "paged_kv_write", "achieved": 2 * kv_bytes / write_ms / 1e6, "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
+        {"kernel": "rope_shift_gather+paged_kv_write", "achieved": 4 * kv_bytes / (rope_ms + write_ms) / 1e6,
+         "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
+        {"kernel": "sparse_query_attention (15% queries)", "achieved": attn_flops / attn_ms / 1e9,
+         "ceiling": ceilings["matmul_TFLOPs"], "unit": "TFLOP/s"},
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="2-layer toy shape on the CPU (script check)")
+    parser.add_argument("--chunks", default="6,16,32")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    timer = Timer(device)
+    sizes = [int(x) for x in args.chunks.split(",")]
+    hf, model = build_models(TINY if args.tiny else LLAMA3_8B, device)
+    engine = BlendEngine(model)
+    chunks, question = make_chunks(model, max(sizes), device)
+    pinned = [(k.cpu().pin_memory() if device.type == "cuda" else k.cpu(),
+               v.cpu().pin_memory() if device.type == "cuda" else v.cpu()) for _, k, v in chunks]
+    rows, breakdown = [], {}
+    g = torch.Generator().manual_seed(3)
+    for n in sizes:
+        tokens = n * CHUNK + QUESTION
+        blocks = tokens // 16 + 1
+        cache = torch.empty(model.spec.num_layers, 2, blocks, 16, model.spec.num_kv_heads, model.spec.head_dim,
+                            device=device, dtype=torch.bfloat16)
+        slots = torch.arange(tokens, device=device)
+
+        def draw():
+            order = torch.randperm(len(chunks), generator=g)[:n].tolist()
+            layout = PromptLayout.build([], [chunks[i][0] for i in order], question)
+            return order, layout
+
+        def hf_row(order, layout):
+            ids = layout.token_ids().to(device)[None]
+            with torch.inference_mode():
+                hf(ids, logits_to_keep=1, use_cache=True)
+
+        def blend_row(config, where):
+            def fn(order, layout):
+                src = pinned if where == "cpu_pinned" else [(chunks[i][1], chunks[i][2]) for i in range(len(chunks))]
+                sel = [src[i] for i in order]
+                source = TensorLayerSource([k for k, _ in sel], [v for _, v in sel], device)
+                run_blend(engine, layout, config, source, cache, slots)
+            return fn
+
+        def prefix_row(order, layout):
+            first = chunks[order[0]]
+            rest = PromptLayout.from_segments([first[0].token_ids] + [c.token_ids for c in layout.chunks[1:]] + [question])
+            run_blend(engine, rest, BlendConfig("full_prefill", 1.0), None, cache, slots,
+                      exact_prefix=CHUNK, prefix_kv=(first[1], first[2]))
+
+        plan = [("hf_full_prefill", None, hf_row),
+                ("kvblend_full_prefill", None, blend_row(BlendConfig("full_prefill", 1.0), "gpu")),
+                ("prefix_caching", None, prefix_row)]
+        for where in ("gpu", "cpu_pinned"):
+            plan += [("full_reuse", where, blend_row(BlendConfig("full_reuse", 0.0), where)),
+                     ("cacheblend", where, blend_row(BlendConfig("cacheblend", 0.15), where)),
+                     ("epic", where, blend_row(BlendConfig("epic", 16 / CHUNK, epic_tokens=16), where))]
+        for name, where, fn in plan:
+            for _ in range(args.warmup):
+                fn(*draw())
+            times = []
+            for _ in range(args.reps):
+                order, layout = draw()
+                times.append(timer(lambda: fn(order, layout)))
+            rows.append({"row": name, "tokens": tokens, "kv_source": where, "ttft_ms": statistics.median(times),
+                         "ttft_ms_all": [round(t, 3) for t in times]})
+            print(f"{tokens:6d} {name:22s} {where or '-':10s} {statistics.median(times):9.2f} ms", flush=True)
+        breakdown[tokens] = profile_stages(engine, draw, pinned, device)
+    ceilings = measure_ceilings(device, timer)
+    kernels = kernel_rates(model, device, timer, ceilings, 8 * CHUNK + QUESTION if not args.tiny else 1088)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)",
+        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "python " + " ".join(sys.argv),
+        "torch": torch.__version__,
+        "shape": "tiny" if args.tiny else "llama-3-8b",
+        "ceilings": ceilings,
+        "rows": rows,
+        "kernels": kernels,
+        "cacheblend_stage_ms_cpu_pinned": breakdown,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_blend_tiny" if args.tiny else "gpu_blend_h100"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(rows, out / f"{name}.png", report["device"])
+    print_summary(rows, kernels, ceilings)
+    return 0
+
+
+def profile_stages(engine: BlendEngine, draw, pinned, device) -> dict:
+    """One cacheblend run (KV from pinned memory) with a sync after every stage, for the per-stage breakdown."""
+    order, layout = draw()
+    sel = [pinned[i] for i in order]
+    source = TensorLayerSource([k for k, _ in sel], [v for _, v in sel], device)
+    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15), bases={c.key: 0 for c in layout.chunks})
+    run = engine.start(plan, source)
+    run.sync = device.type == "cuda"
+    with torch.inference_mode():
+        for layer in range(engine.model.spec.num_layers):
+            run.step(layer)
+        result = run.finish()
+    return {k: round(v, 3) for k, v in result.stats.stage_ms.items()}
+
+
+def print_summary(rows: list[dict], kernels: list[dict], ceilings: dict) -> None:
+    base = {r["tokens"]: r["ttft_ms"] for r in rows if r["row"] == "hf_full_prefill"}
+    print(f"\nceilings: device copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'tokens':>6s} {'row':22s} {'kv':10s} {'ttft ms':>9s} {'vs HF':>7s}")
+    for r in rows:
+        print(f"{r['tokens']:6d} {r['row']:22s} {r['kv_source'] or '-':10s} {r['ttft_ms']:9.2f} "
+              f"{base[r['tokens']] / r['ttft_ms']:6.2f}x")
+    for k in kernels:
+        print(f"{k['kernel']:40s} {k['achieved']:9.1f} {k['unit']} of {k['ceiling']:.0f} ({k['achieved'] / k['ceiling']:.0%})")
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = sorted({(r["row"], r["kv_source"]) for r in rows}, key=lambda x: (x[0], str(x[1])))
+    for name, where in names:
+        pts = sorted((r["tokens"], r["ttft_ms"]) for r in rows if r["row"] == name and r["kv_source"] == where)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name}" + (f" ({where})" if where else ""))
+    ax.set(xlabel="prompt tokens", ylabel="TTFT ms (median)", title=f"Llama-3-8B shape, {device}", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
