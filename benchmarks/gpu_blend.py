@@ -30,9 +30,10 @@ from kvblend.blend.layout import ChunkRef, PromptLayout  # noqa: E402
 from kvblend.blend.source import TensorLayerSource  # noqa: E402
 from kvblend.model.runner import LlamaModel  # noqa: E402
 from kvblend.model.spec import spec_from_config  # noqa: E402
-from kvblend.model.weights import weights_from_tensors  # noqa: E402
+from kvblend.model.weights import fuse_projections, weights_from_tensors  # noqa: E402
 from kvblend.store.key import ChunkKey  # noqa: E402
 from kvblend.triton_kernels import paged_kv_write, rope_shift_gather, sparse_query_attention  # noqa: E402
+from kvblend.triton_kernels.sparse_attention import DEFAULT_CONFIG  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=32768,
@@ -155,11 +156,17 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--attention-config", default=None,
+                        help="kernel_sweep.py JSON: use its fastest correct sparse_query_attention config")
+    parser.add_argument("--unfused", action="store_true", help="keep separate Q/K/V and gate/up GEMMs")
     args = parser.parse_args()
+    attention_config = pick_attention_config(args.attention_config) if args.attention_config else dict(DEFAULT_CONFIG)
     device = torch.device("cpu" if args.tiny else "cuda")
     timer = Timer(device)
     sizes = [int(x) for x in args.chunks.split(",")]
     hf, model = build_models(TINY if args.tiny else LLAMA3_8B, device)
+    if not args.unfused:
+        fuse_projections(model.weights)
     engine = BlendEngine(model)
     chunks, question = make_chunks(model, max(sizes), device)
     pinned = [(k.cpu().pin_memory() if device.type == "cuda" else k.cpu(),
@@ -224,6 +231,8 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
         "shape": "tiny" if args.tiny else "llama-3-8b",
+        "fused_projections": not args.unfused,
+        "attention_config": attention_config,
         "ceilings": ceilings,
         "rows": rows,
         "kernels": kernels,
@@ -236,6 +245,15 @@ def main() -> int:
     plot(rows, out / f"{name}.png", report["device"])
     print_summary(rows, kernels, ceilings)
     return 0
+
+
+def pick_attention_config(path: str) -> dict:
+    """The sweep's fastest config on the sparse (blend) case among those that passed; installed as the default."""
+    rows = [r for r in json.loads(Path(path).read_text())["attention"] if r.get("status") == "ok"]
+    best = max(rows, key=lambda r: r["sparse_TFLOPs"])
+    DEFAULT_CONFIG.update({k: best[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
+    print(f"sparse_query_attention config from the sweep: {DEFAULT_CONFIG} ({best['sparse_TFLOPs']:.0f} TFLOP/s)")
+    return dict(DEFAULT_CONFIG)
 
 
 def profile_stages(engine: BlendEngine, draw, pinned, device) -> dict:

@@ -49,6 +49,17 @@ def variants(round_: int) -> list[Setting]:
             Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
             Setting("random", R, BlendConfig("random", R), variant="random selection"),
         ]
+    if round_ == 3:
+        aw = dict(attention_weighted=True)
+        return ends + [
+            cb("attn-weighted, gradual 1,3: 0.30 -> 0.15", check_layers=(1, 3), schedule=(0.3, R), **aw),
+            cb("attn-weighted, gradual 1,4: 0.30 -> 0.15", check_layers=(1, 4), schedule=(0.3, R), **aw),
+            cb("attn-weighted, gradual 1,6: 0.30 -> 0.15", check_layers=(1, 6), schedule=(0.3, R), **aw),
+            cb("attn-weighted, gradual 1,3,6: 0.30 -> 0.20 -> 0.15", check_layers=(1, 3, 6), schedule=(0.3, 0.2, R), **aw),
+            cb("attn-weighted, gradual 1,4: 0.40 -> 0.15", check_layers=(1, 4), schedule=(0.4, R), **aw),
+            cb("attention only, gradual 1,3: 0.30 -> 0.15", deviation="none", check_layers=(1, 3), schedule=(0.3, R), **aw),
+            cb("attention only, check layer 1", deviation="none", **aw),
+        ]
     return ends + [
         cb("attn-weighted, gradual 1,2: 0.30 -> 0.15", attention_weighted=True, check_layers=(1, 2), schedule=(0.3, R)),
         cb("attn-weighted, gradual 1,2: 0.50 -> 0.15", attention_weighted=True, check_layers=(1, 2), schedule=(0.5, R)),
@@ -67,7 +78,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--greedy-steps", type=int, default=32)
-    parser.add_argument("--round", type=int, default=2, choices=[1, 2], help="which set of variants")
+    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3], help="which set of variants")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     model_dir = embedded_model_dir()

@@ -234,3 +234,17 @@ def test_segments_with_gaps_and_exact_prefix(model_fp32, template, tokenizer, ch
     b_start = layout.chunk_starts()[1]
     torch.testing.assert_close(reuse.v[:, b_start : b_start + CHUNK], store.get(b.key).v)
     assert torch.isin(torch.arange(b_start + CHUNK, b_start + CHUNK + len(sep)), reuse_plan.fixed_rows).all()
+
+
+def test_tensor_source_gives_the_same_blend_as_the_store(model_fp32, template, tokenizer, chunk_pool, store):
+    from kvblend.blend.source import TensorLayerSource
+
+    layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [7, 3, 9])
+    engine = BlendEngine(model_fp32, store)
+    config = BlendConfig("cacheblend", 0.15)
+    from_store = engine.run(engine.plan(layout, config))
+    entries = [store.get(c.key) for c in layout.chunks]
+    source = TensorLayerSource([e.k for e in entries], [e.v for e in entries], "cpu")
+    plan = engine.plan(layout, config, bases={c.key: 0 for c in layout.chunks})
+    from_tensors = engine.run(plan, source=source)
+    assert torch.equal(from_tensors.k, from_store.k) and torch.equal(from_tensors.logits, from_store.logits)

@@ -106,3 +106,15 @@ def test_rope_shift_equals_direct_rotation(style, rotary_dim):
     direct = apply_rope(raw, new, rope)
     assert rel(shifted, direct) < 1e-5
     assert torch.equal(shifted[..., rotary_dim:], raw[..., rotary_dim:])
+
+
+def test_fused_projections_compute_the_same_model(model_dir):
+    from kvblend.model.weights import fuse_projections
+
+    plain = LlamaModel.from_dir(model_dir, dtype="float32")
+    fused = LlamaModel.from_dir(model_dir, dtype="float32")
+    fuse_projections(fused.weights)
+    assert fused.weights.layers[0].qkv is not None and fused.weights.layers[0].q.data_ptr() == fused.weights.layers[0].qkv.data_ptr()
+    ids = torch.randint(0, plain.spec.vocab_size, (45,), generator=torch.Generator().manual_seed(4))
+    a, b = plain.prefill(ids), fused.prefill(ids)
+    assert rel(b.k, a.k) < 1e-5 and rel(b.v, a.v) < 1e-5 and rel(b.logits, a.logits) < 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
-DEVIATIONS = ("k", "v", "kv")
+DEVIATIONS = ("k", "v", "kv", "none")
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,9 @@ class BlendConfig:
     cacheblend: all chunk tokens are recomputed up to the first check layer; at each check layer the tokens
       whose fresh KV deviates most from the reused KV are kept, the candidate fraction shrinking along
       `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers.
-      `deviation` scores tokens by K, V or both ("kv": each normalised by its mean); `attention_weighted`
-      multiplies that by the attention the question's tokens pay each token at the check layer.
+      `deviation` scores tokens by K, V or both ("kv": each normalised by its mean), or not at all ("none");
+      `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
+      check layer (with "none": selection by that attention alone).
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
@@ -40,6 +41,8 @@ class BlendConfig:
             raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.deviation == "none" and self.policy == "cacheblend" and not self.attention_weighted:
+            raise ValueError("deviation 'none' selects by attention: set attention_weighted=True")
         if self.epic_tokens < 0 or self.head_tokens < 0:
             raise ValueError(f"epic_tokens and head_tokens must be >= 0, got {self.epic_tokens}, {self.head_tokens}")
         if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:

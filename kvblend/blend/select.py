@@ -18,6 +18,8 @@ def deviation_scores(
     k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """Per-token squared L2 deviation between fresh and reused K and/or V, fp32 [tokens]."""
+    if kind == "none":
+        return torch.ones(k_new.shape[0], dtype=torch.float32, device=k_new.device)
     dev_k, dev_v = kv_deviation(k_new, v_new, k_old, v_old)
     if kind == "k":
         return dev_k

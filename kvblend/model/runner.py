@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvblend.model.rope import cos_sin, inv_freq, rotate
+from kvblend.model.rope import cos_sin, inv_freq
 from kvblend.model.spec import ModelSpec, load_spec
 from kvblend.model.weights import LlamaWeights, load_weights
+from kvblend.triton_kernels import rms_norm, rope_qk, silu_mul, silu_mul_fused
 
 
 @dataclass
@@ -24,13 +25,6 @@ class Prefill:
     k: torch.Tensor
     v: torch.Tensor
     logits: torch.Tensor
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (as HF Llama does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -73,17 +67,25 @@ class LlamaModel:
         s, w = self.spec, self.weights.layers[layer]
         cos, sin = self.rotary(positions) if rot is None else rot
         x = rms_norm(h, w.input_norm, s.rms_norm_eps)
-        q = F.linear(x, w.q, w.q_bias).view(-1, s.num_heads, s.head_dim)
-        k = F.linear(x, w.k, w.k_bias).view(-1, s.num_kv_heads, s.head_dim)
-        v = F.linear(x, w.v, w.v_bias).view(-1, s.num_kv_heads, s.head_dim)
-        return rotate(q, cos, sin, s.rope.style), rotate(k, cos, sin, s.rope.style), v
+        if w.qkv is not None:
+            q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(
+                [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
+        else:
+            q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+        q, k = rope_qk(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim), cos, sin,
+                       s.rope.style)
+        return q, k, v.reshape(-1, s.num_kv_heads, s.head_dim)
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, post-attention norm, SwiGLU MLP and residual."""
         s, w = self.spec, self.weights.layers[layer]
         h = h + F.linear(attn, w.o)
         x = rms_norm(h, w.post_norm, s.rms_norm_eps)
-        return h + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+        if w.gate_up is not None:
+            act = silu_mul_fused(F.linear(x, w.gate_up))
+        else:
+            act = silu_mul(F.linear(x, w.gate), F.linear(x, w.up))
+        return h + F.linear(act, w.down)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32."""

@@ -14,7 +14,8 @@ from kvblend.model.spec import ModelSpec
 
 @dataclass
 class LayerWeights:
-    """One decoder layer, unfused as in the checkpoint (fusing changes bf16 GEMM rounding vs transformers)."""
+    """One decoder layer as in the checkpoint; `fuse_projections` adds concatenated QKV and gate/up weights
+    (fewer, larger GEMMs for the GPU; on the CPU the unfused GEMMs round bf16 exactly as transformers does)."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -28,6 +29,9 @@ class LayerWeights:
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
+    qkv: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None
 
 
 @dataclass
@@ -87,3 +91,15 @@ def weights_from_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, devi
     embed = take("model.embed_tokens.weight")
     lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in raw else take("lm_head.weight")
     return LlamaWeights(embed=embed, layers=layers, norm=take("model.norm.weight"), lm_head=lm_head)
+
+
+def fuse_projections(weights: LlamaWeights) -> None:
+    """Concatenate each layer's Q/K/V and gate/up weights and make the separate ones views of them (so the
+    fused copy replaces, not doubles, weights that nothing else holds)."""
+    for w in weights.layers:
+        w.qkv = torch.cat([w.q, w.k, w.v])
+        w.q, w.k, w.v = w.qkv.split([w.q.shape[0], w.k.shape[0], w.v.shape[0]])
+        if w.q_bias is not None:
+            w.qkv_bias = torch.cat([w.q_bias, w.k_bias, w.v_bias])
+        w.gate_up = torch.cat([w.gate, w.up])
+        w.gate, w.up = w.gate_up.split([w.gate.shape[0], w.up.shape[0]])

@@ -186,6 +186,11 @@ class DiskTier:
         with self._lock:
             setattr(self._stats, field, getattr(self._stats, field) + 1)
 
+    def counters(self) -> TierStats:
+        """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
+        with self._lock:
+            return TierStats(**self._stats.as_dict())
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries()), "bytes": self._bytes})

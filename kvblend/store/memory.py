@@ -71,6 +71,11 @@ class MemoryTier:
                 if key.digest in self._entries:
                     self._entries.move_to_end(key.digest)
 
+    def counters(self) -> TierStats:
+        """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
+        with self._lock:
+            return TierStats(**self._stats.as_dict())
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries), "bytes": self._bytes})

@@ -165,6 +165,11 @@ class RedisTier:
         """SCAN MATCH pattern of this tier's entries: the escaped prefix, then a 64-hex-char digest."""
         return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "?" * 64
 
+    def counters(self) -> TierStats:
+        """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
+        with self._lock:
+            return TierStats(**self._stats.as_dict())
+
     def stats(self) -> TierStats:
         count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
         with self._lock:

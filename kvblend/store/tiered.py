@@ -143,6 +143,10 @@ class TieredStore:
         fastest = self.tiers[0]
         return sum(fastest.contains(k) or self.get(k) is not None for k in keys)
 
+    def hits(self) -> dict[str, int]:
+        """Reads served by each tier so far (cheap counters)."""
+        return {tier.name: tier.counters().hits for tier in self.tiers}
+
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats() for tier in self.tiers}
 

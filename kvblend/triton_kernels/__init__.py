@@ -12,7 +12,10 @@ from kvblend.triton_kernels.paged_kv import (
     paged_kv_write,
     paged_kv_write_ref,
 )
+from kvblend.triton_kernels.rms_norm import rms_norm, rms_norm_ref
+from kvblend.triton_kernels.rope_qk import rope_qk, rope_qk_ref
 from kvblend.triton_kernels.rope_shift import rope_shift_gather, rope_shift_gather_ref
+from kvblend.triton_kernels.silu_mul import silu_mul, silu_mul_fused, silu_mul_ref
 from kvblend.triton_kernels.sparse_attention import sparse_query_attention, sparse_query_attention_ref
 
 __all__ = [
@@ -25,9 +28,16 @@ __all__ = [
     "paged_kv_read_ref",
     "paged_kv_write",
     "paged_kv_write_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_qk",
+    "rope_qk_ref",
     "rope_shift_gather",
     "rope_shift_gather_ref",
     "select_top",
+    "silu_mul",
+    "silu_mul_fused",
+    "silu_mul_ref",
     "sparse_query_attention",
     "sparse_query_attention_ref",
 ]

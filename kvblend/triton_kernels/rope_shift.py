@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from kvblend.model.rope import rope_shift
+from kvblend.model.spec import ROPE_STYLES, RopeSpec
 from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
-ROPE_STYLES = ("neox", "gptj")
 
 if HAS_TRITON:
     import triton
@@ -119,26 +120,10 @@ def rope_shift_gather_ref(
     freq: torch.Tensor,
     style: str,
 ) -> None:
-    """Torch reference of `rope_shift_gather`: fp32 rotation, one rounding, indexed copies."""
-    angles = delta.to(torch.float32)[:, None] * freq.to(device=delta.device, dtype=torch.float32)[None, :]
-    k = _rotate_fp32(src_k[src_rows].float(), angles.cos()[:, None, :], angles.sin()[:, None, :], style)
-    dst_k[dst_rows] = k.to(dst_k.dtype)
+    """Torch reference of `rope_shift_gather`: `kvblend.model.rope.rope_shift` (fp32 rotation, one rounding)
+    on the gathered rows, then indexed copies."""
+    dst_k[dst_rows] = rope_shift(src_k[src_rows], delta, RopeSpec(1.0, 2 * freq.shape[0], style), freq)
     dst_v[dst_rows] = src_v[src_rows]
-
-
-def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """x with its first 2 * cos.shape[-1] dims rotated pairwise (neox halves or gptj neighbours), rest copied."""
-    half = cos.shape[-1]
-    out = x.clone()
-    if style == "neox":
-        x1, x2 = x[..., :half], x[..., half : 2 * half]
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half : 2 * half] = x2 * cos + x1 * sin
-    else:
-        x1, x2 = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
-        out[..., 0 : 2 * half : 2] = x1 * cos - x2 * sin
-        out[..., 1 : 2 * half : 2] = x2 * cos + x1 * sin
-    return out
 
 
 def _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check_ranges: bool) -> int:

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from kvblend.triton_kernels.checks import check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 
+# Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
+# the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -85,20 +89,26 @@ def sparse_query_attention(
     scale: float | None = None,
     backend: str = "auto",
     keys_sorted: bool = False,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Attention of q [Tq, heads, D] over k, v [S, kv_heads, D]: key j is visible to query i iff k_pos[j] <= q_pos[i].
 
-    Output [Tq, heads, D] in q's dtype; a query with no visible key gets zeros. keys_sorted=True promises
+    Output [Tq, heads, D] in q's dtype; a query with no visible key gets zeros (backend="auto" on CPU tensors
+    runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True promises
     k_pos ascending, so each query tile stops after the key block holding its last visible key.
+    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning.
     """
     _check_args(q, q_pos, k, v, k_pos)
+    config = _launch_config(config)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if not use_triton(backend, q, q_pos, k, v, k_pos):
+        if backend == "auto" and q.device.type == "cpu":
+            return _sdpa_native(q, q_pos, k, v, k_pos, scale)
         return sparse_query_attention_ref(q, q_pos, k, v, k_pos, scale)
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[:2]
     group = num_heads // num_kv_heads
-    block_m = max(64, triton.next_power_of_2(group))
+    block_m = max(config["BLOCK_M"], triton.next_power_of_2(group))
     tokens_per_tile = block_m // group
     out = torch.empty_like(q)
     if num_queries == 0:
@@ -109,9 +119,9 @@ def sparse_query_attention(
     _sparse_query_attention_kernel[grid](
         q, q_pos, k, v, k_pos, out, num_queries, num_keys, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64,
+        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        KEYS_SORTED=keys_sorted, SCAN=256, num_warps=4, num_stages=3,
+        KEYS_SORTED=keys_sorted, SCAN=256, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
 
@@ -125,6 +135,30 @@ def sparse_query_attention_ref(
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=visible, scale=scale, enable_gqa=True).transpose(0, 1)
     out = torch.where(visible.any(dim=1)[:, None, None], out, 0.0)
     return out.to(q.dtype)
+
+
+def _launch_config(config: dict | None) -> dict:
+    """DEFAULT_CONFIG with the given overrides; refuses unknown keys and blocks that are not powers of two >= 16."""
+    if not config:
+        return DEFAULT_CONFIG
+    unknown = set(config) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown sparse_query_attention config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    merged = {**DEFAULT_CONFIG, **config}
+    for name in ("BLOCK_M", "BLOCK_N"):
+        block = merged[name]
+        if not isinstance(block, int) or block < 16 or block & (block - 1):
+            raise ValueError(f"sparse_query_attention config {name} must be a power of two >= 16, got {block!r}")
+    return merged
+
+
+def _sdpa_native(q, q_pos, k, v, k_pos, scale: float) -> torch.Tensor:
+    """The CPU serving path: SDPA in the tensors' own dtype (torch's fused CPU kernel accumulates in fp32),
+    several times faster than the fp32 reference on bf16. Every query sees at least its own key there."""
+    visible = k_pos[None, :] <= q_pos[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=visible, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
 
 
 def _check_args(q, q_pos, k, v, k_pos) -> None:

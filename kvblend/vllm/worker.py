@@ -116,8 +116,10 @@ class WorkerSide:
 
     def _blend(self, job: BlendJob) -> None:
         start = time.perf_counter()
+        hits_before = self.store.hits()
         try:
             report = self._run_blend(job)
+            report["hits"] = {name: n - hits_before[name] for name, n in self.store.hits().items()}
         except Exception as exc:  # any failure: vLLM recomputes the request's claimed rows
             log.warning("request %s: blend failed (%s: %s); vLLM will recompute it", job.req_id, type(exc).__name__, exc)
             self.failed_blocks |= blocks_from(job.block_ids, job.num_computed, self.block_size)

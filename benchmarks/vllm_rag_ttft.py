@@ -1,0 +1,144 @@
+"""CPU TTFT of RAG prompts in vLLM: plain vLLM with prefix caching vs kvblend storage mode vs kvblend blend.
+
+Prompts: the chat template + 6 chunks x 512 tokens (from the Python language reference) + a question. Every
+chunk was seen before, in other positions: each engine first serves each chunk as its own request (kvblend:
+stored through vLLM's extraction path) and RAG prompts holding the chunks in other orders. Then each mode
+answers the same new prompts, one at a time, max_tokens=1; TTFT = the engine's first_token_ts - scheduled_ts
+(prefill of the whole prompt including kvblend's work in the worker), median over the prompts.
+    python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHUNKS_PER_PROMPT, CHUNK_TOKENS = 6, 512
+
+
+def ttft_ms(output) -> float:
+    m = output.metrics
+    return (m.first_token_ts - m.scheduled_ts) * 1e3
+
+
+def build_prompts(tokenizer, n_prompts: int, seed: int):
+    from kvblend.blend.prompt import chat_template
+    from kvblend.corpus import pydoc_topics
+    from kvblend.model.tokenizer import encode
+    from kvblend.precompute import token_windows
+
+    pool = []
+    for doc in pydoc_topics():
+        pool += [w for w in token_windows(encode(tokenizer, doc.text), CHUNK_TOKENS) if len(w) == CHUNK_TOKENS]
+    rng = random.Random(seed)
+    chunks = rng.sample(pool, 12)
+    template = chat_template(tokenizer)
+    sep = encode(tokenizer, "\n\n")
+    questions = ["What does this say about exceptions?", "Summarize the statements described.",
+                 "Which syntax is defined here?", "What happens at run time?", "Give an example from the text.",
+                 "What are the rules for names?", "How is this evaluated?", "What is the main point?"]
+
+    def prompt(parts, question):
+        ids = list(template.prefix)
+        spans = []
+        for part in parts:
+            spans.append((len(ids), len(part)))
+            ids += part + sep
+        return ids + list(template.question_prefix) + encode(tokenizer, question) + list(template.tail), spans
+
+    history = [prompt(rng.sample(chunks, CHUNKS_PER_PROMPT), q)[0] for q in questions[:4]]
+    tests = [prompt(rng.sample(chunks, CHUNKS_PER_PROMPT), questions[(i + 4) % len(questions)]) for i in range(n_prompts)]
+    return chunks, history, tests
+
+
+def run_engine(model_dir, connector, chunks, history, tests, modes):
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if connector is not None:
+        kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
+                              kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
+    llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
+              enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv)
+
+    def params(extra):
+        return SamplingParams(max_tokens=1, temperature=0.0,
+                              extra_args={"kv_transfer_params": {"kvblend": extra}} if extra is not None else None)
+
+    store = {"store_prompt": True} if connector is not None else None
+    plain = {"mode": "storage"} if connector is not None else None  # computed by vLLM, spans extracted
+    llm.generate([{"prompt_token_ids": c} for c in chunks], params(store), use_tqdm=False)
+    llm.generate([{"prompt_token_ids": h} for h in history], params(plain), use_tqdm=False)
+    results = {}
+    for mode, extra, salt in modes:
+        times, reports = [], []
+        for i, (ids, spans) in enumerate(tests):
+            request = dict(extra or {})
+            if request.get("mode") == "blend":
+                request["chunks"] = [list(s) for s in spans]
+            inputs = {"prompt_token_ids": ids, **({"cache_salt": f"{salt}-{i}"} if salt else {})}
+            out = llm.generate([inputs], params(request or None), use_tqdm=False)[0]
+            times.append(ttft_ms(out))
+            reports.append((out.kv_transfer_params or {}).get("kvblend") or {})
+        results[mode] = {"ttft_ms": times, "reports": reports}
+        print(f"{mode:22s} median TTFT {statistics.median(times):8.1f} ms  ({', '.join(f'{t:.0f}' for t in times)})",
+              flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="benchmarks/results/vllm_rag_ttft_cpu.json")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from kvblend.model.embedded import embedded_model_dir
+    from kvblend.model.tokenizer import load_tokenizer
+
+    model_dir = embedded_model_dir()
+    chunks, history, tests = build_prompts(load_tokenizer(model_dir), args.prompts, args.seed)
+    started = time.time()
+    plain = run_engine(model_dir, None, chunks, history, tests, [("vllm_prefix_caching", None, None)])
+    with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as store_dir:
+        connector = {"mode": "blend", "store_dir": store_dir, "span_tokens": 256}
+        kvblend = run_engine(model_dir, connector, chunks, history, tests,
+                             [("kvblend_storage", {"mode": "storage"}, None),
+                              ("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend")])
+    results = {**plain, **kvblend}
+    base = statistics.median(results["vllm_prefix_caching"]["ttft_ms"])
+    rows = []
+    for mode, r in results.items():
+        med = statistics.median(r["ttft_ms"])
+        rows.append({"mode": mode, "ttft_ms_median": med, "ttft_ms": r["ttft_ms"], "speedup_vs_vllm": base / med,
+                     "reports": r["reports"]})
+    report = {
+        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "python " + " ".join(sys.argv),
+        "prompt_tokens": [len(ids) for ids, _ in tests],
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print("\n| mode | median TTFT ms | vs vLLM prefix caching |\n|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row['speedup_vs_vllm']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
