@@ -45,23 +45,26 @@ CHUNK, QUESTION = 512, 64
 
 
 class Timer:
-    """Milliseconds of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+    """Milliseconds of a callable: CUDA events on the GPU, perf_counter on the CPU. `repeat` > 1 runs it back to
+    back between the two events and returns the mean, so a kernel's launch cost on the host stays hidden."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn, repeat: int = 1) -> float:
         if not self.cuda:
             start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - start) * 1e3 / repeat
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         begin.record()
-        fn()
+        for _ in range(repeat):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        return begin.elapsed_time(end)
+        return begin.elapsed_time(end) / repeat
 
 
 def build_models(config: dict, device: torch.device):
@@ -115,8 +118,10 @@ def measure_ceilings(device: torch.device, timer: Timer) -> dict:
     return {"copy_GBps": 2 * src.nbytes / copy_ms / 1e6, "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9}
 
 
-def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int) -> list[dict]:
-    """rope_shift_gather, paged_kv_write and sparse_query_attention at the 8k shape vs the measured ceilings."""
+def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int,
+                 attention_tokens: int) -> list[dict]:
+    """rope_shift_gather and paged_kv_write on `tokens` rows (enough to fill the GPU) and sparse_query_attention at
+    the 8k shape, each timed over 20 back-to-back calls, against the ceilings measured in the same run."""
     s = model.spec
     g = torch.Generator(device=device).manual_seed(2)
     src_k = torch.randn(tokens, s.num_kv_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
@@ -124,20 +129,21 @@ def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings
     dst_k, dst_v = torch.empty_like(src_k), torch.empty_like(src_v)
     rows = torch.randperm(tokens, device=device, generator=g)
     delta = torch.randint(0, tokens, (tokens,), device=device, generator=g)
+    src_rows = torch.arange(tokens, device=device)
     rope_ms = statistics.median(timer(lambda: rope_shift_gather(
-        src_k, src_v, torch.arange(tokens, device=device), dst_k, dst_v, rows, delta, model.freq, "neox", check=False))
-        for _ in range(20))
+        src_k, src_v, src_rows, dst_k, dst_v, rows, delta, model.freq, "neox", check=False), 20) for _ in range(5))
     blocks = tokens // 16 + 1
     cache = torch.empty(2, blocks, 16, s.num_kv_heads, s.head_dim, device=device, dtype=torch.bfloat16)
     slots = torch.randperm(blocks * 16, device=device, generator=g)[:tokens]
-    write_ms = statistics.median(timer(lambda: paged_kv_write(dst_k, dst_v, cache, slots, "flash", check=False))
-                                 for _ in range(20))
+    write_ms = statistics.median(timer(lambda: paged_kv_write(dst_k, dst_v, cache, slots, "flash", check=False), 20)
+                                 for _ in range(5))
     kv_bytes = 2 * src_k.nbytes
-    q_rows = torch.sort(torch.randperm(tokens, device=device, generator=g)[: tokens * 15 // 100]).values
+    n = attention_tokens
+    q_rows = torch.sort(torch.randperm(n, device=device, generator=g)[: n * 15 // 100]).values
     q = torch.randn(q_rows.numel(), s.num_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
-    pos = torch.arange(tokens, device=device)
-    attn_ms = statistics.median(timer(lambda: sparse_query_attention(q, q_rows, src_k, src_v, pos, keys_sorted=True))
-                                for _ in range(20))
+    pos = torch.arange(n, device=device)
+    attn_ms = statistics.median(timer(lambda: sparse_query_attention(q, q_rows, src_k[:n], src_v[:n], pos,
+                                                                     keys_sorted=True), 20) for _ in range(5))
     attn_flops = 4 * s.num_heads * s.head_dim * float((q_rows + 1).sum())
     return [
         {"kernel": "rope_shift_gather", "achieved": 2 * kv_bytes / rope_ms / 1e6, "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
@@ -223,7 +229,8 @@ def main() -> int:
             print(f"{tokens:6d} {name:22s} {where or '-':10s} {statistics.median(times):9.2f} ms", flush=True)
         breakdown[tokens] = profile_stages(engine, draw, pinned, device)
     ceilings = measure_ceilings(device, timer)
-    kernels = kernel_rates(model, device, timer, ceilings, 8 * CHUNK + QUESTION if not args.tiny else 1088)
+    kernels = kernel_rates(model, device, timer, ceilings, 1 << 16 if not args.tiny else 1088,
+                           16 * CHUNK + QUESTION if not args.tiny else 1088)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)",
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+STATS_SOURCES = 20
 
 
 def default_store_dir() -> Path:
@@ -22,6 +23,14 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-gb", type=float, default=20.0, help="disk tier budget in GiB (default 20)")
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory tier budget in GiB (default 2)")
     p.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="Redis tier URL, redis://host:port/db")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    add_store_args(p)
+    p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--policy", default="cacheblend", help="blend policy (default cacheblend)")
+    p.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (default 0.15)")
 
 
 def open_cli_store(args: argparse.Namespace):
@@ -39,16 +48,32 @@ def open_cli_store(args: argparse.Namespace):
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from kvblend.corpus import pydoc_topics, read_corpus
+
+    if not args.paths and not args.pydoc_topics:
+        print("kvblend precompute: give PATH... or --pydoc-topics", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.index is not None and args.max_chunks is not None:
+        print("kvblend precompute: --max-chunks applies only without --index", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    docs = (pydoc_topics() if args.pydoc_topics else []) + read_corpus(args.paths)
+    if args.redis:
+        from kvblend.pipeline_config import require_redis
+
+        require_redis(args.redis)
+    if args.index is not None:
+        return precompute_indexed(args, docs)
+    return precompute_windows(args, docs)
+
+
+def precompute_windows(args: argparse.Namespace, docs) -> int:
+    """Without an index: fixed token windows of every document, KV stored only."""
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
     from kvblend.precompute import PrecomputeConfig, text_chunks
 
-    if not args.paths and not args.pydoc_topics:
-        print("kvblend precompute: give PATH... or --pydoc-topics", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    config = PrecomputeConfig(chunk_tokens=args.chunk_tokens, namespace=args.namespace, max_chunks=args.max_chunks)
-    docs = (pydoc_topics() if args.pydoc_topics else []) + read_corpus(args.paths)
+    chunk_tokens = 256 if args.chunk_tokens is None else args.chunk_tokens
+    config = PrecomputeConfig(chunk_tokens=chunk_tokens, namespace=args.namespace, max_chunks=args.max_chunks)
     model_dir = resolve_model_dir(args.model)
     model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
     chunks = text_chunks(load_tokenizer(model_dir), docs, config)
@@ -57,6 +82,35 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         print(f"{report.stored} chunks computed and stored, {report.cached} already cached "
               f"({sum(r.num_tokens for r in report.records)} tokens, model {model.spec.fingerprint[:12]}, "
               f"{model.spec.dtype})")
+    return EXIT_OK
+
+
+def precompute_indexed(args: argparse.Namespace, docs) -> int:
+    """With --index: the RAGPipeline's chunks (stable boundaries), embedded into the index, KV stored by the
+    torch runner in the dtype vLLM serves (bfloat16 by default), so RAGPipeline and `kvblend query` reuse it."""
+    from tqdm import tqdm
+
+    from kvblend.indexing import index_exists, update_index
+    from kvblend.model.embedded import resolve_model_dir
+    from kvblend.model.runner import LlamaModel
+    from kvblend.model.tokenizer import load_tokenizer
+    from kvblend.retrieval import ChunkerConfig, Embedder, VectorIndex
+
+    chunker = ChunkerConfig(chunk_tokens=512 if args.chunk_tokens is None else args.chunk_tokens)
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    embedder = Embedder()
+    index = (VectorIndex.open(args.index) if index_exists(args.index)
+             else VectorIndex.create(args.index, embedder.dim, embedder.name))
+    with tqdm(total=len(docs), unit="doc", desc="index", file=sys.stderr) as bar:
+        added, chunks = update_index(index, embedder, tokenizer, docs, chunker,
+                                     on_document=lambda doc, n: bar.update(1))
+    model = LlamaModel.from_dir(model_dir, dtype=args.dtype or "bfloat16")
+    with open_cli_store(args) as store:
+        report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks], args.namespace)
+    print(f"index {args.index}: {len(docs)} documents, {added} chunks added, {len(index)} chunks in all")
+    print(f"store: {report.stored} chunks computed and stored, {report.cached} already cached "
+          f"(model {model.spec.fingerprint[:12]}, {model.spec.dtype})")
     return EXIT_OK
 
 
@@ -74,11 +128,88 @@ def run_with_progress(model, store, chunks, namespace):
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from kvblend.indexing import index_exists, open_index
+    from kvblend.model.embedded import cache_dir
+
+    if args.redis:
+        from kvblend.pipeline_config import require_redis
+
+        require_redis(args.redis)
+    index_dir = args.index or cache_dir() / "index"
+    if args.index is not None or index_exists(index_dir):
+        index = open_index(index_dir)
+        sources = index.sources()
+        print(f"index    {index_dir}: chunks={len(index)} sources={len(sources)} embedder={index.embedder_name}")
+        for source in sources[:STATS_SOURCES]:
+            print(f"         {source}")
+        if len(sources) > STATS_SOURCES:
+            print(f"         ... and {len(sources) - STATS_SOURCES} more")
+    else:
+        print(f"index    none at {index_dir}")
     with open_cli_store(args) as store:
         for name, stats in store.stats().items():
             if name == "memory":
                 continue
             print(f"{name:8s} entries={stats.entries} bytes={stats.bytes}")
+    return EXIT_OK
+
+
+def pipeline_from_args(args: argparse.Namespace):
+    """A RAGPipeline on the command line's model, index, store and blend settings (its engine starts later);
+    the index must exist."""
+    from kvblend.indexing import open_index
+    from kvblend.model.embedded import cache_dir
+    from kvblend.pipeline import RAGPipeline
+
+    open_index(args.index or cache_dir() / "index")
+
+    settings = {"model_dir": args.model, "index_dir": args.index, "store_dir": args.store, "redis_url": args.redis,
+                "memory_gb": args.memory_gb, "disk_gb": args.disk_gb, "namespace": args.namespace,
+                "policy": args.policy, "ratio": args.ratio}
+    if args.top_k is not None:
+        settings["top_k"] = args.top_k
+    return RAGPipeline(**settings, max_tokens=args.max_tokens)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import json
+
+    if not args.question.strip():
+        print("kvblend query: the question is empty", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with pipeline_from_args(args) as rag:
+        result = rag.query(args.question, blend=not args.no_blend)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return EXIT_OK
+    s = result.stats
+    print(result.answer.strip())
+    print("\nsources:")
+    for i, src in enumerate(result.sources, 1):
+        score = f" score {src.score:.3f}" if src.score is not None else ""
+        print(f"  [{i}] {src.source} #{src.index}{score}")
+    ttft = f"{s.ttft_ms:.1f} ms" if s.ttft_ms is not None else "n/a"
+    print(f"\nTTFT {ttft}, prompt {s.prompt_tokens} tokens, mode {s.mode}: {s.chunks} chunks, "
+          f"{s.tokens_reused} tokens reused, {s.tokens_recomputed} recomputed")
+    if s.error:
+        print(f"blend failed, vLLM recomputed the prompt: {s.error}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvblend.bench import default_questions, format_rows, run_bench
+
+    if args.n <= 0:
+        raise ValueError(f"-n must be positive, got {args.n}")
+    if args.questions is not None:
+        questions = [q.strip() for q in args.questions.read_text(encoding="utf-8").splitlines() if q.strip()]
+        if not questions:
+            raise ValueError(f"{args.questions} holds no questions (one per line)")
+    with pipeline_from_args(args) as rag:
+        if args.questions is None:
+            questions = default_questions(rag.index, args.n)
+        rows = run_bench(rag, questions[: args.n], max_tokens=args.max_tokens)
+    print(format_rows(rows))
     return EXIT_OK
 
 
@@ -130,7 +261,8 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
                         progress=lambda: bar.update(1))
     for row in rows:
         row["gap_closed"] = gap_closed(rows, row)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False).stdout.strip()
     report = {
         "model": str(model_dir.name),
         "fingerprint": model.spec.fingerprint,
@@ -161,25 +293,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("precompute", help="compute and store the KV cache of every chunk of some texts")
+    p = sub.add_parser("precompute", help="index documents (with --index) and store every chunk's KV cache",
+                       description="Compute and store the KV cache of every chunk of some texts with the torch "
+                                   "runner. With --index, chunk them as RAGPipeline does, embed them into that "
+                                   "index and precompute the KV `kvblend query` reuses; without, cut fixed token "
+                                   "windows and only store their KV. Resumable: indexed documents and stored "
+                                   "chunks are skipped.")
     p.add_argument("paths", nargs="*", type=Path, help=".txt/.md files or directories of them")
     p.add_argument("--pydoc-topics", action="store_true", help="add the stdlib's language reference topics")
+    p.add_argument("--index", type=Path, default=None, help="vector index directory to create or update")
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None, help="default: the model's")
-    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="default: bfloat16 with --index (what vLLM serves), else the model's")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="default: 512 with --index, else 256")
     p.add_argument("--namespace", default="default")
-    p.add_argument("--max-chunks", type=int, default=None)
+    p.add_argument("--max-chunks", type=int, default=None, help="stop after N chunks (without --index)")
     add_store_args(p)
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("stats", help="entries and bytes held by each persistent tier")
+    p = sub.add_parser("query", help="answer a question from an index, blending the chunks' cached KV in vLLM")
+    p.add_argument("question")
+    p.add_argument("--index", type=Path, default=None, help="index directory (default: ~/.cache/kvblend/index)")
+    p.add_argument("--no-blend", action="store_true", help="plain vLLM prefill, for comparison")
+    p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve (default 4)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print the answer, sources and stats as JSON")
+    add_pipeline_args(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("stats", help="index size and sources, entries and bytes held by each persistent tier")
+    p.add_argument("--index", type=Path, default=None, help="index directory (default: ~/.cache/kvblend/index)")
     add_store_args(p)
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("bench", help="TTFT of plain vLLM vs kvblend blending on questions over an index")
+    p.add_argument("--index", type=Path, default=None, help="index directory (default: ~/.cache/kvblend/index)")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="text file, one question per line (default: one question per indexed document title)")
+    p.add_argument("-n", type=int, default=5, help="number of questions (default 5)")
+    p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve (default 4)")
+    p.add_argument("--max-tokens", type=int, default=1, help="tokens to generate per request (default 1)")
+    add_pipeline_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluations")
     ev = p.add_subparsers(dest="evaluation", required=True)
     p = ev.add_parser("fidelity", help="blend vs full prefill: KL, top-1 and greedy agreement per policy and ratio")
-    p.add_argument("--corpus", type=Path, required=True, help="directory of .txt/.md files, or 'pydoc' for the stdlib topics")
+    p.add_argument("--corpus", type=Path, required=True,
+                   help="directory of .txt/.md files, or 'pydoc' for the stdlib topics")
     p.add_argument("--questions", type=Path, default=None, help='JSONL, one {"question": "..."} per line')
     p.add_argument("--cases", type=int, default=30)
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
@@ -202,15 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvblend.corpus import CorpusError
-
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from kvblend.corpus import CorpusError
+    from kvblend.llm import configure_vllm_logging
+    from kvblend.pipeline_config import RedisUnreachable
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    configure_vllm_logging("INFO" if args.verbose else "ERROR")
     try:
         return args.func(args)
     except (CorpusError, FileNotFoundError, ValueError) as exc:
         print(f"kvblend {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RedisUnreachable as exc:
+        print(f"kvblend {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"kvblend {args.command}: interrupted; finished chunks are stored, run again to resume", file=sys.stderr)
         return 130

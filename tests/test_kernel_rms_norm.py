@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from kvblend.model.runner import rms_norm as runner_rms_norm
 from kvblend.triton_kernels import rms_norm, rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,9 +37,14 @@ def test_kernel_matches_reference(shape, dtype, poisoned_empty):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_reference_is_the_runner_rms_norm_bit_for_bit(dtype):
+def test_reference_is_transformers_llama_rms_norm_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     x, weight = make_case((9, 576), dtype, seed=1)
-    assert torch.equal(rms_norm_ref(x, weight, EPS), runner_rms_norm(x, weight, EPS))
+    norm = LlamaRMSNorm(576, eps=EPS).to(dtype)
+    norm.weight.data.copy_(weight)
+    with torch.no_grad():
+        assert torch.equal(rms_norm_ref(x.cpu(), weight.cpu(), EPS), norm.cpu()(x.cpu()))
 
 
 def test_reference_is_rms_normalisation():

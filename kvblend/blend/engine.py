@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
@@ -85,6 +86,17 @@ class BlendResult:
     logits: torch.Tensor
     stats: BlendStats
     plan: BlendPlan
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of all T rows over themselves. On CUDA the KV heads are expanded first: SDPA's flash
+    kernel takes no GQA and wants a batch dimension; otherwise SDPA falls back to materialising T x T scores."""
+    group = q.shape[1] // k.shape[1]
+    if q.is_cuda and group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
 
 
 class BlendRun:
@@ -158,12 +170,22 @@ class BlendRun:
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
             self._rot = None
-        attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True)
-        t = self._tick("attention", t)
-        self.h = model.finish_layer(layer, self.h, attn.reshape(attn.shape[0], -1))
-        self._tick("mlp", t)
         self.rows = rows
         self.stats.token_layers_computed += rows.numel()
+        h = self.h
+        if layer == model.spec.num_layers - 1:  # past the last layer only the logits rows (the last ones) matter
+            n = self.plan.logits_rows.numel()
+            rows, q, h = rows[rows.numel() - n :], q[q.shape[0] - n :], h[h.shape[0] - n :]
+            if n == 0:
+                self.h = h
+                return
+        if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
+            attn = causal_attention(q, K, V)
+        else:
+            attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True)
+        t = self._tick("attention", t)
+        self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
+        self._tick("mlp", t)
 
     def _select(self, layer: int, rows, q, k, v, K, V) -> torch.Tensor:
         """Mask over `rows` of those kept after this check layer: every non-chunk row plus the chosen chunk rows."""
@@ -187,9 +209,8 @@ class BlendRun:
         return keep
 
     def finish(self) -> BlendResult:
-        """Logits at the plan's logits rows (always active) and the final report."""
-        where = torch.searchsorted(self.rows, self.plan.logits_rows.to(self.rows.device))
-        logits = self.model.logits(self.h[where])
+        """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
+        logits = self.model.logits(self.h)
         recomputed = int(self.is_cached[self.rows].sum())
         self.stats.tokens_recomputed = recomputed + self.plan.recomputed_tokens
         self.stats.tokens_reused = self._n_cached - recomputed

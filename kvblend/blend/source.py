@@ -70,48 +70,54 @@ class StoreLayerSource:
 class TensorLayerSource:
     """Chunk KV already in memory: one [layers, tokens, kv_heads, head_dim] K and V tensor per chunk.
 
-    On the compute device each layer is one concatenation. From pinned host memory to a GPU, each layer is
-    copied on a side stream into one of two staging buffers and the compute stream waits on an event, so the
-    copy of layer i+1 overlaps the recompute of layer i.
+    On the compute device each layer is one concatenation. From pinned host memory to a GPU, `group` layers of
+    each chunk move in one copy (a contiguous slice of its layer-major tensor) on a side stream into one of two
+    staging groups; the compute stream waits on the group's event. Copies of the next group overlap compute.
     """
 
-    def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str) -> None:
+    def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str,
+                 group: int = 4) -> None:
         self.ks, self.vs = list(ks), list(vs)
         self.device = torch.device(device)
         self.num_layers = self.ks[0].shape[0]
+        self.group = group
         self._copy = self.device.type == "cuda" and self.ks[0].device.type == "cpu"
         self._pending: dict[int, object] = {}
         if self._copy:
-            n = sum(k.shape[1] for k in self.ks)
-            shape = (n,) + tuple(self.ks[0].shape[2:])
             self._stream = torch.cuda.Stream(self.device)
-            self._staging = [(torch.empty(shape, dtype=self.ks[0].dtype, device=self.device),
-                              torch.empty(shape, dtype=self.ks[0].dtype, device=self.device)) for _ in range(2)]
+            self._staging = [[(torch.empty((group,) + tuple(k.shape[1:]), dtype=k.dtype, device=self.device),
+                               torch.empty((group,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device))
+                              for k, v in zip(self.ks, self.vs)] for _ in range(2)]
 
     def start(self, layer: int) -> None:
-        if not self._copy or layer in self._pending or layer >= self.num_layers:
+        g = layer // self.group
+        if not self._copy or g in self._pending or layer >= self.num_layers:
             return
-        k_buf, v_buf = self._staging[layer % 2]
+        first, last = g * self.group, min((g + 1) * self.group, self.num_layers)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            self._stream.wait_stream(compute)  # the buffer's previous layer has been consumed by work enqueued so far
-            offset = 0
-            for k, v in zip(self.ks, self.vs):
-                n = k.shape[1]
-                k_buf[offset : offset + n].copy_(k[layer], non_blocking=True)
-                v_buf[offset : offset + n].copy_(v[layer], non_blocking=True)
-                offset += n
+            self._stream.wait_stream(compute)  # the staging group's previous layers were consumed by work so far
+            for (k_buf, v_buf), k, v in zip(self._staging[g % 2], self.ks, self.vs):
+                k_buf[: last - first].copy_(k[first:last], non_blocking=True)
+                v_buf[: last - first].copy_(v[first:last], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
-        self._pending[layer] = done
+        self._pending[g] = done
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._copy:
             return (torch.cat([k[layer] for k in self.ks]).to(self.device),
                     torch.cat([v[layer] for v in self.vs]).to(self.device))
+        g, i = layer // self.group, layer % self.group
         self.start(layer)
-        torch.cuda.current_stream(self.device).wait_event(self._pending.pop(layer))
-        return self._staging[layer % 2]
+        done = self._pending[g]
+        torch.cuda.current_stream(self.device).wait_event(done)
+        if i == self.group - 1 or layer == self.num_layers - 1:
+            del self._pending[g]
+        if i == 0:
+            self.start(layer + self.group)  # prefetch the next group while this one is consumed
+        staging = self._staging[g % 2]
+        return torch.cat([k[i] for k, _ in staging]), torch.cat([v[i] for _, v in staging])
 
     def close(self) -> None:
         self._pending.clear()

@@ -23,29 +23,29 @@ if HAS_TRITON:
     @triton.jit
     def _paged_kv_copy_kernel(
         k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-        cache, slots, block_size, num_heads, head_dim,
+        cache, slots, num_tokens, block_size, num_heads, head_dim,
         v_base, stride_block, stride_head, k_stride_offset, k_stride_dim, v_stride_offset, v_stride_dim,
-        TO_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        TO_CACHE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        token = tl.program_id(0)
-        slot = tl.load(slots + token)
-        if slot >= 0:
-            block = slot // block_size
-            offset = slot % block_size
-            head = tl.arange(0, BLOCK_H)[:, None]
-            dim = tl.arange(0, BLOCK_D)[None, :]
-            mask = (head < num_heads) & (dim < head_dim)
-            region = cache + block * stride_block + head * stride_head
-            cache_k = region + offset * k_stride_offset + dim * k_stride_dim
-            cache_v = region + v_base + offset * v_stride_offset + dim * v_stride_dim
-            token_k = k + token.to(tl.int64) * k_stride_t + head * k_stride_h + dim
-            token_v = v + token.to(tl.int64) * v_stride_t + head * v_stride_h + dim
-            if TO_CACHE:
-                tl.store(cache_k, tl.load(token_k, mask=mask), mask=mask)
-                tl.store(cache_v, tl.load(token_v, mask=mask), mask=mask)
-            else:
-                tl.store(token_k, tl.load(cache_k, mask=mask), mask=mask)
-                tl.store(token_v, tl.load(cache_v, mask=mask), mask=mask)
+        token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        slot = tl.load(slots + token, mask=token < num_tokens, other=-1)
+        block = (slot // block_size)[:, None, None]
+        offset = (slot % block_size)[:, None, None]
+        head = tl.arange(0, BLOCK_H)[None, :, None]
+        dim = tl.arange(0, BLOCK_D)[None, None, :]
+        mask = (slot >= 0)[:, None, None] & (head < num_heads) & (dim < head_dim)
+        region = cache + block * stride_block + head * stride_head
+        cache_k = region + offset * k_stride_offset + dim * k_stride_dim
+        cache_v = region + v_base + offset * v_stride_offset + dim * v_stride_dim
+        row = token.to(tl.int64)[:, None, None]
+        token_k = k + row * k_stride_t + head * k_stride_h + dim
+        token_v = v + row * v_stride_t + head * v_stride_h + dim
+        if TO_CACHE:
+            tl.store(cache_k, tl.load(token_k, mask=mask), mask=mask)
+            tl.store(cache_v, tl.load(token_v, mask=mask), mask=mask)
+        else:
+            tl.store(token_k, tl.load(cache_k, mask=mask), mask=mask)
+            tl.store(token_v, tl.load(cache_v, mask=mask), mask=mask)
 
 
 def paged_kv_write(
@@ -152,11 +152,13 @@ def _launch_copy(k, v, kv_cache, slot_mapping, layout, block_size, to_cache: boo
         stride_block, stride_head = kv_cache.stride(0), kv_cache.stride(1)
         v_base = block_size * head_dim
         k_offset_dim, v_offset_dim = (1, block_size), (head_dim, 1)
-    _paged_kv_copy_kernel[(num_tokens,)](
+    block_t = 4  # tokens per program: their slot loads overlap instead of serialising each copy behind one
+    _paged_kv_copy_kernel[(triton.cdiv(num_tokens, block_t),)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache, slot_mapping, block_size, num_heads, head_dim,
+        kv_cache, slot_mapping, num_tokens, block_size, num_heads, head_dim,
         v_base, stride_block, stride_head, *k_offset_dim, *v_offset_dim,
         TO_CACHE=to_cache,
+        BLOCK_T=block_t,
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
     )

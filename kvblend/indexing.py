@@ -1,0 +1,51 @@
+"""Keep a persisted VectorIndex of documents up to date, saving as it goes so an interrupted run loses little."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kvblend.corpus import Document
+from kvblend.retrieval import Chunk, ChunkerConfig, Embedder, VectorIndex, index_documents
+
+SAVE_EVERY_DOCUMENTS = 16
+
+
+def index_exists(path: Path) -> bool:
+    """True when `path` holds something: an index, or a directory VectorIndex.open will judge (and may refuse)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def open_index(path: Path) -> VectorIndex:
+    """The index saved at `path`; a missing one is a FileNotFoundError that says how to build it."""
+    if not index_exists(path):
+        raise FileNotFoundError(f"no kvblend index at {path}: add documents first "
+                                f"(RAGPipeline.add_documents or `kvblend precompute PATH... --index {path}`)")
+    return VectorIndex.open(path)
+
+
+def check_embedder(index: VectorIndex, embedder: Embedder) -> None:
+    if index.embedder_name != embedder.name or index.dim != embedder.dim:
+        raise ValueError(f"index {index.path} holds vectors of {index.embedder_name!r} (dim {index.dim}), "
+                         f"not of {embedder.name!r} (dim {embedder.dim}); rebuild it or use that embedder")
+
+
+def update_index(index: VectorIndex, embedder: Embedder, tokenizer, docs: Sequence[Document], chunker: ChunkerConfig,
+                 on_document: Callable[[Document, int], None] | None = None) -> tuple[int, list[Chunk]]:
+    """Index the documents (unchanged ones cost a chunking pass; changed ones are replaced), saving every few
+    documents and at the end. Returns the number of chunks added and every chunk of these documents."""
+    check_embedder(index, embedder)
+    added, unsaved, chunks = 0, 0, []
+    for doc in docs:
+        size = len(index)
+        n = index_documents(index, embedder, tokenizer, [doc], chunker)
+        chunks.extend(index.chunks(doc.source))
+        added, unsaved = added + n, unsaved + (n > 0 or len(index) != size)
+        if unsaved >= SAVE_EVERY_DOCUMENTS:
+            index.save()
+            unsaved = 0
+        if on_document:
+            on_document(doc, n)
+    if unsaved:
+        index.save()
+    return added, chunks

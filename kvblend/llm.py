@@ -1,0 +1,80 @@
+"""The vLLM engine a RAGPipeline drives: started with the kvblend connector, warmed up, streamed, shut down."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvblend.blend.prompt import PromptTemplate
+from kvblend.model.tokenizer import encode
+from kvblend.pipeline_config import PipelineConfig
+
+log = logging.getLogger(__name__)
+CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kvblend.vllm.connector",
+             "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+WARM_UP_TEXT = ("This short request runs once when the engine starts. The kvblend connector compares the KV cache "
+                "that vLLM computes for it with its own prefill of the same tokens, and turns blending on when "
+                "the two agree.")
+WARM_UP_TOKENS = 40
+
+
+def configure_vllm_logging(level: str = "WARNING") -> None:
+    """vLLM's own log level, and its logs to stderr (stdout stays for answers); call before vLLM is imported.
+    Variables already set in the environment win."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def start_llm(model_dir: Path, config: PipelineConfig):
+    """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode."""
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=config.connector_extra())
+    log.info("starting vLLM on %s with the kvblend connector", model_dir)
+    return LLM(model=str(model_dir), kv_transfer_config=kv, **config.engine_kwargs)
+
+
+def warm_up(llm, tokenizer, template: PromptTemplate) -> None:
+    """One short plain prompt, so the connector's self-check (which needs vLLM's own prefill of a first plain
+    prompt) runs before any query and the first query can already blend."""
+    from vllm import SamplingParams
+
+    ids = list(template.prefix) + encode(tokenizer, WARM_UP_TEXT) + list(template.question_prefix)
+    ids += encode(tokenizer, "Is blending on?") + list(template.tail)
+    if len(ids) < WARM_UP_TOKENS:
+        raise ValueError(f"the warm-up prompt has {len(ids)} tokens, the self-check needs {WARM_UP_TOKENS}")
+    params = SamplingParams(max_tokens=1, temperature=0.0,
+                            extra_args={"kv_transfer_params": {"kvblend": {"mode": "off"}}})
+    llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+
+
+def stream_outputs(llm, prompt: dict, params) -> Iterator:
+    """RequestOutputs of one request as the engine produces them (params.output_kind DELTA gives text deltas).
+    Drives `llm.llm_engine` directly (the offline LLM has no streaming call); an abandoned stream is aborted."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    engine = llm.llm_engine
+    renderer = engine.renderer
+    (engine_input,) = renderer.render_cmpl([parse_model_prompt(llm.model_config, prompt)],
+                                           renderer.default_cmpl_tok_params)
+    request_id = f"kvblend-stream-{uuid.uuid4().hex[:12]}"
+    engine.add_request(request_id, engine_input, params)
+    finished = False
+    try:
+        while not finished and engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id:
+                    finished = output.finished
+                    yield output
+    finally:
+        if not finished:
+            engine.abort_request([request_id])
+
+
+def stop_llm(llm) -> None:
+    """Shut the engine core (and its worker processes) down."""
+    llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,310 @@
+"""RAGPipeline: documents in, answers out, with retrieved chunks' KV reused (CacheBlend) inside vLLM.
+
+    with RAGPipeline.from_defaults() as rag:          # embedded SmolLM2 + MiniLM, index and store under ~/.cache
+        rag.add_documents([Path("docs/")])            # chunk, embed, index, precompute each new chunk's KV
+        result = rag.query("How do I ...?")           # answer, sources, stats (TTFT, tokens reused/recomputed)
+
+Everything a call needs is checked before the vLLM engine starts; the engine starts on first use. Not
+thread-safe: one caller at a time, and no other call while a stream is being read.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kvblend.answer import QueryResult, Source, query_stats
+from kvblend.blend.prompt import chat_template
+from kvblend.documents import DocumentInput, as_documents
+from kvblend.indexing import check_embedder, index_exists, open_index, update_index
+from kvblend.llm import start_llm, stop_llm, stream_outputs, warm_up
+from kvblend.model.embedded import resolve_model_dir
+from kvblend.model.spec import load_spec
+from kvblend.model.tokenizer import encode, load_tokenizer
+from kvblend.pipeline_config import PipelineConfig, require_redis
+from kvblend.rag_prompt import RagPrompt, build_rag_prompt
+from kvblend.retrieval import Chunk, ChunkerConfig, Embedder, VectorIndex, cache_key_fn
+from kvblend.store.key import ChunkKey
+
+log = logging.getLogger(__name__)
+# Each blended request gets its own cache salt: its blended KV never serves a plain request from vLLM's prefix
+# cache, nor a later blended one (whose answer would then depend on which prompts came before it).
+BLEND_SALT = "kvblend-blend"
+
+
+@dataclass(frozen=True)
+class AddSummary:
+    documents: int
+    chunks: int  # chunks of these documents now in the index
+    chunks_added: int  # of which new to the index
+    chunks_precomputed: int  # chunks whose KV was computed now (the others were already stored)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A prompt ready for the engine and the chunks it holds."""
+
+    question: str
+    prompt: RagPrompt
+    sources: list[Source]
+
+
+class AnswerStream:
+    """Iterate to get the answer's text deltas as vLLM generates them; `result` is the QueryResult once done."""
+
+    def __init__(self, pipeline: RAGPipeline, request: _Request, blend: bool, sampling: dict[str, Any]) -> None:
+        self._pipeline, self._request, self._blend, self._sampling = pipeline, request, blend, sampling
+        self._started = False
+        self.result: QueryResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._started:
+            raise RuntimeError("an AnswerStream is read once; call RAGPipeline.stream again for a new answer")
+        self._started = True
+        pipeline, request = self._pipeline, self._request
+        llm = pipeline.llm
+        params = pipeline._sampling_params(request.prompt, self._blend, self._sampling)
+        params.output_kind = RequestOutputKind.DELTA
+        pipeline._streaming = True
+        text, token_ids, output = [], 0, None
+        try:
+            with closing(stream_outputs(llm, pipeline._engine_prompt(request.prompt, self._blend), params)) as outputs:
+                for output in outputs:
+                    delta = output.outputs[0]
+                    token_ids += len(delta.token_ids)
+                    if delta.text:
+                        text.append(delta.text)
+                        yield delta.text
+        finally:
+            pipeline._streaming = False
+        if output is None or not output.finished:
+            raise RuntimeError("the vLLM engine ended the streamed request before it finished")
+        stats = query_stats(output, len(request.prompt.token_ids), token_ids)
+        self.result = QueryResult(request.question, "".join(text), request.sources, stats)
+
+
+class RAGPipeline:
+    """Index documents, precompute their chunks' KV through vLLM, and answer questions with blended KV."""
+
+    def __init__(self, config: PipelineConfig | None = None, **settings: Any) -> None:
+        """`settings` are PipelineConfig fields (model_dir, index_dir, store_dir, redis_url, policy, ratio,
+        top_k, chunk_tokens, engine_args, ...), applied over `config`."""
+        self.config = replace(config, **settings) if config is not None else PipelineConfig(**settings)
+        if self.config.redis_url:
+            require_redis(self.config.redis_url)
+        self.index: VectorIndex | None = None
+        if index_exists(self.config.index_dir):
+            self.index = open_index(self.config.index_dir)
+        self.model_dir = resolve_model_dir(self.config.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.template = chat_template(self.tokenizer, system=self.config.system_prompt)
+        self.separator = encode(self.tokenizer, self.config.separator)
+        self.fingerprint = load_spec(self.model_dir, dtype=self.config.dtype).fingerprint
+        self.key_for = cache_key_fn(self.fingerprint, self.config.namespace)
+        self.chunker = ChunkerConfig(chunk_tokens=self.config.chunk_tokens)
+        self._embedder: Embedder | None = None
+        self._llm = None
+        self._store = None
+        self._streaming = False
+
+    @classmethod
+    def from_defaults(cls, **settings: Any) -> RAGPipeline:
+        """The embedded SmolLM2 and MiniLM, index and store under kvblend's cache dir (KVBLEND_CACHE_DIR)."""
+        return cls(PipelineConfig(**settings))
+
+    # -- lazily loaded parts ------------------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder()
+            if self.index is not None:
+                check_embedder(self.index, self._embedder)
+        return self._embedder
+
+    @property
+    def llm(self):
+        """The vLLM engine with the kvblend connector, started (and warmed up) on first use."""
+        if self._streaming:
+            raise RuntimeError("a stream of this pipeline is still being read; finish or close it first")
+        if self._llm is None:
+            llm = start_llm(self.model_dir, self.config)
+            try:
+                warm_up(llm, self.tokenizer, self.template)
+            except BaseException:
+                stop_llm(llm)
+                raise
+            self._llm = llm
+        return self._llm
+
+    @property
+    def store(self):
+        """This process's view of the connector's persistent tiers (disk, Redis), for presence checks and stats."""
+        if self._store is None:
+            from kvblend.store import open_store
+
+            self._store = open_store(self.config.store_config())
+        return self._store
+
+    # -- documents ----------------------------------------------------------------------------------------
+    def add_documents(self, items: DocumentInput | Iterable[DocumentInput], precompute: bool = True) -> AddSummary:
+        """Chunk, embed and index documents (Documents, texts, or file/directory Paths), then compute the KV of
+        every chunk the store lacks through vLLM. Unchanged documents cost nothing; safe to run again."""
+        docs = as_documents(items)
+        if self.index is None:
+            self.index = VectorIndex.create(self.config.index_dir, self.embedder.dim, self.embedder.name)
+        added, chunks = update_index(self.index, self.embedder, self.tokenizer, docs, self.chunker)
+        done = self.precompute(chunks) if precompute else 0
+        return AddSummary(documents=len(docs), chunks=len(chunks), chunks_added=added, chunks_precomputed=done)
+
+    def precompute(self, chunks: Sequence[Chunk]) -> int:
+        """Store the KV of the chunks the store lacks: each is sent as its own prompt (max_tokens=1) and the
+        connector extracts vLLM's KV of it. Returns how many were computed (also a CachedRetriever hook)."""
+        from vllm import SamplingParams
+
+        missing: dict[str, Chunk] = {}
+        for chunk in chunks:
+            key = ChunkKey.for_tokens(self.fingerprint, chunk.token_ids, self.config.namespace)
+            if key.digest not in missing and not self.store.contains(key):
+                missing[key.digest] = chunk
+        if not missing:
+            return 0
+        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {
+            "kvblend": {"store_prompt": True, "namespace": self.config.namespace}}})
+        self.llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in missing.values()], params, use_tqdm=False)
+        return len(missing)
+
+    # -- questions ----------------------------------------------------------------------------------------
+    def retrieve(self, question: str, top_k: int | None = None) -> list[tuple[Chunk, float]]:
+        """The top_k chunks for a question, best first (top_k over the index size is clamped, with a warning)."""
+        _check_question(question)
+        k = self.config.top_k if top_k is None else top_k
+        if k <= 0:
+            raise ValueError(f"top_k must be positive, got {k}")
+        if self.index is None:
+            self.index = open_index(self.config.index_dir)
+        if len(self.index) == 0:
+            raise ValueError(f"index {self.index.path} holds no chunks; add documents first")
+        if k > len(self.index):
+            k, asked = len(self.index), k
+            log.warning("top_k %d is more than the %d chunks in the index; using %d", asked, k, k)
+        return self.index.search(self.embedder.embed([question])[0], k)
+
+    def _request(self, question: str, chunks: Sequence[tuple[Sequence[int], Source]]) -> _Request:
+        _check_question(question)
+        prompt = build_rag_prompt(self.template, [ids for ids, _ in chunks], self.separator,
+                                  encode(self.tokenizer, question))
+        return _Request(question, prompt, [source for _, source in chunks])
+
+    def _retrieved_request(self, question: str, top_k: int | None) -> _Request:
+        hits = self.retrieve(question, top_k)
+        return self._request(question, [(c.token_ids, Source(c.chunk_id, c.source, c.title, c.index, s))
+                                        for c, s in hits])
+
+    def _sampling_params(self, prompt: RagPrompt, blend: bool, sampling: dict[str, Any]):
+        """Greedy, config.max_tokens by default; `sampling` overrides any SamplingParams field."""
+        from vllm import SamplingParams
+
+        if "extra_args" in sampling:
+            raise ValueError("extra_args is set by the pipeline (it carries the kvblend parameters)")
+        values = {"temperature": 0.0, "max_tokens": self.config.max_tokens, **sampling}
+        total = len(prompt.token_ids) + values["max_tokens"]
+        if total > self.config.max_model_len:
+            raise ValueError(f"prompt of {len(prompt.token_ids)} tokens + max_tokens {values['max_tokens']} exceeds "
+                             f"max_model_len {self.config.max_model_len}; lower top_k or max_tokens")
+        if blend:
+            from kvblend.vllm.params import blend_params
+
+            kv = blend_params(prompt.spans, namespace=self.config.namespace, policy=self.config.policy,
+                              ratio=self.config.ratio)
+        else:
+            kv = {"kvblend": {"mode": "off"}}
+        return SamplingParams(**values, extra_args={"kv_transfer_params": kv})
+
+    @staticmethod
+    def _engine_prompt(prompt: RagPrompt, blend: bool) -> dict:
+        salt = {"cache_salt": f"{BLEND_SALT}-{uuid.uuid4().hex}"} if blend else {}
+        return {"prompt_token_ids": prompt.token_ids, **salt}
+
+    def _generate(self, requests: list[_Request], blend: bool, sampling: dict[str, Any]) -> list[QueryResult]:
+        params = [self._sampling_params(r.prompt, blend, sampling) for r in requests]
+        outputs = self.llm.generate([self._engine_prompt(r.prompt, blend) for r in requests], params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs):
+            completion = output.outputs[0]
+            stats = query_stats(output, len(request.prompt.token_ids), len(completion.token_ids))
+            results.append(QueryResult(request.question, completion.text, request.sources, stats))
+        return results
+
+    def query(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> QueryResult:
+        """Retrieve, then generate with the chunks' KV blended (blend=False: plain vLLM, for comparison).
+        `sampling` are SamplingParams fields (default greedy, max_tokens=config.max_tokens)."""
+        return self._generate([self._retrieved_request(question, top_k)], blend, sampling)[0]
+
+    def query_batch(self, questions: Sequence[str], top_k: int | None = None, blend: bool = True,
+                    **sampling: Any) -> list[QueryResult]:
+        """`query` for several questions in one batched generate call."""
+        if isinstance(questions, str) or not questions:
+            raise ValueError("query_batch takes a non-empty list of questions")
+        return self._generate([self._retrieved_request(q, top_k) for q in questions], blend, sampling)
+
+    def stream(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> AnswerStream:
+        """Like `query`, but iterate the returned AnswerStream for text deltas; its `result` is set at the end."""
+        request = self._retrieved_request(question, top_k)
+        self._sampling_params(request.prompt, blend, sampling)
+        return AnswerStream(self, request, blend, sampling)
+
+    def answer(self, question: str, documents: Sequence[Any], blend: bool = True, **sampling: Any) -> QueryResult:
+        """Generate from given chunks, in the given order: LangChain Documents carrying kvblend metadata
+        (from KVBlendRetriever or CachedRetriever) or kvblend Chunks. Lets a LangChain chain use kvblend."""
+        chunks = [self._chunk_of(i, doc) for i, doc in enumerate(documents)]
+        return self._generate([self._request(question, chunks)], blend, sampling)[0]
+
+    def _chunk_of(self, position: int, doc: Any) -> tuple[tuple[int, ...], Source]:
+        if isinstance(doc, Chunk):
+            return doc.token_ids, Source(doc.chunk_id, doc.source, doc.title, doc.index)
+        metadata = getattr(doc, "metadata", None)
+        if not isinstance(metadata, dict) or not metadata.get("token_ids"):
+            raise ValueError(f"document {position} carries no kvblend token_ids metadata; retrieve it with "
+                             "KVBlendRetriever or CachedRetriever, or pass kvblend Chunks")
+        ids = tuple(int(t) for t in metadata["token_ids"])
+        if metadata.get("cache_key") not in (None, self.key_for(ids)):
+            log.warning("document %d: its cache_key was made for another model or namespace; its KV will not be "
+                        "found and it is prefilled instead", position)
+        return ids, Source(str(metadata.get("chunk_id", "")), str(metadata.get("source", "")),
+                           str(metadata.get("title", "")), int(metadata.get("index", -1)), metadata.get("score"))
+
+    # -- LangChain and lifecycle --------------------------------------------------------------------------
+    def as_retriever(self, k: int | None = None):
+        """A LangChain KVBlendRetriever over this pipeline's index (feed its Documents to `answer`)."""
+        from kvblend.retrieval import KVBlendRetriever
+
+        if self.index is None:
+            self.index = open_index(self.config.index_dir)
+        return KVBlendRetriever(index=self.index, embedder=self.embedder, key_for=self.key_for,
+                                k=k or self.config.top_k)
+
+    def close(self) -> None:
+        """Shut the vLLM engine down and flush this process's store view."""
+        if self._llm is not None:
+            stop_llm(self._llm)
+            self._llm = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> RAGPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_question(question: str) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
