@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -233,7 +234,8 @@ def main() -> int:
                            16 * CHUNK + QUESTION if not args.tiny else 1088)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)",
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None,
+        "git_sha": (subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+                    or os.environ.get("KVBLEND_GIT_SHA")),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,

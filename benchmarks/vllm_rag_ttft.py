@@ -3,7 +3,8 @@
 Prompts: the chat template + 6 chunks x 512 tokens (from the Python language reference) + a question. Every
 chunk was seen before, in other positions: each engine first serves each chunk as its own request (kvblend:
 stored through vLLM's extraction path) and RAG prompts holding the chunks in other orders. Then each mode
-answers the same new prompts, one at a time, max_tokens=1; TTFT = the engine's first_token_ts - scheduled_ts
+answers the same new prompts, one at a time (max_tokens=2 so the connector report is complete; TTFT is
+unaffected): TTFT = the engine's first_token_ts - scheduled_ts
 (prefill of the whole prompt including kvblend's work in the worker), median over the prompts.
     python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
 """
@@ -72,7 +73,7 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
               enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv)
 
     def params(extra):
-        return SamplingParams(max_tokens=1, temperature=0.0,
+        return SamplingParams(max_tokens=2, temperature=0.0,  # 2: the worker report arrives before the request ends
                               extra_args={"kv_transfer_params": {"kvblend": extra}} if extra is not None else None)
 
     store = {"store_prompt": True} if connector is not None else None
@@ -113,9 +114,11 @@ def main() -> int:
     plain = run_engine(model_dir, None, chunks, history, tests, [("vllm_prefix_caching", None, None)])
     with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as store_dir:
         connector = {"mode": "blend", "store_dir": store_dir, "span_tokens": 256}
+        # blend first: blended requests are never extracted, while storage-mode requests store their own spans,
+        # which would hand a later blend of the same prompt an exact prefix
         kvblend = run_engine(model_dir, connector, chunks, history, tests,
-                             [("kvblend_storage", {"mode": "storage"}, None),
-                              ("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend")])
+                             [("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend"),
+                              ("kvblend_storage", {"mode": "storage"}, None)])
     results = {**plain, **kvblend}
     base = statistics.median(results["vllm_prefix_caching"]["ttft_ms"])
     rows = []

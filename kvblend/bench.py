@@ -38,7 +38,7 @@ def default_questions(index: VectorIndex, n: int) -> list[str]:
 
 
 def run_bench(rag: RAGPipeline, questions: Sequence[str], top_k: int | None = None,
-              max_tokens: int = 1) -> list[BenchRow]:
+              max_tokens: int = 2) -> list[BenchRow]:
     """Each question blended, then as plain vLLM (own prefix cache, no kvblend), one request at a time."""
     rows = []
     for question in questions:

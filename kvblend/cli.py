@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, one question per line (default: one question per indexed document title)")
     p.add_argument("-n", type=int, default=5, help="number of questions (default 5)")
     p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve (default 4)")
-    p.add_argument("--max-tokens", type=int, default=1, help="tokens to generate per request (default 1)")
+    p.add_argument("--max-tokens", type=int, default=2,
+                   help="tokens to generate per request (default 2: a request that ends at its first token "
+                        "finishes before the connector's blend report reaches it)")
     add_pipeline_args(p)
     p.set_defaults(func=cmd_bench)
 

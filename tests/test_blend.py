@@ -88,7 +88,7 @@ def test_recompute_beats_full_reuse(model_fp32, template, tokenizer, chunk_pool,
 def test_cacheblend_selects_top_deviation_tokens(model_fp32, template, tokenizer, chunk_pool, store):
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [3, 6, 0])
     engine = BlendEngine(model_fp32, store)
-    config = BlendConfig("cacheblend", 0.2, check_layers=(1,))
+    config = BlendConfig("cacheblend", 0.2, check_layers=(1,), attention_weighted=False)
     plan = engine.plan(layout, config)
     run = engine.start(plan)
     with torch.inference_mode():
@@ -248,3 +248,22 @@ def test_tensor_source_gives_the_same_blend_as_the_store(model_fp32, template, t
     plan = engine.plan(layout, config, bases={c.key: 0 for c in layout.chunks})
     from_tensors = engine.run(plan, source=source)
     assert torch.equal(from_tensors.k, from_store.k) and torch.equal(from_tensors.logits, from_store.logits)
+
+
+def test_gradual_filtering_shrinks_a_candidate_set(model_fp32, template, tokenizer, chunk_pool, store):
+    """Default cacheblend: 30% of chunk tokens kept at layer 1, a 15% subset of them at layer 3."""
+    assert BlendConfig().ratios() == (0.3, 0.15) and BlendConfig(ratio=0.6).ratios() == (1.0, 0.6)
+    assert BlendConfig(check_layers=(1, 2, 3), ratio=0.1).ratios() == pytest.approx((0.2, 0.15, 0.1))
+    layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [5, 8, 2, 11])
+    engine = BlendEngine(model_fp32, store)
+    plan = engine.plan(layout, BlendConfig())
+    run = engine.start(plan)
+    n = plan.cached_rows.numel()
+    kept = []
+    with torch.inference_mode():
+        for layer in range(4):
+            run.step(layer)
+            kept.append(run.rows[torch.isin(run.rows, plan.cached_rows)])
+    assert kept[0].numel() == n
+    assert kept[1].numel() == select_count(0.3, n) and kept[2].numel() == select_count(0.3, n)
+    assert kept[3].numel() == select_count(0.15, n) and torch.isin(kept[3], kept[1]).all()

@@ -14,7 +14,10 @@ class BlendConfig:
 
     cacheblend: all chunk tokens are recomputed up to the first check layer; at each check layer the tokens
       whose fresh KV deviates most from the reused KV are kept, the candidate fraction shrinking along
-      `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers.
+      `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers. Without an
+      explicit schedule the first check keeps min(1, 2 * ratio), shrinking linearly to `ratio` at the last.
+      The defaults (checks at layers 1 and 3, attention-weighted K+V deviation) are the best of the selection
+      experiments in benchmarks/RESULTS.md; `published()` is the CacheBlend paper's (layer 1, K+V deviation).
       `deviation` scores tokens by K, V or both ("kv": each normalised by its mean), or not at all ("none");
       `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
       check layer (with "none": selection by that attention alone).
@@ -26,10 +29,10 @@ class BlendConfig:
 
     policy: str = "cacheblend"
     ratio: float = 0.15
-    check_layers: tuple[int, ...] = (1,)
+    check_layers: tuple[int, ...] = (1, 3)
     schedule: tuple[float, ...] | None = None
     deviation: str = "kv"
-    attention_weighted: bool = False
+    attention_weighted: bool = True
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0
@@ -55,9 +58,19 @@ class BlendConfig:
         if any(not 0.0 <= r <= 1.0 for r in schedule):
             raise ValueError(f"schedule ratios must be in [0, 1], got {schedule}")
 
+    @classmethod
+    def published(cls, ratio: float = 0.15) -> "BlendConfig":
+        """CacheBlend as published: layers 0-1 recomputed, top-ratio by K+V deviation at layer 1, kept after."""
+        return cls("cacheblend", ratio, check_layers=(1,), attention_weighted=False)
+
     def ratios(self) -> tuple[float, ...]:
         """Candidate fraction kept at each check layer (the last one is `ratio`)."""
-        return self.schedule if self.schedule is not None else (self.ratio,) * len(self.check_layers)
+        if self.schedule is not None:
+            return self.schedule
+        n, first = len(self.check_layers), min(1.0, 2 * self.ratio)
+        if n == 1:
+            return (self.ratio,)
+        return tuple(first + (self.ratio - first) * i / (n - 1) for i in range(n))
 
     @property
     def selects(self) -> bool:

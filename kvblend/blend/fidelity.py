@@ -40,11 +40,13 @@ class Setting:
 
 
 def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS) -> list[Setting]:
-    """full_reuse (r=0), full_prefill (r=1), and cacheblend / epic / random at each ratio."""
+    """full_reuse (r=0), full_prefill (r=1), and at each ratio: cacheblend (kvblend's default selection), the
+    published CacheBlend selection, epic (k = ratio x chunk length) and random."""
     settings = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
                 Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0))]
     for r in ratios:
         settings.append(Setting("cacheblend", r, BlendConfig("cacheblend", r)))
+        settings.append(Setting("cacheblend_published", r, BlendConfig.published(r)))
         settings.append(Setting("epic", r, BlendConfig("epic", r, epic_tokens=round(r * chunk_tokens))))
         if 0.0 < r < 1.0:
             settings.append(Setting("random", r, BlendConfig("random", r)))

@@ -103,7 +103,7 @@ def sparse_query_attention(
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if not use_triton(backend, q, q_pos, k, v, k_pos):
         if backend == "auto" and q.device.type == "cpu":
-            return _sdpa_native(q, q_pos, k, v, k_pos, scale)
+            return _sdpa_native(q, q_pos, k, v, k_pos, scale, keys_sorted)
         return sparse_query_attention_ref(q, q_pos, k, v, k_pos, scale)
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[:2]
@@ -152,13 +152,25 @@ def _launch_config(config: dict | None) -> dict:
     return merged
 
 
-def _sdpa_native(q, q_pos, k, v, k_pos, scale: float) -> torch.Tensor:
+def _sdpa_native(q, q_pos, k, v, k_pos, scale: float, keys_sorted: bool, buckets: int = 4) -> torch.Tensor:
     """The CPU serving path: SDPA in the tensors' own dtype (torch's fused CPU kernel accumulates in fp32),
-    several times faster than the fp32 reference on bf16. Every query sees at least its own key there."""
-    visible = k_pos[None, :] <= q_pos[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=visible, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    several times faster than the fp32 reference on bf16 (with a batch dimension: 3-D inputs take a path ~10x
+    slower). With sorted keys and queries the queries go in `buckets` position bands, each over only the keys up
+    to its last position (about 40% less work for causal attention). Every query sees at least its own key."""
+    if not keys_sorted or q.shape[0] < 2 * buckets:
+        bands = [(0, q.shape[0], k.shape[0])]
+    else:
+        bounds = torch.linspace(0, q.shape[0], buckets + 1).long().tolist()
+        ends = torch.searchsorted(k_pos, q_pos[torch.tensor(bounds[1:]) - 1], right=True).tolist()
+        bands = list(zip(bounds[:-1], bounds[1:], ends))
+    out = torch.empty_like(q)
+    for lo, hi, end in bands:
+        visible = k_pos[None, :end] <= q_pos[lo:hi, None]
+        band = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1)[None], k[:end].transpose(0, 1)[None], v[:end].transpose(0, 1)[None],
+            attn_mask=visible[None, None], scale=scale, enable_gqa=True)
+        out[lo:hi] = band[0].transpose(0, 1)
+    return out
 
 
 def _check_args(q, q_pos, k, v, k_pos) -> None:

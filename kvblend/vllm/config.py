@@ -28,7 +28,7 @@ class ConnectorConfig:
     min_chunk_tokens: int = 32
     policy: str = "cacheblend"
     ratio: float = 0.15
-    check_layers: tuple[int, ...] = (1,)
+    check_layers: tuple[int, ...] | None = None
     self_check: bool = True
 
     def __post_init__(self) -> None:
@@ -63,5 +63,6 @@ class ConnectorConfig:
         )
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
-        return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio,
-                           check_layers=self.check_layers)
+        """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""
+        extra = {} if self.check_layers is None else {"check_layers": self.check_layers}
+        return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio, **extra)

@@ -52,6 +52,7 @@ class SchedulerSide:
         self._extracting: dict[str, _Extraction] = {}
         self._reports: dict[str, dict] = {}
         self._worker_keys: set[str] = set()
+        self._finished: list[str] = []
 
     def _present(self, key: ChunkKey) -> bool:
         """In the store, or just stored by the worker (its slow-tier writes may still be queued)."""
@@ -184,18 +185,25 @@ class SchedulerSide:
             self.blend_ready = worker_meta.blend_ready
             if not self.blend_ready:
                 log.warning("kvblend: blending disabled, requests run as plain vLLM: %s", worker_meta.reason)
+        late = set(self._finished)
+        self._finished.clear()
         for req_id, report in worker_meta.reports.items():
-            self._reports.setdefault(req_id, {}).update(report)
+            if req_id not in late:
+                self._reports.setdefault(req_id, {}).update(report)
         for digest, token_ids in worker_meta.stored:
             self._worker_keys.add(digest)
             if token_ids is not None:
                 self.store.index.remember(token_ids)
 
     def finished(self, req_id: str) -> dict | None:
-        """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]."""
+        """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]. vLLM frees a
+        request that ends at its first token before it hands over that step's worker output, so such a request
+        reports only what the scheduler knows (mode, chunks, matched tokens); the worker's part arrives later
+        and is dropped."""
         self._params.pop(req_id, None)
         self._matched.pop(req_id, None)
         self._extracting.pop(req_id, None)
         self._external.discard(req_id)
+        self._finished.append(req_id)
         report = self._reports.pop(req_id, None)
         return {"kvblend": report} if report else None
