@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_checks import assert_kernel_close
 
 from kvblend.triton_kernels import rms_norm, rms_norm_ref
 
@@ -23,10 +24,7 @@ def make_case(shape, dtype, seed):
 
 
 def check_close(out, ref, dtype):
-    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
-    assert not out.isnan().any()
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+    assert_kernel_close(out, ref, dtype, TOLERANCE)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

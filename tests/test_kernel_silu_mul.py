@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import assert_kernel_close
 
 from kvblend.triton_kernels import silu_mul, silu_mul_fused, silu_mul_ref
 
@@ -20,10 +21,7 @@ def make_gate_up(tokens, width, dtype, seed):
 
 
 def check_close(out, ref, dtype):
-    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
-    assert not out.isnan().any()
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+    assert_kernel_close(out, ref, dtype, TOLERANCE)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -18,37 +18,11 @@ from kvblend.model.rope import rotate
 from kvblend.model.spec import ROPE_STYLES
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _rotate_heads(
-        src, dst, src_stride_h, dst_stride_h, num_heads, head_dim, num_pairs, cos, sin,
-        NEOX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_REST: tl.constexpr,
-    ):
-        head = tl.arange(0, BLOCK_H)[:, None]
-        head_ok = head < num_heads
-        pair = tl.arange(0, BLOCK_PAIRS)[None, :]
-        mask = head_ok & (pair < num_pairs)
-        if NEOX:
-            first = pair
-            second = pair + num_pairs
-        else:
-            first = 2 * pair
-            second = 2 * pair + 1
-        src_row = src + head * src_stride_h
-        dst_row = dst + head * dst_stride_h
-        x1 = tl.load(src_row + first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src_row + second, mask=mask, other=0.0).to(tl.float32)
-        out_dtype = dst.dtype.element_ty
-        tl.store(dst_row + first, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
-        tl.store(dst_row + second, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
-        if BLOCK_REST > 0:
-            rest = 2 * num_pairs + tl.arange(0, BLOCK_REST)[None, :]
-            rest_mask = head_ok & (rest < head_dim)
-            tl.store(dst_row + rest, tl.load(src_row + rest, mask=rest_mask), mask=rest_mask)
+    from kvblend.triton_kernels.rotate_heads import rotate_heads
 
     @triton.jit
     def _rope_qk_kernel(
@@ -66,11 +40,11 @@ if HAS_TRITON:
         x_dtype = q_out.dtype.element_ty
         c = tl.load(cos + token * cos_stride + pair, mask=pair_ok, other=0.0).to(x_dtype).to(tl.float32)
         s = tl.load(sin + token * sin_stride + pair, mask=pair_ok, other=0.0).to(x_dtype).to(tl.float32)
-        _rotate_heads(
+        rotate_heads(
             q + token * q_stride_t, q_out + token * q_out_stride_t, q_stride_h, q_out_stride_h,
             num_q_heads, head_dim, num_pairs, c, s, NEOX, BLOCK_HQ, BLOCK_PAIRS, BLOCK_REST,
         )
-        _rotate_heads(
+        rotate_heads(
             k + token * k_stride_t, k_out + token * k_out_stride_t, k_stride_h, k_out_stride_h,
             num_k_heads, head_dim, num_pairs, c, s, NEOX, BLOCK_HK, BLOCK_PAIRS, BLOCK_REST,
         )

@@ -14,10 +14,11 @@ from kvblend.model.spec import ROPE_STYLES, RopeSpec
 from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kvblend.triton_kernels.rotate_heads import rotate_heads
 
     @triton.jit
     def _rope_shift_gather_kernel(
@@ -40,28 +41,11 @@ if HAS_TRITON:
         tl.store(dst_v + dst_row * dst_v_stride_t + head * dst_v_stride_h + dim, v, mask=v_mask)
 
         pair = tl.arange(0, BLOCK_PAIRS)[None, :]
-        pair_ok = pair < num_pairs
-        angle = tl.load(delta + i).to(tl.float32) * tl.load(freq + pair, mask=pair_ok, other=0.0)
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
-        if NEOX:
-            first = pair
-            second = pair + num_pairs
-        else:
-            first = 2 * pair
-            second = 2 * pair + 1
-        src = src_k + src_row * src_k_stride_t + head * src_k_stride_h
-        dst = dst_k + dst_row * dst_k_stride_t + head * dst_k_stride_h
-        k_mask = head_ok & pair_ok
-        x1 = tl.load(src + first, mask=k_mask).to(tl.float32)
-        x2 = tl.load(src + second, mask=k_mask).to(tl.float32)
-        out_dtype = dst_k.dtype.element_ty
-        tl.store(dst + first, (x1 * cos - x2 * sin).to(out_dtype), mask=k_mask)
-        tl.store(dst + second, (x2 * cos + x1 * sin).to(out_dtype), mask=k_mask)
-        if BLOCK_REST > 0:
-            rest = 2 * num_pairs + tl.arange(0, BLOCK_REST)[None, :]
-            rest_mask = head_ok & (rest < head_dim)
-            tl.store(dst + rest, tl.load(src + rest, mask=rest_mask), mask=rest_mask)
+        angle = tl.load(delta + i).to(tl.float32) * tl.load(freq + pair, mask=pair < num_pairs, other=0.0)
+        rotate_heads(
+            src_k + src_row * src_k_stride_t, dst_k + dst_row * dst_k_stride_t, src_k_stride_h, dst_k_stride_h,
+            num_heads, head_dim, num_pairs, tl.cos(angle), tl.sin(angle), NEOX, BLOCK_H, BLOCK_PAIRS, BLOCK_REST,
+        )
 
 
 def rope_shift_gather(
