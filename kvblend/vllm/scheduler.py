@@ -10,6 +10,7 @@ worker blends them. Prefills vLLM computes itself are extracted into the store.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvblend.precompute import chunk_context
@@ -21,6 +22,7 @@ from kvblend.vllm.params import RequestParams, parse_params
 
 log = logging.getLogger(__name__)
 SELF_CHECK_TOKENS = 32
+WORKER_KEYS_KEPT = 100_000  # by then the store's background writer has long made them visible to contains()
 
 
 def prefix_spans(fingerprint: str, prompt: list[int], span_tokens: int, namespace: str) -> list[Span]:
@@ -51,7 +53,7 @@ class SchedulerSide:
         self._external: set[str] = set()
         self._extracting: dict[str, _Extraction] = {}
         self._reports: dict[str, dict] = {}
-        self._worker_keys: set[str] = set()
+        self._worker_keys: OrderedDict[str, None] = OrderedDict()  # recent worker puts, bounded
         self._finished: list[str] = []
 
     def _present(self, key: ChunkKey) -> bool:
@@ -191,7 +193,9 @@ class SchedulerSide:
             if req_id not in late:
                 self._reports.setdefault(req_id, {}).update(report)
         for digest, token_ids in worker_meta.stored:
-            self._worker_keys.add(digest)
+            self._worker_keys[digest] = None
+            if len(self._worker_keys) > WORKER_KEYS_KEPT:
+                self._worker_keys.popitem(last=False)
             if token_ids is not None:
                 self.store.index.remember(token_ids)
 
