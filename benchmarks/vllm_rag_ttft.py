@@ -6,6 +6,7 @@ stored through vLLM's extraction path) and RAG prompts holding the chunks in oth
 answers the same new prompts, one at a time (max_tokens=2 so the connector report is complete; TTFT is
 unaffected): TTFT = the engine's first_token_ts - scheduled_ts
 (prefill of the whole prompt including kvblend's work in the worker), median over the prompts.
+A fourth row, kvblend_blend_torch_ops, runs the blend on kvblend's torch ops instead of vLLM's C++ CPU kernels.
     python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
 """
 
@@ -119,7 +120,11 @@ def main() -> int:
         kvblend = run_engine(model_dir, connector, chunks, history, tests,
                              [("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend"),
                               ("kvblend_storage", {"mode": "storage"}, None)])
-    results = {**plain, **kvblend}
+        # the same blend with kvblend's torch ops instead of vLLM's C++ kernels (a fresh engine and store)
+        connector = {**connector, "store_dir": str(Path(store_dir) / "torch-ops"), "cpu_ops": "torch"}
+        torch_ops = run_engine(model_dir, connector, chunks, history, tests,
+                               [("kvblend_blend_torch_ops", {"mode": "blend", "ratio": 0.15}, "kvblend-blend")])
+    results = {**plain, **kvblend, **torch_ops}
     base = statistics.median(results["vllm_prefix_caching"]["ttft_ms"])
     rows = []
     for mode, r in results.items():

@@ -30,7 +30,7 @@ from kvblend.blend.select import (
 from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
-from kvblend.triton_kernels import rope_shift_gather, sparse_query_attention
+from kvblend.triton_kernels import sparse_query_attention
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ class BlendRun:
             if layer + 1 < model.spec.num_layers:
                 self.source.start(layer + 1)
             t = self._tick("fetch_wait", t)
-            rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta, model.freq,
-                              model.spec.rope.style, check=layer == 0)
+            model.ops.rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta,
+                                        model.freq, model.spec.rope.style, check=layer == 0)
             t = self._tick("rope_shift_gather", t)
         if self.prefix_kv is not None:
             K[: plan.exact_prefix] = self.prefix_kv[0][layer]

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvblend.model.ops import DEFAULT_OPS, ModelOps
 from kvblend.model.rope import cos_sin, inv_freq
 from kvblend.model.spec import ModelSpec, load_spec
 from kvblend.model.weights import LlamaWeights, load_weights
-from kvblend.triton_kernels import rms_norm, rope_qk, silu_mul, silu_mul_fused
+from kvblend.triton_kernels import silu_mul, silu_mul_fused
 
 
 @dataclass
@@ -39,16 +40,18 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Te
 class LlamaModel:
     """Weights plus the per-layer steps: embed, qkv (norm + projection + RoPE), attend, finish_layer, logits."""
 
-    def __init__(self, spec: ModelSpec, weights: LlamaWeights) -> None:
+    def __init__(self, spec: ModelSpec, weights: LlamaWeights, ops: ModelOps = DEFAULT_OPS) -> None:
         self.spec = spec
         self.weights = weights
+        self.ops = ops
         self.device = weights.embed.device
         self.freq = inv_freq(spec.rope).to(self.device)
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, dtype: str | None = None, device: str = "cpu") -> "LlamaModel":
+    def from_dir(cls, model_dir: str | os.PathLike, dtype: str | None = None, device: str = "cpu",
+                 ops: ModelOps = DEFAULT_OPS) -> "LlamaModel":
         spec = load_spec(model_dir, dtype=dtype)
-        return cls(spec, load_weights(model_dir, spec, device))
+        return cls(spec, load_weights(model_dir, spec, device), ops)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,21 +69,21 @@ class LlamaModel:
         """Input norm, Q/K/V projections and RoPE at `positions` (`rot`: their precomputed cos/sin)."""
         s, w = self.spec, self.weights.layers[layer]
         cos, sin = self.rotary(positions) if rot is None else rot
-        x = rms_norm(h, w.input_norm, s.rms_norm_eps)
+        x = self.ops.rms_norm(h, w.input_norm, s.rms_norm_eps)
         if w.qkv is not None:
             q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(
                 [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
         else:
             q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
-        q, k = rope_qk(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim), cos, sin,
-                       s.rope.style)
+        q, k = self.ops.rope_qk(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim),
+                                cos, sin, s.rope.style)
         return q, k, v.reshape(-1, s.num_kv_heads, s.head_dim)
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, post-attention norm, SwiGLU MLP and residual."""
         s, w = self.spec, self.weights.layers[layer]
         h = h + F.linear(attn, w.o)
-        x = rms_norm(h, w.post_norm, s.rms_norm_eps)
+        x = self.ops.rms_norm(h, w.post_norm, s.rms_norm_eps)
         if w.gate_up is not None:
             act = silu_mul_fused(F.linear(x, w.gate_up))
         else:
@@ -89,7 +92,7 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32."""
-        x = rms_norm(h, self.weights.norm, self.spec.rms_norm_eps)
+        x = self.ops.rms_norm(h, self.weights.norm, self.spec.rms_norm_eps)
         return F.linear(x, self.weights.lm_head).float()
 
     @torch.inference_mode()

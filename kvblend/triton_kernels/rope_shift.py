@@ -67,7 +67,7 @@ def rope_shift_gather(
     Row ranges are checked first (one device sync); check=False skips that for rows the caller has already
     checked, e.g. a blend plan's rows reused at every layer.
     """
-    num_rows = _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check)
+    num_rows = check_rope_shift_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check)
     freq = freq.to(device=src_k.device, dtype=torch.float32)
     if not use_triton(backend, src_k, src_v, dst_k, dst_v, src_rows, dst_rows, delta, freq):
         rope_shift_gather_ref(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style)
@@ -110,7 +110,9 @@ def rope_shift_gather_ref(
     dst_v[dst_rows] = src_v[src_rows]
 
 
-def _check_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check_ranges: bool) -> int:
+def check_rope_shift_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style,
+                          check_ranges: bool) -> int:
+    """Validate rope_shift_gather's arguments (ranges too, when check_ranges); return the number of rows."""
     check_kv_pair(src_k, src_v, "rope_shift_gather source")
     check_kv_pair(dst_k, dst_v, "rope_shift_gather destination")
     if src_k.dtype != dst_k.dtype or src_k.shape[1:] != dst_k.shape[1:] or src_k.device != dst_k.device:

@@ -8,12 +8,15 @@ from kvblend.blend.config import BlendConfig
 from kvblend.store.tiered import StoreConfig
 
 MODES = ("blend", "storage")
+CPU_OPS = ("vllm", "torch")
 
 
 @dataclass(frozen=True)
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
-    store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt."""
+    store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
+    cpu_ops "vllm": on a CPU engine the blend runs RMSNorm and RoPE with vLLM's C++ kernels; "torch": with
+    kvblend's torch references."""
 
     mode: str = "blend"
     store_dir: str | None = None
@@ -30,10 +33,13 @@ class ConnectorConfig:
     ratio: float = 0.15
     check_layers: tuple[int, ...] | None = None
     self_check: bool = True
+    cpu_ops: str = "vllm"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"kvblend connector mode must be one of {MODES}, got {self.mode!r}")
+        if self.cpu_ops not in CPU_OPS:
+            raise ValueError(f"kvblend connector cpu_ops must be one of {CPU_OPS}, got {self.cpu_ops!r}")
         if self.span_tokens <= 0 or self.min_chunk_tokens <= 0:
             raise ValueError("span_tokens and min_chunk_tokens must be positive")
         self.blend_config()

@@ -42,7 +42,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         else:
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(model_config.model, dtype, vllm_config.cache_config.block_size,
-                                          spec.num_kv_heads, spec.head_dim, self.store, layers)
+                                          spec.num_kv_heads, spec.head_dim, self.store, layers, self.config.cpu_ops)
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
                  spec.fingerprint[:12], dtype)
 

@@ -16,6 +16,7 @@ import torch
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.source import ChunkLoadError, StoreLayerSource
+from kvblend.model.ops import ModelOps
 from kvblend.model.runner import LlamaModel
 from kvblend.store.entry import ChunkKV
 from kvblend.store.tiered import TieredStore
@@ -52,8 +53,8 @@ class _SpanLoad:
 
 class WorkerSide:
     def __init__(self, model_dir: str, dtype: str, block_size: int, num_kv_heads: int, head_dim: int,
-                 store: TieredStore, layers: dict) -> None:
-        self.model_dir, self.dtype = model_dir, dtype
+                 store: TieredStore, layers: dict, cpu_ops: str = "vllm") -> None:
+        self.model_dir, self.dtype, self.cpu_ops = model_dir, dtype, cpu_ops
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.store = store
         self.attention_layers = layers
@@ -74,10 +75,27 @@ class WorkerSide:
     def engine(self) -> BlendEngine:
         """The blend engine on the checkpoint vLLM serves, loaded on first use (costs about the weights' size)."""
         if self._engine is None:
-            device = self.caches[0].kv.device if self.caches else "cpu"
+            device = self.caches[0].kv.device if self.caches else torch.device("cpu")
             model = LlamaModel.from_dir(self.model_dir, dtype=self.dtype, device=str(device))
+            if device.type == "cpu" and self.cpu_ops == "vllm":
+                model.ops = self._vllm_cpu_ops(model)
             self._engine = BlendEngine(model, self.store)
         return self._engine
+
+    @staticmethod
+    def _vllm_cpu_ops(model: LlamaModel) -> ModelOps:
+        """vLLM's C++ kernels for RMSNorm and RoPE when they match the torch references here, else the references."""
+        from kvblend.vllm.cpu_ops import VLLM_CPU_OPS, check_ops
+
+        try:
+            reason = check_ops(VLLM_CPU_OPS, model.dtype, model.spec.head_dim, model.spec.rope.style)
+        except Exception as exc:  # a vLLM build without these kernels
+            reason = f"vLLM's CPU kernels failed to run: {exc!r}"
+        if reason:
+            log.warning("kvblend blend runs on its torch ops: %s", reason)
+            return model.ops
+        log.info("kvblend blend runs RMSNorm and RoPE on vLLM's CPU kernels")
+        return VLLM_CPU_OPS
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
@@ -145,7 +163,7 @@ class WorkerSide:
         stats = result.stats
         return {"tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
-                "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact,
+                "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self.engine.model.ops.name,
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
 
     def _exact_prefix(self, job: BlendJob, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
