@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvblend.triton_kernels import sparse_query_attention, sparse_query_attention_ref
+from kvblend.triton_kernels import attention_bands, sparse_query_attention, sparse_query_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -99,3 +99,25 @@ def test_bad_arguments_are_refused(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         sparse_query_attention(**args)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys_sorted", [True, False])
+def test_cpu_serving_path_matches_reference(shape, dtype, keys_sorted):
+    """backend="auto" on CPU tensors: SDPA per position band with reusable masks (every query sees its own key)."""
+    q, q_pos, k, v, k_pos = make_case(shape, dtype, seed=7, keys_sorted=keys_sorted)
+    q, q_pos, k, v, k_pos = (t.cpu() for t in (q, q_pos, k, v, k_pos))
+    ref = sparse_query_attention(q, q_pos, k, v, k_pos, backend="torch")
+    check_close(sparse_query_attention(q, q_pos, k, v, k_pos, keys_sorted=keys_sorted), ref, dtype)
+    bands = attention_bands(q_pos, k_pos, dtype, keys_sorted)
+    assert len(bands.bounds) == (4 if keys_sorted and shape[0] >= 8 else 1)
+    for _ in range(2):  # the same bands serve several layers
+        check_close(sparse_query_attention(q, q_pos, k, v, k_pos, keys_sorted=keys_sorted, bands=bands), ref, dtype)
+
+
+def test_cpu_serving_path_refuses_bands_of_other_rows():
+    q, q_pos, k, v, k_pos = (t.cpu() for t in make_case(SHAPES[0], torch.float32, seed=8))
+    bands = attention_bands(q_pos[:-3], k_pos, torch.float32, True)
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse_query_attention(q, q_pos, k, v, k_pos, keys_sorted=True, bands=bands)

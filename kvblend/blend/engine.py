@@ -30,7 +30,7 @@ from kvblend.blend.select import (
 from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
-from kvblend.triton_kernels import sparse_query_attention
+from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class BlendRun:
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bands: AttentionBands | None = None  # CPU attention masks of the current active rows
         if source is not None:
             source.start(0)
 
@@ -169,20 +170,26 @@ class BlendRun:
         if keep is not None:
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
-            self._rot = None
+            self._rot = self._bands = None
         self.rows = rows
         self.stats.token_layers_computed += rows.numel()
         h = self.h
+        bands = self._bands
         if layer == model.spec.num_layers - 1:  # past the last layer only the logits rows (the last ones) matter
             n = self.plan.logits_rows.numel()
-            rows, q, h = rows[rows.numel() - n :], q[q.shape[0] - n :], h[h.shape[0] - n :]
+            rows, q, h, bands = rows[rows.numel() - n :], q[q.shape[0] - n :], h[h.shape[0] - n :], None
             if n == 0:
                 self.h = h
                 return
         if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
             attn = causal_attention(q, K, V)
         else:
-            attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True)
+            if bands is None and not K.is_cuda:
+                bands = attention_bands(self.positions[rows], self.positions, q.dtype, keys_sorted=True)
+                if rows is self.rows:
+                    self._bands = bands
+            attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True,
+                                          bands=bands)
         t = self._tick("attention", t)
         self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)

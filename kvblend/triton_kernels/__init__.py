@@ -16,12 +16,19 @@ from kvblend.triton_kernels.rms_norm import rms_norm, rms_norm_ref
 from kvblend.triton_kernels.rope_qk import rope_qk, rope_qk_ref
 from kvblend.triton_kernels.rope_shift import rope_shift_gather, rope_shift_gather_ref
 from kvblend.triton_kernels.silu_mul import silu_mul, silu_mul_fused, silu_mul_ref
-from kvblend.triton_kernels.sparse_attention import sparse_query_attention, sparse_query_attention_ref
+from kvblend.triton_kernels.sparse_attention import (
+    AttentionBands,
+    attention_bands,
+    sparse_query_attention,
+    sparse_query_attention_ref,
+)
 
 __all__ = [
+    "AttentionBands",
     "BACKENDS",
     "HAS_TRITON",
     "LAYOUTS",
+    "attention_bands",
     "kv_deviation",
     "kv_deviation_ref",
     "paged_kv_read",
