@@ -165,7 +165,26 @@ def test_missing_chunk_recomputed_when_asked(model_fp32, template, tokenizer, ch
     assert result.stats.tokens_recomputed == len(ids)
 
 
-def test_corrupt_entry_mid_run_falls_back_to_recompute(model_fp32, template, tokenizer, chunk_pool, tmp_path, caplog):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_fetching_ahead_or_in_line_gives_the_same_blend(model_fp32, template, tokenizer, chunk_pool, store, prefetch):
+    from kvblend.blend.source import StoreLayerSource
+
+    layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [2, 8, 5])
+    engine = BlendEngine(model_fp32, store)
+    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15))
+    default = engine.run(plan)
+    source = StoreLayerSource(store, plan.cached_keys, "cpu", prefetch=prefetch)
+    chosen = engine.run(plan, source=source)
+    assert source.prefetch is prefetch
+    assert torch.equal(chosen.k, default.k) and torch.equal(chosen.logits, default.logits)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_corrupt_entry_mid_run_falls_back_to_recompute(model_fp32, template, tokenizer, chunk_pool, tmp_path, caplog,
+                                                       monkeypatch, prefetch):
+    from kvblend.blend import source
+
+    monkeypatch.setattr(source, "background_fetch_pays", lambda device: prefetch)
     disk = DiskTier(tmp_path, 1 << 30)
     store = TieredStore([disk])
     picks = [chunk_pool[0], chunk_pool[4]]

@@ -64,7 +64,11 @@ class ChunkKV:
         """The same chunk restricted to `layers` (indices into this entry's layer axis)."""
         index = list(layers)
         own = self.layers or tuple(range(self.k.shape[0]))
-        return ChunkKV(self.key, self.k[index], self.v[index], self.token_ids, self.base_position, tuple(own[i] for i in index))
+        if index and index == list(range(index[0], index[-1] + 1)) and 0 <= index[0] <= index[-1] < self.k.shape[0]:
+            pick = slice(index[0], index[0] + len(index))  # a run of layers (the blend reads one): views, no copy
+        else:
+            pick = index
+        return ChunkKV(self.key, self.k[pick], self.v[pick], self.token_ids, self.base_position, tuple(own[i] for i in index))
 
 
 def _layer_checksum(k, v) -> str:

@@ -177,7 +177,8 @@ def attention_bands(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype
     masks = []
     for lo, hi, end in bounds:
         hidden = k_pos[None, :end] > q_pos[lo:hi, None]
-        masks.append(torch.zeros(hidden.shape, dtype=dtype, device=q_pos.device).masked_fill_(hidden, float("-inf"))[None, None])
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=q_pos.device).masked_fill_(hidden, float("-inf"))
+        masks.append(mask[None, None])
     return AttentionBands(tuple(bounds), tuple(masks))
 
 

@@ -58,13 +58,29 @@ def rope_shift_gather(src_k: torch.Tensor, src_v: torch.Tensor, src_rows: torch.
     num_rows = check_rope_shift_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta, freq, style, check)
     if not num_rows:
         return
-    k = src_k.index_select(0, src_rows)
+    src, dst = _as_run(src_rows), _as_run(dst_rows)
+    in_place = src is not None and dst is not None and dst_k[dst].is_contiguous()
+    if in_place:  # a blend's chunk rows usually are one run on both sides: slice copies, rotation in place
+        k = dst_k[dst]
+        k.copy_(src_k[src])
+        dst_v[dst] = src_v[src]
+    else:
+        k = src_k.index_select(0, src_rows)
     cos, sin = cos_sin(freq.float(), delta)
     rows = torch.arange(num_rows, device=k.device)
     _kernels().rotary_embedding(rows, k.view(num_rows, -1), None, k.shape[2], torch.cat((cos, sin), -1).to(k.dtype),
                                 style == "neox")
-    dst_k.index_copy_(0, dst_rows, k)
-    dst_v.index_copy_(0, dst_rows, src_v.index_select(0, src_rows))
+    if not in_place:
+        dst_k.index_copy_(0, dst_rows, k)
+        dst_v.index_copy_(0, dst_rows, src_v.index_select(0, src_rows))
+
+
+def _as_run(index: torch.Tensor) -> slice | None:
+    """`index` as a slice when it is one ascending run of consecutive rows, else None."""
+    first, n = int(index[0]), index.numel()
+    if int(index[-1]) - first + 1 != n or not torch.equal(index, torch.arange(first, first + n, device=index.device)):
+        return None
+    return slice(first, first + n)
 
 
 VLLM_CPU_OPS = ModelOps(name="vllm-cpu", rms_norm=rms_norm, rope_qk=rope_qk, rope_shift_gather=rope_shift_gather)
