@@ -7,6 +7,8 @@ answers the same new prompts, one at a time (max_tokens=2 so the connector repor
 unaffected): TTFT = the engine's first_token_ts - scheduled_ts
 (prefill of the whole prompt including kvblend's work in the worker), median over the prompts.
 A fourth row, kvblend_blend_torch_ops, runs the blend on kvblend's torch ops instead of vLLM's C++ CPU kernels.
+Every engine's worker gets the same CPU cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0, see main); cached_tokens per
+prompt is vLLM's num_cached_tokens (its prefix cache plus the connector's matched tokens).
     python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
 """
 
@@ -83,7 +85,7 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
     llm.generate([{"prompt_token_ids": h} for h in history], params(plain), use_tqdm=False)
     results = {}
     for mode, extra, salt in modes:
-        times, reports = [], []
+        times, reports, cached = [], [], []
         for i, (ids, spans) in enumerate(tests):
             request = dict(extra or {})
             if request.get("mode") == "blend":
@@ -92,7 +94,8 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
             out = llm.generate([inputs], params(request or None), use_tqdm=False)[0]
             times.append(ttft_ms(out))
             reports.append((out.kv_transfer_params or {}).get("kvblend") or {})
-        results[mode] = {"ttft_ms": times, "reports": reports}
+            cached.append(out.num_cached_tokens)  # vLLM's prefix cache hits plus the connector's matched tokens
+        results[mode] = {"ttft_ms": times, "reports": reports, "cached_tokens": cached}
         print(f"{mode:22s} median TTFT {statistics.median(times):8.1f} ms  ({', '.join(f'{t:.0f}' for t in times)})",
               flush=True)
     llm.llm_engine.engine_core.shutdown()
@@ -106,6 +109,10 @@ def main() -> int:
     parser.add_argument("--json", default="benchmarks/results/vllm_rag_ttft_cpu.json")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # vLLM's CPU worker keeps one core for the engine process, but a second one too (for NIXL) when any KV
+    # connector is configured, and on a 2-core machine it then reserves none: a connector engine would compute
+    # on 2 cores and plain vLLM on 1. Reserving none everywhere gives every engine the same cores.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from kvblend.model.embedded import embedded_model_dir
     from kvblend.model.tokenizer import load_tokenizer
 
@@ -130,12 +137,13 @@ def main() -> int:
     for mode, r in results.items():
         med = statistics.median(r["ttft_ms"])
         rows.append({"mode": mode, "ttft_ms_median": med, "ttft_ms": r["ttft_ms"], "speedup_vs_vllm": base / med,
-                     "reports": r["reports"]})
+                     "cached_tokens": r["cached_tokens"], "reports": r["reports"]})
     report = {
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
+        "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
         "prompt_tokens": [len(ids) for ids, _ in tests],
         "seconds": round(time.time() - started, 1),
         "rows": rows,
