@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -29,8 +30,7 @@ R = 0.15
 def variants(round_: int) -> list[Setting]:
     def cb(name: str, **kw) -> Setting:
         """A variant of the published selection (check layer 1, K+V deviation) with `kw` changed."""
-        base = {"check_layers": (1,), "attention_weighted": False}
-        return Setting("cacheblend", R, BlendConfig("cacheblend", R, **{**base, **kw}), variant=name)
+        return Setting("cacheblend", R, replace(BlendConfig.published(R), **kw), variant=name)
 
     ends = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
             Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),

@@ -158,17 +158,18 @@ def pipeline_from_args(args: argparse.Namespace):
     """A RAGPipeline on the command line's model, index, store and blend settings (its engine starts later);
     the index must exist."""
     from kvblend.indexing import open_index
-    from kvblend.model.embedded import cache_dir
     from kvblend.pipeline import RAGPipeline
-
-    open_index(args.index or cache_dir() / "index")
 
     settings = {"model_dir": args.model, "index_dir": args.index, "store_dir": args.store, "redis_url": args.redis,
                 "memory_gb": args.memory_gb, "disk_gb": args.disk_gb, "namespace": args.namespace,
                 "policy": args.policy, "ratio": args.ratio}
     if args.top_k is not None:
         settings["top_k"] = args.top_k
-    return RAGPipeline(**settings, max_tokens=args.max_tokens)
+    rag = RAGPipeline(**settings, max_tokens=args.max_tokens)
+    if rag.index is None:
+        rag.close()
+        open_index(rag.config.index_dir)  # raises, saying how to build one
+    return rag
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -35,17 +35,20 @@ def update_index(index: VectorIndex, embedder: Embedder, tokenizer, docs: Sequen
     """Index the documents (unchanged ones cost a chunking pass; changed ones are replaced), saving every few
     documents and at the end. Returns the number of chunks added and every chunk of these documents."""
     check_embedder(index, embedder)
-    added, unsaved, chunks = 0, 0, []
-    for doc in docs:
-        size = len(index)
-        n = index_documents(index, embedder, tokenizer, [doc], chunker)
-        chunks.extend(index.chunks(doc.source))
-        added, unsaved = added + n, unsaved + (n > 0 or len(index) != size)
-        if unsaved >= SAVE_EVERY_DOCUMENTS:
+    chunks: list[Chunk] = []
+    state = {"size": len(index), "unsaved": 0}
+
+    def indexed(doc: Document, doc_chunks: list[Chunk], n: int) -> None:
+        chunks.extend(doc_chunks)
+        state["unsaved"] += n > 0 or len(index) != state["size"]
+        state["size"] = len(index)
+        if state["unsaved"] >= SAVE_EVERY_DOCUMENTS:
             index.save()
-            unsaved = 0
+            state["unsaved"] = 0
         if on_document:
             on_document(doc, n)
-    if unsaved:
+
+    added = index_documents(index, embedder, tokenizer, docs, chunker, indexed)
+    if state["unsaved"]:
         index.save()
     return added, chunks

@@ -11,6 +11,7 @@ from pathlib import Path
 from kvblend.blend.prompt import PromptTemplate
 from kvblend.model.tokenizer import encode
 from kvblend.pipeline_config import PipelineConfig
+from kvblend.rag_prompt import build_rag_prompt
 
 log = logging.getLogger(__name__)
 CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kvblend.vllm.connector",
@@ -18,7 +19,6 @@ CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kv
 WARM_UP_TEXT = ("This short request runs once when the engine starts. The kvblend connector compares the KV cache "
                 "that vLLM computes for it with its own prefill of the same tokens, and turns blending on when "
                 "the two agree.")
-WARM_UP_TOKENS = 40
 
 
 def configure_vllm_logging(level: str = "WARNING") -> None:
@@ -43,10 +43,12 @@ def warm_up(llm, tokenizer, template: PromptTemplate) -> None:
     prompt) runs before any query and the first query can already blend."""
     from vllm import SamplingParams
 
-    ids = list(template.prefix) + encode(tokenizer, WARM_UP_TEXT) + list(template.question_prefix)
-    ids += encode(tokenizer, "Is blending on?") + list(template.tail)
-    if len(ids) < WARM_UP_TOKENS:
-        raise ValueError(f"the warm-up prompt has {len(ids)} tokens, the self-check needs {WARM_UP_TOKENS}")
+    from kvblend.vllm.scheduler import SELF_CHECK_TOKENS
+
+    question = encode(tokenizer, "Is blending on?")
+    ids = build_rag_prompt(template, [encode(tokenizer, WARM_UP_TEXT)], (), question).token_ids
+    if len(ids) < SELF_CHECK_TOKENS:
+        raise ValueError(f"the warm-up prompt has {len(ids)} tokens, the self-check needs {SELF_CHECK_TOKENS}")
     params = SamplingParams(max_tokens=1, temperature=0.0,
                             extra_args={"kv_transfer_params": {"kvblend": {"mode": "off"}}})
     llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)

@@ -56,8 +56,8 @@ class _Request:
 class AnswerStream:
     """Iterate to get the answer's text deltas as vLLM generates them; `result` is the QueryResult once done."""
 
-    def __init__(self, pipeline: RAGPipeline, request: _Request, blend: bool, sampling: dict[str, Any]) -> None:
-        self._pipeline, self._request, self._blend, self._sampling = pipeline, request, blend, sampling
+    def __init__(self, pipeline: RAGPipeline, request: _Request, blend: bool, params) -> None:
+        self._pipeline, self._request, self._blend, self._params = pipeline, request, blend, params
         self._started = False
         self.result: QueryResult | None = None
 
@@ -69,7 +69,7 @@ class AnswerStream:
         self._started = True
         pipeline, request = self._pipeline, self._request
         llm = pipeline.llm
-        params = pipeline._sampling_params(request.prompt, self._blend, self._sampling)
+        params = self._params
         params.output_kind = RequestOutputKind.DELTA
         pipeline._streaming = True
         text, token_ids, output = [], 0, None
@@ -256,8 +256,7 @@ class RAGPipeline:
     def stream(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> AnswerStream:
         """Like `query`, but iterate the returned AnswerStream for text deltas; its `result` is set at the end."""
         request = self._retrieved_request(question, top_k)
-        self._sampling_params(request.prompt, blend, sampling)
-        return AnswerStream(self, request, blend, sampling)
+        return AnswerStream(self, request, blend, self._sampling_params(request.prompt, blend, sampling))
 
     def answer(self, question: str, documents: Sequence[Any], blend: bool = True, **sampling: Any) -> QueryResult:
         """Generate from given chunks, in the given order: LangChain Documents carrying kvblend metadata

@@ -174,22 +174,21 @@ class BlendRun:
         self.rows = rows
         self.stats.token_layers_computed += rows.numel()
         h = self.h
-        bands = self._bands
-        if layer == model.spec.num_layers - 1:  # past the last layer only the logits rows (the last ones) matter
+        last = layer == model.spec.num_layers - 1
+        if last:  # past the last layer only the logits rows (the last ones) matter
             n = self.plan.logits_rows.numel()
-            rows, q, h, bands = rows[rows.numel() - n :], q[q.shape[0] - n :], h[h.shape[0] - n :], None
+            rows, q, h = rows[rows.numel() - n :], q[q.shape[0] - n :], h[h.shape[0] - n :]
             if n == 0:
                 self.h = h
                 return
         if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
             attn = causal_attention(q, K, V)
         else:
-            if bands is None and not K.is_cuda:
-                bands = attention_bands(self.positions[rows], self.positions, q.dtype, keys_sorted=True)
-                if rows is self.rows:
-                    self._bands = bands
-            attn = sparse_query_attention(q, self.positions[rows], K, V, self.positions, keys_sorted=True,
-                                          bands=bands)
+            q_pos = self.positions[rows]
+            if self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by the layers of these rows
+                self._bands = attention_bands(q_pos, self.positions, q.dtype, keys_sorted=True)
+            attn = sparse_query_attention(q, q_pos, K, V, self.positions, keys_sorted=True,
+                                          bands=None if last else self._bands)
         t = self._tick("attention", t)
         self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)

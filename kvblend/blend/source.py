@@ -35,8 +35,8 @@ class LayerSource(Protocol):
 
 def background_fetch_pays(device: torch.device) -> bool:
     """Fetch ahead on a thread only where it has a core to itself: with CUDA compute, or spare CPU cores. When
-    torch's intra-op threads hold every core, the fetch thread stalls them at each parallel region (measured on
-    2 cores, 6 x 512-token chunks from the memory tier: blend 580 ms with the thread, 473 ms fetching in line)."""
+    torch's intra-op threads hold every core, the fetch thread stalls them at each parallel region (on 2 cores:
+    the fetch-in-line row of the CPU TTFT table in benchmarks/RESULTS.md)."""
     return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
 
@@ -50,7 +50,7 @@ class StoreLayerSource:
         self.keys = list(keys)
         self.device = torch.device(device)
         self.prefetch = background_fetch_pays(self.device) if prefetch is None else prefetch
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvblend-layer-fetch")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvblend-layer-fetch") if self.prefetch else None
         self._pending: dict[int, Future] = {}
 
     def _fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +71,14 @@ class StoreLayerSource:
             self._pending[layer] = self._pool.submit(self._fetch, layer)
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self._pending and not self.prefetch:
+        if not self.prefetch:
             return self._fetch(layer)
         self.start(layer)
         return self._pending.pop(layer).result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TensorLayerSource:

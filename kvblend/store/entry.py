@@ -64,7 +64,7 @@ class ChunkKV:
         """The same chunk restricted to `layers` (indices into this entry's layer axis)."""
         index = list(layers)
         own = self.layers or tuple(range(self.k.shape[0]))
-        if index and index == list(range(index[0], index[-1] + 1)) and 0 <= index[0] <= index[-1] < self.k.shape[0]:
+        if index and index == list(range(index[0], index[0] + len(index))) and 0 <= index[0] and index[-1] < len(self.k):
             pick = slice(index[0], index[0] + len(index))  # a run of layers (the blend reads one): views, no copy
         else:
             pick = index

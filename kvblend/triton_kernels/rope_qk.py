@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kvblend.model.rope import rotate
-from kvblend.model.spec import ROPE_STYLES
+from kvblend.triton_kernels.checks import check_rope_style
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -92,8 +92,7 @@ def rope_qk_ref(
 
 
 def _check_args(q, k, cos, sin, style) -> None:
-    if style not in ROPE_STYLES:
-        raise ValueError(f"unknown rope style {style!r}; expected one of {', '.join(ROPE_STYLES)}")
+    check_rope_style(style)
     if (
         q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]
         or q.dtype != k.dtype or q.device != k.device or not q.is_floating_point()

