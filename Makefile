@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# The two commands of the README: `make demo` and `make test` (plus `make test-fast`, the inner loop that skips the
+# tests marked slow). All create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test test-fast setup clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +33,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,8 @@ and kvblend's runner. Prompts: 6, 16, 32 chunks x 512 tokens + a 64-token questi
 TTFT = prompt in -> first-token logits, median of --reps timed runs after warm-up, CUDA events, and each run
 draws another chunk order (rotated inputs). Kernel throughput is reported against ceilings measured in the
 same run. Run on the device:  python benchmarks/gpu_blend.py --out $OUT
-`--tiny` runs a 2-layer toy shape on the CPU to check the script itself.
+`--tiny` runs a 4-layer toy shape on the CPU to check the script itself (4 layers: BlendConfig's default
+check layers 1 and 3 must exist).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from kvblend.triton_kernels.sparse_attention import DEFAULT_CONFIG  # noqa: E402
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=32768,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5, tie_word_embeddings=False)
 CHUNK, QUESTION = 512, 64
@@ -158,7 +159,7 @@ def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="2-layer toy shape on the CPU (script check)")
+    parser.add_argument("--tiny", action="store_true", help="4-layer toy shape on the CPU (script check)")
     parser.add_argument("--chunks", default="6,16,32")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)

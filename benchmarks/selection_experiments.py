@@ -17,12 +17,12 @@ from dataclasses import replace
 import torch
 
 from kvblend.blend.config import BlendConfig
-from kvblend.blend.fidelity import Setting, evaluate, gap_closed, make_cases
 from kvblend.blend.prompt import chat_template
-from kvblend.corpus import pydoc_topics
+from kvblend.eval.fidelity import Setting, evaluate, gap_closed, make_cases
 from kvblend.model.embedded import embedded_model_dir
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import load_tokenizer
+from kvblend.retrieval.corpus import pydoc_topics
 
 R = 0.15
 

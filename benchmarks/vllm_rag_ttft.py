@@ -36,9 +36,9 @@ def ttft_ms(output) -> float:
 
 def build_prompts(tokenizer, n_prompts: int, seed: int):
     from kvblend.blend.prompt import chat_template
-    from kvblend.corpus import pydoc_topics
     from kvblend.model.tokenizer import encode
-    from kvblend.precompute import token_windows
+    from kvblend.rag.precompute import token_windows
+    from kvblend.retrieval.corpus import pydoc_topics
 
     pool = []
     for doc in pydoc_topics():

@@ -14,11 +14,11 @@ from pathlib import Path
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from kvblend.corpus import Document
-from kvblend.llm import configure_vllm_logging
-from kvblend.model.embedded import cache_dir
-from kvblend.pipeline import RAGPipeline
+from kvblend.paths import cache_dir
+from kvblend.rag.engine import configure_vllm_logging
+from kvblend.rag.pipeline import RAGPipeline
 from kvblend.retrieval import CachedRetriever, KVBlendEmbeddings
+from kvblend.retrieval.corpus import Document
 
 MANUAL = [
     Document("manual/brewing", "The Zorblax 3000 brews at exactly 91 degrees Celsius and grinds the beans for 14 "

@@ -9,9 +9,9 @@ run it twice and the second run finds every chunk already indexed and stored.
 import sys
 from pathlib import Path
 
-from kvblend.llm import configure_vllm_logging
-from kvblend.model.embedded import cache_dir
-from kvblend.pipeline import RAGPipeline
+from kvblend.paths import cache_dir
+from kvblend.rag.engine import configure_vllm_logging
+from kvblend.rag.pipeline import RAGPipeline
 
 TEXTS = [
     ("The Zorblax 3000 is a coffee machine made by Quillon Appliances. It brews at exactly 91 degrees Celsius and "

@@ -1,4 +1,8 @@
-"""The `kvblend` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input."""
+"""The `kvblend` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input.
+
+Options default to None ("not given"): only what the user sets is passed on, and every other setting takes
+its one owner's default (StoreConfig, BlendConfig, PipelineConfig, ChunkerConfig, PrecomputeConfig).
+"""
 
 from __future__ import annotations
 
@@ -8,46 +12,41 @@ import os
 import sys
 from pathlib import Path
 
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 STATS_SOURCES = 20
 
 
-def default_store_dir() -> Path:
-    from kvblend.model.embedded import cache_dir
-
-    return cache_dir() / "store"
+def given(args: argparse.Namespace, **options: str) -> dict:
+    """{keyword: value} for each keyword=option the user set (None: not given, so the owner's default applies)."""
+    return {keyword: getattr(args, option) for keyword, option in options.items() if getattr(args, option) is not None}
 
 
 def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None, help="disk tier directory (default: ~/.cache/kvblend/store)")
-    p.add_argument("--disk-gb", type=float, default=20.0, help="disk tier budget in GiB (default 20)")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="memory tier budget in GiB (default 2)")
+    p.add_argument("--disk-gb", type=float, default=None, help="disk tier budget in GiB (default 20)")
+    p.add_argument("--memory-gb", type=float, default=None, help="memory tier budget in GiB (default 2)")
     p.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="Redis tier URL, redis://host:port/db")
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_store_args(p)
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--policy", default="cacheblend", help="blend policy (default cacheblend)")
-    p.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (default 0.15)")
+    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
+    p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
+    p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
 
 
 def open_cli_store(args: argparse.Namespace):
     from kvblend.store import StoreConfig, open_store
 
-    return open_store(
-        StoreConfig(
-            memory_bytes=int(args.memory_gb * (1 << 30)),
-            disk_dir=str(args.store or default_store_dir()),
-            disk_bytes=int(args.disk_gb * (1 << 30)),
-            redis_url=args.redis,
-        )
-    )
+    return open_store(StoreConfig.from_settings(**given(args, store_dir="store", memory_gb="memory_gb",
+                                                        disk_gb="disk_gb", redis_url="redis")))
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from kvblend.corpus import pydoc_topics, read_corpus
+    from kvblend.retrieval.corpus import pydoc_topics, read_corpus
 
     if not args.paths and not args.pydoc_topics:
         print("kvblend precompute: give PATH... or --pydoc-topics", file=sys.stderr)
@@ -57,7 +56,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     docs = (pydoc_topics() if args.pydoc_topics else []) + read_corpus(args.paths)
     if args.redis:
-        from kvblend.pipeline_config import require_redis
+        from kvblend.rag.config import require_redis
 
         require_redis(args.redis)
     if args.index is not None:
@@ -70,10 +69,9 @@ def precompute_windows(args: argparse.Namespace, docs) -> int:
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
-    from kvblend.precompute import PrecomputeConfig, text_chunks
+    from kvblend.rag.precompute import PrecomputeConfig, text_chunks
 
-    chunk_tokens = 256 if args.chunk_tokens is None else args.chunk_tokens
-    config = PrecomputeConfig(chunk_tokens=chunk_tokens, namespace=args.namespace, max_chunks=args.max_chunks)
+    config = PrecomputeConfig(**given(args, chunk_tokens="chunk_tokens", namespace="namespace", max_chunks="max_chunks"))
     model_dir = resolve_model_dir(args.model)
     model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
     chunks = text_chunks(load_tokenizer(model_dir), docs, config)
@@ -90,13 +88,14 @@ def precompute_indexed(args: argparse.Namespace, docs) -> int:
     torch runner in the dtype vLLM serves (bfloat16 by default), so RAGPipeline and `kvblend query` reuse it."""
     from tqdm import tqdm
 
-    from kvblend.indexing import index_exists, update_index
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
+    from kvblend.rag.config import DEFAULT_ENGINE_ARGS
+    from kvblend.rag.index_updates import index_exists, update_index
     from kvblend.retrieval import ChunkerConfig, Embedder, VectorIndex
 
-    chunker = ChunkerConfig(chunk_tokens=512 if args.chunk_tokens is None else args.chunk_tokens)
+    chunker = ChunkerConfig(**given(args, chunk_tokens="chunk_tokens"))
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     embedder = Embedder()
@@ -105,37 +104,38 @@ def precompute_indexed(args: argparse.Namespace, docs) -> int:
     with tqdm(total=len(docs), unit="doc", desc="index", file=sys.stderr) as bar:
         added, chunks = update_index(index, embedder, tokenizer, docs, chunker,
                                      on_document=lambda doc, n: bar.update(1))
-    model = LlamaModel.from_dir(model_dir, dtype=args.dtype or "bfloat16")
+    model = LlamaModel.from_dir(model_dir, dtype=args.dtype or DEFAULT_ENGINE_ARGS["dtype"])
     with open_cli_store(args) as store:
-        report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks], args.namespace)
+        report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks],
+                                   **given(args, namespace="namespace"))
     print(f"index {args.index}: {len(docs)} documents, {added} chunks added, {len(index)} chunks in all")
     print(f"store: {report.stored} chunks computed and stored, {report.cached} already cached "
           f"(model {model.spec.fingerprint[:12]}, {model.spec.dtype})")
     return EXIT_OK
 
 
-def run_with_progress(model, store, chunks, namespace):
+def run_with_progress(model, store, chunks, **namespace: str):
     from tqdm import tqdm
 
-    from kvblend.precompute import precompute_chunks
+    from kvblend.rag.precompute import precompute_chunks
 
     with tqdm(total=len(chunks), unit="chunk", desc="precompute", file=sys.stderr) as bar:
         def tick(record):
             bar.update(1)
             bar.set_postfix(stored=record.stored)
 
-        return precompute_chunks(model, store, chunks, namespace, on_chunk=tick)
+        return precompute_chunks(model, store, chunks, on_chunk=tick, **namespace)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from kvblend.indexing import index_exists, open_index
-    from kvblend.model.embedded import cache_dir
+    from kvblend.rag.config import default_index_dir
+    from kvblend.rag.index_updates import index_exists, open_index
 
     if args.redis:
-        from kvblend.pipeline_config import require_redis
+        from kvblend.rag.config import require_redis
 
         require_redis(args.redis)
-    index_dir = args.index or cache_dir() / "index"
+    index_dir = args.index or default_index_dir()
     if args.index is not None or index_exists(index_dir):
         index = open_index(index_dir)
         sources = index.sources()
@@ -154,18 +154,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def pipeline_from_args(args: argparse.Namespace):
-    """A RAGPipeline on the command line's model, index, store and blend settings (its engine starts later);
-    the index must exist."""
-    from kvblend.indexing import open_index
-    from kvblend.pipeline import RAGPipeline
+def pipeline_from_args(args: argparse.Namespace, **settings):
+    """A RAGPipeline on the command line's model, index, store and blend settings and `settings` (its engine
+    starts later); the index must exist."""
+    from kvblend.rag.index_updates import open_index
+    from kvblend.rag.pipeline import RAGPipeline
 
-    settings = {"model_dir": args.model, "index_dir": args.index, "store_dir": args.store, "redis_url": args.redis,
-                "memory_gb": args.memory_gb, "disk_gb": args.disk_gb, "namespace": args.namespace,
-                "policy": args.policy, "ratio": args.ratio}
-    if args.top_k is not None:
-        settings["top_k"] = args.top_k
-    rag = RAGPipeline(**settings, max_tokens=args.max_tokens)
+    rag = RAGPipeline(**given(args, model_dir="model", index_dir="index", store_dir="store", redis_url="redis",
+                              memory_gb="memory_gb", disk_gb="disk_gb", namespace="namespace", policy="policy",
+                              ratio="ratio", top_k="top_k"), **settings)
     if rag.index is None:
         rag.close()
         open_index(rag.config.index_dir)  # raises, saying how to build one
@@ -178,7 +175,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not args.question.strip():
         print("kvblend query: the question is empty", file=sys.stderr)
         return EXIT_BAD_INPUT
-    with pipeline_from_args(args) as rag:
+    with pipeline_from_args(args, **given(args, max_tokens="max_tokens")) as rag:
         result = rag.query(args.question, blend=not args.no_blend)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -198,7 +195,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvblend.bench import default_questions, format_rows, run_bench
+    from kvblend.eval.bench import BENCH_MAX_TOKENS, default_questions, format_rows, run_bench
 
     if args.n <= 0:
         raise ValueError(f"-n must be positive, got {args.n}")
@@ -206,10 +203,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         questions = [q.strip() for q in args.questions.read_text(encoding="utf-8").splitlines() if q.strip()]
         if not questions:
             raise ValueError(f"{args.questions} holds no questions (one per line)")
-    with pipeline_from_args(args) as rag:
+    max_tokens = BENCH_MAX_TOKENS if args.max_tokens is None else args.max_tokens
+    with pipeline_from_args(args, max_tokens=max_tokens) as rag:
         if args.questions is None:
             questions = default_questions(rag.index, args.n)
-        rows = run_bench(rag, questions[: args.n], max_tokens=args.max_tokens)
+        rows = run_bench(rag, questions[: args.n], max_tokens=max_tokens)
     print(format_rows(rows))
     return EXIT_OK
 
@@ -234,12 +232,13 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from kvblend.blend.fidelity import evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
     from kvblend.blend.prompt import chat_template
-    from kvblend.corpus import pydoc_topics, read_corpus
+    from kvblend.eval.fidelity import evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
+    from kvblend.retrieval.corpus import pydoc_topics, read_corpus
+    from kvblend.store.key import ALONE, BEHIND_PREFIX
 
     lo, _, hi = args.chunks.partition("-")
     chunks_per_case = (int(lo), int(hi or lo))
@@ -255,7 +254,7 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
     tokenizer = load_tokenizer(model_dir)
     cases = make_cases(tokenizer, docs, questions, args.cases, args.chunk_tokens, chunks_per_case, seed=args.seed)
-    contexts = ("alone", "behind_prefix") if args.context == "both" else (args.context,)
+    contexts = (ALONE, BEHIND_PREFIX) if args.context == "both" else (args.context,)
     settings = standard_settings(args.chunk_tokens)
     with tqdm(total=len(cases), unit="case", desc="fidelity", file=sys.stderr) as bar:
         rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, settings, contexts, args.greedy_steps,
@@ -307,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="default: bfloat16 with --index (what vLLM serves), else the model's")
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: 512 with --index, else 256")
-    p.add_argument("--namespace", default="default")
+    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after N chunks (without --index)")
     add_store_args(p)
     p.set_defaults(func=cmd_precompute)
@@ -317,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, default=None, help="index directory (default: ~/.cache/kvblend/index)")
     p.add_argument("--no-blend", action="store_true", help="plain vLLM prefill, for comparison")
     p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve (default 4)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default 128)")
     p.add_argument("--json", action="store_true", help="print the answer, sources and stats as JSON")
     add_pipeline_args(p)
     p.set_defaults(func=cmd_query)
@@ -333,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, one question per line (default: one question per indexed document title)")
     p.add_argument("-n", type=int, default=5, help="number of questions (default 5)")
     p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve (default 4)")
-    p.add_argument("--max-tokens", type=int, default=2,
+    p.add_argument("--max-tokens", type=int, default=None,
                    help="tokens to generate per request (default 2: a request that ends at its first token "
                         "finishes before the connector's blend report reaches it)")
     add_pipeline_args(p)
@@ -367,16 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kvblend.corpus import CorpusError
-    from kvblend.llm import configure_vllm_logging
-    from kvblend.pipeline_config import RedisUnreachable
+    from kvblend.rag.config import RedisUnreachable
+    from kvblend.rag.engine import configure_vllm_logging
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     configure_vllm_logging("INFO" if args.verbose else "ERROR")
     try:
         return args.func(args)
-    except (CorpusError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # CorpusError is a ValueError
         print(f"kvblend {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RedisUnreachable as exc:

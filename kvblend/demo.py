@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 
-from kvblend.model.embedded import cache_dir
+from kvblend.paths import cache_dir
 
 DEMO_TOPICS = ("assert", "break", "class", "exceptions", "for", "function", "global", "if", "import", "lambda",
                "raise", "return", "try", "while", "with")
@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from kvblend.llm import configure_vllm_logging
+    from kvblend.rag.engine import configure_vllm_logging
 
     configure_vllm_logging("ERROR")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for a 135M model
 
-    from kvblend.corpus import pydoc_topics
-    from kvblend.pipeline import RAGPipeline
+    from kvblend.rag.pipeline import RAGPipeline
+    from kvblend.retrieval.corpus import pydoc_topics
 
     print(f"kvblend demo: {len(DEMO_TOPICS)} of the Python language reference topics (pydoc_data.topics), a fixed "
           f"subset so it stays quick on CPU:\n  {', '.join(DEMO_TOPICS)}")

@@ -7,16 +7,18 @@ import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
-from kvblend.blend.fidelity import kl_per_token
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.prompt import chat_template
 from kvblend.blend.select import deviation_scores, select_count, select_tokens
-from kvblend.corpus import pydoc_topics
-from kvblend.model.rope import rope_shift
+from kvblend.eval.fidelity import kl_per_token
 from kvblend.model.tokenizer import encode
-from kvblend.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.rag.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.retrieval.corpus import pydoc_topics
+from kvblend.rope import rope_shift
 from kvblend.store import DiskTier, MemoryTier, TieredStore
 from kvblend.store.key import ChunkKey
+
+pytestmark = pytest.mark.slow  # every test runs the SmolLM2 model
 
 CHUNK = 64
 

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from kvblend.corpus import pydoc_topics
+from kvblend.retrieval.corpus import pydoc_topics
+
+pytestmark = pytest.mark.slow  # runs the kvblend command in subprocesses (and starts vLLM)
 
 TOPICS = ["pass", "break", "continue"]
 

@@ -30,6 +30,7 @@ def run_example(env, name: str) -> subprocess.CompletedProcess:
                           env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_quickstart_runs(example_env):
     env, cache = example_env
     run = run_example(env, "quickstart.py")
@@ -40,6 +41,7 @@ def test_quickstart_runs(example_env):
     assert (cache / "examples" / "quickstart" / "index" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_langchain_example_runs(example_env):
     run = run_example(example_env[0], "langchain_retriever.py")
     out = run.stdout

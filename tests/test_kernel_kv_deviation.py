@@ -1,9 +1,9 @@
-"""kv_deviation and select_top: Triton kernel vs torch reference on random K/V."""
+"""kv_deviation: Triton kernel vs torch reference on random K/V."""
 
 import pytest
 import torch
 
-from kvblend.triton_kernels import kv_deviation, kv_deviation_ref, select_top
+from kvblend.triton_kernels import kv_deviation, kv_deviation_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (tokens, kv heads, head_dim)
@@ -66,13 +66,3 @@ def test_mismatched_shapes_and_unknown_backend_are_refused():
     with pytest.raises(ValueError, match="backend"):
         kv_deviation(k_a, v_a, k_b, v_b, backend="numpy")
 
-
-def test_select_top_returns_sorted_indices_of_largest():
-    dev = torch.randn(101, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    top = select_top(dev, 15)
-    assert top.dtype == torch.int64 and torch.equal(top, top.sort().values)
-    assert set(top.tolist()) == set(torch.argsort(dev, descending=True)[:15].tolist())
-    assert torch.equal(select_top(dev, 500), torch.arange(101, device=DEVICE))
-    assert select_top(dev, 0).numel() == 0
-    with pytest.raises(ValueError):
-        select_top(dev, -1)

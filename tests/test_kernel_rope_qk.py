@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from kvblend.model.rope import apply_rope, cos_sin, inv_freq, rotate
-from kvblend.model.spec import RopeSpec
+from kvblend.rope import RopeSpec, apply_rope, cos_sin, inv_freq, rotate
 from kvblend.triton_kernels import rope_qk, rope_qk_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

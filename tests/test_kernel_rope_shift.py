@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from kvblend.model.rope import rope_shift
-from kvblend.model.spec import RopeSpec
+from kvblend.rope import RopeSpec, rope_shift
 from kvblend.triton_kernels import rope_shift_gather, rope_shift_gather_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from kvblend.model.rope import UnsupportedRope, apply_rope, inv_freq, rope_shift
 from kvblend.model.runner import LlamaModel
-from kvblend.model.spec import RopeSpec, load_spec, spec_from_config
+from kvblend.model.spec import load_spec, spec_from_config
+from kvblend.rope import RopeSpec, UnsupportedRope, apply_rope, inv_freq, rope_shift
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,6 +26,7 @@ def hf_models(model_dir):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("seed,length,offset", [(0, 61, 0), (1, 200, 37)])
+@pytest.mark.slow
 def test_runner_matches_transformers(model_dir, hf_models, dtype, tol, seed, length, offset):
     model = LlamaModel.from_dir(model_dir, dtype=dtype)
     hf = hf_models[dtype]
@@ -108,6 +109,7 @@ def test_rope_shift_equals_direct_rotation(style, rotary_dim):
     assert torch.equal(shifted[..., rotary_dim:], raw[..., rotary_dim:])
 
 
+@pytest.mark.slow
 def test_fused_projections_compute_the_same_model(model_dir):
     from kvblend.model.weights import fuse_projections
 

@@ -7,11 +7,11 @@ import socket
 import pytest
 from langchain_core.documents import Document as LCDocument
 
-from kvblend.bench import default_questions, format_rows, run_bench
-from kvblend.corpus import CorpusError, Document, pydoc_topics
-from kvblend.pipeline import RAGPipeline
-from kvblend.pipeline_config import PipelineConfig, RedisUnreachable
+from kvblend.eval.bench import default_questions, format_rows, run_bench
+from kvblend.rag.config import PipelineConfig, RedisUnreachable
+from kvblend.rag.pipeline import RAGPipeline
 from kvblend.retrieval import IndexFormatError, VectorIndex
+from kvblend.retrieval.corpus import CorpusError, Document, pydoc_topics
 
 TOPICS = ["lambda", "pass", "if", "while", "break", "continue"]
 QUESTION = "What does the pass statement do?"
@@ -61,6 +61,7 @@ def offline_pipeline(model_dir, root, **settings) -> RAGPipeline:
 # -- with the engine --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_add_documents_indexes_saves_and_precomputes(rag):
     pipeline, summary = rag
     assert summary.documents == len(TOPICS)
@@ -69,6 +70,7 @@ def test_add_documents_indexes_saves_and_precomputes(rag):
     assert len(saved) == summary.chunks and len(saved.sources()) == len(TOPICS)
 
 
+@pytest.mark.slow
 def test_blended_query_reuses_the_retrieved_chunks(rag):
     pipeline, _ = rag
     result = pipeline.query(QUESTION)
@@ -81,6 +83,7 @@ def test_blended_query_reuses_the_retrieved_chunks(rag):
     assert s.ttft_ms > 0 and s.blend_ms > 0 and sum(s.hits.values()) > 0
 
 
+@pytest.mark.slow
 def test_plain_query_has_no_kvblend_report(rag):
     pipeline, _ = rag
     blended = pipeline.query(QUESTION)
@@ -91,6 +94,7 @@ def test_plain_query_has_no_kvblend_report(rag):
     assert plain.stats.ttft_ms > 0
 
 
+@pytest.mark.slow
 def test_stream_yields_the_text_query_returns(rag):
     pipeline, _ = rag
     question = "How does a while loop end?"
@@ -104,6 +108,7 @@ def test_stream_yields_the_text_query_returns(rag):
     assert stream.result.stats.generated_tokens == expected.stats.generated_tokens
 
 
+@pytest.mark.slow
 def test_abandoned_stream_leaves_the_pipeline_usable(rag):
     pipeline, _ = rag
     stream = iter(pipeline.stream(QUESTION))
@@ -114,6 +119,7 @@ def test_abandoned_stream_leaves_the_pipeline_usable(rag):
     assert pipeline.query(QUESTION, max_tokens=2).stats.mode == "blend"
 
 
+@pytest.mark.slow
 def test_query_batch_answers_each_question(rag):
     pipeline, _ = rag
     questions = ["What is a lambda expression?", "What does continue do in a loop?"]
@@ -125,6 +131,7 @@ def test_query_batch_answers_each_question(rag):
         assert result.stats.mode == "blend" and result.stats.chunks == 2
 
 
+@pytest.mark.slow
 def test_answer_from_langchain_documents_and_chunks(rag):
     pipeline, _ = rag
     docs = pipeline.as_retriever(k=2).invoke(QUESTION)
@@ -137,6 +144,7 @@ def test_answer_from_langchain_documents_and_chunks(rag):
     assert from_chunks.answer == from_docs.answer
 
 
+@pytest.mark.slow
 def test_bench_compares_plain_vllm_and_blending(rag):
     pipeline, _ = rag
     questions = default_questions(pipeline.index, 2)
@@ -150,6 +158,7 @@ def test_bench_compares_plain_vllm_and_blending(rag):
     assert questions[1] in table and "median TTFT: plain vLLM" in table
 
 
+@pytest.mark.slow
 def test_readding_the_same_documents_adds_nothing(rag, corpus_dir):
     pipeline, first = rag
     again = pipeline.add_documents([corpus_dir])
@@ -159,14 +168,16 @@ def test_readding_the_same_documents_adds_nothing(rag, corpus_dir):
 # -- bad input, caught before any engine starts -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_top_k_over_the_corpus_is_clamped_with_a_warning(rag, caplog):
     pipeline, summary = rag
-    with caplog.at_level(logging.WARNING, logger="kvblend.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="kvblend.rag.pipeline"):
         hits = pipeline.retrieve(QUESTION, top_k=summary.chunks + 5)
     assert len(hits) == summary.chunks
     assert f"top_k {summary.chunks + 5} is more than the {summary.chunks} chunks" in caplog.text
 
 
+@pytest.mark.slow
 def test_empty_question_is_refused(rag):
     pipeline, _ = rag
     for call in (pipeline.query, pipeline.stream, lambda q: pipeline.query_batch(["ok?", q]),
@@ -175,6 +186,7 @@ def test_empty_question_is_refused(rag):
             call("  ")
 
 
+@pytest.mark.slow
 def test_bad_files_are_refused_and_the_index_is_kept(cache_env, model_dir, tmp_path):
     good = tmp_path / "good.txt"
     good.write_text(pydoc_topics(["pass"])[0].text, encoding="utf-8")
@@ -195,6 +207,7 @@ def test_bad_files_are_refused_and_the_index_is_kept(cache_env, model_dir, tmp_p
     assert pipeline._llm is None
 
 
+@pytest.mark.slow
 def test_document_longer_than_the_context_is_chunked(cache_env, model_dir, tmp_path):
     pipeline = offline_pipeline(model_dir, tmp_path, engine_args={"max_model_len": 1024})
     longest = pydoc_topics(["import"])[0]  # about 2k tokens, twice max_model_len
@@ -223,6 +236,7 @@ def test_unreachable_redis_is_named(cache_env, model_dir, tmp_path):
         offline_pipeline(model_dir, tmp_path, redis_url=url)
 
 
+@pytest.mark.slow
 def test_answer_needs_kvblend_metadata(rag):
     pipeline, _ = rag
     with pytest.raises(ValueError, match="document 0 carries no kvblend token_ids"):
@@ -240,6 +254,7 @@ def test_config_is_validated_at_construction(cache_env):
     assert config.engine_kwargs["max_model_len"] == 3000 and config.engine_kwargs["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_documents_texts_and_paths_are_accepted(cache_env, model_dir, tmp_path, corpus_dir):
     pipeline = offline_pipeline(model_dir, tmp_path)
     text = "The Zorblax 3000 brews coffee at exactly 91 degrees Celsius."

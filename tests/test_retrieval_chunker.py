@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 
-from kvblend.corpus import Document, pydoc_topics
 from kvblend.model.tokenizer import encode
 from kvblend.retrieval.chunker import Chunk, ChunkerConfig, chunk_document, chunk_id
+from kvblend.retrieval.corpus import Document, pydoc_topics
 
 TOPICS = ("exceptions", "try", "integers", "lists", "with")
 

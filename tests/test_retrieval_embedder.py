@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from kvblend.corpus import pydoc_topics
 from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
+from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.retrieval.embedder import Embedder, default_model_dir
 
 
@@ -13,6 +13,7 @@ def embedder():
     return Embedder()
 
 
+@pytest.mark.slow
 def test_vectors_are_unit_norm_float32(embedder):
     vectors = embedder.embed(["The try statement handles exceptions.", "Integers are whole numbers.", "x"])
     assert embedder.dim == 384
@@ -23,12 +24,14 @@ def test_vectors_are_unit_norm_float32(embedder):
         embedder.embed("a bare string")
 
 
+@pytest.mark.slow
 def test_name_is_stable_and_says_which_model(embedder):
     assert embedder.name.startswith("all-MiniLM-L6-v2-")
     assert Embedder(default_model_dir()).name.endswith(embedder.name.rsplit("-", 1)[1])
     assert Embedder().name == embedder.name
 
 
+@pytest.mark.slow
 def test_query_about_exceptions_ranks_exception_chunks_first(embedder, tokenizer):
     docs = pydoc_topics(["exceptions", "integers", "lists"])
     first = {d.title: chunk_document(tokenizer, d, ChunkerConfig(128))[0] for d in docs}

@@ -5,14 +5,14 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.runnables import RunnableLambda
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from kvblend.corpus import Document, pydoc_topics
 from kvblend.model.spec import load_spec
 from kvblend.model.tokenizer import encode
 from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
+from kvblend.retrieval.corpus import Document, pydoc_topics
 from kvblend.retrieval.embedder import Embedder
-from kvblend.retrieval.index import VectorIndex
 from kvblend.retrieval.ingest import index_documents
 from kvblend.retrieval.langchain import CachedRetriever, KVBlendEmbeddings, KVBlendRetriever, cache_key_fn
+from kvblend.retrieval.vector_index import VectorIndex
 from kvblend.store.key import ChunkKey
 
 TOPICS = ("exceptions", "try", "integers", "lists", "with")
@@ -56,6 +56,7 @@ def assert_kvblend_metadata(doc: LCDocument, tokenizer, fingerprint: str) -> Non
     assert doc.id == doc.metadata["chunk_id"]
 
 
+@pytest.mark.slow
 def test_kvblend_retriever_returns_chunks_with_cache_keys(index, embedder, tokenizer, fingerprint):
     retriever = KVBlendRetriever(index=index, embedder=embedder, key_for=cache_key_fn(fingerprint, NAMESPACE), k=3)
     docs = retriever.invoke("How do I catch an exception and handle the error?")
@@ -74,6 +75,7 @@ def test_kvblend_retriever_returns_chunks_with_cache_keys(index, embedder, token
     assert chain.invoke("How do I catch an exception and handle the error?") == [d.metadata["cache_key"] for d in docs]
 
 
+@pytest.mark.slow
 def test_kvblend_retriever_refuses_mismatched_embedder_and_bad_k(tmp_path, index, embedder, fingerprint):
     other = VectorIndex.create(tmp_path / "other", embedder.dim, "another-embedder-000000000000")
     with pytest.raises(ValueError, match="another-embedder"):
@@ -84,6 +86,7 @@ def test_kvblend_retriever_refuses_mismatched_embedder_and_bad_k(tmp_path, index
         cache_key_fn(fingerprint, "not a namespace!")
 
 
+@pytest.mark.slow
 def test_cached_retriever_chunks_hits_and_reports_each_new_chunk_once(store, tokenizer, fingerprint):
     reported: list[list] = []
     config = ChunkerConfig(64)
@@ -115,6 +118,7 @@ def test_cached_retriever_chunks_hits_and_reports_each_new_chunk_once(store, tok
     assert len(reported) >= 2
 
 
+@pytest.mark.slow
 def test_cached_retriever_reports_chunks_again_when_the_callback_failed(store, tokenizer, fingerprint):
     calls: list[int] = []
 
@@ -134,6 +138,7 @@ def test_cached_retriever_reports_chunks_again_when_the_callback_failed(store, t
     assert {d.metadata["source"] for d in wider} > {"pydoc:integers"}, "invoke kwargs reach the wrapped retriever"
 
 
+@pytest.mark.slow
 def test_kvblend_embeddings_adapter(embedder):
     adapter = KVBlendEmbeddings(embedder)
     vectors = adapter.embed_documents(["one", "two"])

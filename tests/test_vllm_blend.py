@@ -7,14 +7,16 @@ offline torch precompute. Later prompts hold them mid-prompt, in other orders, w
 import pathlib
 
 import pytest
+from vllm_helpers import agree_up_to_near_tie, first_token_kl, generate, report, start_llm, stop_llm
 
 from kvblend.blend.prompt import chat_template
-from kvblend.corpus import pydoc_topics
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import encode
-from kvblend.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.rag.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.store import StoreConfig, open_store
-from vllm_helpers import agree_up_to_near_tie, first_token_kl, generate, report, start_llm, stop_llm
+
+pytestmark = pytest.mark.slow  # starts vLLM engines
 
 TOPICS = ["exceptions", "import", "execmodel", "compound", "class", "function", "assignment", "lambda"]
 

@@ -12,9 +12,9 @@ from kvblend.blend.config import BlendConfig  # noqa: E402
 from kvblend.blend.engine import BlendEngine  # noqa: E402
 from kvblend.blend.layout import ChunkRef, PromptLayout  # noqa: E402
 from kvblend.model.ops import DEFAULT_OPS  # noqa: E402
-from kvblend.model.rope import cos_sin  # noqa: E402
 from kvblend.model.runner import LlamaModel  # noqa: E402
-from kvblend.precompute import chunk_key, compute_chunk_kv  # noqa: E402
+from kvblend.rag.precompute import chunk_key, compute_chunk_kv  # noqa: E402
+from kvblend.rope import cos_sin  # noqa: E402
 from kvblend.store.memory import MemoryTier  # noqa: E402
 from kvblend.store.tiered import TieredStore  # noqa: E402
 from kvblend.vllm.cpu_ops import VLLM_CPU_OPS, check_ops  # noqa: E402
@@ -110,6 +110,7 @@ def last_token_kl(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.sum(p.exp() * (p - q)).item()
 
 
+@pytest.mark.slow
 def test_model_on_vllm_ops_predicts_like_torch_ops(models):
     ids = torch.randint(0, 49152, (300,), generator=torch.Generator().manual_seed(4))
     torch_ops, vllm_ops = (m.prefill(ids) for m in models)
@@ -120,6 +121,7 @@ def test_model_on_vllm_ops_predicts_like_torch_ops(models):
         assert rel < 2e-2, f"layer {layer} K differs by {rel:.3g} (relative)"
 
 
+@pytest.mark.slow
 def test_blend_on_vllm_ops_matches_torch_ops(models):
     torch_model = models[0]
     gen = torch.Generator().manual_seed(5)

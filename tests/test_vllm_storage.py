@@ -4,12 +4,14 @@ blend module): stored spans are exact, so outputs equal plain vLLM's, and a bad 
 import pathlib
 
 import pytest
-
-from kvblend.corpus import pydoc_topics
-from kvblend.model.tokenizer import encode
-from kvblend.model.spec import load_spec
-from kvblend.vllm.scheduler import prefix_spans
 from vllm_helpers import agree_up_to_near_tie, generate, start_llm, stop_llm, tokens
+
+from kvblend.model.spec import load_spec
+from kvblend.model.tokenizer import encode
+from kvblend.retrieval.corpus import pydoc_topics
+from kvblend.vllm.scheduler import prefix_spans
+
+pytestmark = pytest.mark.slow  # starts vLLM engines
 
 SPAN = 256
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
+DEFAULT_POLICY = "cacheblend"
+DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
 
 
@@ -27,8 +29,8 @@ class BlendConfig:
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
     """
 
-    policy: str = "cacheblend"
-    ratio: float = 0.15
+    policy: str = DEFAULT_POLICY
+    ratio: float = DEFAULT_RATIO
     check_layers: tuple[int, ...] = (1, 3)
     schedule: tuple[float, ...] | None = None
     deviation: str = "kv"
@@ -59,7 +61,7 @@ class BlendConfig:
             raise ValueError(f"schedule ratios must be in [0, 1], got {schedule}")
 
     @classmethod
-    def published(cls, ratio: float = 0.15) -> "BlendConfig":
+    def published(cls, ratio: float = DEFAULT_RATIO) -> "BlendConfig":
         """CacheBlend as published: layers 0-1 recomputed, top-ratio by K+V deviation at layer 1, kept after."""
         return cls("cacheblend", ratio, check_layers=(1,), attention_weighted=False)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvblend.model.rope import UnsupportedRope, apply_rope, inv_freq, rope_shift
 from kvblend.model.spec import ModelSpec
+from kvblend.rope import UnsupportedRope, apply_rope, inv_freq, rope_shift
 
 # fp32 angles at positions ~8k carry ~1e-4 relative error in both paths; a wrong rope config gives O(1).
 TOLERANCE = 1e-3

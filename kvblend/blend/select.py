@@ -52,8 +52,3 @@ def random_scores(num_tokens: int, seed: int, layer: int, device: torch.device) 
     g = torch.Generator().manual_seed(seed * 1000 + layer)
     return torch.rand(num_tokens, generator=g).to(device)
 
-
-def chunk_head_rows(starts: list[int], lengths: list[int], k: int) -> torch.Tensor:
-    """Prompt rows of the first k tokens of each chunk (EPIC's attention-sink fix)."""
-    rows = [torch.arange(s, s + min(k, n)) for s, n in zip(starts, lengths)]
-    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)

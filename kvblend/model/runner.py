@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
-from kvblend.model.rope import cos_sin, inv_freq
 from kvblend.model.spec import ModelSpec, load_spec
 from kvblend.model.weights import LlamaWeights, load_weights
+from kvblend.rope import cos_sin, inv_freq
 from kvblend.triton_kernels import silu_mul, silu_mul_fused
 
 

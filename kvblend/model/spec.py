@@ -5,33 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from kvblend.rope import RopeSpec
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-ROPE_STYLES = ("neox", "gptj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RopeSpec:
-    """Rotary embedding parameters; `scaling_type` is 'default', 'linear', 'llama3', or another HF rope_type."""
-
-    theta: float
-    rotary_dim: int
-    style: str = "neox"
-    scaling_type: str = "default"
-    scaling: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.theta <= 0:
-            raise ValueError(f"rope theta must be positive, got {self.theta}")
-        if self.rotary_dim <= 0 or self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
-        if self.style not in ROPE_STYLES:
-            raise ValueError(f"rope style must be one of {ROPE_STYLES}, got {self.style!r}")
 
 
 @dataclass(frozen=True)
@@ -78,11 +60,6 @@ class ModelSpec:
         values["rope"] = self.rope
         values["dtype"] = name
         return ModelSpec(**values)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K plus V for one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
 
     @property
     def fingerprint(self) -> str:
@@ -150,6 +127,12 @@ def load_spec(model_dir: str | os.PathLike, dtype: str | None = None) -> ModelSp
         raise FileNotFoundError(f"{model_dir} is not an HF model directory: config.json is missing")
     cfg = json.loads(config_path.read_text())
     return spec_from_config(cfg, dtype=dtype, weights_id=weights_identity(model_dir))
+
+
+def model_fingerprint(model_dir: str | os.PathLike, dtype: str | torch.dtype) -> str:
+    """The fingerprint every ChunkKey of this model carries. RAGPipeline and the vLLM connector both call this with
+    the directory vLLM serves and the dtype it runs in, so their keys agree."""
+    return load_spec(model_dir, dtype=dtype if isinstance(dtype, str) else dtype_name(dtype)).fingerprint
 
 
 def weights_identity(model_dir: str | os.PathLike) -> str:

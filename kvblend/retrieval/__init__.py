@@ -1,8 +1,7 @@
-"""Retrieval for RAG: stable token chunks, sentence-transformers embeddings, a persisted faiss index, LangChain."""
+"""Retrieval for RAG: text sources (corpus), stable token chunks, sentence-transformers embeddings, a persisted faiss index, LangChain."""
 
 from kvblend.retrieval.chunker import Chunk, ChunkerConfig, chunk_document
 from kvblend.retrieval.embedder import Embedder
-from kvblend.retrieval.index import IndexFormatError, VectorIndex
 from kvblend.retrieval.ingest import index_documents
 from kvblend.retrieval.langchain import (
     CachedRetriever,
@@ -11,6 +10,7 @@ from kvblend.retrieval.langchain import (
     cache_key_fn,
     chunk_metadata,
 )
+from kvblend.retrieval.vector_index import IndexFormatError, VectorIndex
 
 __all__ = [
     "CachedRetriever",

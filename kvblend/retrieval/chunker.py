@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvblend.corpus import Document
+from kvblend.retrieval.corpus import Document
 
 PARAGRAPH, SENTENCE, LINE, WORD, TOKEN, SPLITS_CHAR = 5, 4, 3, 2, 1, 0
 _PARAGRAPH_END = re.compile(r"\n[ \t\r]*\n\s*$")

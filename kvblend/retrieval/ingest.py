@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from kvblend.corpus import Document
 from kvblend.retrieval.chunker import DEFAULT_CHUNKER, Chunk, ChunkerConfig, chunk_document
+from kvblend.retrieval.corpus import Document
 from kvblend.retrieval.embedder import Embedder
-from kvblend.retrieval.index import VectorIndex
+from kvblend.retrieval.vector_index import VectorIndex
 
 
 def index_documents(
@@ -20,8 +20,7 @@ def index_documents(
 ) -> int:
     """Add the documents' chunks to the index (not saved); returns how many chunks were added.
     `on_document(doc, chunks, added)` follows each document with its chunks as indexed (one per chunk id)."""
-    if embedder.name != index.embedder_name:
-        raise ValueError(f"index {index.path} holds vectors of {index.embedder_name!r}, not {embedder.name!r}")
+    index.check_embedder(embedder)
     stored: dict[str, set[str]] = {}
     for chunk in index.chunks():
         stored.setdefault(chunk.source, set()).add(chunk.chunk_id)

@@ -19,21 +19,21 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
 from pydantic import Field, PrivateAttr, model_validator
 
-from kvblend.corpus import Document
 from kvblend.retrieval.chunker import Chunk, ChunkerConfig, chunk_document
+from kvblend.retrieval.corpus import Document
 from kvblend.retrieval.embedder import Embedder
-from kvblend.retrieval.index import VectorIndex
-from kvblend.store.key import ChunkKey
+from kvblend.retrieval.vector_index import VectorIndex
+from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
 
 KeyFn = Callable[[Sequence[int]], str]
 
 
-def cache_key_fn(fingerprint: str, namespace: str = "default") -> KeyFn:
+def cache_key_fn(fingerprint: str, namespace: str = DEFAULT_NAMESPACE) -> KeyFn:
     """token ids -> ChunkKey digest of their KV computed alone, for the model with this fingerprint."""
-    ChunkKey.for_tokens(fingerprint, (0,), namespace)  # validate fingerprint and namespace now, not per query
+    ChunkKey.alone(fingerprint, (0,), namespace)  # validate fingerprint and namespace now, not per query
 
     def key_for(token_ids: Sequence[int]) -> str:
-        return ChunkKey.for_tokens(fingerprint, token_ids, namespace, "alone").digest
+        return ChunkKey.alone(fingerprint, token_ids, namespace).digest
 
     return key_for
 
@@ -76,11 +76,7 @@ class KVBlendRetriever(BaseRetriever):
 
     @model_validator(mode="after")
     def _same_embedder(self) -> KVBlendRetriever:
-        if self.embedder.name != self.index.embedder_name:
-            raise ValueError(
-                f"index {self.index.path} holds vectors of {self.index.embedder_name!r}, "
-                f"but the retriever embeds queries with {self.embedder.name!r}"
-            )
+        self.index.check_embedder(self.embedder)
         return self
 
     def _get_relevant_documents(

@@ -1,16 +1,16 @@
 """Content-addressed chunk KV store: ChunkKey, safetensors entries, memory/disk/Redis tiers, TieredStore."""
 
+from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
 from kvblend.store.entry import ChunkKV, EntryError, read_entry, serialize
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
 from kvblend.store.redis_tier import RedisConfig, RedisTier
 from kvblend.store.tier import Tier, TierStats
-from kvblend.store.index import ChunkIndex
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 
 __all__ = [
-    "ChunkIndex",
+    "ChunkAnchorIndex",
     "ChunkKV",
     "ChunkKey",
     "DiskTier",

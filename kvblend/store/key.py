@@ -9,7 +9,10 @@ from typing import Sequence
 
 import numpy as np
 
-CONTEXTS = ("alone", "behind_prefix")
+ALONE = "alone"  # KV computed from position 0, with nothing before the chunk
+BEHIND_PREFIX = "behind_prefix"  # KV computed behind a shared prompt prefix: "behind_prefix:<prefix hash>"
+CONTEXTS = (ALONE, BEHIND_PREFIX)
+DEFAULT_NAMESPACE = "default"
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -20,12 +23,18 @@ def token_ids_hash(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(token_ids, dtype="<i8").tobytes()).hexdigest()
 
 
+def chunk_context(prefix_ids: Sequence[int] | None) -> str:
+    """The context of KV computed alone (no prefix) or behind the given shared prefix."""
+    return ALONE if not prefix_ids else f"{BEHIND_PREFIX}:{token_ids_hash(prefix_ids)[:16]}"
+
+
 @dataclass(frozen=True)
 class ChunkKey:
     """Hash over (model fingerprint, namespace, chunk context, token ids).
 
     `context` says how the KV was computed: "alone" (from position 0) or "behind_prefix:<prefix hash>"
-    (behind a shared prompt prefix); any difference in any field gives a different key.
+    (behind a shared prompt prefix); any difference in any field gives a different key. Every key kvblend
+    makes comes from the constructors below (`alone`, `behind`).
     """
 
     fingerprint: str
@@ -46,9 +55,26 @@ class ChunkKey:
 
     @classmethod
     def for_tokens(
-        cls, fingerprint: str, token_ids: Sequence[int], namespace: str = "default", context: str = "alone"
+        cls, fingerprint: str, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE, context: str = ALONE
     ) -> "ChunkKey":
+        """The key of `token_ids` whose KV was computed in `context` (see `alone` and `behind`)."""
         return cls(fingerprint, namespace, context, token_ids_hash(token_ids), len(token_ids))
+
+    @classmethod
+    def alone(cls, fingerprint: str, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> "ChunkKey":
+        """The key of a chunk's KV computed alone, from position 0 (what blending reuses anywhere in a prompt)."""
+        return cls.for_tokens(fingerprint, token_ids, namespace, ALONE)
+
+    @classmethod
+    def behind(cls, fingerprint: str, token_ids: Sequence[int], prefix_ids: Sequence[int] | None,
+               namespace: str = DEFAULT_NAMESPACE) -> "ChunkKey":
+        """The key of a chunk's KV computed behind `prefix_ids` (no prefix: the same as `alone`)."""
+        return cls.for_tokens(fingerprint, token_ids, namespace, chunk_context(prefix_ids))
+
+    @property
+    def is_alone(self) -> bool:
+        """Computed alone from position 0, so reusable wherever the tokens appear."""
+        return self.context == ALONE
 
     @property
     def digest(self) -> str:

@@ -22,10 +22,13 @@ from kvblend.store.tier import TierStats
 log = logging.getLogger(__name__)
 
 
+DEFAULT_TIMEOUT_S = 0.5
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     url: str
-    timeout_s: float = 0.5
+    timeout_s: float = DEFAULT_TIMEOUT_S
     retry_s: float = 5.0
     prefix: str = "kvblend:"
     ttl_s: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,28 +11,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from kvblend.paths import cache_dir
+from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
 from kvblend.store.entry import ChunkKV, serialize
-from kvblend.store.index import ChunkIndex
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
-from kvblend.store.redis_tier import RedisConfig, RedisTier
+from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier
 from kvblend.store.tier import Tier, TierStats
 
 log = logging.getLogger(__name__)
 _STOP = object()
+GIB = 1 << 30
+DEFAULT_MEMORY_GB = 2.0
+DEFAULT_DISK_GB = 20.0
+
+
+def default_store_dir() -> Path:
+    """The disk tier's directory unless one is given: cache_dir()/"store"."""
+    return cache_dir() / "store"
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """Which tiers exist and their budgets. Tiers are consulted fastest first: memory, disk, Redis."""
 
-    memory_bytes: int = 2 << 30
+    memory_bytes: int = int(DEFAULT_MEMORY_GB * GIB)
     disk_dir: str | None = None
-    disk_bytes: int = 20 << 30
+    disk_bytes: int = int(DEFAULT_DISK_GB * GIB)
     redis_url: str | None = None
-    redis_timeout_s: float = 0.5
+    redis_timeout_s: float = DEFAULT_TIMEOUT_S
     write_queue: int = 64
+
+    @classmethod
+    def from_settings(cls, store_dir: str | os.PathLike | None = None, memory_gb: float = DEFAULT_MEMORY_GB,
+                      disk_gb: float = DEFAULT_DISK_GB, redis_url: str | None = None,
+                      redis_timeout_s: float = DEFAULT_TIMEOUT_S) -> StoreConfig:
+        """The tiers the CLI, a RAGPipeline and the connector open: budgets in GiB, the disk tier in `store_dir`
+        (None: default_store_dir()), Redis when a URL is given."""
+        if memory_gb <= 0 or disk_gb <= 0:
+            raise ValueError(f"memory_gb and disk_gb must be positive, got {memory_gb} and {disk_gb}")
+        return cls(memory_bytes=int(memory_gb * GIB), disk_dir=str(store_dir or default_store_dir()),
+                   disk_bytes=int(disk_gb * GIB), redis_url=redis_url, redis_timeout_s=redis_timeout_s)
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -47,25 +68,26 @@ class StoreConfig:
 def open_store(config: StoreConfig) -> "TieredStore":
     """The configured tiers, and a chunk index kept beside the persistent ones (for chunk discovery)."""
     tiers: list[Tier] = [MemoryTier(config.memory_bytes)]
-    index_dir, redis = None, None
+    anchors_dir, redis = None, None
     if config.disk_dir:
         tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
-        index_dir = Path(config.disk_dir) / "index"
+        anchors_dir = Path(config.disk_dir) / "index"
     if config.redis_url:
         redis = RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s))
         tiers.append(redis)
-    return TieredStore(tiers, write_queue=config.write_queue, index=ChunkIndex(index_dir, redis))
+    return TieredStore(tiers, write_queue=config.write_queue, anchors=ChunkAnchorIndex(anchors_dir, redis))
 
 
 class TieredStore:
     """One interface over several tiers. Synchronous tiers are written on the caller's thread, the others
     by one background writer fed through a bounded queue (a full queue makes `put` wait, never drop)."""
 
-    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64, index: ChunkIndex | None = None) -> None:
+    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64,
+                 anchors: ChunkAnchorIndex | None = None) -> None:
         if not tiers:
             raise ValueError("a store needs at least one tier")
         self.tiers = list(tiers)
-        self.index = index if index is not None else ChunkIndex()
+        self.anchors = anchors if anchors is not None else ChunkAnchorIndex()
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
         self._writer.start()
@@ -87,9 +109,9 @@ class TieredStore:
         entry is written). The store owns `kv` afterwards: do not modify its tensors."""
         if kv.key != key:
             raise ValueError("entry does not belong to the key it is stored under")
-        self._write(key, kv, self.tiers, index=key.context == "alone")
+        self._write(key, kv, self.tiers, anchor=key.is_alone)
 
-    def _write(self, key: ChunkKey, kv: ChunkKV, tiers: Sequence[Tier], index: bool = False) -> None:
+    def _write(self, key: ChunkKey, kv: ChunkKV, tiers: Sequence[Tier], anchor: bool = False) -> None:
         slow = []
         for tier in tiers:
             if tier.synchronous:
@@ -97,9 +119,9 @@ class TieredStore:
             else:
                 slow.append(tier)
         if slow:
-            self._queue.put((key, kv, slow, index))
-        elif index:
-            self.index.add(kv.token_ids.tolist())
+            self._queue.put((key, kv, slow, anchor))
+        elif anchor:
+            self.anchors.add(kv.token_ids.tolist())
 
     def _write_loop(self) -> None:
         while True:
@@ -107,15 +129,15 @@ class TieredStore:
             try:
                 if item is _STOP:
                     return
-                key, kv, tiers, index = item
+                key, kv, tiers, anchor = item
                 blob = serialize(kv)
                 for tier in tiers:
                     try:
                         tier.put_bytes(key, blob)
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
-                if index:
-                    self.index.add(kv.token_ids.tolist())
+                if anchor:
+                    self.anchors.add(kv.token_ids.tolist())
             except Exception:
                 log.exception("store: cannot serialise an entry for the slow tiers")
             finally:

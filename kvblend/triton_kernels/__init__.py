@@ -4,7 +4,7 @@ Imports with torch alone: without triton every op runs its torch reference.
 """
 
 from kvblend.triton_kernels.dispatch import BACKENDS, HAS_TRITON
-from kvblend.triton_kernels.kv_deviation import kv_deviation, kv_deviation_ref, select_top
+from kvblend.triton_kernels.kv_deviation import kv_deviation, kv_deviation_ref
 from kvblend.triton_kernels.paged_kv import (
     LAYOUTS,
     paged_kv_read,
@@ -41,7 +41,6 @@ __all__ = [
     "rope_qk_ref",
     "rope_shift_gather",
     "rope_shift_gather_ref",
-    "select_top",
     "silu_mul",
     "silu_mul_fused",
     "silu_mul_ref",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from kvblend.model.spec import ROPE_STYLES
-
 
 def check_index_vector(index: torch.Tensor, length: int, name: str) -> None:
     """Refuse anything but a 1-D int64 tensor of `length` elements."""
@@ -22,11 +20,6 @@ def check_index_ranges(*checks: tuple[torch.Tensor, int, int, str]) -> None:
     for (lo, hi), (_, low, high, name) in zip(bounds, checks):
         if lo < low or hi >= high:
             raise ValueError(f"{name} holds values in [{lo}, {hi}], outside the valid range [{low}, {high})")
-
-
-def check_rope_style(style: str) -> None:
-    if style not in ROPE_STYLES:
-        raise ValueError(f"unknown rope style {style!r}; expected one of {', '.join(ROPE_STYLES)}")
 
 
 def check_kv_pair(k: torch.Tensor, v: torch.Tensor, name: str) -> None:

@@ -77,17 +77,6 @@ def kv_deviation_ref(
     return dev_k, dev_v
 
 
-def select_top(dev: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending int64 indices of the k largest deviations (k clipped to len(dev)).
-
-    Measured 50-260 us on an H100 for 2k-131k tokens; it runs at the check layer only, so it is not a bottleneck.
-    """
-    if k < 0:
-        raise ValueError(f"select_top needs k >= 0, got {k}")
-    top = torch.topk(dev, min(k, dev.shape[0]), sorted=False).indices
-    return top.sort().values
-
-
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """x itself when each token's heads x head_dim are one contiguous run, else a contiguous copy."""
     if x.stride(2) == 1 and x.stride(1) == x.shape[2]:

@@ -1,6 +1,6 @@
 """RoPE of Q and K at their positions in one launch: each program turns all query and key heads of one token.
 
-Numerics follow `kvblend.model.rope.rotate` (HF's apply_rotary_pos_emb): cos/sin are rounded to the tensors'
+Numerics follow `kvblend.rope.rotate` (HF's apply_rotary_pos_emb): cos/sin are rounded to the tensors'
 dtype first. The kernel then multiplies and adds in fp32 and rounds the result once, where torch rounds each
 product and the sum to the tensor dtype. For bf16/fp16 the fp32 products of two rounded operands are exact, so
 the kernel's result is the correctly rounded x1*cos -/+ x2*sin; torch's can differ from it by about one ulp
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvblend.model.rope import rotate
-from kvblend.triton_kernels.checks import check_rope_style
+from kvblend.rope import check_rope_style, rotate
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -87,7 +86,7 @@ def rope_qk(
 def rope_qk_ref(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of `rope_qk`: `kvblend.model.rope.rotate` (arithmetic in the tensors' dtype) on q and k."""
+    """Torch reference of `rope_qk`: `kvblend.rope.rotate` (arithmetic in the tensors' dtype) on q and k."""
     return rotate(q, cos, sin, style), rotate(k, cos, sin, style)
 
 

@@ -2,16 +2,15 @@
 
 Cached K carries RoPE at the position the chunk was computed at; placed at another position it must turn
 by delta = new_pos - old_pos. Rotation is in fp32 from cos/sin of delta * freq, rounded once to the
-output dtype, as `kvblend.model.rope.rope_shift` does. Only the first 2 * len(freq) dims rotate.
+output dtype, as `kvblend.rope.rope_shift` does. Only the first 2 * len(freq) dims rotate.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvblend.model.rope import rope_shift
-from kvblend.model.spec import RopeSpec
-from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair, check_rope_style
+from kvblend.rope import RopeSpec, check_rope_style, rope_shift
+from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -104,7 +103,7 @@ def rope_shift_gather_ref(
     freq: torch.Tensor,
     style: str,
 ) -> None:
-    """Torch reference of `rope_shift_gather`: `kvblend.model.rope.rope_shift` (fp32 rotation, one rounding)
+    """Torch reference of `rope_shift_gather`: `kvblend.rope.rope_shift` (fp32 rotation, one rounding)
     on the gathered rows, then indexed copies."""
     dst_k[dst_rows] = rope_shift(src_k[src_rows], delta, RopeSpec(1.0, 2 * freq.shape[0], style), freq)
     dst_v[dst_rows] = src_v[src_rows]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from kvblend.blend.config import BlendConfig
-from kvblend.store.tiered import StoreConfig
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.store.key import DEFAULT_NAMESPACE
+from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 
 MODES = ("blend", "storage")
 CPU_OPS = ("vllm", "torch")
@@ -16,21 +18,22 @@ class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
     cpu_ops "vllm": on a CPU engine the blend runs RMSNorm and RoPE with vLLM's C++ kernels; "torch": with
-    kvblend's torch references."""
+    kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
+    check_layers means BlendConfig's."""
 
     mode: str = "blend"
     store_dir: str | None = None
-    disk_gb: float = 20.0
-    memory_gb: float = 2.0
+    disk_gb: float = DEFAULT_DISK_GB
+    memory_gb: float = DEFAULT_MEMORY_GB
     redis_url: str | None = None
-    redis_timeout_s: float = 0.5
-    namespace: str = "default"
+    redis_timeout_s: float = DEFAULT_TIMEOUT_S
+    namespace: str = DEFAULT_NAMESPACE
     span_tokens: int = 256
     extract: bool = True
     discover: bool = True
     min_chunk_tokens: int = 32
-    policy: str = "cacheblend"
-    ratio: float = 0.15
+    policy: str = DEFAULT_POLICY
+    ratio: float = DEFAULT_RATIO
     check_layers: tuple[int, ...] | None = None
     self_check: bool = True
     cpu_ops: str = "vllm"
@@ -58,15 +61,8 @@ class ConnectorConfig:
         return cls(**extra)
 
     def store_config(self) -> StoreConfig:
-        from kvblend.model.embedded import cache_dir
-
-        return StoreConfig(
-            memory_bytes=int(self.memory_gb * (1 << 30)),
-            disk_dir=self.store_dir or str(cache_dir() / "store"),
-            disk_bytes=int(self.disk_gb * (1 << 30)),
-            redis_url=self.redis_url,
-            redis_timeout_s=self.redis_timeout_s,
-        )
+        return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
+                                         self.redis_timeout_s)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""

@@ -18,11 +18,10 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-from kvblend.model.spec import dtype_name, load_spec
+from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
 from kvblend.store.tiered import open_store
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.scheduler import SchedulerSide
-from kvblend.vllm.worker import WorkerSide
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +34,19 @@ class KVBlendConnector(KVConnectorBase_V1):
             raise ValueError("kvblend's connector runs the blend engine on whole layers: tensor parallelism is not supported")
         model_config = vllm_config.model_config
         dtype = dtype_name(model_config.dtype)
-        spec = load_spec(model_config.model, dtype=dtype)
+        fingerprint = model_fingerprint(model_config.model, dtype)
         self.store = open_store(self.config.store_config())
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(self.config, spec.fingerprint, self.store)
+            self.scheduler_side = SchedulerSide(self.config, fingerprint, self.store)
         else:
+            from kvblend.vllm.worker import WorkerSide  # the blend engine and model runner: worker process only
+
+            spec = load_spec(model_config.model, dtype=dtype)
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(model_config.model, dtype, vllm_config.cache_config.block_size,
                                           spec.num_kv_heads, spec.head_dim, self.store, layers, self.config.cpu_ops)
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
-                 spec.fingerprint[:12], dtype)
+                 fingerprint[:12], dtype)
 
     # -- scheduler side -----------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
-from kvblend.model.rope import cos_sin, inv_freq
-from kvblend.model.spec import RopeSpec
+from kvblend.rope import RopeSpec, cos_sin, inv_freq
 from kvblend.triton_kernels.rope_shift import check_rope_shift_args
 
 # Relative to the largest reference value: bf16 rounding differences are ~2^-8; a wrong layout is O(1).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvblend.blend.config import POLICIES
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 
 KEY = "kvblend"
 
@@ -47,12 +47,10 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
             if length <= 0 or start < end or start + length > prompt_len:
                 raise ValueError(f"chunk span ({start}, {length}) is empty, overlaps or leaves the {prompt_len}-token prompt")
             end = start + length
-    policy = raw.get("policy")
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"unknown blend policy {policy!r}")
-    ratio = raw.get("ratio")
-    if ratio is not None and not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    policy, ratio = raw.get("policy"), raw.get("ratio")
+    if policy is not None or ratio is not None:  # BlendConfig validates both
+        BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
+                     ratio=DEFAULT_RATIO if ratio is None else float(ratio))
     return RequestParams(mode=mode, chunks=chunks, namespace=raw.get("namespace"),
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
                          ratio=None if ratio is None else float(ratio))

@@ -13,7 +13,6 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvblend.precompute import chunk_context
 from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
@@ -28,8 +27,7 @@ WORKER_KEYS_KEPT = 100_000  # by then the store's background writer has long mad
 def prefix_spans(fingerprint: str, prompt: list[int], span_tokens: int, namespace: str) -> list[Span]:
     """Every full span of the prompt, keyed by its tokens and (as its context) all tokens before it."""
     return [
-        Span(s, span_tokens, ChunkKey.for_tokens(fingerprint, prompt[s : s + span_tokens], namespace,
-                                                 chunk_context(prompt[:s])))
+        Span(s, span_tokens, ChunkKey.behind(fingerprint, prompt[s : s + span_tokens], prompt[:s], namespace))
         for s in range(0, len(prompt) - span_tokens + 1, span_tokens)
     ]
 
@@ -105,14 +103,14 @@ class SchedulerSide:
         if params.chunks is not None:
             spans = list(params.chunks)
         elif self.config.discover:
-            spans = self.store.index.find(prompt[:limit], self.config.min_chunk_tokens)
+            spans = self.store.anchors.find(prompt[:limit], self.config.min_chunk_tokens)
         else:
             spans = []
         found = []
         for start, length in spans:
             if start + length > limit or start + length <= exact_end:
                 continue
-            key = ChunkKey.for_tokens(self.fingerprint, prompt[start : start + length], namespace, "alone")
+            key = ChunkKey.alone(self.fingerprint, prompt[start : start + length], namespace)
             if self._present(key):
                 found.append(Span(start, length, key))
         return found
@@ -165,7 +163,7 @@ class SchedulerSide:
             return
         namespace = params.namespace or self.config.namespace
         if params.store_prompt:
-            spans = [Span(0, len(prompt), ChunkKey.for_tokens(self.fingerprint, prompt, namespace, "alone"))]
+            spans = [Span(0, len(prompt), ChunkKey.alone(self.fingerprint, prompt, namespace))]
         elif self.config.extract:
             spans = prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace)
         else:
@@ -197,7 +195,7 @@ class SchedulerSide:
             if len(self._worker_keys) > WORKER_KEYS_KEPT:
                 self._worker_keys.popitem(last=False)
             if token_ids is not None:
-                self.store.index.remember(token_ids)
+                self.store.anchors.remember(token_ids)
 
     def finished(self, req_id: str) -> dict | None:
         """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]. vLLM frees a

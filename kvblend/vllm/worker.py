@@ -208,7 +208,7 @@ class WorkerSide:
             k, v = self._read_rows(job.block_ids, span.start, span.end)
             ids = job.prompt[span.start : span.end]
             self.store.put(span.key, ChunkKV(span.key, k.cpu(), v.cpu(), torch.tensor(ids), base_position=span.start))
-            self._stored.append((span.key.digest, ids if span.key.context == "alone" else None))
+            self._stored.append((span.key.digest, ids if span.key.is_alone else None))
 
     def _self_check(self, job: SaveJob) -> tuple[bool, str]:
         """Compare vLLM's own KV of a prompt it just prefilled with the blend engine's full prefill of it."""

@@ -1,11 +1,11 @@
-"""ChunkIndex: chunks found anywhere in a prompt by content hash, across processes (disk) and hosts (Redis)."""
+"""ChunkAnchorIndex: chunks found anywhere in a prompt by content hash, across processes (disk) and hosts (Redis)."""
 
 import random
 import subprocess
 import sys
 
-from kvblend.store import ChunkIndex, RedisConfig, RedisTier
-from kvblend.store.index import ANCHOR_TOKENS
+from kvblend.store import ChunkAnchorIndex, RedisConfig, RedisTier
+from kvblend.store.anchors import ANCHOR_TOKENS
 
 
 def chunks(seed: int, sizes=(40, 70, 23, 100)) -> list[list[int]]:
@@ -26,7 +26,7 @@ def prompt_with(parts: list[list[int]], seed: int) -> tuple[list[int], list[tupl
 
 
 def test_finds_chunks_in_any_order_with_gaps():
-    index = ChunkIndex()
+    index = ChunkAnchorIndex()
     parts = chunks(0)
     for p in parts:
         assert index.add(p)
@@ -35,7 +35,7 @@ def test_finds_chunks_in_any_order_with_gaps():
 
 
 def test_same_anchor_different_tail_is_not_a_match():
-    index = ChunkIndex()
+    index = ChunkAnchorIndex()
     a = chunks(2, (60,))[0]
     index.add(a)
     b = a[:ANCHOR_TOKENS + 5] + [7] * 30
@@ -44,7 +44,7 @@ def test_same_anchor_different_tail_is_not_a_match():
 
 
 def test_longest_registered_chunk_wins_and_short_chunks_are_not_indexed():
-    index = ChunkIndex()
+    index = ChunkAnchorIndex()
     long = chunks(3, (80,))[0]
     index.add(long[:30])
     index.add(long)
@@ -56,23 +56,23 @@ def test_longest_registered_chunk_wins_and_short_chunks_are_not_indexed():
 def test_disk_index_is_shared_between_processes(tmp_path):
     parts = chunks(4)
     code = (
-        "import sys, json; from kvblend.store import ChunkIndex; "
-        f"idx = ChunkIndex({str(tmp_path)!r}); [idx.add(p) for p in json.loads(sys.argv[1])]"
+        "import sys, json; from kvblend.store import ChunkAnchorIndex; "
+        f"idx = ChunkAnchorIndex({str(tmp_path)!r}); [idx.add(p) for p in json.loads(sys.argv[1])]"
     )
     import json
 
     subprocess.run([sys.executable, "-c", code, json.dumps(parts)], check=True)
     prompt, spans = prompt_with(parts, 5)
-    assert ChunkIndex(tmp_path).find(prompt) == spans
+    assert ChunkAnchorIndex(tmp_path).find(prompt) == spans
 
 
 def test_redis_index_is_shared_and_survives_an_outage(private_redis, caplog):
     parts = chunks(6)
-    writer = ChunkIndex(redis=RedisTier(RedisConfig(private_redis.url)))
+    writer = ChunkAnchorIndex(redis=RedisTier(RedisConfig(private_redis.url)))
     for p in parts:
         writer.add(p)
     prompt, spans = prompt_with(parts, 7)
-    reader = ChunkIndex(redis=RedisTier(RedisConfig(private_redis.url, retry_s=60)))
+    reader = ChunkAnchorIndex(redis=RedisTier(RedisConfig(private_redis.url, retry_s=60)))
     assert reader.find(prompt) == spans
     private_redis.stop()
     assert reader.find(prompt) == []

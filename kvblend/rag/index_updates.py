@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kvblend.corpus import Document
 from kvblend.retrieval import Chunk, ChunkerConfig, Embedder, VectorIndex, index_documents
+from kvblend.retrieval.corpus import Document
 
 SAVE_EVERY_DOCUMENTS = 16
 
@@ -24,17 +24,11 @@ def open_index(path: Path) -> VectorIndex:
     return VectorIndex.open(path)
 
 
-def check_embedder(index: VectorIndex, embedder: Embedder) -> None:
-    if index.embedder_name != embedder.name or index.dim != embedder.dim:
-        raise ValueError(f"index {index.path} holds vectors of {index.embedder_name!r} (dim {index.dim}), "
-                         f"not of {embedder.name!r} (dim {embedder.dim}); rebuild it or use that embedder")
-
-
 def update_index(index: VectorIndex, embedder: Embedder, tokenizer, docs: Sequence[Document], chunker: ChunkerConfig,
                  on_document: Callable[[Document, int], None] | None = None) -> tuple[int, list[Chunk]]:
     """Index the documents (unchanged ones cost a chunking pass; changed ones are replaced), saving every few
     documents and at the end. Returns the number of chunks added and every chunk of these documents."""
-    check_embedder(index, embedder)
+    index.check_embedder(embedder)
     chunks: list[Chunk] = []
     state = {"size": len(index), "unsaved": 0}
 

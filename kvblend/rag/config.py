@@ -7,16 +7,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvblend.blend.config import BlendConfig
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.prompt import DEFAULT_SYSTEM
-from kvblend.store.key import ChunkKey
-from kvblend.store.redis_tier import RedisConfig
-from kvblend.store.tiered import StoreConfig
+from kvblend.paths import cache_dir
+from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig, default_store_dir
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config")
+VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
+
+
+def default_index_dir() -> Path:
+    """The vector index's directory unless one is given: cache_dir()/"index"."""
+    return cache_dir() / "index"
 
 
 class RedisUnreachable(RuntimeError):
@@ -27,37 +33,33 @@ class RedisUnreachable(RuntimeError):
 class PipelineConfig:
     """Model, index, chunk KV store, blend and retrieval settings of a RAGPipeline.
 
-    model_dir None is the embedded SmolLM2; index_dir and store_dir default to `cache_dir()/"index"` and
-    `cache_dir()/"store"`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM`.
+    model_dir None is the embedded SmolLM2; index_dir and store_dir default to `default_index_dir()` and
+    `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM`. The store
+    and blend settings default to StoreConfig's and BlendConfig's, and are validated by them.
     """
 
     model_dir: str | os.PathLike | None = None
     index_dir: str | os.PathLike | None = None
     store_dir: str | os.PathLike | None = None
     redis_url: str | None = None
-    memory_gb: float = 2.0
-    disk_gb: float = 20.0
-    policy: str = "cacheblend"
-    ratio: float = 0.15
+    memory_gb: float = DEFAULT_MEMORY_GB
+    disk_gb: float = DEFAULT_DISK_GB
+    policy: str = DEFAULT_POLICY
+    ratio: float = DEFAULT_RATIO
     top_k: int = 4
     chunk_tokens: int = 512
-    namespace: str = "default"
+    namespace: str = DEFAULT_NAMESPACE
     system_prompt: str = DEFAULT_SYSTEM
     separator: str = "\n\n"
     max_tokens: int = 128
     engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from kvblend.model.embedded import cache_dir
-
-        object.__setattr__(self, "index_dir", Path(self.index_dir or cache_dir() / "index"))
-        object.__setattr__(self, "store_dir", Path(self.store_dir or cache_dir() / "store"))
-        if self.memory_gb <= 0 or self.disk_gb <= 0:
-            raise ValueError(f"memory_gb and disk_gb must be positive, got {self.memory_gb} and {self.disk_gb}")
+        object.__setattr__(self, "index_dir", Path(self.index_dir or default_index_dir()))
+        object.__setattr__(self, "store_dir", Path(self.store_dir or default_store_dir()))
+        StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url)
         BlendConfig(policy=self.policy, ratio=self.ratio)
-        ChunkKey.for_tokens("config-check", (0,), self.namespace)
-        if self.redis_url is not None:
-            RedisConfig(self.redis_url)
+        ChunkKey.alone("config-check", (0,), self.namespace)
         if self.top_k <= 0 or self.chunk_tokens <= 0 or self.max_tokens <= 0:
             raise ValueError(f"top_k, chunk_tokens and max_tokens must be positive, got {self.top_k}, "
                              f"{self.chunk_tokens} and {self.max_tokens}")
@@ -92,8 +94,7 @@ class PipelineConfig:
 
     def store_config(self) -> StoreConfig:
         """The same persistent tiers the connector uses, for checks and stats in this process (small memory tier)."""
-        return StoreConfig(memory_bytes=64 << 20, disk_dir=str(self.store_dir),
-                           disk_bytes=int(self.disk_gb * (1 << 30)), redis_url=self.redis_url)
+        return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url)
 
 
 def require_redis(url: str, timeout_s: float = 2.0) -> None:

@@ -89,6 +89,13 @@ def _write_atomic(target: Path, write) -> None:
         raise
 
 
+def check_embedder(path: str | os.PathLike, embedder_name: str, dim: int, embedder) -> None:
+    """Refuse an embedder other than the one (name and dimension) whose vectors the index at `path` holds."""
+    if embedder.name != embedder_name or embedder.dim != dim:
+        raise ValueError(f"index {path} holds vectors of {embedder_name!r} (dim {dim}), not of {embedder.name!r} "
+                         f"(dim {embedder.dim}); rebuild the index or use that embedder")
+
+
 def _read_manifest(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no index at {path}: the directory does not exist")
@@ -189,11 +196,8 @@ class VectorIndex:
 
         path = Path(path)
         manifest = _read_manifest(path)
-        if embedder is not None and (embedder.name != manifest["embedder"] or embedder.dim != manifest["dim"]):
-            raise ValueError(
-                f"index {path} was built with embedder {manifest['embedder']!r} (dim {manifest['dim']}), "
-                f"not {embedder.name!r} (dim {embedder.dim}); rebuild the index or use that embedder"
-            )
+        if embedder is not None:
+            check_embedder(path, manifest["embedder"], manifest["dim"], embedder)
         generation = int(manifest["generation"])
         chunks_path, vectors_path = path / f"chunks-{generation:06d}.jsonl", path / f"vectors-{generation:06d}.faiss"
         for required in (chunks_path, vectors_path):
@@ -228,6 +232,10 @@ class VectorIndex:
             int(manifest["next_id"]),
             generation,
         )
+
+    def check_embedder(self, embedder) -> None:
+        """Refuse an embedder other than the one whose vectors this index holds."""
+        check_embedder(self.path, self.embedder_name, self.dim, embedder)
 
     def __len__(self) -> int:
         return len(self._chunks)

@@ -1,4 +1,6 @@
-"""Rotary position embedding: frequencies per scaling type, rotation of Q/K, and `rope_shift`.
+"""Rotary position embedding: RopeSpec, frequencies per scaling type, rotation of Q/K, and `rope_shift`.
+
+A leaf module (torch only) that both kvblend.model and kvblend.triton_kernels import.
 
 Every supported scaling keeps a fixed frequency per dimension pair, so moving K from position p to p + d
 is the pure rotation by d. Types whose frequencies depend on the sequence (dynamic NTK) are refused.
@@ -7,16 +9,40 @@ is the pure rotation by d. Types whose frequencies depend on the sequence (dynam
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from kvblend.model.spec import RopeSpec
-
+ROPE_STYLES = ("neox", "gptj")
 SHIFTABLE_SCALING = ("default", "linear", "llama3")
 
 
 class UnsupportedRope(ValueError):
     """The rope configuration cannot be reproduced (or shifted) exactly."""
+
+
+def check_rope_style(style: str) -> None:
+    """Refuse a rotation style other than neox (halves) or gptj (interleaved pairs)."""
+    if style not in ROPE_STYLES:
+        raise ValueError(f"unknown rope style {style!r}; expected one of {', '.join(ROPE_STYLES)}")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters; `scaling_type` is 'default', 'linear', 'llama3', or another HF rope_type."""
+
+    theta: float
+    rotary_dim: int
+    style: str = "neox"
+    scaling_type: str = "default"
+    scaling: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.theta <= 0:
+            raise ValueError(f"rope theta must be positive, got {self.theta}")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
+        check_rope_style(self.style)
 
 
 def inv_freq(rope: RopeSpec) -> torch.Tensor:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from kvblend.blend.prompt import PromptTemplate
 from kvblend.model.tokenizer import encode
-from kvblend.pipeline_config import PipelineConfig
-from kvblend.rag_prompt import build_rag_prompt
+from kvblend.rag.config import PipelineConfig
+from kvblend.rag.prompt import build_rag_prompt
 
 log = logging.getLogger(__name__)
 CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kvblend.vllm.connector",

@@ -15,18 +15,19 @@ from typing import Sequence
 
 import torch
 
-from kvblend.blend.config import BlendConfig
+from kvblend.blend.config import DEFAULT_RATIO, BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.prompt import PromptTemplate
-from kvblend.corpus import Document
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import encode
-from kvblend.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.rag.precompute import chunk_key, compute_chunk_kv, token_windows
+from kvblend.retrieval.corpus import Document
+from kvblend.store.key import ALONE, BEHIND_PREFIX
 from kvblend.store.memory import MemoryTier
 from kvblend.store.tiered import TieredStore
 
-RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+RATIOS = (0.0, 0.05, DEFAULT_RATIO, 0.3, 1.0)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class SettingScores:
 
 
 def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequence[CaseSpec],
-             settings: Sequence[Setting], contexts: Sequence[str] = ("alone",), greedy_steps: int = 32,
+             settings: Sequence[Setting], contexts: Sequence[str] = (ALONE,), greedy_steps: int = 32,
              progress=None) -> list[dict]:
     """Run every case under every setting and chunk context; one summary dict per (context, setting)."""
     store = TieredStore([MemoryTier(64 << 30)])
@@ -154,7 +155,7 @@ def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequ
     scores = {(ctx, i): SettingScores() for ctx in contexts for i in range(len(settings))}
     for case in cases:
         for ctx in contexts:
-            prefix = list(template.prefix) if ctx == "behind_prefix" else None
+            prefix = list(template.prefix) if ctx == BEHIND_PREFIX else None
             refs = []
             for ids in case.chunks:
                 key = chunk_key(model, ids, "fidelity", prefix)

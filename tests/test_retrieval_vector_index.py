@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from kvblend.corpus import Document, pydoc_topics
 from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
+from kvblend.retrieval.corpus import Document, pydoc_topics
 from kvblend.retrieval.embedder import Embedder
-from kvblend.retrieval.index import MANIFEST, IndexFormatError, VectorIndex
 from kvblend.retrieval.ingest import index_documents
+from kvblend.retrieval.vector_index import MANIFEST, IndexFormatError, VectorIndex
 
 TOPICS = ("exceptions", "try", "integers", "lists", "with", "while")
 CONFIG = ChunkerConfig(128)
@@ -37,6 +37,7 @@ def snapshot(path):
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.slow
 def test_add_search_remove_and_reopen(tmp_path, embedder, corpus, query, kind):
     chunks, vectors = corpus
     index = VectorIndex.create(tmp_path / "idx", embedder.dim, embedder.name, kind=kind)
@@ -67,6 +68,7 @@ def test_add_search_remove_and_reopen(tmp_path, embedder, corpus, query, kind):
     assert again.add(chunks, vectors) == removed, "removed chunks can be added back"
 
 
+@pytest.mark.slow
 def test_k_larger_than_index_and_empty_index(tmp_path, embedder, corpus, query):
     chunks, vectors = corpus
     for kind in ("flat", "hnsw"):
@@ -84,6 +86,7 @@ def test_k_larger_than_index_and_empty_index(tmp_path, embedder, corpus, query):
         assert len(empty) == 0 and empty.search(query, 5) == []
 
 
+@pytest.mark.slow
 def test_missing_and_foreign_directories_are_refused_untouched(tmp_path, embedder):
     with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
         VectorIndex.open(tmp_path / "nowhere")
@@ -116,6 +119,7 @@ def test_missing_and_foreign_directories_are_refused_untouched(tmp_path, embedde
         VectorIndex.open(tmp_path / "mine")
 
 
+@pytest.mark.slow
 def test_index_of_another_embedder_is_refused(tmp_path, embedder):
     VectorIndex.create(tmp_path / "idx", embedder.dim, "e5-small-0123456789ab")
     with pytest.raises(ValueError, match=f"e5-small-0123456789ab.*{embedder.name}"):
@@ -125,6 +129,7 @@ def test_index_of_another_embedder_is_refused(tmp_path, embedder):
         VectorIndex.create(tmp_path / "other", embedder.dim, embedder.name, kind="ivf")
 
 
+@pytest.mark.slow
 def test_failed_save_leaves_previous_index_readable(tmp_path, embedder, corpus, query):
     chunks, vectors = corpus
     index = VectorIndex.create(tmp_path / "idx", embedder.dim, embedder.name)
@@ -148,6 +153,7 @@ def test_failed_save_leaves_previous_index_readable(tmp_path, embedder, corpus, 
     ], "older generations and temporary files are cleaned up"
 
 
+@pytest.mark.slow
 def test_index_documents_skips_known_chunks_and_replaces_changed_documents(tmp_path, tokenizer, embedder):
     docs = pydoc_topics(["try", "integers"])
     index = VectorIndex.create(tmp_path / "idx", embedder.dim, embedder.name)

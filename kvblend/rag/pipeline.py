@@ -17,16 +17,16 @@ from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kvblend.answer import QueryResult, Source, query_stats
 from kvblend.blend.prompt import chat_template
-from kvblend.documents import DocumentInput, as_documents
-from kvblend.indexing import check_embedder, index_exists, open_index, update_index
-from kvblend.llm import start_llm, stop_llm, stream_outputs, warm_up
 from kvblend.model.embedded import resolve_model_dir
-from kvblend.model.spec import load_spec
+from kvblend.model.spec import model_fingerprint
 from kvblend.model.tokenizer import encode, load_tokenizer
-from kvblend.pipeline_config import PipelineConfig, require_redis
-from kvblend.rag_prompt import RagPrompt, build_rag_prompt
+from kvblend.rag.answer import QueryResult, Source, query_stats
+from kvblend.rag.config import PipelineConfig, require_redis
+from kvblend.rag.documents import DocumentInput, as_documents
+from kvblend.rag.engine import start_llm, stop_llm, stream_outputs, warm_up
+from kvblend.rag.index_updates import index_exists, open_index, update_index
+from kvblend.rag.prompt import RagPrompt, build_rag_prompt
 from kvblend.retrieval import Chunk, ChunkerConfig, Embedder, VectorIndex, cache_key_fn
 from kvblend.store.key import ChunkKey
 
@@ -105,7 +105,7 @@ class RAGPipeline:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.template = chat_template(self.tokenizer, system=self.config.system_prompt)
         self.separator = encode(self.tokenizer, self.config.separator)
-        self.fingerprint = load_spec(self.model_dir, dtype=self.config.dtype).fingerprint
+        self.fingerprint = model_fingerprint(self.model_dir, self.config.dtype)
         self.key_for = cache_key_fn(self.fingerprint, self.config.namespace)
         self.chunker = ChunkerConfig(chunk_tokens=self.config.chunk_tokens)
         self._embedder: Embedder | None = None
@@ -124,7 +124,7 @@ class RAGPipeline:
         if self._embedder is None:
             self._embedder = Embedder()
             if self.index is not None:
-                check_embedder(self.index, self._embedder)
+                self.index.check_embedder(self._embedder)
         return self._embedder
 
     @property
@@ -169,7 +169,7 @@ class RAGPipeline:
 
         missing: dict[str, Chunk] = {}
         for chunk in chunks:
-            key = ChunkKey.for_tokens(self.fingerprint, chunk.token_ids, self.config.namespace)
+            key = ChunkKey.alone(self.fingerprint, chunk.token_ids, self.config.namespace)
             if key.digest not in missing and not self.store.contains(key):
                 missing[key.digest] = chunk
         if not missing:

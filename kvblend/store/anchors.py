@@ -1,4 +1,4 @@
-"""ChunkIndex: find cached chunks anywhere in a prompt by content hash, with no separator strings.
+"""ChunkAnchorIndex: find cached chunks anywhere in a prompt by content hash, with no separator strings.
 
 Every chunk stored "alone" is registered under the hash of its first ANCHOR_TOKENS tokens (its anchor), with
 its length and token-ids hash. To find chunks in a prompt, hash every window of ANCHOR_TOKENS tokens, look the
@@ -36,7 +36,7 @@ def anchors(token_ids: Sequence[int]) -> list[str]:
     return [hashlib.blake2b(raw[8 * i : 8 * i + width], digest_size=8).hexdigest() for i in range(arr.size - ANCHOR_TOKENS + 1)]
 
 
-class ChunkIndex:
+class ChunkAnchorIndex:
     """Anchor -> {(num_tokens, tokens_hash)}, in process memory and optionally a directory and Redis."""
 
     def __init__(self, disk_dir: str | os.PathLike | None = None, redis: "RedisTier | None" = None) -> None:

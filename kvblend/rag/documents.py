@@ -6,7 +6,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 
-from kvblend.corpus import CorpusError, Document, read_corpus
+from kvblend.retrieval.corpus import CorpusError, Document, read_corpus
 
 DocumentInput = Document | str | os.PathLike
 

@@ -13,18 +13,14 @@ import torch
 
 from kvblend.model.runner import LlamaModel
 from kvblend.store.entry import ChunkKV
-from kvblend.store.key import ChunkKey, token_ids_hash
+from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
 from kvblend.store.tiered import TieredStore
 
 
-def chunk_context(prefix_ids: Sequence[int] | None) -> str:
-    """The ChunkKey context for KV computed alone (no prefix) or behind the given shared prefix."""
-    return "alone" if not prefix_ids else f"behind_prefix:{token_ids_hash(prefix_ids)[:16]}"
-
-
-def chunk_key(model: LlamaModel, token_ids: Sequence[int], namespace: str = "default",
+def chunk_key(model: LlamaModel, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE,
               prefix_ids: Sequence[int] | None = None) -> ChunkKey:
-    return ChunkKey.for_tokens(model.spec.fingerprint, token_ids, namespace, chunk_context(prefix_ids))
+    """The key of the chunk's KV as this model computes it, alone or behind `prefix_ids`."""
+    return ChunkKey.behind(model.spec.fingerprint, token_ids, prefix_ids, namespace)
 
 
 def compute_chunk_kv(model: LlamaModel, key: ChunkKey, token_ids: Sequence[int],
@@ -53,7 +49,7 @@ def token_windows(token_ids: Sequence[int], size: int) -> list[list[int]]:
 @dataclass(frozen=True)
 class PrecomputeConfig:
     chunk_tokens: int = 256
-    namespace: str = "default"
+    namespace: str = DEFAULT_NAMESPACE
     max_chunks: int | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +86,7 @@ def precompute_chunks(
     model: LlamaModel,
     store: TieredStore,
     chunks: Iterable[tuple[str, int, Sequence[int]]],
-    namespace: str = "default",
+    namespace: str = DEFAULT_NAMESPACE,
     on_chunk: Callable[[ChunkRecord], None] | None = None,
 ) -> PrecomputeReport:
     """Compute and store the KV of (source, index, token_ids) chunks whose key the store lacks."""
