@@ -86,7 +86,9 @@ class TensorLayerSource:
 
     On the compute device each layer is one concatenation. From pinned host memory to a GPU, `group` layers of
     each chunk move in one copy (a contiguous slice of its layer-major tensor) on a side stream into one of two
-    staging groups; the compute stream waits on the group's event. Copies of the next group overlap compute.
+    staging groups; the compute stream waits on the group's event. The first group's copy starts at
+    construction (so it overlaps the request's planning), and each wait starts the next group's copy, which
+    overlaps the compute of this group's layers.
     """
 
     def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str,
@@ -102,6 +104,7 @@ class TensorLayerSource:
             self._staging = [[(torch.empty((group,) + tuple(k.shape[1:]), dtype=k.dtype, device=self.device),
                                torch.empty((group,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device))
                               for k, v in zip(self.ks, self.vs)] for _ in range(2)]
+            self.start(0)
 
     def start(self, layer: int) -> None:
         g = layer // self.group
@@ -128,8 +131,7 @@ class TensorLayerSource:
         torch.cuda.current_stream(self.device).wait_event(done)
         if i == self.group - 1 or layer == self.num_layers - 1:
             del self._pending[g]
-        if i == 0:
-            self.start(layer + self.group)  # prefetch the next group while this one is consumed
+        self.start((g + 1) * self.group)  # prefetch the next group while this one is consumed
         staging = self._staging[g % 2]
         return torch.cat([k[i] for k, _ in staging]), torch.cat([v[i] for _, v in staging])
 
