@@ -33,6 +33,7 @@ from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
 from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
+from kvblend.triton_kernels.checks import check_index_ranges
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,10 @@ class BlendRun:
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bands: AttentionBands | None = None  # CPU attention masks of the current active rows
-        self._first_fill = True  # check the plan's row ranges once, at the first layer that reads cached KV
+        # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
+        # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
+        check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
+        self._src_rows = int(plan.cached_src.max()) + 1 if n_chunks else 0
         if source is not None:
             source.start(0 if self._n_chunk_active < n_chunks or not self.checks else min(self.checks))
 
@@ -174,9 +178,10 @@ class BlendRun:
             if layer + 1 < model.spec.num_layers:
                 self.source.start(layer + 1)
             t = self._tick("fetch_wait", t)
+            if ck.shape[0] < self._src_rows:
+                raise ValueError(f"layer source gave {ck.shape[0]} cached rows, the plan reads {self._src_rows}")
             model.ops.rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta,
-                                        model.freq, model.spec.rope.style, check=self._first_fill)
-            self._first_fill = False
+                                        model.freq, model.spec.rope.style, check=False)
             self._tick("rope_shift_gather", t)
         if self.prefix_kv is not None:
             K[: plan.exact_prefix] = self.prefix_kv[0][layer]

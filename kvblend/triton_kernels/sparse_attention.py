@@ -20,7 +20,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 if HAS_TRITON:
     import triton
@@ -52,7 +52,7 @@ if HAS_TRITON:
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=PRECISION)
         return acc, l_i, m_new
 
     @triton.jit
