@@ -159,6 +159,7 @@ class PostCheckGraphs:
         """Record each layer's body into its graph (recording runs nothing); all buckets share one memory pool,
         as their graphs never run at the same time."""
         torch.cuda.synchronize(self.model.device)
+        torch.cuda.empty_cache()  # as capture itself does: the reserved growth below is then the graph pool's
         reserved = torch.cuda.memory_reserved(self.model.device)
         start = time.perf_counter()
         for layer in layers:

@@ -126,6 +126,9 @@ def sparse_query_attention(
     num_keys, num_kv_heads = k.shape[:2]
     group = num_heads // num_kv_heads
     block_m = max(config["BLOCK_M"], triton.next_power_of_2(group))
+    block_n, stages = config["BLOCK_N"], config["num_stages"]
+    if q.element_size() == 4:  # fp32 tiles take twice the shared memory: halve the key tile, two stages
+        block_n, stages = min(block_n, 32 if head_dim > 64 else 64), min(stages, 2)
     tokens_per_tile = block_m // group
     out = torch.empty_like(q)
     if num_queries == 0:
@@ -137,9 +140,9 @@ def sparse_query_attention(
     _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
         q, q_pos, k, v, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=stages,
     )
     return out
 
