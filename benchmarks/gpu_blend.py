@@ -1,21 +1,25 @@
 """GPU blend benchmark: TTFT of kvblend's blend path against HF transformers on a Llama-3-8B-shaped model.
 
 Random bf16 weights are built on the device (no checkpoint can be fetched there) and shared by the HF model
-and kvblend's runner. Prompts: 6, 16, 32 chunks x 512 tokens + a 64-token question. Rows, one run, one GPU:
+and kvblend's runner. Prompts: 6, 16, 32, 64 chunks x 512 tokens + a 64-token question. Rows, one run, one GPU:
   hf_full_prefill, kvblend_full_prefill, prefix_caching (first chunk reused), full_reuse, cacheblend (r=0.15),
-  epic (k=16) -- the last three with chunk KV resident on the GPU and in CPU pinned memory.
-TTFT = prompt in -> first-token logits, median of --reps timed runs after warm-up, CUDA events, and each run
-draws another chunk order (rotated inputs). Kernel throughput is reported against ceilings measured in the
-same run. Run on the device:  python benchmarks/gpu_blend.py --out $OUT
-`--tiny` runs a 4-layer toy shape on the CPU to check the script itself (4 layers: BlendConfig's default
-check layers 1 and 3 must exist).
+  epic (k=16) -- the last three with chunk KV resident on the GPU and in CPU pinned memory, post-check layers
+  as CUDA graphs -- and cacheblend_eager (pinned, no graphs).
+TTFT = prompt in -> first-token logits, median of --reps timed runs after warm-up (spread: min and max), CUDA
+events, and each run draws another chunk order (rotated inputs). First, in the same run: the ceilings, the
+sparse-attention configs (each checked against the torch reference, the fastest kept for the TTFT rows),
+FlexAttention with a block mask on the same case, and the copy kernels. Run on the device:
+  KVBLEND_GIT_SHA=<sha> python benchmarks/gpu_blend.py --out $OUT
+`--tiny` runs a 5-layer toy shape (past the default check layers 1 and 3) on the CPU to check the script.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,12 +39,12 @@ from kvblend.model.spec import spec_from_config  # noqa: E402
 from kvblend.model.weights import fuse_projections, weights_from_tensors  # noqa: E402
 from kvblend.store.key import ChunkKey  # noqa: E402
 from kvblend.triton_kernels import paged_kv_write, rope_shift_gather, sparse_query_attention  # noqa: E402
-from kvblend.triton_kernels.sparse_attention import DEFAULT_CONFIG  # noqa: E402
+from kvblend.triton_kernels.sparse_attention import DEFAULT_CONFIG, sparse_query_attention_ref  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=32768,
+                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5, tie_word_embeddings=False)
 CHUNK, QUESTION = 512, 64
@@ -120,10 +124,9 @@ def measure_ceilings(device: torch.device, timer: Timer) -> dict:
     return {"copy_GBps": 2 * src.nbytes / copy_ms / 1e6, "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9}
 
 
-def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int,
-                 attention_tokens: int) -> list[dict]:
-    """rope_shift_gather and paged_kv_write on `tokens` rows (enough to fill the GPU) and sparse_query_attention at
-    the 8k shape, each timed over 20 back-to-back calls, against the ceilings measured in the same run."""
+def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int) -> list[dict]:
+    """rope_shift_gather and paged_kv_write on `tokens` rows (enough to fill the GPU), each timed over 20
+    back-to-back calls, against the copy ceiling measured in the same run."""
     s = model.spec
     g = torch.Generator(device=device).manual_seed(2)
     src_k = torch.randn(tokens, s.num_kv_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
@@ -140,27 +143,123 @@ def kernel_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings
     write_ms = statistics.median(timer(lambda: paged_kv_write(dst_k, dst_v, cache, slots, "flash", check=False), 20)
                                  for _ in range(5))
     kv_bytes = 2 * src_k.nbytes
-    n = attention_tokens
-    q_rows = torch.sort(torch.randperm(n, device=device, generator=g)[: n * 15 // 100]).values
-    q = torch.randn(q_rows.numel(), s.num_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
-    pos = torch.arange(n, device=device)
-    attn_ms = statistics.median(timer(lambda: sparse_query_attention(q, q_rows, src_k[:n], src_v[:n], pos,
-                                                                     keys_sorted=True), 20) for _ in range(5))
-    attn_flops = 4 * s.num_heads * s.head_dim * float((q_rows + 1).sum())
     return [
         {"kernel": "rope_shift_gather", "achieved": 2 * kv_bytes / rope_ms / 1e6, "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
         {"kernel": "paged_kv_write", "achieved": 2 * kv_bytes / write_ms / 1e6, "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
         {"kernel": "rope_shift_gather+paged_kv_write", "achieved": 4 * kv_bytes / (rope_ms + write_ms) / 1e6,
          "ceiling": ceilings["copy_GBps"], "unit": "GB/s"},
-        {"kernel": "sparse_query_attention (15% queries)", "achieved": attn_flops / attn_ms / 1e9,
-         "ceiling": ceilings["matmul_TFLOPs"], "unit": "TFLOP/s"},
     ]
+
+
+def attention_rates(model: LlamaModel, device: torch.device, timer: Timer, ceilings: dict, tokens: int,
+                    configs: list[dict]) -> tuple[list[dict], dict]:
+    """sparse_query_attention on 15% of `tokens` positions as queries over all keys (and on every position, the
+    causal prefill case, against SDPA's flash kernel), per launch config: checked against the fp32 reference
+    (relative error), timed on 4 rotated input sets x 10 calls. FlexAttention with a block mask built from the
+    positions on the same sparse case. Returns the rows and the fastest correct config."""
+    s = model.spec
+    g = torch.Generator(device=device).manual_seed(4)
+    pos = torch.arange(tokens, device=device)
+    sets = []
+    for _ in range(4):
+        q_rows = torch.sort(torch.randperm(tokens, device=device, generator=g)[: tokens * 15 // 100]).values
+        sets.append(tuple(torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g) for shape in (
+            (q_rows.numel(), s.num_heads, s.head_dim), (tokens, s.num_kv_heads, s.head_dim),
+            (tokens, s.num_kv_heads, s.head_dim))) + (q_rows,))
+    flops = 4 * s.num_heads * s.head_dim * float((sets[0][3] + 1).sum())
+    full_flops = 4 * s.num_heads * s.head_dim * tokens * (tokens + 1) / 2
+    q0, k0, v0, rows0 = sets[0]
+    ref = sparse_query_attention_ref(q0, rows0, k0, v0, pos, 1 / math.sqrt(s.head_dim)).float()
+
+    def rate(fn, work):
+        ms = statistics.median(timer(lambda: fn(*sets[i % 4]), 10) for i in range(8))
+        return work / ms / 1e9
+
+    rows, best = [], None
+    for config in configs:
+        row = {"kernel": "sparse_query_attention (15% queries)", **config, "ceiling": ceilings["matmul_TFLOPs"],
+               "unit": "TFLOP/s"}
+        try:
+            out = sparse_query_attention(q0, rows0, k0, v0, pos, keys_sorted=True, config=config).float()
+            row["rel_err"] = float((out - ref).norm() / ref.norm())
+            row["achieved"] = rate(lambda q, k, v, r: sparse_query_attention(q, r, k, v, pos, keys_sorted=True,
+                                                                             config=config), flops)
+            full = torch.randn(tokens, s.num_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
+            row["causal_full_TFLOPs"] = rate(lambda q, k, v, r: sparse_query_attention(
+                full, pos, k, v, pos, keys_sorted=True, config=config), full_flops)
+            row["status"] = "ok" if row["rel_err"] < 1e-2 else "wrong"
+        except Exception as exc:  # a config the chip cannot hold (shared memory): recorded, not fatal
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"attention {config}: {row.get('achieved', 0):.0f} TFLOP/s sparse, "
+              f"{row.get('causal_full_TFLOPs', 0):.0f} causal, err {row.get('rel_err', float('nan')):.1e} {row['status']}",
+              flush=True)
+        rows.append(row)
+        if row["status"] == "ok" and (best is None or row["achieved"] > best["achieved"]):
+            best = row
+    rows.append(flex_attention_rate(sets, pos, ref, flops, rate, ceilings, device))
+    full = torch.randn(tokens, s.num_heads, s.head_dim, device=device, dtype=torch.bfloat16, generator=g)
+    group = s.num_heads // s.num_kv_heads
+    sdpa = rate(lambda q, k, v, r: torch.nn.functional.scaled_dot_product_attention(
+        full.transpose(0, 1)[None], k.repeat_interleave(group, 1).transpose(0, 1)[None],
+        v.repeat_interleave(group, 1).transpose(0, 1)[None], is_causal=True), full_flops)
+    rows.append({"kernel": "torch SDPA causal (all positions, KV heads expanded)", "achieved": sdpa,
+                 "ceiling": ceilings["matmul_TFLOPs"], "unit": "TFLOP/s", "status": "ok"})
+    return rows, best
+
+
+def flex_attention_rate(sets, pos, ref, flops, rate, ceilings, device) -> dict:
+    """torch's FlexAttention (compiled) on the sparse case, its block mask built from the query positions."""
+    row = {"kernel": "flex_attention + block mask (15% queries)", "ceiling": ceilings["matmul_TFLOPs"],
+           "unit": "TFLOP/s"}
+    if device.type != "cuda":
+        return {**row, "status": "skipped (CPU)"}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def block_mask(q_rows):
+            def causal_by_position(b, h, q_idx, kv_idx):
+                return pos[kv_idx] <= q_rows[q_idx]
+            return create_block_mask(causal_by_position, None, None, q_rows.numel(), pos.numel(), device=device)
+
+        def run(q, k, v, q_rows):
+            if id(q_rows) not in masks:
+                masks[id(q_rows)] = block_mask(q_rows)
+            out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=masks[id(q_rows)], enable_gqa=True)
+            return out[0].transpose(0, 1)
+
+        q0, k0, v0, rows0 = sets[0]
+        start = time.perf_counter()
+        out = run(q0, k0, v0, rows0).float()
+        row["compile_s"] = round(time.perf_counter() - start, 1)
+        row["rel_err"] = float((out - ref).norm() / ref.norm())
+        for q, k, v, r in sets:
+            run(q, k, v, r)
+        row["achieved"] = rate(run, flops)
+        start = time.perf_counter()
+        for _ in range(10):
+            block_mask(rows0)
+        torch.cuda.synchronize()
+        row["block_mask_ms"] = (time.perf_counter() - start) * 100
+        row["status"] = "ok" if row["rel_err"] < 1e-2 else "wrong"
+    except Exception as exc:
+        row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    print(f"flex_attention: {row}", flush=True)
+    return row
+
+
+ATTENTION_CONFIGS = [dict(DEFAULT_CONFIG)] + [
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+    for m, n, w, st in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="4-layer toy shape on the CPU (script check)")
-    parser.add_argument("--chunks", default="6,16,32")
+    parser.add_argument("--tiny", action="store_true", help="5-layer toy shape on the CPU (script check)")
+    parser.add_argument("--chunks", default="6,16,32,64")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
@@ -168,14 +267,24 @@ def main() -> int:
                         help="kernel_sweep.py JSON: use its fastest correct sparse_query_attention config")
     parser.add_argument("--unfused", action="store_true", help="keep separate Q/K/V and gate/up GEMMs")
     args = parser.parse_args()
-    attention_config = pick_attention_config(args.attention_config) if args.attention_config else dict(DEFAULT_CONFIG)
     device = torch.device("cpu" if args.tiny else "cuda")
     timer = Timer(device)
     sizes = [int(x) for x in args.chunks.split(",")]
     hf, model = build_models(TINY if args.tiny else LLAMA3_8B, device)
     if not args.unfused:
         fuse_projections(model.weights)
-    engine = BlendEngine(model)
+    ceilings = measure_ceilings(device, timer)
+    attention_tokens = 16 * CHUNK + QUESTION if not args.tiny else 1088
+    if args.attention_config:
+        attention, _ = [], pick_attention_config(args.attention_config)
+    else:
+        configs = ATTENTION_CONFIGS if device.type == "cuda" else ATTENTION_CONFIGS[:1]
+        attention, best = attention_rates(model, device, timer, ceilings, attention_tokens, configs)
+        if best is not None:
+            DEFAULT_CONFIG.update({k: best[k] for k in DEFAULT_CONFIG})
+    kernels = kernel_rates(model, device, timer, ceilings, 1 << 16 if not args.tiny else 1088)
+    graphs = device.type == "cuda"
+    engine, eager = BlendEngine(model, cuda_graphs=graphs), BlendEngine(model)
     chunks, question = make_chunks(model, max(sizes), device)
     pinned = [(k.cpu().pin_memory() if device.type == "cuda" else k.cpu(),
                v.cpu().pin_memory() if device.type == "cuda" else v.cpu()) for _, k, v in chunks]
@@ -198,12 +307,12 @@ def main() -> int:
             with torch.inference_mode():
                 hf(ids, logits_to_keep=1, use_cache=True)
 
-        def blend_row(config, where):
+        def blend_row(config, where, blender=engine):
             def fn(order, layout):
                 src = pinned if where == "cpu_pinned" else [(chunks[i][1], chunks[i][2]) for i in range(len(chunks))]
                 sel = [src[i] for i in order]
                 source = TensorLayerSource([k for k, _ in sel], [v for _, v in sel], device)
-                run_blend(engine, layout, config, source, cache, slots)
+                run_blend(blender, layout, config, source, cache, slots)
             return fn
 
         def prefix_row(order, layout):
@@ -219,6 +328,9 @@ def main() -> int:
             plan += [("full_reuse", where, blend_row(BlendConfig("full_reuse", 0.0), where)),
                      ("cacheblend", where, blend_row(BlendConfig("cacheblend", 0.15), where)),
                      ("epic", where, blend_row(BlendConfig("epic", 16 / CHUNK, epic_tokens=16), where))]
+        if graphs:
+            plan.append(("cacheblend_eager", "cpu_pinned", blend_row(BlendConfig("cacheblend", 0.15), "cpu_pinned",
+                                                                     eager)))
         for name, where, fn in plan:
             for _ in range(args.warmup):
                 fn(*draw())
@@ -227,34 +339,45 @@ def main() -> int:
                 order, layout = draw()
                 times.append(timer(lambda: fn(order, layout)))
             rows.append({"row": name, "tokens": tokens, "kv_source": where, "ttft_ms": statistics.median(times),
-                         "ttft_ms_all": [round(t, 3) for t in times]})
-            print(f"{tokens:6d} {name:22s} {where or '-':10s} {statistics.median(times):9.2f} ms", flush=True)
+                         "min_ms": min(times), "max_ms": max(times), "ttft_ms_all": [round(t, 3) for t in times]})
+            print(f"{tokens:6d} {name:22s} {where or '-':10s} {statistics.median(times):9.2f} ms "
+                  f"[{min(times):.2f}, {max(times):.2f}]", flush=True)
         breakdown[tokens] = profile_stages(engine, draw, pinned, device)
-    ceilings = measure_ceilings(device, timer)
-    kernels = kernel_rates(model, device, timer, ceilings, 1 << 16 if not args.tiny else 1088,
-                           16 * CHUNK + QUESTION if not args.tiny else 1088)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)"
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)",
-        "git_sha": (subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-                    or os.environ.get("KVBLEND_GIT_SHA")),
+        "device": device_name,
+        "git_sha": os.environ.get("KVBLEND_GIT_SHA") or git_sha(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
         "shape": "tiny" if args.tiny else "llama-3-8b",
         "fused_projections": not args.unfused,
-        "attention_config": attention_config,
+        "attention_config": dict(DEFAULT_CONFIG),
         "ceilings": ceilings,
         "rows": rows,
         "kernels": kernels,
+        "attention": attention,
+        "cuda_graphs": {"buckets": engine.graphs.stats(), "workspace_MiB": engine.graphs.workspace_bytes() / 2**20}
+        if graphs else None,
         "cacheblend_stage_ms_cpu_pinned": breakdown,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_blend_tiny" if args.tiny else "gpu_blend_h100"
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    name = f"gpu_blend_{slug}_{report['git_sha'] or 'nosha'}"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot(rows, out / f"{name}.png", report["device"])
-    print_summary(rows, kernels, ceilings)
+    print_summary(rows, kernels + attention, ceilings, report["cuda_graphs"])
     return 0
+
+
+def git_sha() -> str | None:
+    """The sha of the checkout this script lives in (None when it was copied without .git)."""
+    here = Path(__file__).resolve().parents[1]
+    if not (here / ".git").exists():
+        return None
+    sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return sha.stdout.strip() or None
 
 
 def pick_attention_config(path: str) -> dict:
@@ -281,15 +404,24 @@ def profile_stages(engine: BlendEngine, draw, pinned, device) -> dict:
     return {k: round(v, 3) for k, v in result.stats.stage_ms.items()}
 
 
-def print_summary(rows: list[dict], kernels: list[dict], ceilings: dict) -> None:
+def print_summary(rows: list[dict], kernels: list[dict], ceilings: dict, graphs: dict | None) -> None:
     base = {r["tokens"]: r["ttft_ms"] for r in rows if r["row"] == "hf_full_prefill"}
+    own = {r["tokens"]: r["ttft_ms"] for r in rows if r["row"] == "kvblend_full_prefill"}
     print(f"\nceilings: device copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s")
-    print(f"{'tokens':>6s} {'row':22s} {'kv':10s} {'ttft ms':>9s} {'vs HF':>7s}")
+    print(f"{'tokens':>6s} {'row':22s} {'kv':10s} {'ttft ms':>9s} {'min':>8s} {'max':>8s} {'vs HF':>7s} {'vs own':>7s}")
     for r in rows:
-        print(f"{r['tokens']:6d} {r['row']:22s} {r['kv_source'] or '-':10s} {r['ttft_ms']:9.2f} "
-              f"{base[r['tokens']] / r['ttft_ms']:6.2f}x")
+        print(f"{r['tokens']:6d} {r['row']:22s} {r['kv_source'] or '-':10s} {r['ttft_ms']:9.2f} {r['min_ms']:8.2f} "
+              f"{r['max_ms']:8.2f} {base[r['tokens']] / r['ttft_ms']:6.2f}x {own[r['tokens']] / r['ttft_ms']:6.2f}x")
     for k in kernels:
-        print(f"{k['kernel']:40s} {k['achieved']:9.1f} {k['unit']} of {k['ceiling']:.0f} ({k['achieved'] / k['ceiling']:.0%})")
+        if "achieved" in k:
+            label = k["kernel"] + (f" {k['BLOCK_M']}/{k['BLOCK_N']}/{k['num_warps']}/{k['num_stages']}"
+                                   if "BLOCK_M" in k else "")
+            print(f"{label:62s} {k['achieved']:9.1f} {k['unit']} of {k['ceiling']:.0f} "
+                  f"({k['achieved'] / k['ceiling']:.0%}) {k.get('status', '')}")
+        else:
+            print(f"{k['kernel']:62s} {k.get('status', '')}")
+    if graphs:
+        print(f"cuda graphs: workspace {graphs['workspace_MiB']:.0f} MiB; buckets {graphs['buckets']}")
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:

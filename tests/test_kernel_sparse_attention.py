@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvblend.triton_kernels import attention_bands, sparse_query_attention, sparse_query_attention_ref
+from kvblend.triton_kernels.sparse_attention import tile_key_bounds
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -121,3 +122,33 @@ def test_cpu_serving_path_refuses_bands_of_other_rows():
     bands = attention_bands(q_pos[:-3], k_pos, torch.float32, True)
     with pytest.raises(ValueError, match="do not fit"):
         sparse_query_attention(q, q_pos, k, v, k_pos, keys_sorted=True, bands=bands)
+
+
+@pytest.mark.parametrize("keys_sorted", [True, False])
+def test_tile_key_bounds_are_tight(keys_sorted):
+    """Keys before `full` are visible to every query of the tile, keys from `end` on to none, both tight."""
+    gen = torch.Generator().manual_seed(9)
+    k_pos = torch.randint(0, 400, (300,), generator=gen).sort().values  # gaps and repeated positions
+    q_pos = torch.randint(-5, 420, (53,), generator=gen)
+    full, end = tile_key_bounds(q_pos, k_pos, 8, keys_sorted)
+    assert full.shape == end.shape == (7,)
+    for tile in range(7):
+        pos = q_pos[tile * 8 : tile * 8 + 8]
+        visible = k_pos[None, :] <= pos[:, None]
+        if keys_sorted:
+            assert int(full[tile]) == int(visible.all(dim=0).sum())
+            assert int(end[tile]) == int(visible.any(dim=0).nonzero().max()) + 1 if visible.any() else int(end[tile]) == 0
+        else:
+            assert (int(full[tile]), int(end[tile])) == (0, 300)
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}])
+def test_unmasked_and_masked_key_tiles(config, poisoned_empty):
+    """Queries late in a long prompt (repeated positions included, as padded CUDA-graph rows are): most key tiles
+    take the unmasked path, the band around each tile's positions the masked one."""
+    gen = torch.Generator().manual_seed(10)
+    q, _, k, v, k_pos = make_case((70, 300, 8, 2, 64), torch.bfloat16, seed=11)
+    q_pos = torch.cat([torch.full((5,), 140), torch.randperm(160, generator=gen)[:65] + 140]).sort().values.to(DEVICE)
+    ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(64))
+    check_close(sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True, config=config),
+                ref, torch.bfloat16)

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.blend.config import BlendConfig
+from kvblend.blend.cuda_graphs import PostCheckGraphs
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
 from kvblend.blend.select import (
     attention_received,
     deviation_scores,
+    mask_indices,
     random_scores,
     select_count,
     select_tokens,
@@ -31,6 +33,7 @@ from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
 from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
+from kvblend.triton_kernels.checks import check_index_ranges
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +113,13 @@ class BlendRun:
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.graphs = engine.graphs if engine.graphs is not None and engine.graphs.applies(plan) else None
+        if self.graphs is not None:
+            self.k, self.v = self.graphs.workspace(T)
+        else:
+            self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype,
+                                 device=device)
+            self.v = torch.empty_like(self.k)
         self.rows = plan.initial_rows.to(device)
         self.positions = plan.positions.to(device)
         self.h = model.embed(plan.ids.to(device)[self.rows])
@@ -128,14 +136,29 @@ class BlendRun:
             token_layers_full=(T - plan.exact_prefix) * spec.num_layers,
         )
         self._n_cached = n_chunks
+        # Chunk rows among the active rows, and question rows: host counts that give every selection a static
+        # shape, so the check layers need no device sync.
+        self._n_chunk_active = int(torch.isin(plan.initial_rows, plan.cached_rows).sum())
+        self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
         self._cached_src = plan.cached_src.to(device)
         self._cached_dst = plan.cached_rows.to(device)
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bands: AttentionBands | None = None  # CPU attention masks of the current active rows
+        # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
+        # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
+        check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
+        self._src_rows = int(plan.cached_src.max()) + 1 if n_chunks else 0
         if source is not None:
-            source.start(0)
+            source.start(0 if self._n_chunk_active < n_chunks or not self.checks else min(self.checks))
+
+    def graphs_from(self) -> int:
+        """The first layer replayed as a CUDA graph: the one after the last check layer (the number of layers
+        when this run uses no graphs)."""
+        if self.graphs is None:
+            return self.model.spec.num_layers
+        return max(self.checks) + 1 if self.checks else 0
 
     def _tick(self, stage: str, start: float) -> float:
         if self.sync:
@@ -144,22 +167,32 @@ class BlendRun:
         self.stats.stage_ms[stage] += (now - start) * 1e3
         return now
 
-    def step(self, layer: int) -> None:
-        """Compute layer `layer`: fill its KV rows (cached, shifted) and advance the active rows' hidden states."""
+    def fill_cached(self, layer: int) -> None:
+        """Layer `layer`'s reused KV rows: cached chunk KV re-rotated to its new positions, the exact prefix.
+        Skipped while every chunk row is still recomputed and not compared (its KV would be overwritten)."""
         model, plan = self.model, self.plan
         t = time.perf_counter()
         K, V = self.k[layer], self.v[layer]
-        if self._n_cached:
+        if self._n_cached and (self._n_chunk_active < self._n_cached or layer in self.checks):
             ck, cv = self.source.wait(layer)
             if layer + 1 < model.spec.num_layers:
                 self.source.start(layer + 1)
             t = self._tick("fetch_wait", t)
+            if ck.shape[0] < self._src_rows:
+                raise ValueError(f"layer source gave {ck.shape[0]} cached rows, the plan reads {self._src_rows}")
             model.ops.rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta,
-                                        model.freq, model.spec.rope.style, check=layer == 0)
-            t = self._tick("rope_shift_gather", t)
+                                        model.freq, model.spec.rope.style, check=False)
+            self._tick("rope_shift_gather", t)
         if self.prefix_kv is not None:
             K[: plan.exact_prefix] = self.prefix_kv[0][layer]
             V[: plan.exact_prefix] = self.prefix_kv[1][layer]
+
+    def step(self, layer: int) -> None:
+        """Compute layer `layer`: fill its KV rows (cached, shifted) and advance the active rows' hidden states."""
+        model = self.model
+        self.fill_cached(layer)
+        t = time.perf_counter()
+        K, V = self.k[layer], self.v[layer]
         rows = self.rows
         if self._rot is None:
             self._rot = model.rotary(self.positions[rows])
@@ -194,30 +227,35 @@ class BlendRun:
         self._tick("mlp", t)
 
     def _select(self, layer: int, rows, q, k, v, K, V) -> torch.Tensor:
-        """Mask over `rows` of those kept after this check layer: every non-chunk row plus the chosen chunk rows."""
+        """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
+        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync."""
         config = self.plan.config
-        chunk_sel = self.is_cached[rows].nonzero().squeeze(1)
+        is_chunk = self.is_cached[rows]
+        chunk_sel = mask_indices(is_chunk, self._n_chunk_active)
         chunk_rows = rows[chunk_sel]
         if config.policy == "random":
-            scores = random_scores(chunk_sel.numel(), config.seed, layer, k.device)
+            scores = random_scores(self._n_chunk_active, config.seed, layer, k.device)
         else:
             scores = deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
             if config.attention_weighted:
-                suffix = rows >= self.plan.layout.suffix_start
+                suffix = slice(rows.numel() - self._n_suffix, rows.numel())
                 fresh_k = K.clone()
                 fresh_k[rows] = k
                 received = attention_received(q[suffix], self.positions[rows[suffix]], fresh_k, self.positions)
                 scores = scores * received[chunk_rows] / received[chunk_rows].mean().clamp_min(1e-30)
         forced = torch.isin(chunk_rows, self._heads) if self._heads.numel() else None
-        chosen = chunk_sel[select_tokens(scores, select_count(self.checks[layer], self._n_cached), forced)]
-        keep = ~self.is_cached[rows]
+        count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
+        chosen = chunk_sel[select_tokens(scores, count, forced)]
+        keep = ~is_chunk
         keep[chosen] = True
-        return keep
+        kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
+        self._n_chunk_active = count
+        return kept
 
     def finish(self) -> BlendResult:
         """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
         logits = self.model.logits(self.h)
-        recomputed = int(self.is_cached[self.rows].sum())
+        recomputed = self._n_chunk_active
         self.stats.tokens_recomputed = recomputed + self.plan.recomputed_tokens
         self.stats.tokens_reused = self._n_cached - recomputed
         self.stats.rows_last_layer = self.rows.numel()
@@ -229,9 +267,12 @@ class BlendRun:
 class BlendEngine:
     """Blends cached chunk KV for a model. Refuses to blend (plans full prefill) if the rope self-check fails."""
 
-    def __init__(self, model: LlamaModel, store=None) -> None:
+    def __init__(self, model: LlamaModel, store=None, cuda_graphs: bool = False) -> None:
+        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (a CUDA model only); a
+        run's K/V are then views of the engine's workspace, valid until its next run."""
         self.model = model
         self.store = store
+        self.graphs = PostCheckGraphs(model) if cuda_graphs else None
         self.disabled_reason = check_rope_shift(model.spec)
         if self.disabled_reason:
             log.warning("blending disabled for this model, requests run as full prefill: %s", self.disabled_reason)
@@ -352,8 +393,13 @@ class BlendEngine:
             prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
         run = self.start(plan, source, prefix_kv)
         try:
-            for layer in range(self.model.spec.num_layers):
+            first = run.graphs_from()
+            for layer in range(first):
                 run.step(layer)
+            if first < self.model.spec.num_layers:
+                start = time.perf_counter()
+                run.graphs.run(run, first)
+                run._tick("post_check_graphs", start)
         except BaseException:
             if run.source is not None:
                 run.source.close()

@@ -29,12 +29,19 @@ def deviation_scores(
 
 
 def select_tokens(scores: torch.Tensor, count: int, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted indices of the `count` highest scores; `forced` indices (a bool mask) are taken first."""
+    """Sorted indices of the `count` highest scores; `forced` indices (a bool mask) are taken first. Device
+    ops of host-known sizes only: no host sync."""
     if count <= 0:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
-    if forced is not None and forced.any():
+    if forced is not None:
         scores = torch.where(forced, torch.inf, scores)
     return torch.topk(scores, min(count, scores.numel()), sorted=False).indices.sort().values
+
+
+def mask_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices of the True entries of `mask`, whose number `count` the caller knows: the static-shape
+    (sync-free) form of `mask.nonzero()`."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
 def attention_received(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

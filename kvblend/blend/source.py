@@ -85,9 +85,13 @@ class TensorLayerSource:
     """Chunk KV already in memory: one [layers, tokens, kv_heads, head_dim] K and V tensor per chunk.
 
     On the compute device each layer is one concatenation. From pinned host memory to a GPU, `group` layers of
-    each chunk move in one copy (a contiguous slice of its layer-major tensor) on a side stream into one of two
-    staging groups; the compute stream waits on the group's event. Copies of the next group overlap compute.
+    each chunk move in one copy (a contiguous slice of its layer-major tensor) on a side stream into one of three
+    staging groups; the compute stream waits on the group's event. The first group's copy starts at
+    construction (so it overlaps the request's planning), and each wait starts the copies of the next two
+    groups, which overlap the compute of this group's layers (two ahead: copies need not keep pace per group).
     """
+
+    SLOTS = 3
 
     def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str,
                  group: int = 4) -> None:
@@ -101,7 +105,8 @@ class TensorLayerSource:
             self._stream = torch.cuda.Stream(self.device)
             self._staging = [[(torch.empty((group,) + tuple(k.shape[1:]), dtype=k.dtype, device=self.device),
                                torch.empty((group,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device))
-                              for k, v in zip(self.ks, self.vs)] for _ in range(2)]
+                              for k, v in zip(self.ks, self.vs)] for _ in range(self.SLOTS)]
+            self.start(0)
 
     def start(self, layer: int) -> None:
         g = layer // self.group
@@ -111,7 +116,7 @@ class TensorLayerSource:
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             self._stream.wait_stream(compute)  # the staging group's previous layers were consumed by work so far
-            for (k_buf, v_buf), k, v in zip(self._staging[g % 2], self.ks, self.vs):
+            for (k_buf, v_buf), k, v in zip(self._staging[g % self.SLOTS], self.ks, self.vs):
                 k_buf[: last - first].copy_(k[first:last], non_blocking=True)
                 v_buf[: last - first].copy_(v[first:last], non_blocking=True)
             done = torch.cuda.Event()
@@ -128,9 +133,9 @@ class TensorLayerSource:
         torch.cuda.current_stream(self.device).wait_event(done)
         if i == self.group - 1 or layer == self.num_layers - 1:
             del self._pending[g]
-        if i == 0:
-            self.start(layer + self.group)  # prefetch the next group while this one is consumed
-        staging = self._staging[g % 2]
+        for ahead in range(1, self.SLOTS):  # the slots of groups g+1, g+2 were last read before this layer
+            self.start((g + ahead) * self.group)
+        staging = self._staging[g % self.SLOTS]
         return torch.cat([k[i] for k, _ in staging]), torch.cat([v[i] for _, v in staging])
 
     def close(self) -> None:

@@ -3,6 +3,8 @@
 After the check layer CacheBlend recomputes only the selected tokens (plus the question suffix); their
 queries attend to every key whose position is not after theirs. Flash-attention style: fp32 online
 softmax over key tiles; the query heads sharing a KV head are packed into one tile so K/V load once.
+Per query tile, bounds computed on the device (no host sync) split the keys into those every query of the
+tile sees (no mask), a masked band around the tile's positions, and the rest, which is never loaded.
 """
 
 from __future__ import annotations
@@ -18,22 +20,50 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
-DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
+    def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys, qk_scale,
+                     k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                     MASKED: tl.constexpr):
+        """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound."""
+        key = start + tl.arange(0, BLOCK_N)
+        key_row = key.to(tl.int64)[:, None]
+        if MASKED:
+            key_ok = key < num_keys
+            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
+            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
+        else:
+            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim)
+            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim)
+        if DOT_IN_FP32:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            kpos = tl.load(k_pos + key, mask=key_ok, other=0)
+            scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_pos, out, num_queries, num_keys, qk_scale,
+        q, q_pos, k, v, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        KEYS_SORTED: tl.constexpr, SCAN: tl.constexpr,
     ):
-        tile = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        kv_head = tl.program_id(0)
+        tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
         head = kv_head * GROUP + row % GROUP
@@ -41,41 +71,24 @@ if HAS_TRITON:
         dim = tl.arange(0, HEAD_DIM)[None, :]
         q_offset = token.to(tl.int64)[:, None] * q_stride_t + head[:, None] * q_stride_h + dim
         q_tile = tl.load(q + q_offset, mask=row_ok[:, None], other=0.0)
-        pos = tl.load(q_pos + token, mask=row_ok, other=-1)
         if DOT_IN_FP32:
             q_tile = q_tile.to(tl.float32)
+        pos = tl.load(q_pos + token, mask=row_ok, other=-1)
 
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        end = num_keys
-        if KEYS_SORTED:
-            last_pos = tl.max(pos, axis=0)
-            visible_blocks = tl.zeros((SCAN,), dtype=tl.int32)
-            for first in range(0, num_keys, SCAN * BLOCK_N):
-                block_start = first + tl.arange(0, SCAN) * BLOCK_N
-                start_pos = tl.load(k_pos + block_start, mask=block_start < num_keys, other=last_pos + 1)
-                visible_blocks += (start_pos <= last_pos).to(tl.int32)
-            end = tl.minimum(tl.sum(visible_blocks, axis=0) * BLOCK_N, num_keys)
-        for start in range(0, end, BLOCK_N):
-            key = start + tl.arange(0, BLOCK_N)
-            key_ok = key < num_keys
-            key_row = key.to(tl.int64)[:, None]
-            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
-            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
-            kpos = tl.load(k_pos + key, mask=key_ok, other=0)
-            if DOT_IN_FP32:
-                k_tile = k_tile.to(tl.float32)
-                v_tile = v_tile.to(tl.float32)
-            visible = key_ok[None, :] & (kpos[None, :] <= pos[:, None])
-            scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
-            m_i = m_new
+        full = tl.load(tile_full + tile).to(tl.int32)
+        end = tl.load(tile_end + tile).to(tl.int32)
+        unmasked_end = (full // BLOCK_N) * BLOCK_N
+        for start in range(0, unmasked_end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys,
+                                         qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         BLOCK_N, PRECISION, DOT_IN_FP32, False)
+        for start in range(unmasked_end, end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys,
+                                         qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         BLOCK_N, PRECISION, DOT_IN_FP32, True)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
@@ -96,8 +109,9 @@ def sparse_query_attention(
     """Attention of q [Tq, heads, D] over k, v [S, kv_heads, D]: key j is visible to query i iff k_pos[j] <= q_pos[i].
 
     Output [Tq, heads, D] in q's dtype; a query with no visible key gets zeros (backend="auto" on CPU tensors
-    runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True promises
-    k_pos ascending, so each query tile stops after the key block holding its last visible key.
+    runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True
+    promises k_pos ascending: each query tile then reads only the keys up to its last position and masks only
+    those past its first. No host sync: the tile bounds are computed on the device (CUDA-graph safe).
     config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning.
     bands: the CPU path's masks for these q_pos/k_pos (`attention_bands`), when the caller reuses them.
     """
@@ -112,21 +126,39 @@ def sparse_query_attention(
     num_keys, num_kv_heads = k.shape[:2]
     group = num_heads // num_kv_heads
     block_m = max(config["BLOCK_M"], triton.next_power_of_2(group))
+    block_n, stages = config["BLOCK_N"], config["num_stages"]
+    if q.element_size() == 4:  # fp32 tiles take twice the shared memory: halve the key tile, two stages
+        block_n, stages = min(block_n, 32 if head_dim > 64 else 64), min(stages, 2)
     tokens_per_tile = block_m // group
     out = torch.empty_like(q)
     if num_queries == 0:
         return out
+    tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
+    num_tiles = tile_full.shape[0]
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
-    grid = (triton.cdiv(num_queries, tokens_per_tile), num_kv_heads)
-    _sparse_query_attention_kernel[grid](
-        q, q_pos, k, v, k_pos, out, num_queries, num_keys, scale * math.log2(math.e),
+    _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
+        q, q_pos, k, v, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        KEYS_SORTED=keys_sorted, SCAN=256, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=stages,
     )
     return out
+
+
+def tile_key_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int,
+                    keys_sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query tile (`tokens_per_tile` consecutive queries): (full, end), int64 [tiles]. Keys [0, full) are
+    visible to every query of the tile, keys [end, S) to none; without sorted keys, (0, S). Device ops only."""
+    num_tiles = -(-q_pos.shape[0] // tokens_per_tile)
+    if not keys_sorted:
+        return (torch.zeros(num_tiles, dtype=torch.int64, device=q_pos.device),
+                torch.full((num_tiles,), k_pos.shape[0], dtype=torch.int64, device=q_pos.device))
+    pad = num_tiles * tokens_per_tile - q_pos.shape[0]  # filled with the last query, a member of the last tile
+    tiles = torch.cat([q_pos, q_pos[-1:].expand(pad)]).view(num_tiles, tokens_per_tile)
+    lowest, highest = tiles.amin(dim=1), tiles.amax(dim=1)
+    return torch.searchsorted(k_pos, lowest, right=True), torch.searchsorted(k_pos, highest, right=True)
 
 
 def sparse_query_attention_ref(

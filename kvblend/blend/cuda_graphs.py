@@ -1,0 +1,174 @@
+"""CUDA graphs of the blend's layers after its last check layer, where the active rows no longer change.
+
+From there every layer runs the same kernels on the same shapes, so one graph per layer replays them with one
+launch (the host cost of ~15 launches per layer was the 3k prompt's floor). Graphs are captured per (active-row
+bucket, prompt-length bucket, logits rows), as vLLM does for decode: the active rows are padded at the front
+with copies of the first one (same position, same hidden state, so the copies write identical K/V), and keys
+past the prompt get a position no query reaches. Graphs read and write static buffers and the KV workspace of
+their prompt-length bucket, so a run's K/V are views of that workspace, valid until the engine's next run.
+A bucket's first request runs the same code eagerly (compiling every kernel) and captures after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvblend.model.runner import LlamaModel
+from kvblend.triton_kernels import sparse_query_attention
+
+ROW_BUCKET = 32
+KEY_BUCKET = 1024
+UNREACHABLE = 1 << 62  # the position of workspace keys past the prompt: after every query's
+
+
+def bucket(n: int, step: int) -> int:
+    """n rounded up to a multiple of step."""
+    return -(-n // step) * step
+
+
+@dataclass
+class LayerGraphs:
+    """One captured bucket: static inputs, the per-layer graphs, the last layer's output rows."""
+
+    rows: torch.Tensor
+    q_pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    h: torch.Tensor
+    n_logits: int
+    graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    out: torch.Tensor | None = None
+    capture_ms: float = 0.0
+    pool_bytes: int = 0
+
+
+class PostCheckGraphs:
+    """Captures and replays the post-check layers of blend runs on one CUDA model."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+        self.model = model
+        self._workspaces: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._entries: dict[tuple[int, int, int, int], LayerGraphs] = {}
+        self._pool = None
+
+    @staticmethod
+    def applies(plan) -> bool:
+        """Whether a plan has layers with a fixed set of active rows that are not all rows (those run causal SDPA)."""
+        return plan.config.selects or plan.initial_rows.numel() < plan.ids.shape[0]
+
+    def workspace(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [layers, tokens, kv_heads, head_dim]: views of the workspace of the prompt-length bucket."""
+        k, v, _ = self._workspace(bucket(tokens, KEY_BUCKET))
+        return k[:, :tokens], v[:, :tokens]
+
+    def _workspace(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if capacity not in self._workspaces:
+            s = self.model.spec
+            # zeros: keys past the prompt are read (masked) in a tile's last key block, so they must be finite
+            k = torch.zeros(s.num_layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.model.dtype,
+                            device=self.model.device)
+            self._workspaces[capacity] = (k, torch.zeros_like(k), torch.empty(capacity, dtype=torch.int64,
+                                                                                device=self.model.device))
+        return self._workspaces[capacity]
+
+    def stats(self) -> list[dict]:
+        """Per captured bucket: rows, keys, capture time and the graph pool's memory."""
+        return [{"rows": key[0], "keys": key[1], "logits_rows": key[2], "first_layer": key[3],
+                 "capture_ms": round(e.capture_ms, 1), "pool_MiB": round(e.pool_bytes / 2**20, 1)}
+                for key, e in self._entries.items()]
+
+    def workspace_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v, _ in self._workspaces.values())
+
+    def run(self, run, first: int) -> None:
+        """Layers first.. of a BlendRun whose active rows are final: eager the first time of a bucket, then
+        captured; replayed after that. Leaves the last layer's hidden states (the logits rows) in run.h."""
+        model, rows = self.model, run.rows
+        tokens, n = run.k.shape[1], rows.numel()
+        capacity = bucket(tokens, KEY_BUCKET)
+        n_logits = run.plan.logits_rows.numel()
+        key = (bucket(n, ROW_BUCKET), capacity, n_logits, first)
+        entry = self._entries.get(key)
+        fresh = entry is None
+        if fresh:
+            entry = self._new_entry(key[0], n_logits)
+        self._fill(entry, run, capacity, tokens)
+        layers = range(first, model.spec.num_layers)
+        for layer in layers:
+            run.fill_cached(layer)
+            if fresh:
+                self._layer(entry, layer, capacity)
+            else:
+                entry.graphs[layer - first].replay()
+            run.stats.token_layers_computed += n
+        run.h = entry.out
+        if fresh:
+            self._capture(entry, layers, capacity)
+            self._entries[key] = entry
+
+    def _new_entry(self, rows: int, n_logits: int) -> LayerGraphs:
+        s, device = self.model.spec, self.model.device
+        cos, sin = self.model.rotary(torch.zeros(rows, dtype=torch.int64, device=device))
+        return LayerGraphs(rows=torch.zeros(rows, dtype=torch.int64, device=device),
+                           q_pos=torch.zeros(rows, dtype=torch.int64, device=device), cos=cos, sin=sin,
+                           h=torch.empty(rows, s.hidden_size, dtype=self.model.dtype, device=device),
+                           n_logits=n_logits)
+
+    def _fill(self, entry: LayerGraphs, run, capacity: int, tokens: int) -> None:
+        """The run's active rows (padded at the front), their hidden states, positions and rotations."""
+        pad = entry.rows.numel() - run.rows.numel()
+        entry.rows[:pad] = run.rows[:1].expand(pad)
+        entry.rows[pad:] = run.rows
+        entry.h[:pad] = run.h[:1].expand(pad, -1)
+        entry.h[pad:] = run.h
+        torch.index_select(run.positions, 0, entry.rows, out=entry.q_pos)
+        cos, sin = self.model.rotary(entry.q_pos)
+        entry.cos.copy_(cos)
+        entry.sin.copy_(sin)
+        k_pos = self._workspace(capacity)[2]
+        k_pos[:tokens] = run.positions
+        k_pos[tokens:] = UNREACHABLE
+
+    def _layer(self, entry: LayerGraphs, layer: int, capacity: int) -> None:
+        """One post-check layer on the static buffers (the body each graph captures)."""
+        model = self.model
+        ws_k, ws_v, k_pos = self._workspace(capacity)
+        K, V = ws_k[layer], ws_v[layer]
+        q, k, v = model.qkv(layer, entry.h, entry.q_pos, (entry.cos, entry.sin))
+        K[entry.rows], V[entry.rows] = k, v
+        h, q_pos = entry.h, entry.q_pos
+        if layer == model.spec.num_layers - 1:
+            n = entry.n_logits
+            q, h, q_pos = q[q.shape[0] - n :], h[h.shape[0] - n :], q_pos[q_pos.shape[0] - n :]
+            if n == 0:
+                entry.out = h
+                return
+        attn = sparse_query_attention(q, q_pos, K, V, k_pos, keys_sorted=True)
+        out = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
+        if layer == model.spec.num_layers - 1:
+            entry.out = out
+        else:
+            entry.h.copy_(out)
+
+    def _capture(self, entry: LayerGraphs, layers: range, capacity: int) -> None:
+        """Record each layer's body into its graph (recording runs nothing); all buckets share one memory pool,
+        as their graphs never run at the same time."""
+        torch.cuda.synchronize(self.model.device)
+        torch.cuda.empty_cache()  # as capture itself does: the reserved growth below is then the graph pool's
+        reserved = torch.cuda.memory_reserved(self.model.device)
+        start = time.perf_counter()
+        for layer in layers:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._layer(entry, layer, capacity)
+            if self._pool is None:
+                self._pool = graph.pool()
+            entry.graphs.append(graph)
+        torch.cuda.synchronize(self.model.device)
+        entry.capture_ms = (time.perf_counter() - start) * 1e3
+        entry.pool_bytes = torch.cuda.memory_reserved(self.model.device) - reserved
