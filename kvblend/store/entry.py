@@ -243,7 +243,7 @@ class FileSource:
 
 @dataclass(frozen=True)
 class _Header:
-    """What a verified header says: the layout, base position, layer digests, tensor spans and data start."""
+    """What a verified header says: the layout, base position, layer digests, tensor spans and entry size."""
 
     layout: KVLayout
     base_position: int
