@@ -1,13 +1,16 @@
 """Chunk KV store throughput: put / get / 1-layer get per tier (memory, disk, Redis) beside reference ceilings.
 
-    .venv/bin/python benchmarks/store_bench.py [--redis URL] [--json OUT] [--reps N] [--dir DIR]
+    .venv/bin/python benchmarks/store_bench.py [--redis URL] [--json OUT] [--reps N] [--dir DIR] [--secret]
 
 Chunks are random bf16 K/V of real model shapes: SmolLM2-135M (30 layers, 3 kv heads, head_dim 64) at 256 and
 512 tokens, and Llama-3-8B (32 layers, 8 kv heads, head_dim 128) at 512 tokens. References: a plain memory
-copy (torch clone of the same K and V) and a plain file of the same serialised bytes (write + fsync, then
-read back). Every number is the median of `--reps` timed repetitions after one untimed warm-up. Disk reads
+copy (torch clone of the same K and V), a plain file of the same serialised bytes (write + fsync, then read
+back), and with Redis the same bytes through redis-py (SET, GET) and a raw socket GET (one RESP command, the
+reply read with recv_into into a preallocated buffer: what loopback and the server allow, with no client
+parsing). Every number is the median of `--reps` timed repetitions after one untimed warm-up. Disk reads
 come from the page cache (a file just written is cached), for the tier and the plain file alike.
 Without --redis a private redis-server is started on a free port (tests/redis_server.py) if one is installed.
+--secret gives the disk and Redis tiers a deployment secret (entries with a keyed MAC).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -25,7 +29,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +46,9 @@ CHUNKS = {
     "SmolLM2 512 tok": (30, 3, 64, 512),
     "Llama-3-8B 512 tok": (32, 8, 128, 512),
 }
-COLUMNS = ["memory tier", "disk tier", "redis tier", "memory copy (clone)", "plain file"]
+COLUMNS = ["memory tier", "disk tier", "redis tier", "memory copy (clone)", "plain file", "redis-py SET/GET",
+           "raw socket GET"]
+SECRET = b"store-bench-deployment-secret-0123"
 
 
 @dataclass
@@ -112,6 +120,45 @@ def bench_references(name: str, kv: ChunkKV, workdir: Path, reps: int) -> list[R
     ]
 
 
+def bench_redis_references(name: str, kv: ChunkKV, url: str, prefix: str, reps: int) -> list[Result]:
+    """The serialised entry through redis-py (SET, GET), and a GET whose reply a raw socket reads."""
+    import redis
+
+    blob = serialize(kv)
+    client = redis.Redis.from_url(url, socket_timeout=60)
+    name_ = f"{prefix}reference"
+    put = timed(lambda: client.set(name_, blob), reps)
+    get = timed(lambda: must(client.get(name_), "redis GET"), reps)
+    where = urlparse(url)
+    sock = socket.create_connection((where.hostname, where.port or 6379))
+    command = f"*2\r\n$3\r\nGET\r\n${len(name_)}\r\n{name_}\r\n".encode()
+    buf = np.empty(len(blob) + 64, dtype=np.uint8)
+
+    def raw_get() -> None:
+        sock.sendall(command)
+        view, got, want = memoryview(buf), 0, None
+        while want is None or got < want:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise RuntimeError("redis closed the connection")
+            got += n
+            if want is None and b"\r\n" in bytes(view[: min(got, 32)]):
+                head = bytes(view[:32])
+                end = head.index(b"\r\n")
+                want = end + 2 + int(head[1:end]) + 2
+
+    raw = timed(raw_get, reps)
+    sock.close()
+    client.delete(name_)
+    client.close()
+    n = kv.nbytes
+    return [
+        Result(name, "put", "redis-py SET/GET", n, statistics.median(put), put),
+        Result(name, "get", "redis-py SET/GET", n, statistics.median(get), get),
+        Result(name, "get", "raw socket GET", n, statistics.median(raw), raw),
+    ]
+
+
 def bench_tier(name: str, kv: ChunkKV, tier, impl: str, reps: int) -> list[Result]:
     layer = kv.k.shape[0] // 2
     put = timed(lambda: must(tier.put(kv.key, kv), f"{impl} put"), reps)
@@ -158,6 +205,7 @@ def ratios(results: list[Result]) -> list[str]:
         ("disk tier", "get", "plain file", "get", "disk get / plain file read"),
         ("redis tier", "put", "plain file", "put", "redis put / plain file write+fsync"),
         ("redis tier", "get", "plain file", "get", "redis get / plain file read"),
+        ("redis tier", "get", "raw socket GET", "get", "redis get / raw socket GET"),
         ("disk tier", "get 1 layer", "disk tier", "get", "disk 1-layer get / disk whole get"),
         ("redis tier", "get 1 layer", "redis tier", "get", "redis 1-layer get / redis whole get"),
     ]
@@ -173,7 +221,7 @@ def ratios(results: list[Result]) -> list[str]:
     return out
 
 
-def open_redis(url: str | None):
+def open_redis(url: str | None, secret: bytes | None):
     """(RedisTier, cleanup) for `url`, or for a private redis-server; (None, reason) if neither works."""
     prefix = f"kvblend-bench:{uuid.uuid4().hex[:8]}:"
     server = None
@@ -185,12 +233,23 @@ def open_redis(url: str | None):
             url = server.url
         except Exception as exc:  # no redis-server installed, or it would not start
             return None, f"no Redis: {exc}"
-    tier = RedisTier(RedisConfig(url, prefix=prefix, timeout_s=60.0, retry_s=0.0))
+    config = RedisConfig(url, prefix=prefix, timeout_s=60.0, retry_s=0.0)
+    tier = RedisTier(config) if secret is None else RedisTier(config, secret)
     if not tier.available:
         if server:
             server.close()
         return None, f"Redis at {url} does not answer"
     return tier, (server, url)
+
+
+def redis_parser() -> str:
+    """hiredis (C) when installed, else redis-py's pure-Python parser."""
+    try:
+        import hiredis
+
+        return f"hiredis {hiredis.__version__}"
+    except ImportError:
+        return "python"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", help="directory for the disk tier and the plain file (default: a temp dir)")
     parser.add_argument("--chunks", nargs="*", default=list(CHUNKS), choices=list(CHUNKS))
+    parser.add_argument("--secret", action="store_true", help="authenticated entries (a keyed MAC per entry)")
     args = parser.parse_args(argv)
+    secret = SECRET if args.secret else None
 
     workdir = Path(tempfile.mkdtemp(prefix="kvblend-store-bench-", dir=args.dir))
-    redis_tier, redis_info = open_redis(args.redis)
+    redis_tier, redis_info = open_redis(args.redis, secret)
     load_before = os.getloadavg()
     results: list[Result] = []
     try:
@@ -211,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             kv = random_chunk(*CHUNKS[name])
             results += bench_references(name, kv, workdir, args.reps)
             results += bench_tier(name, kv, MemoryTier(1 << 34), "memory tier", args.reps)
-            results += bench_tier(name, kv, DiskTier(workdir / "disk", 1 << 36), "disk tier", args.reps)
+            disk = DiskTier(workdir / "disk", 1 << 36) if secret is None else DiskTier(workdir / "disk", 1 << 36, secret)
+            results += bench_tier(name, kv, disk, "disk tier", args.reps)
             if redis_tier is not None:
                 results += bench_tier(name, kv, redis_tier, "redis tier", args.reps)
+                results += bench_redis_references(name, kv, redis_info[1], redis_tier.config.prefix, args.reps)
             print(f"done: {name}", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -226,12 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print()
     print("\n".join(ratios(results)))
-    redis_note = f"redis: {redis_info[1]}" if redis_tier is not None else redis_info
+    redis_note = f"redis: {redis_info[1]}, parser {redis_parser()}" if redis_tier is not None else redis_info
     print(f"\nreps={args.reps} (median), torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} cpus, load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, {redis_note}")
+          f"{os.cpu_count()} cpus, load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
+          f"secret {'on' if secret else 'off'}, {redis_note}")
     if args.json:
         payload = {
             "reps": args.reps,
+            "secret": bool(secret),
+            "redis_parser": redis_parser() if redis_tier is not None else None,
             "load_avg_before": load_before,
             "load_avg_after": load_after,
             "redis": None if redis_tier is None else redis_info[1],

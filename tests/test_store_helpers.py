@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kvblend.store.entry import ChunkKV
+from kvblend.store.entry import ChunkKV, _header_digest
 from kvblend.store.key import ChunkKey
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +79,20 @@ def tensor_span(blob: bytes, name: str) -> tuple[int, int]:
     return base + start, base + end
 
 
-def rebuild_entry(blob: bytes, header: dict, meta: dict) -> bytes:
-    """The same tensor bytes under an edited header (re-padded to 8 bytes, as safetensors writes it)."""
+def rebuild_entry(blob: bytes, header: dict, meta: dict, data: bytes | None = None) -> bytes:
+    """The same tensor bytes (or `data`) under an edited header (re-padded to 8 bytes, as safetensors writes it)."""
     _, _, base = split_entry(blob)
     raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + blob[base:]
+    return struct.pack("<Q", len(raw)) + raw + (blob[base:] if data is None else data)
+
+
+def reseal(blob: bytes, header: dict, meta: dict, secret: bytes | None = None, data: bytes | None = None) -> bytes:
+    """A forger's entry: `header` and `meta` (and `data`, default the original tensor bytes) with the header
+    digest recomputed, keyed with `secret` if the forger has it."""
+    meta = {**meta, "check": "blake3" if secret is None else "blake3-keyed"}
+    meta["header_digest"] = _header_digest(header, meta, secret)
+    return rebuild_entry(blob, header, meta, data)
 
 
 def retag_tensor_dtype(blob: bytes, new: str) -> bytes:

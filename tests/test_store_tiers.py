@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvblend.store import DiskTier, MemoryTier, RedisConfig, RedisTier
-from kvblend.store.entry import serialize
+from kvblend.store.entry import KVLayout, serialize
 from kvblend.store.key import ChunkKey
 from test_store_helpers import (
     assert_same_kv,
@@ -149,12 +149,27 @@ def test_layer_sliced_read_returns_exactly_those_layers(tier, dtype, layers):
     assert_same_kv(tier.get(kv.key), kv)  # the whole entry is still there and intact
 
 
-def test_layer_request_out_of_range_raises_and_keeps_the_entry(tier):
+def test_layer_request_out_of_range_raises_or_misses_and_keeps_the_entry(tier):
     kv = random_chunk(seed=6)
     tier.put(kv.key, kv)
-    with pytest.raises((ValueError, IndexError)):
-        tier.get(kv.key, [4])
+    for layers in ([-1], []):
+        with pytest.raises(ValueError):
+            tier.get(kv.key, layers)
+    with pytest.raises(ValueError):  # beyond the model's layers: the caller's mistake
+        tier.get(kv.key, [4], kv.layout)
+    assert tier.get(kv.key, [4]) is None  # beyond the entry's layers, model unknown: a miss (could be a short forgery)
     assert_same_kv(tier.get(kv.key), kv)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_entry_of_another_layout_is_a_dropped_miss_for_the_model(tier, sliced):
+    kv = random_chunk(seed=7, heads=2)
+    for other in (KVLayout(5, 2, 64, "bfloat16"), KVLayout(4, 3, 64, "bfloat16"), KVLayout(4, 2, 64, "float32")):
+        tier.put(kv.key, kv)
+        assert_same_kv(tier.get(kv.key, None, kv.layout), kv)
+        assert tier.get(kv.key, [0] if sliced else None, other) is None
+        assert not tier.contains(kv.key)  # its fingerprint names the model, whose layout it contradicts
+    assert tier.stats().corrupt == 3
 
 
 def _rchar() -> int:

@@ -2,10 +2,10 @@
 
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
-from kvblend.store.entry import ChunkKV, EntryError, read_entry, serialize
+from kvblend.store.entry import ChunkKV, EntryError, KVLayout, read_entry, serialize
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
-from kvblend.store.redis_tier import RedisConfig, RedisTier
+from kvblend.store.redis_tier import RedisConfig, RedisTier, redact_url
 from kvblend.store.tier import Tier, TierStats
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 
@@ -15,6 +15,7 @@ __all__ = [
     "ChunkKey",
     "DiskTier",
     "EntryError",
+    "KVLayout",
     "MemoryTier",
     "RedisConfig",
     "RedisTier",
@@ -24,5 +25,6 @@ __all__ = [
     "TieredStore",
     "open_store",
     "read_entry",
+    "redact_url",
     "serialize",
 ]

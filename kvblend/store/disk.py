@@ -2,7 +2,8 @@
 
 Writes are atomic (temp file + rename), so concurrent writers of one key leave one valid file. The byte
 budget is enforced by evicting the least recently used files (mtime is bumped on every hit). Every read is
-verified; a corrupt or truncated file is a miss, is removed and is logged.
+verified; a corrupt or truncated file is a miss, is removed and is logged. With a deployment secret, entries
+are written with a MAC and files without a valid one are refused (and kept: a later put replaces them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from kvblend.store.entry import ChunkKV, EntryError, read_entry, serialize
+from kvblend.store.entry import ChunkKV, EntryError, EntryRefused, FileSource, KVLayout, entry_secret, read_entry, serialize
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierStats
 
@@ -22,20 +23,14 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kv.safetensors"
 
 
-def _file_reader(fd: int):
-    def read(ranges):
-        return [os.pread(fd, n, o) for o, n in ranges]
-
-    return read
-
-
 class DiskTier:
     name = "disk"
     synchronous = False
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike, max_bytes: int, secret: str | bytes | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError(f"disk tier budget must be positive, got {max_bytes}")
+        self.secret = entry_secret(secret)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -63,7 +58,7 @@ class DiskTier:
                 pass
         return total
 
-    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -76,7 +71,12 @@ class DiskTier:
             self._count("misses")
             return None
         try:
-            kv = read_entry(_file_reader(fd), key, layers, size=os.fstat(fd).st_size)
+            kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret)
+        except EntryRefused as exc:
+            log.warning("disk tier: refusing entry %s (kept): %s", path.name, exc)
+            self._count("corrupt")
+            self._count("misses")
+            return None
         except EntryError as exc:
             log.warning("disk tier: dropping bad entry %s: %s", path.name, exc)
             self._count("corrupt")
@@ -98,7 +98,7 @@ class DiskTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv))
+        return self.put_bytes(key, serialize(kv, self.secret))
 
     def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
         """Write an already-serialised entry atomically; False (and a log line) if the disk refuses it."""

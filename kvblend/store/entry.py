@@ -1,36 +1,67 @@
 """A chunk's KV entry: per-layer K and V plus metadata, serialised as safetensors (never pickle).
 
-Tensors are `k.<layer>` and `v.<layer>` of shape [tokens, kv_heads, head_dim] plus `token_ids`. Each layer
-carries its own checksum so a layer-sliced read (a few byte ranges) is verified without reading the rest.
+Tensors are `token_ids`, then `k.<layer>`, `v.<layer>` of shape [tokens, kv_heads, head_dim], layer by layer,
+so one layer's K and V are one byte range. Each layer carries a BLAKE3 digest, so a layer-sliced read is
+verified without reading the rest; a header digest covers the whole header (tensor table and metadata, the
+layer digests included). With a deployment secret that header digest is a keyed BLAKE3 MAC: nobody without
+the secret can write an entry a reader accepts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save
 
 from kvblend.store.key import ChunkKey
 
-FORMAT_VERSION = "2"  # 2: the payload checksum also covers base position, dtype and layer count
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+FORMAT_VERSION = "3"  # 3: BLAKE3 layer digests, header digest or MAC over tensor table + metadata, K/V per layer adjacent
+SECRET_ENV = "KVBLEND_STORE_SECRET"
+MIN_SECRET_BYTES = 16
 MAX_HEADER = 1 << 24
-# What a damaged header or tensor table raises while it is parsed; read_entry reports all of them as EntryError.
-_MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)
-
-# read_ranges([(offset, length), ...]) -> the bytes of each range, from a file, a Redis value or memory.
-RangeReader = Callable[[Sequence[tuple[int, int]]], list[bytes]]
+MAX_DIM = 1 << 16  # bound on layers, KV heads and head dim a header may claim
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # safetensors' dtype names
+_UNKEYED, _KEYED = "blake3", "blake3-keyed"
+_MAC_CONTEXT = "kvblend store entry header MAC, format 3"
+_PARALLEL_BYTES = 1 << 22  # whole reads at least this large read and verify layers on several threads
 
 
 class EntryError(ValueError):
-    """An entry is truncated, corrupt, or does not belong to the key or model it was read for."""
+    """An entry is truncated, corrupt, forged, or does not belong to the key or model it was read for."""
+
+
+class EntryRefused(EntryError):
+    """An entry this reader cannot accept but another may (another deployment secret, more layers asked for
+    than it holds): a miss, but a tier keeps it (a put of the same key replaces it)."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The KV geometry a model's entries have: what a reader checks every tensor against."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 < value <= MAX_DIM:
+                raise ValueError(f"KVLayout {name} must be an int in 1..{MAX_DIM}, got {value!r}")
+        if self.dtype not in _TORCH_DTYPES:
+            raise ValueError(f"KVLayout dtype must be one of {sorted(_TORCH_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -60,6 +91,12 @@ class ChunkKV:
     def dtype_name(self) -> str:
         return _DTYPE_NAMES[self.k.dtype]
 
+    @property
+    def layout(self) -> KVLayout:
+        """The geometry of a whole entry (of a sliced one, its layer count is the slice's)."""
+        _, _, heads, head_dim = self.k.shape
+        return KVLayout(self.k.shape[0], heads, head_dim, self.dtype_name)
+
     def select_layers(self, layers: Sequence[int]) -> "ChunkKV":
         """The same chunk restricted to `layers` (indices into this entry's layer axis)."""
         index = list(layers)
@@ -71,35 +108,68 @@ class ChunkKV:
         return ChunkKV(self.key, self.k[pick], self.v[pick], self.token_ids, self.base_position, tuple(own[i] for i in index))
 
 
-def _layer_checksum(k, v) -> str:
-    """blake2b-128 over a layer's K bytes then V bytes (any buffer objects)."""
-    digest = hashlib.blake2b(k, digest_size=16)
+def entry_secret(value: str | bytes | None) -> bytes | None:
+    """A deployment secret as bytes (None: entries are hashed, not authenticated). The error never shows it."""
+    if value is None:
+        return None
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ValueError(f"the store secret ({SECRET_ENV}) must be at least {MIN_SECRET_BYTES} bytes, got {len(raw)}")
+    return raw
+
+
+def _blake3(data, **options):
+    """A BLAKE3 hasher (the `blake3` package of the store extra), imported on first use: kvblend.blend imports
+    kvblend.store for ChunkKey and must stay importable without it."""
+    from blake3 import blake3
+
+    return blake3(data, **options)
+
+
+@functools.lru_cache(maxsize=8)
+def _mac_key(secret: bytes) -> bytes:
+    return _blake3(secret, derive_key_context=_MAC_CONTEXT).digest()
+
+
+def _header_digest(tensors: dict, meta: dict, secret: bytes | None) -> str:
+    """BLAKE3 (keyed with the secret, if any) over the canonical JSON of the tensor table and every metadata
+    field but the digest itself."""
+    signed = {name: value for name, value in meta.items() if name != "header_digest"}
+    message = json.dumps({"metadata": signed, "tensors": tensors}, sort_keys=True, separators=(",", ":")).encode()
+    digest = _blake3(message) if secret is None else _blake3(message, key=_mac_key(secret))
+    return digest.hexdigest()
+
+
+def _layer_digest(k, v) -> str:
+    """BLAKE3 over a layer's K bytes then V bytes (any buffer objects)."""
+    digest = _blake3(k)
     digest.update(v)
     return digest.hexdigest()
 
 
-def _payload_checksum(checksums: Sequence[str], base_position: str, dtype: str, num_layers: str) -> str:
-    """sha256 over the layer checksums and the metadata the key does not pin (base position, dtype, layers)."""
-    return hashlib.sha256("\0".join([*checksums, base_position, dtype, num_layers]).encode()).hexdigest()
-
-
 def _buffer(t: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes as a uint8 array, without a copy when it is contiguous on the CPU."""
-    return t.contiguous().cpu().view(torch.uint8).numpy()
+    """The tensor's bytes as a uint8 array sharing its memory (a copy only if it is not contiguous on the CPU)."""
+    return t.contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
 
 
-def serialize(kv: ChunkKV) -> bytes:
-    """safetensors bytes of a whole entry (all layers), with metadata and per-layer checksums."""
+def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
+    """safetensors bytes of a whole entry (all layers): metadata, layer digests, header digest or MAC."""
     if kv.layers is not None:
         raise ValueError("only whole entries (all layers) can be stored")
-    tensors: dict[str, torch.Tensor] = {"token_ids": kv.token_ids.to(torch.int64).contiguous().cpu()}
-    checksums = []
-    for layer in range(kv.k.shape[0]):
-        k, v = kv.k[layer].contiguous().cpu(), kv.v[layer].contiguous().cpu()
-        tensors[f"k.{layer}"], tensors[f"v.{layer}"] = k, v
-        checksums.append(_layer_checksum(_buffer(k), _buffer(v)))
-    key = kv.key
-    metadata = {
+    layout, key = kv.layout, kv.key
+    ids = _buffer(kv.token_ids.to(torch.int64))
+    k, v = kv.k.contiguous().cpu(), kv.v.contiguous().cpu()
+    shape = [key.num_tokens, layout.kv_heads, layout.head_dim]
+    tensors = {"token_ids": {"dtype": "I64", "shape": [key.num_tokens], "data_offsets": [0, ids.nbytes]}}
+    parts, digests, offset = [ids], [], ids.nbytes
+    for layer in range(layout.num_layers):
+        kb, vb = _buffer(k[layer]), _buffer(v[layer])
+        for name, buf in ((f"k.{layer}", kb), (f"v.{layer}", vb)):
+            tensors[name] = {"dtype": _ST_DTYPES[layout.dtype], "shape": shape, "data_offsets": [offset, offset + buf.nbytes]}
+            parts.append(buf)
+            offset += buf.nbytes
+        digests.append(_layer_digest(kb, vb))
+    meta = {
         "format_version": FORMAT_VERSION,
         "key": key.digest,
         "fingerprint": key.fingerprint,
@@ -108,115 +178,162 @@ def serialize(kv: ChunkKV) -> bytes:
         "num_tokens": str(key.num_tokens),
         "token_ids_hash": key.tokens_hash,
         "base_position": str(kv.base_position),
-        "dtype": kv.dtype_name,
-        "num_layers": str(kv.k.shape[0]),
-        "layer_checksums": json.dumps(checksums),
+        "dtype": layout.dtype,
+        "num_layers": str(layout.num_layers),
+        "kv_heads": str(layout.kv_heads),
+        "head_dim": str(layout.head_dim),
+        "layer_digests": json.dumps(digests),
+        "check": _UNKEYED if secret is None else _KEYED,
     }
-    metadata["payload_checksum"] = _payload_checksum(
-        checksums, metadata["base_position"], metadata["dtype"], metadata["num_layers"]
-    )
-    return save(tensors, metadata=metadata)
+    meta["header_digest"] = _header_digest(tensors, meta, secret)
+    raw = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return b"".join([struct.pack("<Q", len(raw)), raw, *parts])
 
 
-def bytes_reader(blob: bytes) -> RangeReader:
-    view = memoryview(blob)
+class EntrySource(Protocol):
+    """Where an entry's bytes are read from: a file, a Redis value, memory."""
 
-    def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return [bytes(view[o : o + n]) for o, n in ranges]
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each (offset, length) range (shorter at the end of the entry)."""
 
-    return read
-
-
-def _decode(raw: bytes, dtype: str, shape: list[int], name: str) -> torch.Tensor:
-    if dtype not in _ST_DTYPES:
-        raise EntryError(f"tensor {name} has unsupported dtype {dtype}")
-    torch_dtype = _ST_DTYPES[dtype]
-    expected = int(np.prod(shape)) * torch_dtype.itemsize
-    if len(raw) != expected:
-        raise EntryError(f"tensor {name} is truncated ({len(raw)} of {expected} bytes)")
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return flat.view(torch_dtype).reshape(shape)
+    def read_into(self, targets: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        """Fill each target's buffers, in order, from its offset; EntryError if the entry ends first."""
 
 
-def read_entry(read_ranges: RangeReader, key: ChunkKey, layers: Sequence[int] | None = None, size: int | None = None) -> ChunkKV:
-    """Parse and verify an entry (or only `layers` of it) through a range reader; raise EntryError if bad.
+class BytesSource:
+    """An entry held in memory (a Redis value, a test's bytes)."""
 
-    Asking for layers the entry does not have is the caller's mistake (ValueError), not a bad entry.
+    def __init__(self, blob: bytes) -> None:
+        self.view = memoryview(blob)
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [bytes(self.view[o : o + n]) for o, n in ranges]
+
+    def read_into(self, targets: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        for offset, buffers in targets:
+            for buf in buffers:
+                chunk = self.view[offset : offset + buf.nbytes]
+                if len(chunk) != buf.nbytes:
+                    raise EntryError(f"entry ends inside bytes {offset}..{offset + buf.nbytes}: truncated")
+                np.copyto(buf, np.frombuffer(chunk, dtype=np.uint8))
+                offset += buf.nbytes
+
+
+class FileSource:
+    """An entry in an open file: pread for ranges, preadv straight into the output tensors."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [os.pread(self.fd, n, o) for o, n in ranges]
+
+    def read_into(self, targets: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        for offset, buffers in targets:
+            for buf in buffers:
+                view, done = memoryview(buf), 0
+                while done < buf.nbytes:
+                    got = os.preadv(self.fd, [view[done:]], offset + done)
+                    if got == 0:
+                        raise EntryError(f"entry ends inside bytes {offset}..{offset + buf.nbytes}: truncated")
+                    done += got
+                offset += buf.nbytes
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What a verified header says: the layout, base position, layer digests, tensor spans and entry size."""
+
+    layout: KVLayout
+    base_position: int
+    digests: list[str]
+    spans: dict[str, tuple[int, int]]  # absolute [start, end) of every tensor
+    size: int  # the entry's length in bytes, by its header
+
+
+def read_entry(source: EntrySource, key: ChunkKey, layers: Sequence[int] | None = None, size: int | None = None,
+               expect: KVLayout | None = None, secret: bytes | None = None) -> ChunkKV:
+    """Parse and verify an entry (or only `layers` of it); EntryError if it is bad, OSError if the source fails.
+
+    `expect` is the model's layout: every tensor's dtype and shape must match it and the key. Layer requests
+    that are wrong whatever the entry holds (empty, negative, beyond `expect`) are the caller's ValueError.
     """
-    header, meta, base = _read_header(read_ranges, key)
-    num_layers = int(meta["num_layers"])
-    wanted = list(range(num_layers)) if layers is None else list(layers)
-    if not wanted or any(not 0 <= layer < num_layers for layer in wanted):
-        raise ValueError(f"layers {wanted} out of range for an entry of {num_layers} layers")
+    wanted = layer_request(layers, expect)
     try:
-        return _read_tensors(read_ranges, key, header, meta, base, wanted, layers is not None, size)
-    except EntryError:
+        header = _read_header(source, key, expect, secret)
+        if size is not None and size != header.size:
+            raise EntryError(f"entry is {size} bytes but its header says {header.size}: truncated or overwritten")
+        if wanted is None:
+            wanted = list(range(header.layout.num_layers))
+        elif max(wanted) >= header.layout.num_layers:
+            raise EntryRefused(f"layers {wanted} asked of an entry of {header.layout.num_layers} layers")
+        return _read_tensors(source, key, header, wanted, sliced=layers is not None)
+    except (EntryError, OSError):
         raise
-    except _MALFORMED as exc:
-        raise EntryError(f"malformed entry tensors: {exc!r}") from exc
+    except Exception as exc:  # whatever else a damaged entry provokes is a bad entry, never a crash
+        raise EntryError(f"malformed entry: {exc!r}") from exc
 
 
-def _read_header(read_ranges: RangeReader, key: ChunkKey) -> tuple[dict, dict, int]:
-    """The entry's tensor table, its metadata (verified against `key`) and the offset its data starts at."""
-    try:
-        (head,) = read_ranges([(0, 8)])
-        if len(head) != 8:
-            raise EntryError("entry shorter than its header length field")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER:
-            raise EntryError(f"implausible header length {header_len}")
-        (raw_header,) = read_ranges([(8, header_len)])
-        header = json.loads(raw_header)
-        meta = header.pop("__metadata__", None) or {}
-        _check_metadata(meta, key)
-    except EntryError:
-        raise
-    except _MALFORMED as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise EntryError(f"unreadable entry header: {exc!r}") from exc
-    return header, meta, 8 + header_len
+def layer_request(layers: Sequence[int] | None, expect: KVLayout | None) -> list[int] | None:
+    """The layers asked for (None: all); ValueError for a request that is wrong whatever an entry holds."""
+    if layers is None:
+        return None
+    wanted = list(layers)
+    limit = expect.num_layers if expect is not None else MAX_DIM
+    if not wanted or any(type(layer) is not int or not 0 <= layer < limit for layer in wanted):
+        raise ValueError(f"layers {wanted} out of range for a model of {limit} layers")
+    return wanted
 
 
-def _read_tensors(read_ranges: RangeReader, key: ChunkKey, header: dict, meta: dict, base: int,
-                  wanted: list[int], sliced: bool, size: int | None) -> ChunkKV:
-    """Read token ids and the `wanted` layers' K and V, verify their checksums, and decode them."""
-    names = ["token_ids"] + [f"{kv}.{layer}" for layer in wanted for kv in "kv"]
-    try:
-        infos = [header[name] for name in names]
-        offsets = [(base + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0]) for info in infos]
-    except (KeyError, TypeError, IndexError) as exc:
-        raise EntryError(f"entry header lacks tensor info: {exc}") from exc
-    if size is not None:  # checked for every read, so a sliced read also catches a truncated entry
-        end = base + max(info["data_offsets"][1] for info in header.values())
-        if end != size:
-            raise EntryError(f"entry is {size} bytes but its header says {end}: truncated or overwritten")
-    blobs = dict(zip(names, read_ranges(offsets)))
-    if hashlib.sha256(blobs["token_ids"]).hexdigest() != key.tokens_hash:
-        raise EntryError("stored token ids do not match the key's token ids hash")
-    checksums = json.loads(meta["layer_checksums"])
-    for layer in wanted:
-        if _layer_checksum(blobs[f"k.{layer}"], blobs[f"v.{layer}"]) != checksums[layer]:
-            raise EntryError(f"checksum mismatch in layer {layer}")
-    tensors = {name: _decode(blobs[name], info["dtype"], info["shape"], name) for name, info in zip(names, infos)}
-    k = torch.stack([tensors[f"k.{layer}"] for layer in wanted])
-    v = torch.stack([tensors[f"v.{layer}"] for layer in wanted])
-    if _DTYPE_NAMES.get(k.dtype) != meta["dtype"] or k.dtype != v.dtype:
-        raise EntryError(f"entry says dtype {meta['dtype']} but holds {k.dtype}/{v.dtype}")
-    if k.shape[1] != key.num_tokens:
-        raise EntryError(f"entry holds {k.shape[1]} tokens, key says {key.num_tokens}")
-    return ChunkKV(
-        key=key,
-        k=k,
-        v=v,
-        token_ids=tensors["token_ids"],
-        base_position=int(meta["base_position"]),
-        layers=tuple(wanted) if sliced else None,
-    )
+def _read_header(source: EntrySource, key: ChunkKey, expect: KVLayout | None, secret: bytes | None) -> _Header:
+    """The entry's header, verified (digest or MAC first, then key, layout and tensor table)."""
+    (head,) = source.read([(0, 8)])
+    if len(head) != 8:
+        raise EntryError("entry shorter than its header length field")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER:
+        raise EntryError(f"implausible header length {header_len}")
+    (raw,) = source.read([(8, header_len)])
+    if len(raw) != header_len:
+        raise EntryError(f"entry ends inside its {header_len}-byte header")
+    tensors = json.loads(raw)
+    if not isinstance(tensors, dict) or not isinstance(tensors.get("__metadata__"), dict):
+        raise EntryError("entry header is not a safetensors table with metadata")
+    meta = tensors.pop("__metadata__")
+    if not all(isinstance(value, str) for value in meta.values()):
+        raise EntryError("entry metadata values must all be strings")
+    _check_digest(tensors, meta, secret)
+    _check_key(meta, key)
+    layout = KVLayout(_int(meta, "num_layers"), _int(meta, "kv_heads"), _int(meta, "head_dim"), meta.get("dtype"))
+    if expect is not None and layout != expect:
+        raise EntryError(f"entry layout {layout} is not the model's {expect}")
+    digests = json.loads(meta["layer_digests"])
+    if not isinstance(digests, list) or len(digests) != layout.num_layers or not all(isinstance(d, str) for d in digests):
+        raise EntryError(f"entry has {layout.num_layers} layers but layer digests {meta['layer_digests'][:80]!r}")
+    base_position = _int(meta, "base_position", low=0, high=None)
+    spans = _check_table(tensors, layout, key.num_tokens, 8 + header_len)
+    return _Header(layout, base_position, digests, spans, max(end for _, end in spans.values()))
 
 
-def _check_metadata(meta: dict, key: ChunkKey) -> None:
-    """The entry must be this format and belong to exactly this key (model, namespace, context, tokens)."""
+def _check_digest(tensors: dict, meta: dict, secret: bytes | None) -> None:
     if meta.get("format_version") != FORMAT_VERSION:
         raise EntryError(f"entry format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    check = meta.get("check")
+    if check == _KEYED and secret is None:
+        raise EntryRefused(f"entry is authenticated with a deployment secret; set {SECRET_ENV} to read it")
+    if check == _UNKEYED and secret is not None:
+        raise EntryRefused("entry is not authenticated and this reader requires authenticated entries")
+    if check not in (_UNKEYED, _KEYED):
+        raise EntryError(f"entry check {check!r} is unknown")
+    if not hmac.compare_digest(_header_digest(tensors, meta, secret), meta.get("header_digest", "")):
+        if secret is not None:  # forged, damaged, or written under another secret: which one, nobody can tell
+            raise EntryRefused("entry MAC does not verify with this deployment's secret")
+        raise EntryError("entry header digest does not match its tensor table and metadata")
+
+
+def _check_key(meta: dict, key: ChunkKey) -> None:
+    """The entry must belong to exactly this key (model, namespace, context, tokens)."""
     expected = {
         "key": key.digest,
         "fingerprint": key.fingerprint,
@@ -228,14 +345,92 @@ def _check_metadata(meta: dict, key: ChunkKey) -> None:
     for field, value in expected.items():
         if meta.get(field) != value:
             raise EntryError(f"entry {field} is {meta.get(field)!r}, expected {value!r}")
-    for field in ("dtype", "num_layers", "layer_checksums", "base_position"):
-        if field not in meta:
-            raise EntryError(f"entry metadata lacks {field!r}")
-    checksums = json.loads(meta["layer_checksums"])
-    if len(checksums) != int(meta["num_layers"]) or int(meta["base_position"]) < 0:
-        raise EntryError(
-            f"inconsistent metadata: {meta['num_layers']} layers, {len(checksums)} checksums, base {meta['base_position']}"
-        )
-    expected_checksum = _payload_checksum(checksums, meta["base_position"], meta["dtype"], meta["num_layers"])
-    if expected_checksum != meta.get("payload_checksum"):
-        raise EntryError("payload checksum does not match the layer checksums and metadata")
+
+
+def _int(meta: dict, field: str, low: int = 1, high: int | None = MAX_DIM) -> int:
+    text = meta.get(field)
+    if not isinstance(text, str) or not text.isdigit() or text != str(int(text)):
+        raise EntryError(f"entry {field} is {text!r}, not a plain integer")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        raise EntryError(f"entry {field} {value} is out of range")
+    return value
+
+
+def _check_table(tensors: dict, layout: KVLayout, num_tokens: int, data_start: int) -> dict[str, tuple[int, int]]:
+    """Exactly token_ids and every layer's K and V, each of the dtype and shape the key and layout imply,
+    tiling the data without gaps or overlaps: the absolute span of each."""
+    shape = [num_tokens, layout.kv_heads, layout.head_dim]
+    kv_bytes = num_tokens * layout.kv_heads * layout.head_dim * _TORCH_DTYPES[layout.dtype].itemsize
+    want = {"token_ids": ("I64", [num_tokens], num_tokens * 8)}
+    for layer in range(layout.num_layers):
+        for kv in "kv":
+            want[f"{kv}.{layer}"] = (_ST_DTYPES[layout.dtype], shape, kv_bytes)
+    if set(tensors) != set(want):
+        extra, missing = sorted(set(tensors) - set(want))[:4], sorted(set(want) - set(tensors))[:4]
+        raise EntryError(f"entry tensors do not match its layout: unexpected {extra}, missing {missing}")
+    spans = {}
+    for name, (dtype, tensor_shape, nbytes) in want.items():
+        info = tensors[name]
+        if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != tensor_shape:
+            raise EntryError(f"tensor {name} is {info!r}; expected {dtype} {tensor_shape}")
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes):
+            raise EntryError(f"tensor {name} has data offsets {offsets!r} for {nbytes} bytes")
+        spans[name] = (data_start + offsets[0], data_start + offsets[1])
+    position = data_start
+    for start, end in sorted(spans.values()):
+        if start != position:
+            raise EntryError(f"entry tensors leave a gap or overlap at byte {position}")
+        position = end
+    return spans
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in numpy-allocated memory: numpy asks Linux for huge pages for large arrays,
+    which makes first touch of a fresh 32 MiB output several times cheaper than torch.empty's 4 KiB pages."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvblend-entry")
+
+
+def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: list[int], sliced: bool) -> ChunkKV:
+    """Read token ids and the `wanted` layers' K and V straight into the output tensors, and verify them."""
+    layout = header.layout
+    dtype = _TORCH_DTYPES[layout.dtype]
+    shape = (len(wanted), key.num_tokens, layout.kv_heads, layout.head_dim)
+    k, v = _empty(shape, dtype), _empty(shape, dtype)
+    token_ids = torch.empty(key.num_tokens, dtype=torch.int64)
+    ids = _buffer(token_ids)
+    source.read_into([(header.spans["token_ids"][0], [ids])])
+    if hashlib.sha256(ids).hexdigest() != key.tokens_hash:
+        raise EntryError("stored token ids do not match the key's token ids hash")
+
+    def targets(i: int, layer: int) -> list[tuple[int, list[np.ndarray]]]:
+        k_start, k_end = header.spans[f"k.{layer}"]
+        v_start, _ = header.spans[f"v.{layer}"]
+        kb, vb = _buffer(k[i]), _buffer(v[i])
+        return [(k_start, [kb, vb])] if v_start == k_end else [(k_start, [kb]), (v_start, [vb])]
+
+    def verify(i: int, layer: int) -> None:
+        if not hmac.compare_digest(_layer_digest(_buffer(k[i]), _buffer(v[i])), header.digests[layer]):
+            raise EntryError(f"digest mismatch in layer {layer}")
+
+    def read_and_verify(item: tuple[int, int]) -> None:
+        source.read_into(targets(*item))
+        verify(*item)
+
+    items = list(enumerate(wanted))
+    if not sliced and k.nbytes + v.nbytes >= _PARALLEL_BYTES and (os.cpu_count() or 1) > 1:
+        list(_pool().map(read_and_verify, items))  # preadv, copies and BLAKE3 release the GIL
+    else:
+        source.read_into([t for item in items for t in targets(*item)])  # one batch: one Redis round trip for a sliced read
+        for item in items:
+            verify(*item)
+    return ChunkKV(key=key, k=k, v=v, token_ids=token_ids, base_position=header.base_position,
+                   layers=tuple(wanted) if sliced else None)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-from kvblend.store.entry import ChunkKV
+from kvblend.store.entry import ChunkKV, KVLayout, layer_request
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierStats
+
+log = logging.getLogger(__name__)
 
 
 class MemoryTier:
@@ -26,15 +29,26 @@ class MemoryTier:
         self._stats = TierStats()
         self._lock = threading.Lock()
 
-    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
+        """The entry (or `layers` of it) if held and, given the model's layout `expect`, of that layout."""
+        wanted = layer_request(layers, expect)
         with self._lock:
             kv = self._entries.get(key.digest)
-            if kv is None:
+            wrong = kv is not None and expect is not None and kv.layout != expect  # not this model's: drop it
+            short = kv is not None and wanted is not None and max(wanted) >= len(kv.k)
+            if kv is None or wrong or short:
                 self._stats.misses += 1
+                if wrong or short:
+                    self._stats.corrupt += 1
+                    log.warning("memory tier: %s entry %s of layout %s (model %s, layers %s)",
+                                "dropping" if wrong else "refusing", key.digest, kv.layout, expect, wanted)
+                if wrong:
+                    del self._entries[key.digest]
+                    self._bytes -= kv.nbytes
                 return None
             self._entries.move_to_end(key.digest)
             self._stats.hits += 1
-        return kv if layers is None else kv.select_layers(layers)
+        return kv if wanted is None else kv.select_layers(wanted)
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
         if kv.layers is not None:

@@ -2,6 +2,8 @@
 
 When the server is down or slow, every call reports a miss (or a failed put), the outage is logged once, and
 the tier stays quiet for `retry_s` before trying the server again, so queries never wait on a dead server.
+Every writer to a shared Redis must be trusted unless the tier has a deployment secret (then entries carry a
+MAC and those without a valid one are refused). A URL is only ever shown through `redact_url`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,40 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
-from kvblend.store.entry import ChunkKV, EntryError, bytes_reader, read_entry, serialize
+import numpy as np
+
+from kvblend.store.entry import (
+    BytesSource,
+    ChunkKV,
+    EntryError,
+    EntryRefused,
+    KVLayout,
+    entry_secret,
+    read_entry,
+    serialize,
+)
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierStats
 
 log = logging.getLogger(__name__)
+_SECRET_QUERY = re.compile(r"pass|secret|token|auth|key", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (and any password-like query value) replaced by ***, for logs and errors."""
+    try:
+        parsed = urlparse(url)
+        netloc = parsed.netloc
+        if "@" in netloc:
+            user, _, host = netloc.rpartition("@")
+            name, has_password, _ = user.partition(":")
+            netloc = f"{name}:***@{host}" if has_password else f"***@{host}"  # a lone user part may be a token
+        query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in parse_qsl(parsed.query)], safe="*")
+        return parsed._replace(netloc=netloc, query=query).geturl()
+    except ValueError:
+        return "<unparseable URL>"
 
 
 DEFAULT_TIMEOUT_S = 0.5
@@ -37,19 +66,25 @@ class RedisConfig:
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
         if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"Redis URL must look like redis://host:port/db, got {self.url!r}")
+            raise ValueError(f"Redis URL must look like redis://host:port/db, got {redact_url(self.url)!r}")
         if self.timeout_s <= 0 or self.retry_s < 0:
             raise ValueError("Redis timeout must be positive and retry interval non-negative")
+
+    def __repr__(self) -> str:
+        return (f"RedisConfig(url={redact_url(self.url)!r}, timeout_s={self.timeout_s}, retry_s={self.retry_s}, "
+                f"prefix={self.prefix!r}, ttl_s={self.ttl_s}, readahead_entries={self.readahead_entries})")
 
 
 class RedisTier:
     name = "redis"
     synchronous = False
 
-    def __init__(self, config: RedisConfig | str) -> None:
+    def __init__(self, config: RedisConfig | str, secret: str | bytes | None = None) -> None:
         import redis
 
         self.config = RedisConfig(config) if isinstance(config, str) else config
+        self.secret = entry_secret(secret)
+        self.where = redact_url(self.config.url)
         self._errors = (redis.exceptions.RedisError, OSError)
         self.client = redis.Redis.from_url(
             self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
@@ -75,10 +110,10 @@ class RedisTier:
                 self._down_until = time.monotonic() + self.config.retry_s
             if first:
                 log.warning("redis tier %s unavailable during %s (%s); reporting misses, retrying every %.1fs",
-                            self.config.url, what, exc, self.config.retry_s)
+                            self.where, what, exc, self.config.retry_s)
             return default
         if self._down_until:
-            log.warning("redis tier %s is reachable again", self.config.url)
+            log.warning("redis tier %s is reachable again", self.where)
             self._down_until = 0.0
         return result
 
@@ -86,18 +121,22 @@ class RedisTier:
     def available(self) -> bool:
         return self.call("ping", self.client.ping, False)
 
-    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
         name = self._name(key)
         with self._lock:
             blob = self._readahead.pop(name, None)
         try:
             if blob is not None:
-                kv = read_entry(bytes_reader(blob), key, layers, size=len(blob))
+                kv = read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret)
             elif layers is None:
-                blob = self.call("get", lambda: self.client.get(name), None)
-                kv = None if blob is None else read_entry(bytes_reader(blob), key, None, size=len(blob))
+                blob = self.call("get", lambda: self._get_buffer(name), None)
+                kv = None if blob is None else read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret)
             else:
-                kv = self._read_layers(name, key, layers)
+                kv = self._read_layers(name, key, layers, expect)
+        except EntryRefused as exc:
+            log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
+            self._count("corrupt")
+            kv = None
         except EntryError as exc:
             log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
             self._count("corrupt")
@@ -106,32 +145,55 @@ class RedisTier:
         self._count("hits" if kv is not None else "misses")
         return kv
 
-    def _read_layers(self, name: str, key: ChunkKey, layers: Sequence[int]) -> ChunkKV | None:
-        """Layer-sliced read: header first, then the wanted tensors in one pipelined GETRANGE batch."""
-        failed = object()
-
-        def read(ranges):
-            def run():
-                pipe = self.client.pipeline(transaction=False)
-                for offset, length in ranges:
-                    pipe.getrange(name, offset, offset + length - 1)
-                return pipe.execute()
-
-            out = self.call("getrange", run, failed)
-            if out is failed:
-                raise ConnectionError("redis unavailable")
-            return out
-
+    def _get_buffer(self, name: str) -> np.ndarray | None:
+        """GET with the reply read from the connection's socket straight into one buffer: redis-py's parsers
+        copy a 64 MiB value several times over, which halves the throughput loopback allows. Any surprise
+        drops the connection (the pool opens a fresh one) and raises."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
         try:
-            size = self.call("strlen", lambda: self.client.strlen(name), 0)  # 0: no such key
-            if not size:
+            conn.send_command("GET", name)
+            sock, head = conn._sock, b""
+            while b"\r\n" not in head:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise ConnectionError("redis closed the connection during GET")
+                head += chunk
+            line, _, rest = head.partition(b"\r\n")
+            if line in (b"$-1", b"_"):
                 return None
-            return read_entry(read, key, layers, size=size)
+            if line[:1] != b"$" or not line[1:].isdigit():
+                raise ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
+            size = int(line[1:]) + 2  # the value, then CRLF
+            if len(rest) > size:
+                raise ConnectionError("unexpected bytes after the GET reply")
+            buf = np.empty(size, dtype=np.uint8)
+            view, got = memoryview(buf), len(rest)
+            view[:got] = rest
+            while got < size:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("redis closed the connection during GET")
+                got += n
+            return buf[:-2]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def _read_layers(self, name: str, key: ChunkKey, layers: Sequence[int], expect: KVLayout | None) -> ChunkKV | None:
+        """Layer-sliced read: header first, then the wanted tensors in one pipelined GETRANGE batch."""
+        size = self.call("strlen", lambda: self.client.strlen(name), 0)  # 0: no such key
+        if not size:
+            return None
+        try:
+            return read_entry(_RangeSource(self, name), key, layers, size, expect, self.secret)
         except ConnectionError:
             return None
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv))
+        return self.put_bytes(key, serialize(kv, self.secret))
 
     def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
         ok = self.call("set", lambda: self.client.set(self._name(key), blob, ex=self.config.ttl_s), False)
@@ -177,3 +239,28 @@ class RedisTier:
         count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
         with self._lock:
             return TierStats(**{**self._stats.as_dict(), "entries": count})
+
+
+class _RangeSource:
+    """An entry on the Redis server, read through pipelined GETRANGEs (ConnectionError when the server fails)."""
+
+    def __init__(self, tier: RedisTier, name: str) -> None:
+        self.tier, self.name = tier, name
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        def run():
+            pipe = self.tier.client.pipeline(transaction=False)
+            for offset, length in ranges:
+                pipe.getrange(self.name, offset, offset + length - 1)
+            return pipe.execute()
+
+        failed = object()
+        out = self.tier.call("getrange", run, failed)
+        if out is failed:
+            raise ConnectionError("redis unavailable")
+        return out
+
+    def read_into(self, targets: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        spans = [(offset, sum(buf.nbytes for buf in buffers)) for offset, buffers in targets]
+        for (offset, buffers), blob in zip(targets, self.read(spans)):
+            BytesSource(blob).read_into([(0, buffers)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable, Protocol, Sequence
 
-from kvblend.store.entry import ChunkKV
+from kvblend.store.entry import ChunkKV, KVLayout
 from kvblend.store.key import ChunkKey
 
 
@@ -25,12 +25,13 @@ class TierStats:
 
 
 class Tier(Protocol):
-    """A place chunk KV can live. A failing tier reports misses; it never raises out of `get`."""
+    """A place chunk KV can live. A failing tier or a bad entry is a miss: `get` raises only for a malformed
+    request (ValueError). `expect`, the model's KV layout, is what every entry read must match."""
 
     name: str
     synchronous: bool  # True: cheap enough to write on the caller's thread (process memory)
 
-    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None: ...
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None: ...
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool: ...
 

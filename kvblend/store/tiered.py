@@ -7,17 +7,17 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
-from kvblend.store.entry import ChunkKV, serialize
+from kvblend.store.entry import SECRET_ENV, ChunkKV, KVLayout, entry_secret, serialize
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
-from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier
+from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier, redact_url
 from kvblend.store.tier import Tier, TierStats
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def default_store_dir() -> Path:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Which tiers exist and their budgets. Tiers are consulted fastest first: memory, disk, Redis."""
+    """Which tiers exist and their budgets. Tiers are consulted fastest first: memory, disk, Redis.
+    `secret` (default: the KVBLEND_STORE_SECRET environment variable) makes disk and Redis entries carry a
+    MAC and refuses those without a valid one; without it every writer to a shared tier must be trusted."""
 
     memory_bytes: int = int(DEFAULT_MEMORY_GB * GIB)
     disk_dir: str | None = None
@@ -42,6 +44,7 @@ class StoreConfig:
     redis_url: str | None = None
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
     write_queue: int = 64
+    secret: str | None = field(default_factory=lambda: os.environ.get(SECRET_ENV), repr=False)
 
     @classmethod
     def from_settings(cls, store_dir: str | os.PathLike | None = None, memory_gb: float = DEFAULT_MEMORY_GB,
@@ -63,6 +66,13 @@ class StoreConfig:
             raise ValueError(f"write_queue must be positive, got {self.write_queue}")
         if self.redis_url is not None:
             RedisConfig(self.redis_url, timeout_s=self.redis_timeout_s)
+        entry_secret(self.secret)
+
+    def __repr__(self) -> str:
+        url = None if self.redis_url is None else redact_url(self.redis_url)
+        return (f"StoreConfig(memory_bytes={self.memory_bytes}, disk_dir={self.disk_dir!r}, disk_bytes={self.disk_bytes}, "
+                f"redis_url={url!r}, redis_timeout_s={self.redis_timeout_s}, write_queue={self.write_queue}, "
+                f"authenticated={self.secret is not None})")
 
 
 def open_store(config: StoreConfig) -> "TieredStore":
@@ -70,10 +80,10 @@ def open_store(config: StoreConfig) -> "TieredStore":
     tiers: list[Tier] = [MemoryTier(config.memory_bytes)]
     anchors_dir, redis = None, None
     if config.disk_dir:
-        tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+        tiers.append(DiskTier(config.disk_dir, config.disk_bytes, config.secret))
         anchors_dir = Path(config.disk_dir) / "index"
     if config.redis_url:
-        redis = RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s))
+        redis = RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s), config.secret)
         tiers.append(redis)
     return TieredStore(tiers, write_queue=config.write_queue, anchors=ChunkAnchorIndex(anchors_dir, redis))
 
@@ -93,10 +103,11 @@ class TieredStore:
         self._writer.start()
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblend-prefetch")
 
-    def get(self, key: ChunkKey, layers: Sequence[int] | None = None) -> ChunkKV | None:
-        """First tier that has the key wins; a whole-entry hit is promoted into the faster tiers."""
+    def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
+        """First tier that has the key (of the model's layout `expect`, if given) wins; a whole-entry hit is
+        promoted into the faster tiers."""
         for i, tier in enumerate(self.tiers):
-            kv = tier.get(key, layers)
+            kv = tier.get(key, layers, expect)
             if kv is None:
                 continue
             if layers is None and i > 0:
@@ -130,10 +141,12 @@ class TieredStore:
                 if item is _STOP:
                     return
                 key, kv, tiers, anchor = item
-                blob = serialize(kv)
+                blobs: dict[bytes | None, bytes] = {}  # serialised once per secret (one, in a store from open_store)
                 for tier in tiers:
+                    if tier.secret not in blobs:
+                        blobs[tier.secret] = serialize(kv, tier.secret)
                     try:
-                        tier.put_bytes(key, blob)
+                        tier.put_bytes(key, blobs[tier.secret])
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
                 if anchor:
