@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
@@ -30,7 +29,7 @@ from kvblend.blend.select import (
 from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
-from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
+from kvblend.blend.kv_target import DenseKV, KVTarget
 
 log = logging.getLogger(__name__)
 
@@ -81,37 +80,28 @@ class BlendPlan:
 
 @dataclass
 class BlendResult:
-    k: torch.Tensor
-    v: torch.Tensor
+    """Per-layer K/V of the whole prompt (None when the KV went straight to a paged cache), logits, report."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     logits: torch.Tensor
     stats: BlendStats
     plan: BlendPlan
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of all T rows over themselves. On CUDA the KV heads are expanded first: SDPA's flash
-    kernel takes no GQA and wants a batch dimension; otherwise SDPA falls back to materialising T x T scores."""
-    group = q.shape[1] // k.shape[1]
-    if q.is_cuda and group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-    return out[0].transpose(0, 1)
 
 
 class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
     def __init__(self, engine: "BlendEngine", plan: BlendPlan, source: LayerSource | None,
-                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> None:
         model, spec = engine.model, engine.model.spec
         self.model, self.plan, self.source = model, plan, source
         self.prefix_kv = prefix_kv
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.target = DenseKV(spec, T, model.dtype, device) if target is None else target
+        self.target.rows_changed()
         self.rows = plan.initial_rows.to(device)
         self.positions = plan.positions.to(device)
         self.h = model.embed(plan.ids.to(device)[self.rows])
@@ -133,7 +123,6 @@ class BlendRun:
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._bands: AttentionBands | None = None  # CPU attention masks of the current active rows
         if source is not None:
             source.start(0)
 
@@ -148,7 +137,7 @@ class BlendRun:
         """Compute layer `layer`: fill its KV rows (cached, shifted) and advance the active rows' hidden states."""
         model, plan = self.model, self.plan
         t = time.perf_counter()
-        K, V = self.k[layer], self.v[layer]
+        K, V = self.target.layer(layer)
         if self._n_cached:
             ck, cv = self.source.wait(layer)
             if layer + 1 < model.spec.num_layers:
@@ -170,7 +159,9 @@ class BlendRun:
         if keep is not None:
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
-            self._rot = self._bands = None
+            self._rot = None
+            self.target.rows_changed()
+        self.target.commit(layer)
         self.rows = rows
         self.stats.token_layers_computed += rows.numel()
         h = self.h
@@ -181,14 +172,7 @@ class BlendRun:
             if n == 0:
                 self.h = h
                 return
-        if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
-            attn = causal_attention(q, K, V)
-        else:
-            q_pos = self.positions[rows]
-            if self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by the layers of these rows
-                self._bands = attention_bands(q_pos, self.positions, q.dtype, keys_sorted=True)
-            attn = sparse_query_attention(q, q_pos, K, V, self.positions, keys_sorted=True,
-                                          bands=None if last else self._bands)
+        attn = self.target.attend(layer, q, rows, self.positions, last)
         t = self._tick("attention", t)
         self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)
@@ -223,7 +207,7 @@ class BlendRun:
         self.stats.rows_last_layer = self.rows.numel()
         if self.source is not None:
             self.source.close()
-        return BlendResult(self.k, self.v, logits, self.stats, self.plan)
+        return BlendResult(self.target.k, self.target.v, logits, self.stats, self.plan)
 
 
 class BlendEngine:
@@ -337,20 +321,21 @@ class BlendEngine:
         return None
 
     def start(self, plan: BlendPlan, source: LayerSource | None = None,
-              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendRun:
-        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store."""
+              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendRun:
+        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store, the
+        target to dense per-layer K/V (`DenseKV`)."""
         if plan.cached_keys and source is None:
             if self.store is None:
                 raise ValueError("the plan reuses cached chunks but the engine has no store or source")
             source = StoreLayerSource(self.store, plan.cached_keys, self.model.device)
         if plan.exact_prefix and prefix_kv is None:
             raise ValueError("the plan expects exact prefix KV but none was given")
-        return BlendRun(self, plan, source, prefix_kv)
+        return BlendRun(self, plan, source, prefix_kv, target)
 
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
-            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
-        run = self.start(plan, source, prefix_kv)
+            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendResult:
+        run = self.start(plan, source, prefix_kv, target)
         try:
             for layer in range(self.model.spec.num_layers):
                 run.step(layer)
@@ -361,14 +346,15 @@ class BlendEngine:
         return run.finish()
 
     def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
-              exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
+              exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              target: KVTarget | None = None) -> BlendResult:
         """Plan and run from the store; a chunk whose entry fails mid-run is recomputed instead (and logged)."""
         failed: list[ChunkKey] = []
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan, prefix_kv=prefix_kv)
+                return self.run(plan, prefix_kv=prefix_kv, target=target)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

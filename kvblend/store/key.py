@@ -50,6 +50,10 @@ class ChunkKey:
     ) -> "ChunkKey":
         return cls(fingerprint, namespace, context, token_ids_hash(token_ids), len(token_ids))
 
+    @classmethod
+    def alone(cls, fingerprint, token_ids, namespace="default"):  # TEMP until the restructuring lands
+        return cls.for_tokens(fingerprint, token_ids, namespace, "alone")
+
     @property
     def digest(self) -> str:
         """64 hex chars naming the entry in every tier."""
