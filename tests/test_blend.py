@@ -169,13 +169,13 @@ def test_missing_chunk_recomputed_when_asked(model_fp32, template, tokenizer, ch
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_fetching_ahead_or_in_line_gives_the_same_blend(model_fp32, template, tokenizer, chunk_pool, store, prefetch):
-    from kvblend.blend.source import StoreLayerSource
+    from kvblend.blend.source import StoreLayerSource, kv_layout
 
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [2, 8, 5])
     engine = BlendEngine(model_fp32, store)
     plan = engine.plan(layout, BlendConfig("cacheblend", 0.15))
     default = engine.run(plan)
-    source = StoreLayerSource(store, plan.cached_keys, "cpu", prefetch=prefetch)
+    source = StoreLayerSource(store, plan.cached_keys, "cpu", kv_layout(model_fp32.spec), prefetch=prefetch)
     chosen = engine.run(plan, source=source)
     assert source.prefetch is prefetch
     assert torch.equal(chosen.k, default.k) and torch.equal(chosen.logits, default.logits)

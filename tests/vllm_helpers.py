@@ -7,12 +7,15 @@ import os
 
 import torch
 
+from kvblend.vllm.model_hook import LOAD_FORMAT
+
 ENGINE_ARGS = dict(dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
                    disable_log_stats=False, max_logprobs=20)
 
 
-def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True):
-    """An LLM on the embedded SmolLM2; `connector` is kv_connector_extra_config, or None for plain vLLM."""
+def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, model_hook: bool = True):
+    """An LLM on `model_dir`; `connector` is kv_connector_extra_config, or None for plain vLLM. With a connector,
+    `model_hook` loads the model through kvblend's load format so the blend can run on vLLM's modules."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -22,7 +25,8 @@ def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True):
     if connector is not None:
         kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                               kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
-    return LLM(model=str(model_dir), enable_prefix_caching=prefix_caching, kv_transfer_config=kv, **ENGINE_ARGS)
+    hook = {"load_format": LOAD_FORMAT} if connector is not None and model_hook else {}
+    return LLM(model=str(model_dir), enable_prefix_caching=prefix_caching, kv_transfer_config=kv, **hook, **ENGINE_ARGS)
 
 
 def stop_llm(llm) -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
+from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
 from kvblend.blend.select import (
@@ -29,10 +29,9 @@ from kvblend.blend.select import (
     select_count,
     select_tokens,
 )
-from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource
+from kvblend.blend.source import ChunkLoadError, LayerSource, StoreLayerSource, kv_layout
 from kvblend.model.runner import LlamaModel
 from kvblend.store.key import ChunkKey
-from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
 from kvblend.triton_kernels.checks import check_index_ranges
 
 log = logging.getLogger(__name__)
@@ -84,42 +83,33 @@ class BlendPlan:
 
 @dataclass
 class BlendResult:
-    k: torch.Tensor
-    v: torch.Tensor
+    """Per-layer K/V of the whole prompt (None when the KV went straight to a paged cache), logits, report."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     logits: torch.Tensor
     stats: BlendStats
     plan: BlendPlan
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of all T rows over themselves. On CUDA the KV heads are expanded first: SDPA's flash
-    kernel takes no GQA and wants a batch dimension; otherwise SDPA falls back to materialising T x T scores."""
-    group = q.shape[1] // k.shape[1]
-    if q.is_cuda and group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-    return out[0].transpose(0, 1)
 
 
 class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
     def __init__(self, engine: "BlendEngine", plan: BlendPlan, source: LayerSource | None,
-                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> None:
         model, spec = engine.model, engine.model.spec
         self.model, self.plan, self.source = model, plan, source
         self.prefix_kv = prefix_kv
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        self.graphs = engine.graphs if engine.graphs is not None and engine.graphs.applies(plan) else None
-        if self.graphs is not None:
-            self.k, self.v = self.graphs.workspace(T)
-        else:
-            self.k = torch.empty(spec.num_layers, T, spec.num_kv_heads, spec.head_dim, dtype=model.dtype,
-                                 device=device)
-            self.v = torch.empty_like(self.k)
+        self.graphs = None  # CUDA graphs replay the dense path only
+        if target is None:
+            if engine.graphs is not None and engine.graphs.applies(plan):
+                self.graphs = engine.graphs
+            target = DenseKV(spec, T, model.dtype, device, self.graphs.workspace(T) if self.graphs else None)
+        self.target = target
+        self.target.rows_changed()
         self.rows = plan.initial_rows.to(device)
         self.positions = plan.positions.to(device)
         self.h = model.embed(plan.ids.to(device)[self.rows])
@@ -145,13 +135,21 @@ class BlendRun:
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._bands: AttentionBands | None = None  # CPU attention masks of the current active rows
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
         self._src_rows = int(plan.cached_src.max()) + 1 if n_chunks else 0
         if source is not None:
             source.start(0 if self._n_chunk_active < n_chunks or not self.checks else min(self.checks))
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        """The whole prompt's K [layers, tokens, kv_heads, head_dim] when the target keeps it (the dense path)."""
+        return self.target.k
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self.target.v
 
     def graphs_from(self) -> int:
         """The first layer replayed as a CUDA graph: the one after the last check layer (the number of layers
@@ -172,7 +170,7 @@ class BlendRun:
         Skipped while every chunk row is still recomputed and not compared (its KV would be overwritten)."""
         model, plan = self.model, self.plan
         t = time.perf_counter()
-        K, V = self.k[layer], self.v[layer]
+        K, V = self.target.layer(layer)
         if self._n_cached and (self._n_chunk_active < self._n_cached or layer in self.checks):
             ck, cv = self.source.wait(layer)
             if layer + 1 < model.spec.num_layers:
@@ -192,7 +190,7 @@ class BlendRun:
         model = self.model
         self.fill_cached(layer)
         t = time.perf_counter()
-        K, V = self.k[layer], self.v[layer]
+        K, V = self.target.layer(layer)
         rows = self.rows
         if self._rot is None:
             self._rot = model.rotary(self.positions[rows])
@@ -203,7 +201,9 @@ class BlendRun:
         if keep is not None:
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
-            self._rot = self._bands = None
+            self._rot = None
+            self.target.rows_changed()
+        self.target.commit(layer)
         self.rows = rows
         self.stats.token_layers_computed += rows.numel()
         h = self.h
@@ -214,14 +214,7 @@ class BlendRun:
             if n == 0:
                 self.h = h
                 return
-        if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
-            attn = causal_attention(q, K, V)
-        else:
-            q_pos = self.positions[rows]
-            if self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by the layers of these rows
-                self._bands = attention_bands(q_pos, self.positions, q.dtype, keys_sorted=True)
-            attn = sparse_query_attention(q, q_pos, K, V, self.positions, keys_sorted=True,
-                                          bands=None if last else self._bands)
+        attn = self.target.attend(layer, q, rows, self.positions, last)
         t = self._tick("attention", t)
         self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)
@@ -261,7 +254,7 @@ class BlendRun:
         self.stats.rows_last_layer = self.rows.numel()
         if self.source is not None:
             self.source.close()
-        return BlendResult(self.k, self.v, logits, self.stats, self.plan)
+        return BlendResult(self.target.k, self.target.v, logits, self.stats, self.plan)
 
 
 class BlendEngine:
@@ -368,7 +361,7 @@ class BlendEngine:
         if key in recompute_keys:
             reason = "failed to load"
         else:
-            entry = None if self.store is None else self.store.get(key, layers=(0,))
+            entry = None if self.store is None else self.store.get(key, layers=(0,), expect=kv_layout(self.model.spec))
             if entry is not None:
                 return entry.base_position
             if on_missing == "error":
@@ -378,20 +371,21 @@ class BlendEngine:
         return None
 
     def start(self, plan: BlendPlan, source: LayerSource | None = None,
-              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendRun:
-        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store."""
+              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendRun:
+        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store, the
+        target to dense per-layer K/V (`DenseKV`)."""
         if plan.cached_keys and source is None:
             if self.store is None:
                 raise ValueError("the plan reuses cached chunks but the engine has no store or source")
-            source = StoreLayerSource(self.store, plan.cached_keys, self.model.device)
+            source = StoreLayerSource(self.store, plan.cached_keys, self.model.device, kv_layout(self.model.spec))
         if plan.exact_prefix and prefix_kv is None:
             raise ValueError("the plan expects exact prefix KV but none was given")
-        return BlendRun(self, plan, source, prefix_kv)
+        return BlendRun(self, plan, source, prefix_kv, target)
 
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
-            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
-        run = self.start(plan, source, prefix_kv)
+            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendResult:
+        run = self.start(plan, source, prefix_kv, target)
         try:
             first = run.graphs_from()
             for layer in range(first):
@@ -407,14 +401,15 @@ class BlendEngine:
         return run.finish()
 
     def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
-              exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlendResult:
+              exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              target: KVTarget | None = None) -> BlendResult:
         """Plan and run from the store; a chunk whose entry fails mid-run is recomputed instead (and logged)."""
         failed: list[ChunkKey] = []
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan, prefix_kv=prefix_kv)
+                return self.run(plan, prefix_kv=prefix_kv, target=target)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kvblend.model.spec import ModelSpec
+from kvblend.store.entry import KVLayout
 from kvblend.store.key import ChunkKey
 
 
@@ -40,14 +42,21 @@ def background_fetch_pays(device: torch.device) -> bool:
     return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
 
+def kv_layout(spec: ModelSpec) -> KVLayout:
+    """The KV geometry every stored entry of this model must have (what store reads check entries against)."""
+    return KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
+
+
 class StoreLayerSource:
     """Layer-sliced reads from a TieredStore, one layer ahead of compute on a background thread where that pays
     (`prefetch`: None decides by `background_fetch_pays`), else at `wait`."""
 
-    def __init__(self, store, keys: Sequence[ChunkKey], device: torch.device | str,
+    def __init__(self, store, keys: Sequence[ChunkKey], device: torch.device | str, expect: KVLayout | None = None,
                  prefetch: bool | None = None) -> None:
+        """`expect`: the model's KV layout; entries of any other shape or dtype are misses."""
         self.store = store
         self.keys = list(keys)
+        self.expect = expect
         self.device = torch.device(device)
         self.prefetch = background_fetch_pays(self.device) if prefetch is None else prefetch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvblend-layer-fetch") if self.prefetch else None
@@ -56,7 +65,7 @@ class StoreLayerSource:
     def _fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         ks, vs = [], []
         for key in self.keys:
-            kv = self.store.get(key, layers=(layer,))
+            kv = self.store.get(key, layers=(layer,), expect=self.expect)
             if kv is None:
                 raise ChunkLoadError(key, layer)
             ks.append(kv.k[0])

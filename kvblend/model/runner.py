@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
-from kvblend.model.spec import ModelSpec, load_spec
+from kvblend.model.spec import RUNNER_ARCHITECTURES, ModelSpec, load_spec
 from kvblend.model.weights import LlamaWeights, load_weights
 from kvblend.rope import cos_sin, inv_freq
 from kvblend.triton_kernels import silu_mul, silu_mul_fused
@@ -41,6 +41,8 @@ class LlamaModel:
     """Weights plus the per-layer steps: embed, qkv (norm + projection + RoPE), attend, finish_layer, logits."""
 
     def __init__(self, spec: ModelSpec, weights: LlamaWeights, ops: ModelOps = DEFAULT_OPS) -> None:
+        if spec.architecture not in RUNNER_ARCHITECTURES:
+            raise ValueError(f"the torch runner does not run {spec.architecture}; it runs {RUNNER_ARCHITECTURES}")
         self.spec = spec
         self.weights = weights
         self.ops = ops
@@ -75,8 +77,11 @@ class LlamaModel:
                 [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
         else:
             q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
-        q, k = self.ops.rope_qk(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim),
-                                cos, sin, s.rope.style)
+        q, k = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(-1, s.num_kv_heads, s.head_dim)
+        if w.q_norm is not None:
+            q = self.ops.rms_norm(q.reshape(-1, s.head_dim), w.q_norm, s.rms_norm_eps).view(q.shape)
+            k = self.ops.rms_norm(k.reshape(-1, s.head_dim), w.k_norm, s.rms_norm_eps).view(k.shape)
+        q, k = self.ops.rope_qk(q, k, cos, sin, s.rope.style)
         return q, k, v.reshape(-1, s.num_kv_heads, s.head_dim)
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from kvblend.rope import RopeSpec
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+RUNNER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,8 +37,6 @@ class ModelSpec:
     weights_id: str = ""
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {self.architecture!r}; kvblend runs {SUPPORTED_ARCHITECTURES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
@@ -48,6 +46,11 @@ class ModelSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.rope.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim {self.rope.rotary_dim} exceeds head_dim {self.head_dim}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of Q and K before RoPE (Qwen3)."""
+        return self.architecture == "Qwen3ForCausalLM"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -161,3 +164,4 @@ def weights_identity(model_dir: str | os.PathLike) -> str:
     except OSError:
         pass
     return value
+

@@ -29,6 +29,8 @@ class LayerWeights:
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
     qkv: torch.Tensor | None = None
     qkv_bias: torch.Tensor | None = None
     gate_up: torch.Tensor | None = None
@@ -54,7 +56,7 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model_dir: str | os.PathLike, spec: ModelSpec, device: str | torch.device = "cpu") -> LlamaWeights:
-    """Read an HF Llama/Mistral/Qwen2 checkpoint in the spec's dtype on `device`."""
+    """Read an HF Llama/Mistral/Qwen2/Qwen3 checkpoint in the spec's dtype on `device`."""
     return weights_from_tensors(_read_tensors(Path(model_dir)), spec, device, str(model_dir))
 
 
@@ -74,6 +76,8 @@ def weights_from_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, devi
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         biases = {f"{n}_bias": take(p + f"self_attn.{n}_proj.bias") for n in "qkv"} if spec.attention_bias else {}
+        if spec.qk_norm:
+            biases.update(q_norm=take(p + "self_attn.q_norm.weight"), k_norm=take(p + "self_attn.k_norm.weight"))
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),

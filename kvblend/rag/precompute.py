@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from kvblend.blend.source import kv_layout
 from kvblend.model.runner import LlamaModel
 from kvblend.store.entry import ChunkKV
 from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
@@ -94,7 +95,7 @@ def precompute_chunks(
     for source, index, ids in chunks:
         key = chunk_key(model, ids, namespace)
         start = time.perf_counter()
-        stored = store.get(key, layers=(0,)) is None  # a verified header + one-layer read, not a bare exists
+        stored = store.get(key, layers=(0,), expect=kv_layout(model.spec)) is None  # a verified header + one-layer read, not a bare exists
         if stored:
             store.put(key, compute_chunk_kv(model, key, ids))
         record = ChunkRecord(source, index, key, len(ids), stored, time.perf_counter() - start)

@@ -43,8 +43,8 @@ class KVBlendConnector(KVConnectorBase_V1):
 
             spec = load_spec(model_config.model, dtype=dtype)
             layers = vllm_config.compilation_config.static_forward_context
-            self.worker_side = WorkerSide(model_config.model, dtype, vllm_config.cache_config.block_size,
-                                          spec.num_kv_heads, spec.head_dim, self.store, layers, self.config.cpu_ops)
+            self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
+                                          blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops)
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
                  fingerprint[:12], dtype)
 

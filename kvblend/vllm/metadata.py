@@ -72,6 +72,7 @@ class KVBlendWorkerMeta(KVConnectorWorkerMetadata):
 
     blend_ready: bool | None = None
     reason: str = ""
+    check_report: dict | None = None
     reports: dict[str, dict] = field(default_factory=dict)
     stored: list[tuple[str, list[int] | None]] = field(default_factory=list)
 

@@ -44,6 +44,7 @@ class SchedulerSide:
         self.fingerprint = fingerprint
         self.store = store
         self.blend_ready: bool | None = None if config.self_check else True
+        self.check_report: dict | None = None  # the worker's self-check measurements, in every blend report
         self._check_sent = False
         self._params: dict[str, RequestParams] = {}
         self._matched: dict[str, LoadJob | BlendJob] = {}
@@ -124,7 +125,8 @@ class SchedulerSide:
         if isinstance(job, BlendJob):
             self._jobs.blends.append(job)
             self._reports[req_id] = {"mode": "blend", "chunks": len(job.chunks),
-                                     "chunk_tokens": sum(s.length for s in job.chunks), "matched_tokens": num_external}
+                                     "chunk_tokens": sum(s.length for s in job.chunks), "matched_tokens": num_external,
+                                     "self_check": self.check_report}
         else:
             self._jobs.loads.append(job)
             self._reports[req_id] = {"mode": "storage", "spans": len(job.spans), "matched_tokens": num_external}
@@ -183,6 +185,7 @@ class SchedulerSide:
             return
         if worker_meta.blend_ready is not None and worker_meta.blend_ready != self.blend_ready:
             self.blend_ready = worker_meta.blend_ready
+            self.check_report = worker_meta.check_report
             if not self.blend_ready:
                 log.warning("kvblend: blending disabled, requests run as plain vLLM: %s", worker_meta.reason)
         late = set(self._finished)

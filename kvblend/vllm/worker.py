@@ -1,7 +1,9 @@
 """Worker side of the connector: load stored spans layer by layer, run the blend engine, extract KV, self-check.
 
-Everything here runs inside vLLM's worker process, on the tensors vLLM allocated. A failure never fails the
-request: its blocks are reported as not loaded and vLLM recomputes them (kv_load_failure_policy="recompute").
+Everything here runs inside vLLM's worker process, on the tensors vLLM allocated: the blend runs on vLLM's own
+loaded modules (reached through the "kvblend" load format, `kvblend.vllm.model_hook`) and writes and attends
+through vLLM's paged cache and attention backend (`PagedKV`). A failure never fails the request: its blocks are
+reported as not loaded and vLLM recomputes them (kv_load_failure_policy="recompute").
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import torch
 
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
-from kvblend.blend.source import ChunkLoadError, StoreLayerSource
-from kvblend.model.ops import ModelOps
-from kvblend.model.runner import LlamaModel
+from kvblend.blend.source import ChunkLoadError, StoreLayerSource, kv_layout
+from kvblend.model.ops import DEFAULT_OPS, ModelOps
+from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
+from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache, slots_for
+from kvblend.vllm.paged_target import PagedKV
+from kvblend.vllm.self_check import self_check
 
 log = logging.getLogger(__name__)
-# vLLM's bf16 KV differs from the torch runner's by bf16 rounding that grows with depth (~0.01-0.03 measured);
-# a wrong rope, weight or layout shows as O(1) error from layer 0 on.
-CHECK_LAYER0_TOL = 0.02
-CHECK_ALL_TOL = 0.1
 
 
 def layer_index(name: str) -> int:
@@ -52,17 +54,21 @@ class _SpanLoad:
 
 
 class WorkerSide:
-    def __init__(self, model_dir: str, dtype: str, block_size: int, num_kv_heads: int, head_dim: int,
-                 store: TieredStore, layers: dict, cpu_ops: str = "vllm") -> None:
-        self.model_dir, self.dtype, self.cpu_ops = model_dir, dtype, cpu_ops
-        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+    def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
+                 blend: bool, cpu_ops: str = "vllm") -> None:
+        self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        self.blend_wanted, self.cpu_ops = blend, cpu_ops
         self.store = store
         self.attention_layers = layers
         self.caches: list[PagedCache] = []
         self.failed_blocks: set[int] = set()
         self._engine: BlendEngine | None = None
+        self._builder = None
         self._loads: list[_SpanLoad] = []
         self._verdict: tuple[bool, str] | None = None
+        self.check_report: dict | None = None
         self._reports: dict[str, dict] = {}
         self._stored: list[tuple[str, list[int] | None]] = []
 
@@ -70,32 +76,53 @@ class WorkerSide:
         ordered = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
         self.caches = [PagedCache(self.attention_layers[name], kv, self.block_size, self.num_kv_heads, self.head_dim)
                        for name, kv in ordered]
+        if self.blend_wanted:
+            try:
+                self._engine = self._blend_engine()
+            except Exception as exc:  # no hook, an unsupported model or backend: storage mode, said once
+                self._verdict = (False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+                log.warning("kvblend: blending off, requests are served as storage mode / plain vLLM: %s",
+                            self._verdict[1])
 
-    @property
-    def engine(self) -> BlendEngine:
-        """The blend engine on the checkpoint vLLM serves, loaded on first use (costs about the weights' size)."""
-        if self._engine is None:
-            device = self.caches[0].kv.device if self.caches else torch.device("cpu")
-            model = LlamaModel.from_dir(self.model_dir, dtype=self.dtype, device=str(device))
-            if device.type == "cpu" and self.cpu_ops == "vllm":
-                model.ops = self._vllm_cpu_ops(model)
-            self._engine = BlendEngine(model, self.store)
-        return self._engine
+    def _blend_engine(self) -> BlendEngine:
+        """The blend engine on vLLM's own loaded model and attention backend (no weights of its own)."""
+        model = served_model()
+        if model is None:
+            raise ValueError(f"blend mode needs vLLM's loaded model: start vLLM with load_format={LOAD_FORMAT!r} "
+                             f"(`vllm serve --load-format {LOAD_FORMAT}`), which the kvblend plugin registers")
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or len(groups[0].layer_names) != len(self.caches):
+            raise ValueError(f"blend needs one KV cache group holding every layer, got {len(groups)} groups")
+        first = self.caches[0].layer
+        self._builder = first.attn_backend.get_builder_cls()(groups[0].kv_cache_spec, groups[0].layer_names,
+                                                             self.vllm_config, self.caches[0].kv.device)
+        ops = DEFAULT_OPS
+        if self.caches[0].kv.device.type == "cpu" and self.cpu_ops == "vllm":
+            ops = self._vllm_cpu_ops()
+        engine = BlendEngine(VllmModelView(model, self.spec, ops), self.store)
+        if engine.disabled_reason:
+            raise ValueError(engine.disabled_reason)
+        log.info("kvblend blend runs on vLLM's %s modules and %s attention (rope shift: %s ops)",
+                 type(model).__name__, first.attn_backend.get_name(), ops.name)
+        return engine
 
-    @staticmethod
-    def _vllm_cpu_ops(model: LlamaModel) -> ModelOps:
-        """vLLM's C++ kernels for RMSNorm and RoPE when they match the torch references here, else the references."""
+    def _vllm_cpu_ops(self) -> ModelOps:
+        """vLLM's C++ kernels for the chunks' rope shift when they match the torch references here."""
+        from kvblend.rope import inv_freq
         from kvblend.vllm.cpu_ops import VLLM_CPU_OPS, check_ops
 
         try:
-            reason = check_ops(VLLM_CPU_OPS, model.dtype, model.spec.head_dim, model.spec.rope.style, freq=model.freq)
+            reason = check_ops(VLLM_CPU_OPS, self.spec.torch_dtype, self.head_dim, self.spec.rope.style,
+                               freq=inv_freq(self.spec.rope))
         except Exception as exc:  # a vLLM build without these kernels
             reason = f"vLLM's CPU kernels failed to run: {exc!r}"
         if reason:
-            log.warning("kvblend blend runs on its torch ops: %s", reason)
-            return model.ops
-        log.info("kvblend blend runs RMSNorm and RoPE on vLLM's CPU kernels")
+            log.warning("kvblend rope shift runs on its torch ops: %s", reason)
+            return DEFAULT_OPS
         return VLLM_CPU_OPS
+
+    def paged_target(self, block_ids: list[int], write_from: int, num_tokens: int) -> PagedKV:
+        return PagedKV(self.caches, self._builder, block_ids, write_from, num_tokens)
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
@@ -105,7 +132,8 @@ class WorkerSide:
             rows = torch.cat([torch.arange(max(s.start, job.write_from), s.end) - s.start + offset
                               for s, offset in zip(job.spans, _offsets(job.spans))])
             slots = slots_for(job.block_ids, job.write_from, job.spans[-1].end, self.block_size)
-            source = StoreLayerSource(self.store, [s.key for s in job.spans], self.caches[0].kv.device)
+            source = StoreLayerSource(self.store, [s.key for s in job.spans], self.caches[0].kv.device,
+                                      kv_layout(self.spec))
             source.start(0)
             self._loads.append(_SpanLoad(job, source, rows, slots))
 
@@ -155,15 +183,15 @@ class WorkerSide:
         layout = PromptLayout.from_segments(segments)
         exact = max([job.num_computed] + [s.end for s in job.exact_spans])
         prefix_kv = self._exact_prefix(job, exact) if exact else None
-        result = self.engine.blend(layout, job.config, logits_at="none", on_missing="recompute",
-                                   exact_prefix=exact, prefix_kv=prefix_kv)
-        slots = slots_for(job.block_ids, job.num_computed, end, self.block_size)
-        for layer, cache in enumerate(self.caches):
-            cache.write(result.k[layer, job.num_computed : end], result.v[layer, job.num_computed : end], slots)
+        if self._engine is None:
+            raise RuntimeError(self._verdict[1] if self._verdict else "the blend engine is not available")
+        target = self.paged_target(job.block_ids, job.num_computed, end)
+        result = self._engine.blend(layout, job.config, logits_at="none", on_missing="recompute",
+                                    exact_prefix=exact, prefix_kv=prefix_kv, target=target)
         stats = result.stats
         return {"tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
-                "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self.engine.model.ops.name,
+                "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
 
     def _exact_prefix(self, job: BlendJob, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +203,7 @@ class WorkerSide:
             k_parts.append(torch.stack([k for k, _ in reads]))
             v_parts.append(torch.stack([v for _, v in reads]))
         for span in job.exact_spans:
-            entry = self.store.get(span.key)
+            entry = self.store.get(span.key, expect=kv_layout(self.spec))
             if entry is None:
                 raise ChunkLoadError(span.key, 0)
             keep = slice(max(job.num_computed - span.start, 0), span.length)
@@ -211,26 +239,17 @@ class WorkerSide:
             self._stored.append((span.key.digest, ids if span.key.is_alone else None))
 
     def _self_check(self, job: SaveJob) -> tuple[bool, str]:
-        """Compare vLLM's own KV of a prompt it just prefilled with the blend engine's full prefill of it."""
+        """Blend vLLM's own first prefilled prompt on its own blocks and compare with the KV vLLM computed."""
+        if self._engine is None:
+            return False, "the blend engine is not available"
         try:
-            engine = self.engine
-            if engine.disabled_reason:
-                return False, engine.disabled_reason
-            k_vllm, v_vllm = self._read_rows(job.block_ids, 0, len(job.prompt))
-            ours = engine.model.prefill(torch.tensor(job.prompt))
+            passed, reason, report = self_check(self, job)
         except Exception as exc:
             return False, f"self-check could not run: {type(exc).__name__}: {exc}"
-        errors = []
-        for layer in range(len(self.caches)):
-            for a, b in ((ours.k[layer], k_vllm[layer]), (ours.v[layer], v_vllm[layer])):
-                errors.append(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item())
-        first, worst = max(errors[:2]), max(errors)
-        if first < CHECK_LAYER0_TOL and worst < CHECK_ALL_TOL:
-            log.info("kvblend self-check passed: KV vs vLLM rel. error layer 0 %.4f, worst %.4f", first, worst)
-            return True, ""
-        reason = f"engine KV differs from vLLM's (layer 0 rel. error {first:.3f}, worst {worst:.3f})"
-        log.warning("kvblend self-check failed, blending off: %s", reason)
-        return False, reason
+        self.check_report = report
+        (log.info if passed else log.warning)("kvblend self-check %s: %s", "passed" if passed else "failed, blending off",
+                                              report)
+        return passed, reason
 
     def worker_meta(self) -> KVBlendWorkerMeta | None:
         if self._verdict is None and not self._reports and not self._stored:
@@ -238,6 +257,7 @@ class WorkerSide:
         meta = KVBlendWorkerMeta(reports=self._reports, stored=self._stored)
         if self._verdict is not None:
             meta.blend_ready, meta.reason = self._verdict
+            meta.check_report = self.check_report
         self._reports, self._stored = {}, []
         return meta
 

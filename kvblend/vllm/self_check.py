@@ -1,0 +1,74 @@
+"""Start-up self-check: the blend, on vLLM's modules, paged cache and attention backend, must reproduce the KV
+vLLM itself computed for its first plain prompt, in every layer.
+
+Two runs on that prompt's own blocks (vLLM's KV is read first and written back after, so nothing vLLM serves
+changes): a full prefill (every row recomputed, one causal run), and a CacheBlend run where the middle half of
+the prompt is a "chunk" whose cached KV is vLLM's own, rotated back to position 0 — exact KV, so whatever rows
+the selection keeps, the result must match; it exercises the rope shift, the selection and sparse-row attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvblend.blend.config import BlendConfig
+from kvblend.blend.layout import ChunkRef, PromptLayout
+from kvblend.blend.source import TensorLayerSource
+from kvblend.rope import rope_shift
+from kvblend.store.key import ChunkKey
+from kvblend.vllm.paged import slots_for
+
+# vLLM's bf16 KV against the same modules run row-sparsely: bf16 rounding that grows with depth (~0.01-0.03
+# measured); a wrong rope, weight, layout or attention mask shows as O(1) error from layer 0 or 1 on.
+LAYER0_TOL = 0.02
+ALL_TOL = 0.1
+
+
+def layer_errors(k: torch.Tensor, v: torch.Tensor, ref_k: torch.Tensor, ref_v: torch.Tensor) -> list[float]:
+    """Per layer, the larger of K's and V's relative L2 error against the reference [layers, tokens, ...]."""
+    out = []
+    for layer in range(ref_k.shape[0]):
+        errs = [((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                for a, b in ((k[layer], ref_k[layer]), (v[layer], ref_v[layer]))]
+        out.append(max(errs))
+    return out
+
+
+def _summary(errors: list[float]) -> dict:
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    return {"layer0": round(errors[0], 5), "worst": round(errors[worst], 5), "worst_layer": worst}
+
+
+def self_check(worker, job) -> tuple[bool, str, dict]:
+    """(passed, reason if not, measurements) for the prompt and blocks of `job` (a SaveJob)."""
+    engine, spec = worker._engine, worker.spec
+    prompt, n = list(job.prompt), len(job.prompt)
+    ref_k, ref_v = worker._read_rows(job.block_ids, 0, n)
+    report = {"tokens": n}
+    try:
+        plan = engine.plan(PromptLayout.from_segments([prompt]), BlendConfig(policy="full_prefill"), logits_at="none")
+        engine.run(plan, target=worker.paged_target(job.block_ids, 0, n))
+        report["full_prefill"] = _summary(layer_errors(*worker._read_rows(job.block_ids, 0, n), ref_k, ref_v))
+
+        a, b = n // 4, 3 * n // 4
+        chunk = ChunkRef(tuple(prompt[a:b]), ChunkKey.alone(spec.fingerprint, prompt[a:b]))
+        layout = PromptLayout.from_segments([prompt[:a], chunk, prompt[b:]])
+        moved_k = rope_shift(ref_k[:, a:b].reshape(-1, spec.num_kv_heads, spec.head_dim), -a, spec.rope,
+                             engine.model.freq).reshape(ref_k[:, a:b].shape)
+        checks = tuple(layer for layer in BlendConfig().check_layers if layer < spec.num_layers) or (0,)
+        plan = engine.plan(layout, BlendConfig(check_layers=checks), logits_at="none", bases={chunk.key: 0})
+        source = TensorLayerSource([moved_k], [ref_v[:, a:b].contiguous()], ref_k.device)
+        result = engine.run(plan, source, target=worker.paged_target(job.block_ids, 0, n))
+        report["cacheblend_exact_chunk"] = {
+            **_summary(layer_errors(*worker._read_rows(job.block_ids, 0, n), ref_k, ref_v)),
+            "rows_last_layer": result.stats.rows_last_layer}
+    finally:
+        slots = slots_for(job.block_ids, 0, n, worker.block_size)
+        for layer, cache in enumerate(worker.caches):
+            cache.write(ref_k[layer], ref_v[layer], slots)
+    for name in ("full_prefill", "cacheblend_exact_chunk"):
+        r = report[name]
+        if not (r["layer0"] < LAYER0_TOL and r["worst"] < ALL_TOL):
+            return False, (f"{name}: blended KV differs from vLLM's (layer 0 rel. error {r['layer0']:.3f}, worst "
+                           f"{r['worst']:.3f} at layer {r['worst_layer']})"), report
+    return True, "", report
