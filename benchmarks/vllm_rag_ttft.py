@@ -6,7 +6,10 @@ stored through vLLM's extraction path) and RAG prompts holding the chunks in oth
 answers the same new prompts, one at a time (max_tokens=2 so the connector report is complete; TTFT is
 unaffected): TTFT = the engine's first_token_ts - scheduled_ts
 (prefill of the whole prompt including kvblend's work in the worker), median over the prompts.
-A fourth row, kvblend_blend_torch_ops, runs the blend on kvblend's torch ops instead of vLLM's C++ CPU kernels.
+The blend runs on vLLM's own modules (load format "kvblend"); a fourth row, kvblend_blend_torch_ops, moves the
+chunks' K with kvblend's torch rope shift instead of vLLM's C++ rotary kernel. worker_memory: each engine's
+worker RSS after its runs; blend minus plain minus the stored entries (the memory tier holds at most those) is
+what blending costs in memory beyond the store.
 Every engine's worker gets the same CPU cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0, see main); cached_tokens per
 prompt is vLLM's num_cached_tokens (its prefix cache plus the connector's matched tokens).
     python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
@@ -68,12 +71,15 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
+    from kvblend.vllm.model_hook import LOAD_FORMAT
+
     kv = None
     if connector is not None:
         kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                               kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
+    hook = {"load_format": LOAD_FORMAT} if connector is not None else {}  # the blend runs on vLLM's modules
     llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
-              enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv)
+              enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv, **hook)
 
     def params(extra):
         return SamplingParams(max_tokens=2, temperature=0.0,  # 2: the worker report arrives before the request ends
@@ -98,8 +104,33 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
         results[mode] = {"ttft_ms": times, "reports": reports, "cached_tokens": cached}
         print(f"{mode:22s} median TTFT {statistics.median(times):8.1f} ms  ({', '.join(f'{t:.0f}' for t in times)})",
               flush=True)
+    results["worker_memory"] = worker_memory()
     llm.llm_engine.engine_core.shutdown()
     return results
+
+
+def worker_memory() -> dict:
+    """Resident memory of this engine's worker process (the deepest descendant of this process), from
+    /proc/PID/smaps_rollup: total, anonymous and file-backed kB."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pid, depth, frontier = os.getpid(), 0, [(os.getpid(), 0)]
+    while frontier:
+        node, d = frontier.pop()
+        if d > depth:
+            pid, depth = node, d
+        frontier += [(c, d + 1) for c in children.get(node, [])]
+    rollup = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        rollup[name] = int(value.split()[0])
+    return {"pid": pid, "rss_kb": rollup["Rss"], "anonymous_kb": rollup["Anonymous"],
+            "file_kb": rollup["Rss"] - rollup["Anonymous"]}
 
 
 def main() -> int:
@@ -127,10 +158,20 @@ def main() -> int:
         kvblend = run_engine(model_dir, connector, chunks, history, tests,
                              [("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend"),
                               ("kvblend_storage", {"mode": "storage"}, None)])
-        # the same blend with kvblend's torch ops instead of vLLM's C++ kernels (a fresh engine and store)
+        store_bytes = sum(f.stat().st_size for f in Path(store_dir).rglob("*") if f.is_file())
+        # the same blend with kvblend's torch rope shift instead of vLLM's rotary kernel (a fresh engine and store)
         connector = {**connector, "store_dir": str(Path(store_dir) / "torch-ops"), "cpu_ops": "torch"}
         torch_ops = run_engine(model_dir, connector, chunks, history, tests,
                                [("kvblend_blend_torch_ops", {"mode": "blend", "ratio": 0.15}, "kvblend-blend")])
+    memory = {"plain": plain.pop("worker_memory"), "blend": kvblend.pop("worker_memory"),
+              "blend_torch_ops": torch_ops.pop("worker_memory")}
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    extra = memory["blend"]["rss_kb"] * 1024 - memory["plain"]["rss_kb"] * 1024 - store_bytes
+    memory.update(weights_bytes=weights, store_entry_bytes=store_bytes, blend_minus_plain_minus_store_bytes=extra,
+                  fraction_of_weights=round(extra / weights, 4))
+    print(f"worker RSS: blend {memory['blend']['rss_kb'] / 1024:.0f} MB, plain {memory['plain']['rss_kb'] / 1024:.0f} MB"
+          f", stored entries {store_bytes / 2**20:.0f} MB: blend - plain - store = {extra / 2**20:.1f} MB "
+          f"({extra / weights:.1%} of the weights' {weights / 2**20:.0f} MB)", flush=True)
     results = {**plain, **kvblend, **torch_ops}
     base = statistics.median(results["vllm_prefix_caching"]["ttft_ms"])
     rows = []
@@ -147,6 +188,7 @@ def main() -> int:
         "prompt_tokens": [len(ids) for ids, _ in tests],
         "seconds": round(time.time() - started, 1),
         "rows": rows,
+        "worker_memory": memory,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))

@@ -68,8 +68,9 @@ def test_rope_config_variants():
     assert llama31.rope.scaling_type == "llama3" and llama31.rope.scaling["factor"] == 8.0
     partial = spec_from_config({**base, "partial_rotary_factor": 0.5})
     assert partial.rope.rotary_dim == 32
-    with pytest.raises(ValueError, match="architecture"):
-        spec_from_config({**base, "architectures": ["GPT2LMHeadModel"]})
+    other = spec_from_config({**base, "architectures": ["GPT2LMHeadModel"]})  # a spec describes any decoder
+    with pytest.raises(ValueError, match="does not run GPT2LMHeadModel"):
+        LlamaModel(other, weights=None)  # the torch runner only runs the Llama family
     with pytest.raises(UnsupportedRope, match="dynamic"):
         inv_freq(spec_from_config({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}).rope)
 

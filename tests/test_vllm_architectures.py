@@ -34,13 +34,14 @@ def chunks(tokenizer):
     return [encode(tokenizer, d.text)[:160] for d in docs]
 
 
-@pytest.fixture(scope="module", params=BLENDABLE + ["GemmaForCausalLM"])
+@pytest.fixture(scope="module", params=BLENDABLE + ["GemmaForCausalLM", "no-hook"])
 def engine(request, model_dir, tmp_path_factory):
-    arch = request.param
+    """One engine per case; "no-hook": Llama in blend mode but loaded without kvblend's load format."""
+    arch = "LlamaForCausalLM" if request.param == "no-hook" else request.param
     tiny = save_tiny_model(arch, tmp_path_factory.mktemp(arch), model_dir)
     store_dir = tmp_path_factory.mktemp(f"{arch}-store")
-    llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir)})
-    yield arch, tiny, store_dir, llm
+    llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir)}, model_hook=request.param != "no-hook")
+    yield request.param, tiny, store_dir, llm
     stop_llm(llm)
 
 
@@ -64,7 +65,7 @@ def max_logprob_gap(want: dict[int, float], got: dict[int, float]) -> float:
 
 
 def test_blend_on_vllm_modules_matches_vllm_and_reference(engine, chunks, tokenizer):
-    arch, tiny, store_dir, llm = engine
+    case, tiny, store_dir, llm = engine
     generate(llm, [chunks[1] + chunks[2]], kvblend={"mode": "off"}, max_tokens=2)  # plain: runs the self-check
     generate(llm, [list(c) for c in chunks], kvblend={"store_prompt": True}, max_tokens=1)
     prompt, spans = prompt_with(chunks, tokenizer)
@@ -72,16 +73,17 @@ def test_blend_on_vllm_modules_matches_vllm_and_reference(engine, chunks, tokeni
     full = generate(llm, [prompt], kvblend={"chunks": spans, "policy": "full_prefill"}, salt="full",
                     max_tokens=2, logprobs=5)[0]
     r = report(full)
-    if arch == "GemmaForCausalLM":  # not blendable: storage mode / plain vLLM, same answer
-        assert r.get("mode") != "blend", r
+    if case in ("GemmaForCausalLM", "no-hook"):  # blending off, said in the report; plain vLLM's answer
+        reason = "GemmaForCausalLM is not blendable" if case == "GemmaForCausalLM" else "load_format='kvblend'"
+        assert r.get("mode") != "blend" and reason in r.get("blend_off", ""), r
         assert full.outputs[0].token_ids[0] == plain.outputs[0].token_ids[0]
         return
     assert r["mode"] == "blend" and r["tokens_reused"] == 0 and "blend_error" not in r, r
     check = r["self_check"]
     for name in ("full_prefill", "cacheblend_exact_chunk"):
-        assert check[name]["layer0"] < LAYER0_TOL and check[name]["worst"] < ALL_TOL, (arch, check)
+        assert check[name]["layer0"] < LAYER0_TOL and check[name]["worst"] < ALL_TOL, (case, check)
     assert full.num_cached_tokens == len(prompt) - 1
-    assert max_logprob_gap(top_logprobs(plain), top_logprobs(full)) < LOGPROB_TOL, arch
+    assert max_logprob_gap(top_logprobs(plain), top_logprobs(full)) < LOGPROB_TOL, case
 
     reuse = generate(llm, [prompt], kvblend={"chunks": spans, "policy": "full_reuse"}, salt="reuse",
                      max_tokens=2, logprobs=5)[0]
@@ -101,4 +103,4 @@ def test_blend_on_vllm_modules_matches_vllm_and_reference(engine, chunks, tokeni
         ref = BlendEngine(model, store).blend(PromptLayout.from_segments(segments), BlendConfig(policy="full_reuse"))
     ref_lp = torch.log_softmax(ref.logits[-1].float(), -1)
     want = {int(t): float(ref_lp[t]) for t in ref_lp.topk(5).indices}
-    assert max_logprob_gap(want, top_logprobs(reuse)) < LOGPROB_TOL, arch
+    assert max_logprob_gap(want, top_logprobs(reuse)) < LOGPROB_TOL, case

@@ -16,7 +16,7 @@ from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
-PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config")
+PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
 
 

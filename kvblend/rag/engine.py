@@ -29,13 +29,16 @@ def configure_vllm_logging(level: str = "WARNING") -> None:
 
 
 def start_llm(model_dir: Path, config: PipelineConfig):
-    """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode."""
+    """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode, loaded through kvblend's load
+    format so the blend runs on vLLM's own modules."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
+    from kvblend.vllm.model_hook import LOAD_FORMAT
+
     kv = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=config.connector_extra())
     log.info("starting vLLM on %s with the kvblend connector", model_dir)
-    return LLM(model=str(model_dir), kv_transfer_config=kv, **config.engine_kwargs)
+    return LLM(model=str(model_dir), kv_transfer_config=kv, load_format=LOAD_FORMAT, **config.engine_kwargs)
 
 
 def warm_up(llm, tokenizer, template: PromptTemplate) -> None:

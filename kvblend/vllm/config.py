@@ -17,7 +17,7 @@ CPU_OPS = ("vllm", "torch")
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
-    cpu_ops "vllm": on a CPU engine the blend runs RMSNorm and RoPE with vLLM's C++ kernels; "torch": with
+    cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
     check_layers means BlendConfig's."""
 

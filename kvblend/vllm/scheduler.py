@@ -45,6 +45,7 @@ class SchedulerSide:
         self.store = store
         self.blend_ready: bool | None = None if config.self_check else True
         self.check_report: dict | None = None  # the worker's self-check measurements, in every blend report
+        self.blend_off_reason = ""
         self._check_sent = False
         self._params: dict[str, RequestParams] = {}
         self._matched: dict[str, LoadJob | BlendJob] = {}
@@ -85,6 +86,8 @@ class SchedulerSide:
         stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
                   if s.end <= limit]
         exact_end = max([num_computed] + [s.end for s in stored])
+        if mode == "blend" and self.blend_ready is False:  # said in the request's report, never silently
+            self._reports[req_id] = {"blend_off": self.blend_off_reason}
         if mode == "blend" and self.blend_ready:
             chunks = self._cached_chunks(prompt, params, namespace, exact_end)
             if chunks:
@@ -129,7 +132,8 @@ class SchedulerSide:
                                      "self_check": self.check_report}
         else:
             self._jobs.loads.append(job)
-            self._reports[req_id] = {"mode": "storage", "spans": len(job.spans), "matched_tokens": num_external}
+            self._reports.setdefault(req_id, {}).update(mode="storage", spans=len(job.spans),
+                                                        matched_tokens=num_external)
 
     def build_meta(self, scheduler_output) -> KVBlendMetadata:
         meta, self._jobs = self._jobs, KVBlendMetadata()
@@ -186,6 +190,7 @@ class SchedulerSide:
         if worker_meta.blend_ready is not None and worker_meta.blend_ready != self.blend_ready:
             self.blend_ready = worker_meta.blend_ready
             self.check_report = worker_meta.check_report
+            self.blend_off_reason = "" if self.blend_ready else worker_meta.reason
             if not self.blend_ready:
                 log.warning("kvblend: blending disabled, requests run as plain vLLM: %s", worker_meta.reason)
         late = set(self._finished)
