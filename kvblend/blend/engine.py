@@ -258,11 +258,14 @@ class BlendRun:
 
 
 class BlendEngine:
-    """Blends cached chunk KV for a model. Refuses to blend (plans full prefill) if the rope self-check fails."""
+    """Blends cached chunk KV for a model. Refuses to blend (plans full prefill) if the rope self-check fails.
+
+    `model` is kvblend's torch runner or anything with its per-layer steps and attributes (embed, rotary, qkv,
+    finish_layer, logits; spec, ops, freq, device, dtype), e.g. vLLM's own modules (`VllmModelView`)."""
 
     def __init__(self, model: LlamaModel, store=None, cuda_graphs: bool = False) -> None:
-        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (a CUDA model only); a
-        run's K/V are then views of the engine's workspace, valid until its next run."""
+        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (the torch runner on CUDA);
+        a run's K/V are then views of the engine's workspace, valid until its next run."""
         self.model = model
         self.store = store
         self.graphs = PostCheckGraphs(model) if cuda_graphs else None

@@ -77,14 +77,14 @@ class PagedKV:
 
     def attend(self, layer: int, q: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                last: bool) -> torch.Tensor:
-        if last or self._metadata is None:
+        """Attention of the active rows (`positions` are the rows themselves here). The metadata is built once
+        per active set and shared by its layers; the last layer's trimmed rows get their own."""
+        if last:
             metadata = attention_metadata(self.builder, rows, self.block_ids, self.block_size, self.device)
-            if last:
-                return self._attend(layer, q, metadata)
-            self._metadata = metadata
-        return self._attend(layer, q, self._metadata)
-
-    def _attend(self, layer: int, q: torch.Tensor, metadata) -> torch.Tensor:
+        else:
+            if self._metadata is None:
+                self._metadata = attention_metadata(self.builder, rows, self.block_ids, self.block_size, self.device)
+            metadata = self._metadata
         cache = self.caches[layer]
         attn = cache.layer
         out = torch.empty(q.shape[0], attn.num_heads, attn.head_size, dtype=q.dtype, device=q.device)

@@ -80,9 +80,9 @@ class WorkerSide:
             try:
                 self._engine = self._blend_engine()
             except Exception as exc:  # no hook, an unsupported model or backend: storage mode, said once
-                self._verdict = (False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
-                log.warning("kvblend: blending off, requests are served as storage mode / plain vLLM: %s",
-                            self._verdict[1])
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                self._verdict = (False, reason)
+                log.warning("kvblend: blending off, requests are served as storage mode / plain vLLM: %s", reason)
 
     def _blend_engine(self) -> BlendEngine:
         """The blend engine on vLLM's own loaded model and attention backend (no weights of its own)."""
