@@ -26,7 +26,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # waves: split the keys of the longest tiles across programs, about this many programs per multiprocessor
 # (0: one program per tile); tma: K/V tiles through tensor descriptors; warp_specialize: Triton's warp
 # specialisation of the unmasked key loop.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "waves": 2.0, "tma": True,
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "waves": 0.0, "tma": True,
                   "warp_specialize": False}
 
 if HAS_TRITON:
