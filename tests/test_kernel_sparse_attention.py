@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvblend.triton_kernels import attention_bands, sparse_query_attention, sparse_query_attention_ref
-from kvblend.triton_kernels.sparse_attention import key_split_length, tile_key_bounds
+from kvblend.triton_kernels.sparse_attention import tile_key_bounds
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -155,20 +155,6 @@ def test_unmasked_and_masked_key_tiles(config, poisoned_empty):
                 ref, torch.bfloat16)
 
 
-@pytest.mark.parametrize("waves", [0, 1, 64])
-@pytest.mark.parametrize("keys_sorted", [True, False])
-def test_split_keys_merge_to_the_reference(waves, keys_sorted, poisoned_empty):
-    """Keys split across programs (waves > 0; many splits at 64) and merged by log-sum-exp give the unsplit
-    result, queries that see no key of a split (the masked band) or none at all included."""
-    q, q_pos, k, v, k_pos = make_case((45, 290, 8, 2, 64), torch.bfloat16, seed=12)
-    q_pos[:3] = torch.tensor([-1, 0, 1])
-    q_pos = q_pos.sort().values
-    ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(64))
-    config = {"BLOCK_M": 16, "BLOCK_N": 16, "waves": waves}
-    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=keys_sorted, config=config)
-    check_close(out, ref, torch.bfloat16)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensor_descriptor_loads(dtype, poisoned_empty):
     """tma=True: K/V tiles through tensor descriptors of K/V views with heads packed (as slices of a fused QKV)."""
@@ -180,20 +166,6 @@ def test_tensor_descriptor_loads(dtype, poisoned_empty):
     k_pos = torch.arange(keys, device=DEVICE)
     q_pos = torch.randperm(keys, generator=gen)[:queries].sort().values.to(DEVICE)
     ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(head_dim))
-    for waves in (0, 4):
-        out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True,
-                                     config={"BLOCK_M": 32, "BLOCK_N": 32, "tma": True, "waves": waves})
-        check_close(out, ref, dtype)
-
-
-def test_key_split_length():
-    assert key_split_length(8200, 10_000_000, 132, 0, 64) == 8256  # no split: one span of whole key tiles
-    split = key_split_length(8256, 8 * 39 * 4128, 132, 4, 64)
-    assert split % 64 == 0 and 8 * 39 * 4128 / (132 * 4) <= split < 8 * 39 * 4128 / (132 * 4) + 64
-    assert key_split_length(100, 10, 132, 4, 32) == 32  # never below one key tile
-
-
-def test_bad_waves_are_refused():
-    q, q_pos, k, v, k_pos = make_case(SHAPES[0], torch.float32, seed=14)
-    with pytest.raises(ValueError, match="waves"):
-        sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", config={"waves": -1})
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True,
+                                 config={"BLOCK_M": 32, "BLOCK_N": 32, "tma": True})
+    check_close(out, ref, dtype)

@@ -5,13 +5,10 @@ queries attend to every key whose position is not after theirs. Flash-attention 
 softmax over key tiles; the query heads sharing a KV head are packed into one tile so K/V load once.
 Per query tile, bounds computed on the device (no host sync) split the keys into those every query of the
 tile sees (no mask), a masked band around the tile's positions, and the rest, which is never loaded.
-Tiles that see many keys split them across programs (partial results merged by log-sum-exp), so a launch of
-few, unequal tiles still fills the GPU.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -23,11 +20,8 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
-# waves: split the keys of the longest tiles across programs, about this many programs per multiprocessor
-# (0: one program per tile); tma: K/V tiles through tensor descriptors; warp_specialize: Triton's warp
-# specialisation of the unmasked key loop.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "waves": 0.0, "tma": True,
-                  "warp_specialize": False}
+# tma: K/V tiles through tensor descriptors (where `_tma_fits`).
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
 
 if HAS_TRITON:
     import triton
@@ -69,93 +63,43 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _tile_rows(tile, kv_head, num_queries, GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
-        """A query tile's rows: (token, head, row in range); the heads sharing a KV head are packed per token."""
+    def _sparse_query_attention_kernel(
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
+        q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        TMA: tl.constexpr,
+    ):
+        kv_head = tl.program_id(0)
+        tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
         head = kv_head * GROUP + row % GROUP
-        return token, head, (row < TOKENS_PER_TILE * GROUP) & (token < num_queries)
+        row_ok = (row < TOKENS_PER_TILE * GROUP) & (token < num_queries)
+        dim = tl.arange(0, HEAD_DIM)[None, :]
+        q_offset = token.to(tl.int64)[:, None] * q_stride_t + head[:, None] * q_stride_h + dim
+        q_tile = tl.load(q + q_offset, mask=row_ok[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q_tile = q_tile.to(tl.float32)
+        pos = tl.load(q_pos + token, mask=row_ok, other=-1)
 
-    @triton.jit
-    def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, part_out, part_lse, tile_full, tile_end, num_queries, num_keys,
-        num_tiles, split_len, qk_scale, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-        out_stride_t, out_stride_h, part_stride_s, part_stride_t, part_stride_h, lse_stride_s, lse_stride_t,
-        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    ):
-        kv_head = tl.program_id(0)
-        split = tl.program_id(1)
-        tile = num_tiles - 1 - tl.program_id(2)  # the last tiles see the most keys: launch them first
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         full = tl.load(tile_full + tile).to(tl.int32)
         end = tl.load(tile_end + tile).to(tl.int32)
-        splits = tl.maximum(tl.cdiv(end, split_len), 1)
-        if split < splits:
-            token, head, row_ok = _tile_rows(tile, kv_head, num_queries, GROUP, TOKENS_PER_TILE, BLOCK_M)
-            dim = tl.arange(0, HEAD_DIM)[None, :]
-            q_offset = token.to(tl.int64)[:, None] * q_stride_t + head[:, None] * q_stride_h + dim
-            q_tile = tl.load(q + q_offset, mask=row_ok[:, None], other=0.0)
-            if DOT_IN_FP32:
-                q_tile = q_tile.to(tl.float32)
-            pos = tl.load(q_pos + token, mask=row_ok, other=-1)
-
-            m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-            lo = split * split_len
-            hi = tl.minimum(lo + split_len, end)
-            unmasked_end = tl.minimum((full // BLOCK_N) * BLOCK_N, hi)
-            for start in tl.range(lo, unmasked_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
-                                             start, num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h,
-                                             v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
-            for start in range(tl.maximum(lo, unmasked_end), hi, BLOCK_N):
-                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
-                                             start, num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h,
-                                             v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
-            acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            if splits == 1:
-                out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
-                tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
-            else:  # a partial result: normalised output and base-2 log-sum-exp of its keys, merged later
-                row_offset = split * part_stride_s + token.to(tl.int64) * part_stride_t + head * part_stride_h
-                tl.store(part_out + row_offset[:, None] + dim, acc, mask=row_ok[:, None])
-                lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-                lse_offset = split * lse_stride_s + token.to(tl.int64) * lse_stride_t + head
-                tl.store(part_lse + lse_offset, lse, mask=row_ok)
-
-    @triton.jit
-    def _merge_splits_kernel(
-        out, part_out, part_lse, tile_end, num_queries, split_len,
-        out_stride_t, out_stride_h, part_stride_s, part_stride_t, part_stride_h, lse_stride_s, lse_stride_t,
-        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        """Output of the tiles whose keys were split: the partial results weighted by their log-sum-exp."""
-        kv_head = tl.program_id(0)
-        tile = tl.program_id(1)
-        splits = tl.cdiv(tl.load(tile_end + tile).to(tl.int32), split_len)
-        if splits > 1:
-            token, head, row_ok = _tile_rows(tile, kv_head, num_queries, GROUP, TOKENS_PER_TILE, BLOCK_M)
-            dim = tl.arange(0, HEAD_DIM)[None, :]
-            m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-            weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-            for split in range(0, splits):
-                lse = tl.load(part_lse + split * lse_stride_s + token.to(tl.int64) * lse_stride_t + head,
-                              mask=row_ok, other=float("-inf"))
-                row_offset = split * part_stride_s + token.to(tl.int64) * part_stride_t + head * part_stride_h
-                part = tl.load(part_out + row_offset[:, None] + dim, mask=row_ok[:, None], other=0.0)
-                m_new = tl.maximum(m, lse)
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(lse - m_new)
-                acc = acc * alpha[:, None] + w[:, None] * part
-                weight = weight * alpha + w
-                m = m_new
-            acc = acc / tl.where(weight > 0.0, weight, 1.0)[:, None]
-            out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
-            tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+        unmasked_end = (full // BLOCK_N) * BLOCK_N
+        for start in range(0, unmasked_end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
+        for start in range(unmasked_end, end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
+        acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
+        tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
 
 
 def sparse_query_attention(
@@ -176,8 +120,7 @@ def sparse_query_attention(
     runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True
     promises k_pos ascending: each query tile then reads only the keys up to its last position and masks only
     those past its first. No host sync: the tile bounds are computed on the device (CUDA-graph safe).
-    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages, waves, tma,
-    warp_specialize), for tuning.
+    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages, tma), for tuning.
     bands: the CPU path's masks for these q_pos/k_pos (`attention_bands`), when the caller reuses them.
     """
     _check_args(q, q_pos, k, v, k_pos)
@@ -200,49 +143,19 @@ def sparse_query_attention(
         return out
     tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
     num_tiles = tile_full.shape[0]
-    work = num_kv_heads * num_tiles * (num_keys // 2 if keys_sorted else num_keys)
-    split_len = key_split_length(num_keys, work, _multiprocessors(q.device), config["waves"], block_n)
-    max_splits = -(-num_keys // split_len)
-    if max_splits > 1:
-        part_out = torch.empty(max_splits, num_queries, num_heads, head_dim, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(max_splits, num_queries, num_heads, device=q.device, dtype=torch.float32)
-    else:  # never written: no tile has a second split
-        part_out, part_lse = out[None], out[None, :, :, 0]
     tma = config["tma"] and _tma_fits(k, v, head_dim)
     k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
-    part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1))
-    _sparse_query_attention_kernel[(num_kv_heads, max_splits, num_tiles)](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, part_out, part_lse, tile_full, tile_end, num_queries, num_keys,
-        num_tiles, split_len, scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), *part_strides,
+    _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, WARP_SPECIALIZE=config["warp_specialize"], num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, num_warps=config["num_warps"], num_stages=stages,
     )
-    if max_splits > 1:
-        _merge_splits_kernel[(num_kv_heads, num_tiles)](
-            out, part_out, part_lse, tile_end, num_queries, split_len, out.stride(0), out.stride(1), *part_strides,
-            GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m,
-            num_warps=4 if block_m <= 64 else 8,
-        )
     return out
-
-
-def key_split_length(num_keys: int, work: int, multiprocessors: int, waves: float, block_n: int) -> int:
-    """Keys per program when a tile's keys are split across programs (flash-decoding style): about `waves`
-    programs per multiprocessor for `work` key rows in all, a multiple of block_n; waves=0: no split."""
-    if waves <= 0:
-        return -(-max(num_keys, 1) // block_n) * block_n
-    per_program = max(-(-work // max(1, int(multiprocessors * waves))), block_n)
-    return -(-per_program // block_n) * block_n
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; the interpreter's CPU counts as one."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _tma_fits(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
@@ -295,8 +208,6 @@ def _launch_config(config: dict | None) -> dict:
         block = merged[name]
         if not isinstance(block, int) or block < 16 or block & (block - 1):
             raise ValueError(f"sparse_query_attention config {name} must be a power of two >= 16, got {block!r}")
-    if not isinstance(merged["waves"], (int, float)) or merged["waves"] < 0:
-        raise ValueError(f"sparse_query_attention config waves must be a number >= 0, got {merged['waves']!r}")
     return merged
 
 
