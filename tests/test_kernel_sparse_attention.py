@@ -142,7 +142,8 @@ def test_tile_key_bounds_are_tight(keys_sorted):
             assert (int(full[tile]), int(end[tile])) == (0, 300)
 
 
-@pytest.mark.parametrize("config", [None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}])
+@pytest.mark.parametrize("config", [None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2,
+                                            "tma": False}])
 def test_unmasked_and_masked_key_tiles(config, poisoned_empty):
     """Queries late in a long prompt (repeated positions included, as padded CUDA-graph rows are): most key tiles
     take the unmasked path, the band around each tile's positions the masked one."""
@@ -152,3 +153,19 @@ def test_unmasked_and_masked_key_tiles(config, poisoned_empty):
     ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(64))
     check_close(sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True, config=config),
                 ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_descriptor_loads(dtype, poisoned_empty):
+    """tma=True: K/V tiles through tensor descriptors of K/V views with heads packed (as slices of a fused QKV)."""
+    queries, keys, heads, kv_heads, head_dim = 33, 150, 8, 2, 64
+    gen = torch.Generator().manual_seed(13)
+    qkv = torch.randn(keys, heads + 2 * kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k, v = qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    q = torch.randn(queries, heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k_pos = torch.arange(keys, device=DEVICE)
+    q_pos = torch.randperm(keys, generator=gen)[:queries].sort().values.to(DEVICE)
+    ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(head_dim))
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True,
+                                 config={"BLOCK_M": 32, "BLOCK_N": 32, "tma": True})
+    check_close(out, ref, dtype)

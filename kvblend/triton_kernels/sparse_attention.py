@@ -20,27 +20,34 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+# tma: K/V tiles through tensor descriptors (where `_tma_fits`).
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys, qk_scale,
-                     k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                     MASKED: tl.constexpr):
-        """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound."""
+    def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start, num_keys,
+                     qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+        """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound.
+        TMA loads the K/V tiles through tensor descriptors (rows past the keys come back as zeros)."""
         key = start + tl.arange(0, BLOCK_N)
-        key_row = key.to(tl.int64)[:, None]
-        if MASKED:
-            key_ok = key < num_keys
-            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
-            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
+        key_ok = key < num_keys
+        if TMA:
+            k_tile = k_desc.load([start, kv_head * HEAD_DIM])
+            v_tile = v_desc.load([start, kv_head * HEAD_DIM])
         else:
-            k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim)
-            v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim)
+            key_row = key.to(tl.int64)[:, None]
+            if MASKED:
+                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
+                v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
+            else:
+                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim)
+                v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim)
         if DOT_IN_FP32:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -57,10 +64,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         kv_head = tl.program_id(0)
         tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
@@ -82,13 +90,13 @@ if HAS_TRITON:
         end = tl.load(tile_end + tile).to(tl.int32)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
         for start in range(0, unmasked_end, BLOCK_N):
-            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys,
-                                         qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         BLOCK_N, PRECISION, DOT_IN_FP32, False)
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
         for start in range(unmasked_end, end, BLOCK_N):
-            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_pos, kv_head, dim, start, num_keys,
-                                         qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         BLOCK_N, PRECISION, DOT_IN_FP32, True)
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
@@ -112,7 +120,7 @@ def sparse_query_attention(
     runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True
     promises k_pos ascending: each query tile then reads only the keys up to its last position and masks only
     those past its first. No host sync: the tile bounds are computed on the device (CUDA-graph safe).
-    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning.
+    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages, tma), for tuning.
     bands: the CPU path's masks for these q_pos/k_pos (`attention_bands`), when the caller reuses them.
     """
     _check_args(q, q_pos, k, v, k_pos)
@@ -135,16 +143,32 @@ def sparse_query_attention(
         return out
     tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
     num_tiles = tile_full.shape[0]
+    tma = config["tma"] and _tma_fits(k, v, head_dim)
+    k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
     _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
-        q, q_pos, k, v, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, num_warps=config["num_warps"], num_stages=stages,
     )
     return out
+
+
+def _tma_fits(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
+    """Tensor descriptors need heads packed [S, kv_heads * D], 16-byte aligned rows and, on a GPU, Hopper or later."""
+    if k.shape[0] == 0 or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9):
+        return False
+    return all(t.stride(1) == head_dim and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (k, v))
+
+
+def _kv_descriptor(t: torch.Tensor, block_n: int, head_dim: int) -> TensorDescriptor:
+    """K or V [S, kv_heads, D] as a 2-D descriptor [S, kv_heads * D], one head's [block_n, D] tile per load."""
+    return TensorDescriptor(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1], [block_n, head_dim])
 
 
 def tile_key_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int,
