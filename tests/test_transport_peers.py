@@ -43,17 +43,17 @@ store.close()
 def _start_peer(url: str, instance: str, seeds: list[int], ttl_s: float = 10.0, secret: str | None = None):
     """A second process holding `seeds`' chunks in its store (exported to peers); it exits on a line on stdin."""
     args = [url, instance, str(ttl_s), json.dumps(seeds), json.dumps(SHAPE), json.dumps(secret)]
-    log = tempfile.TemporaryFile()
-    peer = subprocess.Popen([sys.executable, "-c", PEER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=log, text=True, env=python_env())
-    said = []
-    for line in peer.stdout:  # NIXL logs to stdout too
-        if line.strip() == "ready":
-            return peer
-        said.append(line)
-    peer.wait()
-    log.seek(0)
-    raise AssertionError(f"peer did not start: {''.join(said)[-2000:]}{log.read()[-3000:].decode(errors='replace')}")
+    with tempfile.TemporaryFile() as log:  # the child keeps its own descriptor of it
+        peer = subprocess.Popen([sys.executable, "-c", PEER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=log, text=True, env=python_env())
+        said = []
+        for line in peer.stdout:  # NIXL logs to stdout too
+            if line.strip() == "ready":
+                return peer
+            said.append(line)
+        peer.wait()
+        log.seek(0)
+        raise AssertionError(f"peer did not start: {''.join(said)[-2000:]}{log.read()[-3000:].decode(errors='replace')}")
 
 
 def _stop(peer) -> None:
@@ -146,6 +146,19 @@ def test_killed_peer_falls_back_and_the_directory_forgets_it(private_redis):
         holders = private_redis.client().hgetall(f"kvblend:holders:{third.key.digest}")
         assert b"peer-k" not in holders
         assert store.get(third.key) is None  # nobody else has it: the caller recomputes
+
+
+def test_directory_outage_gives_misses_never_errors(private_redis):
+    kv = random_chunk(seed=81, **SHAPE)
+    with open_store(_reader(private_redis.url, tier_order=("memory", "peer"), peer_timeout_s=0.5)) as store:
+        peer_tier = store.tiers[1]
+        private_redis.stop()
+        start = time.monotonic()
+        assert peer_tier.get(kv.key) is None and not peer_tier.contains(kv.key)
+        assert peer_tier.put(kv.key, kv)  # exported; the announcement is lost with the directory
+        assert peer_tier.directory.live_peers() == []
+        assert time.monotonic() - start < 5.0
+        assert_same_kv(peer_tier.get(kv.key), kv)  # its own export still serves it
 
 
 def test_store_config_rejects_a_configured_tier_missing_from_the_order():

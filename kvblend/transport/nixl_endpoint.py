@@ -177,6 +177,8 @@ class NixlEndpoint:
             return use(view)
 
     def _read(self, record: BlobRecord, connection_info: bytes, deadline: float) -> memoryview:
+        if record.size > self.max_bytes:  # a record is only as trustworthy as the directory: bound the buffer
+            raise TransferFailed(f"{record.agent} offers a {record.size}-byte blob, over this endpoint's budget")
         if record.agent not in self._remotes:
             self.agent.add_remote_agent(connection_info)
             self._remotes[record.agent] = set()
