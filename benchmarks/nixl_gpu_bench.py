@@ -59,6 +59,17 @@ def hold(workdir: Path, nbytes: int, device: int) -> None:
         time.sleep(0.05)
 
 
+def read_once(a, handle, size: int) -> float:
+    """Milliseconds of one posted READ, polled until DONE."""
+    start = time.perf_counter()
+    state = a.transfer(handle)
+    while state == "PROC":
+        state = a.check_xfer_state(handle)
+    if state != "DONE":
+        raise RuntimeError(f"NIXL READ of {size} bytes ended in state {state}")
+    return (time.perf_counter() - start) * 1e3
+
+
 def read_all(workdir: Path, sizes: list[int], reps: int, device: int) -> list[dict]:
     dev = torch.device("cuda", device)
     dst = torch.empty(max(sizes), dtype=torch.uint8, device=dev)
@@ -75,22 +86,13 @@ def read_all(workdir: Path, sizes: list[int], reps: int, device: int) -> list[di
         remote = a.get_xfer_descs([(info["addr"], size, info["dev"])], "VRAM")
         handle = a.initialize_xfer("READ", local, remote, remote_name)
 
-        def once() -> float:
-            start = time.perf_counter()
-            state = a.transfer(handle)
-            while state == "PROC":
-                state = a.check_xfer_state(handle)
-            if state != "DONE":
-                raise RuntimeError(f"NIXL READ of {size} bytes ended in state {state}")
-            return (time.perf_counter() - start) * 1e3
-
         dst.zero_()
         torch.cuda.synchronize(dev)
-        once()
+        read_once(a, handle, size)
         torch.cuda.synchronize(dev)
         if not torch.equal(dst[:size], expected[:size]):
             raise RuntimeError(f"the {size}-byte READ did not deliver the holder's bytes")
-        samples = [once() for _ in range(reps)]
+        samples = [read_once(a, handle, size) for _ in range(reps)]
         handle.release()
         ms = statistics.median(samples)
         rows.append({"mib": size // MIB, "ms": ms, "gbps": size / (ms / 1e3) / 1e9, "samples_ms": samples,
