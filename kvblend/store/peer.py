@@ -66,7 +66,13 @@ class PeerTier:
         """This instance's own export, else the first live holder that returns a valid entry in time."""
         own = self.endpoint.local(key.digest)
         if own is not None:
-            kv = self._verify(own, key, layers, expect, "this instance")
+            try:
+                kv = self._verify(own, key, layers, expect, "this instance")
+            except EntryError as exc:
+                log.warning("peer tier: own export of %s is bad (%s); withdrawing it", key.digest[:12], exc)
+                self._count("corrupt")
+                self.delete(key)
+                kv = None
             if kv is not None:
                 return self._hit(kv)
         for holder in self._candidates(key):
@@ -74,17 +80,26 @@ class PeerTier:
                 record = BlobRecord.from_bytes(holder.record)
                 kv = self.endpoint.read(record, holder.connection_info, self.config.timeout_s,
                                         lambda blob, source=holder.instance: self._verify(blob, key, layers, expect, source))
+            except EntryError as exc:  # moved intact but not a valid entry: that peer is not trusted for a while
+                log.warning("peer tier: bad entry %s from %s (%s); skipping it for %.0fs",
+                            key.digest[:12], holder.instance, exc, self.config.retry_s)
+                self._count("corrupt")
+                self._skip(holder.instance)
+                continue
             except (TransferFailed, ValueError) as exc:
                 log.warning("peer tier: %s failed for %s (%s); skipping it for %.0fs",
                             holder.instance, key.digest[:12], exc, self.config.retry_s)
                 self._count("errors")
-                with self._lock:
-                    self._failed[holder.instance] = time.monotonic() + self.config.retry_s
+                self._skip(holder.instance)
                 continue
             if kv is not None:
                 return self._hit(kv)
         self._count("misses")
         return None
+
+    def _skip(self, instance: str) -> None:
+        with self._lock:
+            self._failed[instance] = time.monotonic() + self.config.retry_s
 
     def _candidates(self, key: ChunkKey) -> list:
         now = time.monotonic()
@@ -94,15 +109,14 @@ class PeerTier:
         return [h for h in self.directory.holders(key.digest) if h.instance not in skip][: self.config.max_holders]
 
     def _verify(self, blob: memoryview, key: ChunkKey, layers, expect, source: str) -> ChunkKV | None:
-        """The entry in `blob`, verified (digests or MAC, key, layout), or None if it is not acceptable."""
+        """The entry in `blob`, verified (digests or MAC, key, layout); None if this reader cannot accept it
+        (another deployment secret, fewer layers than asked); EntryError if it is bad."""
         try:
             return read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret)
         except EntryRefused as exc:
             log.warning("peer tier: refusing entry %s from %s: %s", key.digest[:12], source, exc)
-        except EntryError as exc:
-            log.warning("peer tier: bad entry %s from %s: %s", key.digest[:12], source, exc)
-        self._count("corrupt")
-        return None
+            self._count("corrupt")
+            return None
 
     def _hit(self, kv: ChunkKV) -> ChunkKV:
         self._count("hits")
