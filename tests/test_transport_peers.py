@@ -171,6 +171,22 @@ def test_entry_damaged_at_the_peer_is_refused_after_transfer_and_the_next_holder
             t.close()
 
 
+def test_peer_restarted_under_the_same_name_is_read_at_once(private_redis):
+    old, new = random_chunk(seed=101, **SHAPE), random_chunk(seed=102, **SHAPE)
+    with open_store(_reader(private_redis.url, tier_order=("memory", "peer"))) as store:
+        peer = _start_peer(private_redis.url, "peer-r", [101])
+        try:
+            assert_same_kv(store.get(old.key), old)
+        finally:
+            _stop(peer)
+        peer = _start_peer(private_redis.url, "peer-r", [102])  # a new agent, new connection info, same name
+        try:
+            assert_same_kv(store.get(new.key), new)
+            assert store.stats()["peer"].errors == 0
+        finally:
+            _stop(peer)
+
+
 def test_directory_outage_gives_misses_never_errors(private_redis):
     kv = random_chunk(seed=81, **SHAPE)
     with open_store(_reader(private_redis.url, tier_order=("memory", "peer"), peer_timeout_s=0.5)) as store:

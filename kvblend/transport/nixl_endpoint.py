@@ -70,8 +70,7 @@ def _nixl_api():
 @dataclass
 class _Export:
     buffer: np.ndarray
-    registration: object
-    record: BlobRecord
+    registration: object  # the nixlRegDList to deregister
 
 
 class NixlEndpoint:
@@ -91,7 +90,7 @@ class NixlEndpoint:
         self._exports: OrderedDict[str, _Export] = OrderedDict()
         self._retired: list[tuple[float, _Export]] = []  # (deregister after, export), oldest first
         self._bytes = 0
-        self._remotes: dict[str, set[bytes]] = {}  # remote agent -> the blob metadata loaded from it
+        self._remotes: dict[str, tuple[bytes, set[bytes]]] = {}  # agent -> its connection info, blob metadata loaded
         self._staging: np.ndarray | None = None
         self._staging_reg = None
         self._abandoned: list[np.ndarray] = []  # buffers a cancelled read may still write into: never reused
@@ -117,7 +116,7 @@ class NixlEndpoint:
             record = BlobRecord(self.name, addr, buffer.nbytes, metadata)
             self._drop(name)
             evicted = []
-            self._exports[name] = _Export(buffer, registration, record)
+            self._exports[name] = _Export(buffer, registration)
             self._bytes += buffer.nbytes
             while self._bytes > self.max_bytes:
                 oldest = next(iter(self._exports))
@@ -179,12 +178,16 @@ class NixlEndpoint:
     def _read(self, record: BlobRecord, connection_info: bytes, deadline: float) -> memoryview:
         if record.size > self.max_bytes:  # a record is only as trustworthy as the directory: bound the buffer
             raise TransferFailed(f"{record.agent} offers a {record.size}-byte blob, over this endpoint's budget")
-        if record.agent not in self._remotes:
+        known = self._remotes.get(record.agent)
+        if known is not None and known[0] != connection_info:  # the same name restarted: a new agent
+            self._forget(record.agent)
+            known = None
+        if known is None:
             self.agent.add_remote_agent(connection_info)
-            self._remotes[record.agent] = set()
-        if record.metadata not in self._remotes[record.agent]:
+            known = self._remotes[record.agent] = (connection_info, set())
+        if record.metadata not in known[1]:
             self.agent.add_remote_agent(record.metadata)
-            self._remotes[record.agent].add(record.metadata)
+            known[1].add(record.metadata)
         staging = self._stage(record.size)
         local = self.agent.get_xfer_descs([(staging.ctypes.data, record.size, 0)], "DRAM")
         remote = self.agent.get_xfer_descs([(record.addr, record.size, 0)], "DRAM")
