@@ -1,15 +1,18 @@
-"""TieredStore: memory -> disk -> Redis, read-through with promotion, write-through with background writes."""
+"""TieredStore: memory -> disk -> peers -> Redis (order configurable), read-through with promotion, write-through
+with background writes."""
 
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import secrets
+import socket
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
@@ -17,6 +20,7 @@ from kvblend.store.disk import DiskTier
 from kvblend.store.entry import SECRET_ENV, ChunkKV, KVLayout, entry_secret, serialize
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
+from kvblend.store.peer import PeerConfig, PeerTier
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier, redact_url
 from kvblend.store.tier import Tier, TierStats
 
@@ -25,6 +29,8 @@ _STOP = object()
 GIB = 1 << 30
 DEFAULT_MEMORY_GB = 2.0
 DEFAULT_DISK_GB = 20.0
+DEFAULT_PEER_GB = 2.0
+TIERS = ("memory", "disk", "peer", "redis")  # every tier a store can have, in the default read order
 
 
 def default_store_dir() -> Path:
@@ -34,8 +40,12 @@ def default_store_dir() -> Path:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Which tiers exist and their budgets. Tiers are consulted fastest first: memory, disk, Redis.
-    `secret` (default: the KVBLEND_STORE_SECRET environment variable) makes disk and Redis entries carry a
+    """Which tiers exist, their budgets, and the order reads try them (`tier_order`, default memory, disk,
+    peer, Redis: a local miss asks the live peers before Redis's copy, and recomputing comes last).
+    The peer tier exists when `directory_url` (a Redis URL, may be `redis_url`'s server) is given: this instance
+    exports what it stores over NIXL and reads what other instances hold, each peer read bounded by
+    `peer_timeout_s`; an instance missing `peer_ttl_s` of heartbeats drops out of the directory.
+    `secret` (default: the KVBLEND_STORE_SECRET environment variable) makes disk, peer and Redis entries carry a
     MAC and refuses those without a valid one; without it every writer to a shared tier must be trusted."""
 
     memory_bytes: int = int(DEFAULT_MEMORY_GB * GIB)
@@ -45,17 +55,24 @@ class StoreConfig:
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
     write_queue: int = 64
     secret: str | None = field(default_factory=lambda: os.environ.get(SECRET_ENV), repr=False)
+    tier_order: tuple[str, ...] = TIERS
+    directory_url: str | None = None
+    peer_instance: str | None = None  # this instance's name in the directory (None: host-pid-random)
+    peer_bytes: int = int(DEFAULT_PEER_GB * GIB)
+    peer_timeout_s: float = 1.0
+    peer_ttl_s: float = 10.0
 
     @classmethod
     def from_settings(cls, store_dir: str | os.PathLike | None = None, memory_gb: float = DEFAULT_MEMORY_GB,
                       disk_gb: float = DEFAULT_DISK_GB, redis_url: str | None = None,
-                      redis_timeout_s: float = DEFAULT_TIMEOUT_S) -> StoreConfig:
+                      redis_timeout_s: float = DEFAULT_TIMEOUT_S, directory_url: str | None = None) -> StoreConfig:
         """The tiers the CLI, a RAGPipeline and the connector open: budgets in GiB, the disk tier in `store_dir`
-        (None: default_store_dir()), Redis when a URL is given."""
+        (None: default_store_dir()), Redis when a URL is given, peers when a directory URL is given."""
         if memory_gb <= 0 or disk_gb <= 0:
             raise ValueError(f"memory_gb and disk_gb must be positive, got {memory_gb} and {disk_gb}")
         return cls(memory_bytes=int(memory_gb * GIB), disk_dir=str(store_dir or default_store_dir()),
-                   disk_bytes=int(disk_gb * GIB), redis_url=redis_url, redis_timeout_s=redis_timeout_s)
+                   disk_bytes=int(disk_gb * GIB), redis_url=redis_url, redis_timeout_s=redis_timeout_s,
+                   directory_url=directory_url)
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -66,25 +83,46 @@ class StoreConfig:
             raise ValueError(f"write_queue must be positive, got {self.write_queue}")
         if self.redis_url is not None:
             RedisConfig(self.redis_url, timeout_s=self.redis_timeout_s)
+        if self.directory_url is not None:
+            RedisConfig(self.directory_url)
+        if self.peer_bytes <= 0 or self.peer_timeout_s <= 0 or self.peer_ttl_s <= 0:
+            raise ValueError(f"peer_bytes, peer_timeout_s and peer_ttl_s must be positive, got "
+                             f"{self.peer_bytes}, {self.peer_timeout_s} and {self.peer_ttl_s}")
+        order = tuple(self.tier_order)
+        if len(set(order)) != len(order) or not set(order) <= set(TIERS) or "memory" not in order:
+            raise ValueError(f"tier_order must name distinct tiers among {TIERS}, memory included; got {order}")
+        configured = {"disk": self.disk_dir, "peer": self.directory_url, "redis": self.redis_url}
+        unordered = [name for name, value in configured.items() if value and name not in order]
+        if unordered:
+            raise ValueError(f"tiers {unordered} are configured but missing from tier_order {order}")
         entry_secret(self.secret)
 
     def __repr__(self) -> str:
         url = None if self.redis_url is None else redact_url(self.redis_url)
+        directory = None if self.directory_url is None else redact_url(self.directory_url)
         return (f"StoreConfig(memory_bytes={self.memory_bytes}, disk_dir={self.disk_dir!r}, disk_bytes={self.disk_bytes}, "
                 f"redis_url={url!r}, redis_timeout_s={self.redis_timeout_s}, write_queue={self.write_queue}, "
-                f"authenticated={self.secret is not None})")
+                f"authenticated={self.secret is not None}, tier_order={self.tier_order}, directory_url={directory!r}, "
+                f"peer_instance={self.peer_instance!r}, peer_bytes={self.peer_bytes}, "
+                f"peer_timeout_s={self.peer_timeout_s}, peer_ttl_s={self.peer_ttl_s})")
 
 
-def open_store(config: StoreConfig) -> "TieredStore":
-    """The configured tiers, and a chunk index kept beside the persistent ones (for chunk discovery)."""
-    tiers: list[Tier] = [MemoryTier(config.memory_bytes)]
+def open_store(config: StoreConfig) -> TieredStore:
+    """The configured tiers in `tier_order`, and a chunk index kept beside the persistent ones (for chunk
+    discovery)."""
+    built: dict[str, Tier] = {"memory": MemoryTier(config.memory_bytes)}
     anchors_dir, redis = None, None
     if config.disk_dir:
-        tiers.append(DiskTier(config.disk_dir, config.disk_bytes, config.secret))
+        built["disk"] = DiskTier(config.disk_dir, config.disk_bytes, config.secret)
         anchors_dir = Path(config.disk_dir) / "index"
     if config.redis_url:
         redis = RedisTier(RedisConfig(config.redis_url, timeout_s=config.redis_timeout_s), config.secret)
-        tiers.append(redis)
+        built["redis"] = redis
+    if config.directory_url:
+        instance = config.peer_instance or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        built["peer"] = PeerTier(PeerConfig(config.directory_url, instance, config.peer_bytes, config.peer_timeout_s,
+                                            config.peer_ttl_s), config.secret)
+    tiers = [built[name] for name in config.tier_order if name in built]
     return TieredStore(tiers, write_queue=config.write_queue, anchors=ChunkAnchorIndex(anchors_dir, redis))
 
 
@@ -186,12 +224,17 @@ class TieredStore:
         return {tier.name: tier.stats() for tier in self.tiers}
 
     def close(self) -> None:
+        """Finish queued writes, then close the tiers that hold outside resources (the peer tier leaves the
+        directory and releases its registered memory)."""
         self.flush()
         self._queue.put(_STOP)
         self._writer.join()
         self._prefetcher.shutdown(wait=True)
+        for tier in self.tiers:
+            if isinstance(tier, PeerTier):
+                tier.close()
 
-    def __enter__(self) -> "TieredStore":
+    def __enter__(self) -> TieredStore:
         return self
 
     def __exit__(self, *exc) -> None:

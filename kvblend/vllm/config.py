@@ -27,6 +27,7 @@ class ConnectorConfig:
     memory_gb: float = DEFAULT_MEMORY_GB
     redis_url: str | None = None
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
+    directory_url: str | None = None
     namespace: str = DEFAULT_NAMESPACE
     span_tokens: int = 256
     extract: bool = True
@@ -49,7 +50,7 @@ class ConnectorConfig:
         self.store_config()
 
     @classmethod
-    def from_extra(cls, extra: dict | None) -> "ConnectorConfig":
+    def from_extra(cls, extra: dict | None) -> ConnectorConfig:
         """Parse `kv_connector_extra_config`; unknown keys are an error (a typo must not pass silently)."""
         extra = dict(extra or {})
         names = {f.name for f in fields(cls)}
@@ -62,7 +63,7 @@ class ConnectorConfig:
 
     def store_config(self) -> StoreConfig:
         return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
-                                         self.redis_timeout_s)
+                                         self.redis_timeout_s, self.directory_url)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""
