@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"kvblend demo: {len(DEMO_TOPICS)} of the Python language reference topics (pydoc_data.topics), a fixed "
           f"subset so it stays quick on CPU:\n  {', '.join(DEMO_TOPICS)}")
-    print(f"index and chunk KV store under {args.dir}" + (f", Redis {redact_url(args.redis)}" if args.redis else ""), flush=True)
+    redis = f", Redis {redact_url(args.redis)}" if args.redis else ""
+    print(f"index and chunk KV store under {args.dir}{redis}", flush=True)
     start = time.perf_counter()
     with RAGPipeline.from_defaults(index_dir=os.path.join(args.dir, "index"), store_dir=os.path.join(args.dir, "store"),
                                    redis_url=args.redis, max_tokens=args.max_tokens) as rag:

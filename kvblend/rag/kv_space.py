@@ -36,7 +36,8 @@ def kv_space_args(spec: ModelSpec, engine_kwargs: dict[str, Any]) -> dict[str, A
     """{"kv_cache_memory_bytes": ...} for the engine, or nothing when its arguments size the KV space already."""
     if any(name in engine_kwargs for name in SIZING_ARGS):
         return {}
-    return {"kv_cache_memory_bytes": kv_space_bytes(spec, engine_kwargs["max_model_len"], engine_kwargs["max_num_seqs"])}
+    max_model_len, max_num_seqs = engine_kwargs["max_model_len"], engine_kwargs["max_num_seqs"]
+    return {"kv_cache_memory_bytes": kv_space_bytes(spec, max_model_len, max_num_seqs)}
 
 
 def weights_bytes(model_dir: str | os.PathLike) -> int:
