@@ -33,7 +33,8 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_store_args(p)
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
-    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
+    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default; with "
+                   "KVBLEND_TENANT_SECRET set, the tenant's own namespace of that name)")
     p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
     p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
 
@@ -106,25 +107,29 @@ def precompute_indexed(args: argparse.Namespace, docs) -> int:
                                      on_document=lambda doc, n: bar.update(1))
     model = LlamaModel.from_dir(model_dir, dtype=args.dtype or DEFAULT_ENGINE_ARGS["dtype"])
     with open_cli_store(args) as store:
-        report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks],
-                                   **given(args, namespace="namespace"))
+        report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks], args.namespace)
     print(f"index {args.index}: {len(docs)} documents, {added} chunks added, {len(index)} chunks in all")
     print(f"store: {report.stored} chunks computed and stored, {report.cached} already cached "
           f"(model {model.spec.fingerprint[:12]}, {model.spec.dtype})")
     return EXIT_OK
 
 
-def run_with_progress(model, store, chunks, **namespace: str):
+def run_with_progress(model, store, chunks, namespace: str | None = None):
+    """Precompute into `namespace` (None: the default), in the tenant's own namespace when KVBLEND_TENANT_SECRET
+    is set, as RAGPipeline and `kvblend query` do."""
     from tqdm import tqdm
 
     from kvblend.rag.precompute import precompute_chunks
+    from kvblend.store import StoreConfig
+    from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, key_namespace
 
+    where = key_namespace(namespace or DEFAULT_NAMESPACE, os.environ.get(TENANT_SECRET_ENV), StoreConfig().secret)
     with tqdm(total=len(chunks), unit="chunk", desc="precompute", file=sys.stderr) as bar:
         def tick(record):
             bar.update(1)
             bar.set_postfix(stored=record.stored)
 
-        return precompute_chunks(model, store, chunks, on_chunk=tick, **namespace)
+        return precompute_chunks(model, store, chunks, where, on_chunk=tick)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -306,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="default: bfloat16 with --index (what vLLM serves), else the model's")
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: 512 with --index, else 256")
-    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
+    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default; with "
+                   "KVBLEND_TENANT_SECRET set, the tenant's own namespace of that name)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after N chunks (without --index)")
     add_store_args(p)
     p.set_defaults(func=cmd_precompute)

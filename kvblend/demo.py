@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     from kvblend.rag.engine import configure_vllm_logging
 
     configure_vllm_logging("ERROR")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for a 135M model
 
     from kvblend.rag.pipeline import RAGPipeline
     from kvblend.retrieval.corpus import pydoc_topics
+    from kvblend.store import redact_url
 
     print(f"kvblend demo: {len(DEMO_TOPICS)} of the Python language reference topics (pydoc_data.topics), a fixed "
           f"subset so it stays quick on CPU:\n  {', '.join(DEMO_TOPICS)}")
-    print(f"index and chunk KV store under {args.dir}" + (f", Redis {args.redis}" if args.redis else ""), flush=True)
+    redis = f", Redis {redact_url(args.redis)}" if args.redis else ""
+    print(f"index and chunk KV store under {args.dir}{redis}", flush=True)
     start = time.perf_counter()
     with RAGPipeline.from_defaults(index_dir=os.path.join(args.dir, "index"), store_dir=os.path.join(args.dir, "store"),
                                    redis_url=args.redis, max_tokens=args.max_tokens) as rag:

@@ -17,9 +17,9 @@ TOPICS = ["pass", "break", "continue"]
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
-               KVBLEND_CACHE_DIR=str(tmp_path_factory.mktemp("kvblend-cache")))
-    env.pop("TRITON_INTERPRET", None)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KVBLEND_CACHE_DIR=str(tmp_path_factory.mktemp("kvblend-cache")))
+    for name in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE", "KVBLEND_TENANT_SECRET"):  # the CLI sizes vLLM's KV
+        env.pop(name, None)
     env.pop("KVBLEND_REDIS_URL", None)
     return env
 

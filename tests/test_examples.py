@@ -19,8 +19,9 @@ def example_env(model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("kvblend-cache")
     (cache / "models").mkdir()
     (cache / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", KVBLEND_CACHE_DIR=str(cache))
-    env.pop("TRITON_INTERPRET", None)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KVBLEND_CACHE_DIR=str(cache))
+    for name in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE", "KVBLEND_TENANT_SECRET"):  # the pipeline sizes vLLM's KV
+        env.pop(name, None)
     env.pop("KVBLEND_REDIS_URL", None)
     return env, cache
 

@@ -3,19 +3,25 @@
 import logging
 import os
 import socket
+import uuid
 
 import pytest
 from langchain_core.documents import Document as LCDocument
 
 from kvblend.eval.bench import default_questions, format_rows, run_bench
+from kvblend.model.spec import load_spec
+from kvblend.model.tokenizer import encode
 from kvblend.rag.config import PipelineConfig, RedisUnreachable
+from kvblend.rag.kv_space import kv_space_bytes
 from kvblend.rag.pipeline import RAGPipeline
+from kvblend.rag.prompt import build_rag_prompt
 from kvblend.retrieval import IndexFormatError, VectorIndex
 from kvblend.retrieval.corpus import CorpusError, Document, pydoc_topics
 
 TOPICS = ["lambda", "pass", "if", "while", "break", "continue"]
 QUESTION = "What does the pass statement do?"
 TOP_K = 3
+TENANT_A, TENANT_B = "tenant-a-secret-000001", "tenant-b-secret-000002"
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +35,14 @@ def corpus_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
-    """KVBLEND_CACHE_DIR in a temporary directory for the module (the engine process inherits it)."""
-    saved = {k: os.environ.get(k) for k in ("KVBLEND_CACHE_DIR", "TRITON_INTERPRET")}
+    """KVBLEND_CACHE_DIR in a temporary directory for the module (the engine process inherits it), and no KV space
+    or tenant secret from the environment."""
+    saved = {k: os.environ.get(k) for k in ("KVBLEND_CACHE_DIR", "TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE",
+                                            "KVBLEND_TENANT_SECRET")}
     os.environ["KVBLEND_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvblend-cache"))
     os.environ["TRITON_INTERPRET"] = "0"  # the engine's kernels, unlike this process's, are not defined yet
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the pipeline sizes the engine's KV space itself
+    os.environ.pop("KVBLEND_TENANT_SECRET", None)
     yield
     for key, value in saved.items():
         if value is None:
@@ -156,6 +165,44 @@ def test_bench_compares_plain_vllm_and_blending(rag):
         assert row.chunks == TOP_K and row.tokens_reused > 0 and row.tokens_recomputed > 0
     table = format_rows(rows)
     assert questions[1] in table and "median TTFT: plain vLLM" in table
+
+
+@pytest.mark.slow
+def test_the_engine_kv_space_is_sized_by_the_pipeline(rag, model_dir):
+    pipeline, _ = rag
+    expected = kv_space_bytes(load_spec(model_dir, "bfloat16"), 4096, 4)  # DEFAULT_ENGINE_ARGS
+    assert pipeline.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == expected < 1 << 30
+
+
+@pytest.mark.slow
+def test_tenant_kv_is_reachable_only_with_the_tenant_secret(rag):
+    """Tenant A stores two chunks nobody else has. B naming A's namespace, a request without a secret and
+    discovery for B all miss; A hits them, named or discovered."""
+    from vllm import SamplingParams
+
+    from kvblend.vllm.params import blend_params, request_params
+
+    pipeline, _ = rag
+    ids = encode(pipeline.tokenizer, pydoc_topics(["for"])[0].text)
+    chunks = [ids[:96], ids[96:192]]
+
+    def run(prompt: list[int], kv: dict) -> dict:
+        params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={"kv_transfer_params": kv})
+        salted = {"prompt_token_ids": prompt, "cache_salt": uuid.uuid4().hex}  # nothing from vLLM's prefix cache
+        (output,) = pipeline.llm.generate([salted], params, use_tqdm=False)
+        return (output.kv_transfer_params or {}).get("kvblend") or {}
+
+    for chunk in chunks:
+        run(chunk, request_params(tenant_secret=TENANT_A, store_prompt=True))
+    prompt = build_rag_prompt(pipeline.template, chunks, pipeline.separator,
+                              encode(pipeline.tokenizer, "What does a for loop do?"))
+    for kv in (blend_params(prompt.spans, "default", TENANT_A), request_params(tenant_secret=TENANT_A)):
+        report = run(prompt.token_ids, kv)
+        assert report.get("mode") == "blend" and report.get("chunks") == 2, report
+    for kv in (blend_params(prompt.spans, "default", TENANT_B), blend_params(prompt.spans),
+               request_params(tenant_secret=TENANT_B), request_params("default")):
+        report = run(prompt.token_ids, kv)
+        assert report.get("mode") != "blend" and not report.get("chunks"), report
 
 
 @pytest.mark.slow

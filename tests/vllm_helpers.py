@@ -10,7 +10,7 @@ import torch
 from kvblend.vllm.model_hook import LOAD_FORMAT
 
 ENGINE_ARGS = dict(dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
-                   disable_log_stats=False, max_logprobs=20)
+                   disable_log_stats=False, max_logprobs=20, kv_cache_memory_bytes=1 << 30)
 
 
 def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, model_hook: bool = True):
@@ -19,7 +19,6 @@ def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, mo
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["TRITON_INTERPRET"] = "0"  # the test process's kernels are already defined; the engine's are not
     kv = None
     if connector is not None:

@@ -10,7 +10,8 @@ from typing import Any
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.prompt import DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
-from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
+from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
+from kvblend.store.redis_tier import redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig, default_store_dir
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
@@ -18,6 +19,8 @@ DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 409
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
+# The engine's connector reads the Redis URL from this variable (vLLM logs kv_connector_extra_config).
+ENGINE_REDIS_URL_ENV = "KVBLEND_ENGINE_REDIS_URL"
 
 
 def default_index_dir() -> Path:
@@ -34,8 +37,10 @@ class PipelineConfig:
     """Model, index, chunk KV store, blend and retrieval settings of a RAGPipeline.
 
     model_dir None is the embedded SmolLM2; index_dir and store_dir default to `default_index_dir()` and
-    `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM`. The store
-    and blend settings default to StoreConfig's and BlendConfig's, and are validated by them.
+    `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM` (the KV
+    space is sized by kvblend.rag.kv_space unless they set it). The store and blend settings default to
+    StoreConfig's and BlendConfig's, and are validated by them. `tenant_secret` (default: KVBLEND_TENANT_SECRET)
+    keeps this pipeline's chunk KV in its tenant's own namespace, reachable only with the same secret.
     """
 
     model_dir: str | os.PathLike | None = None
@@ -49,6 +54,7 @@ class PipelineConfig:
     top_k: int = 4
     chunk_tokens: int = 512
     namespace: str = DEFAULT_NAMESPACE
+    tenant_secret: str | None = field(default_factory=lambda: os.environ.get(TENANT_SECRET_ENV), repr=False)
     system_prompt: str = DEFAULT_SYSTEM
     separator: str = "\n\n"
     max_tokens: int = 128
@@ -59,7 +65,9 @@ class PipelineConfig:
         object.__setattr__(self, "store_dir", Path(self.store_dir or default_store_dir()))
         StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url)
         BlendConfig(policy=self.policy, ratio=self.ratio)
-        ChunkKey.alone("config-check", (0,), self.namespace)
+        key_namespace(self.namespace)
+        if self.tenant_secret is not None:
+            check_tenant_secret(self.tenant_secret)
         if self.top_k <= 0 or self.chunk_tokens <= 0 or self.max_tokens <= 0:
             raise ValueError(f"top_k, chunk_tokens and max_tokens must be positive, got {self.top_k}, "
                              f"{self.chunk_tokens} and {self.max_tokens}")
@@ -87,14 +95,23 @@ class PipelineConfig:
         return str(self.engine_kwargs["dtype"])
 
     def connector_extra(self) -> dict[str, Any]:
-        """`kv_connector_extra_config` of the kvblend connector (see kvblend.vllm.config.ConnectorConfig)."""
-        return {"mode": "blend", "store_dir": str(self.store_dir), "redis_url": self.redis_url,
-                "namespace": self.namespace, "policy": self.policy, "ratio": self.ratio,
-                "memory_gb": self.memory_gb, "disk_gb": self.disk_gb}
+        """`kv_connector_extra_config` of the kvblend connector (see kvblend.vllm.config.ConnectorConfig); the
+        Redis URL goes through ENGINE_REDIS_URL_ENV (set by `start_llm`), never into vLLM's logged config."""
+        redis = {"redis_url_env": ENGINE_REDIS_URL_ENV} if self.redis_url else {}
+        return {"mode": "blend", "store_dir": str(self.store_dir), **redis, "namespace": self.namespace,
+                "policy": self.policy, "ratio": self.ratio, "memory_gb": self.memory_gb, "disk_gb": self.disk_gb}
 
     def store_config(self) -> StoreConfig:
         """The same persistent tiers the connector uses, for checks and stats in this process (small memory tier)."""
         return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url)
+
+    def key_namespace(self) -> str:
+        """The namespace this pipeline's chunk keys are made in: its tenant's when it has a tenant secret (keyed
+        with the deployment secret, as the connector does)."""
+        return key_namespace(self.namespace, self.tenant_secret, self.store_config().secret)
+
+    def __repr__(self) -> str:
+        return redacted_repr(self)
 
 
 def require_redis(url: str, timeout_s: float = 2.0) -> None:
@@ -105,6 +122,7 @@ def require_redis(url: str, timeout_s: float = 2.0) -> None:
     try:
         client.ping()
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise RedisUnreachable(f"Redis at {url} is unreachable ({exc}); start it or leave out the Redis URL") from exc
+        raise RedisUnreachable(f"Redis at {redact_url(url)} is unreachable ({exc}); start it or leave out the Redis "
+                               "URL") from exc
     finally:
         client.close()

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvblend.blend.prompt import PromptTemplate
+from kvblend.model.spec import load_spec
 from kvblend.model.tokenizer import encode
-from kvblend.rag.config import PipelineConfig
+from kvblend.rag.config import ENGINE_REDIS_URL_ENV, PipelineConfig
+from kvblend.rag.kv_space import check_memory, cpu_kv_bytes, kv_space_args, weights_bytes
 from kvblend.rag.prompt import build_rag_prompt
 
 log = logging.getLogger(__name__)
@@ -28,17 +30,34 @@ def configure_vllm_logging(level: str = "WARNING") -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
+def engine_kwargs(model_dir: Path, config: PipelineConfig) -> dict:
+    """vLLM.LLM's arguments besides the model and the connector: the config's, with the KV space sized for
+    max_model_len x max_num_seqs unless they size it themselves (kv_space.SIZING_ARGS)."""
+    kwargs = config.engine_kwargs
+    return {**kwargs, **kv_space_args(load_spec(model_dir, config.dtype), kwargs)}
+
+
 def start_llm(model_dir: Path, config: PipelineConfig):
     """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode, loaded through kvblend's load
-    format so the blend runs on vLLM's own modules."""
+    format so the blend runs on vLLM's own modules. On CPU, a machine whose free memory cannot hold the KV space
+    and the weights gets NotEnoughMemory before the engine starts. The Redis URL reaches the engine's connector
+    through ENGINE_REDIS_URL_ENV in this process's environment (inherited by the engine processes)."""
+    import psutil
     from vllm import LLM
     from vllm.config import KVTransferConfig
+    from vllm.platforms import current_platform
 
     from kvblend.vllm.model_hook import LOAD_FORMAT
 
+    kwargs = engine_kwargs(model_dir, config)
+    kv_bytes = cpu_kv_bytes(kwargs) if current_platform.is_cpu() else None
+    if kv_bytes is not None:
+        check_memory(kv_bytes, weights_bytes(model_dir), psutil.virtual_memory().available, kwargs)
+    if config.redis_url:
+        os.environ[ENGINE_REDIS_URL_ENV] = config.redis_url
     kv = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=config.connector_extra())
     log.info("starting vLLM on %s with the kvblend connector", model_dir)
-    return LLM(model=str(model_dir), kv_transfer_config=kv, load_format=LOAD_FORMAT, **config.engine_kwargs)
+    return LLM(model=str(model_dir), kv_transfer_config=kv, load_format=LOAD_FORMAT, **kwargs)
 
 
 def warm_up(llm, tokenizer, template: PromptTemplate) -> None:

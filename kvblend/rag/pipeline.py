@@ -106,7 +106,8 @@ class RAGPipeline:
         self.template = chat_template(self.tokenizer, system=self.config.system_prompt)
         self.separator = encode(self.tokenizer, self.config.separator)
         self.fingerprint = model_fingerprint(self.model_dir, self.config.dtype)
-        self.key_for = cache_key_fn(self.fingerprint, self.config.namespace)
+        self.namespace = self.config.key_namespace()  # where this pipeline's chunk keys live (its tenant's)
+        self.key_for = cache_key_fn(self.fingerprint, self.namespace)
         self.chunker = ChunkerConfig(chunk_tokens=self.config.chunk_tokens)
         self._embedder: Embedder | None = None
         self._llm = None
@@ -167,15 +168,17 @@ class RAGPipeline:
         connector extracts vLLM's KV of it. Returns how many were computed (also a CachedRetriever hook)."""
         from vllm import SamplingParams
 
+        from kvblend.vllm.params import request_params
+
         missing: dict[str, Chunk] = {}
         for chunk in chunks:
-            key = ChunkKey.alone(self.fingerprint, chunk.token_ids, self.config.namespace)
+            key = ChunkKey.alone(self.fingerprint, chunk.token_ids, self.namespace)
             if key.digest not in missing and not self.store.contains(key):
                 missing[key.digest] = chunk
         if not missing:
             return 0
-        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {
-            "kvblend": {"store_prompt": True, "namespace": self.config.namespace}}})
+        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": request_params(
+            self.config.namespace, self.config.tenant_secret, store_prompt=True)})
         self.llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in missing.values()], params, use_tqdm=False)
         return len(missing)
 
@@ -210,6 +213,8 @@ class RAGPipeline:
         """Greedy, config.max_tokens by default; `sampling` overrides any SamplingParams field."""
         from vllm import SamplingParams
 
+        from kvblend.vllm.params import blend_params
+
         if "extra_args" in sampling:
             raise ValueError("extra_args is set by the pipeline (it carries the kvblend parameters)")
         values = {"temperature": 0.0, "max_tokens": self.config.max_tokens, **sampling}
@@ -218,10 +223,8 @@ class RAGPipeline:
             raise ValueError(f"prompt of {len(prompt.token_ids)} tokens + max_tokens {values['max_tokens']} exceeds "
                              f"max_model_len {self.config.max_model_len}; lower top_k or max_tokens")
         if blend:
-            from kvblend.vllm.params import blend_params
-
-            kv = blend_params(prompt.spans, namespace=self.config.namespace, policy=self.config.policy,
-                              ratio=self.config.ratio)
+            kv = blend_params(prompt.spans, self.config.namespace, self.config.tenant_secret,
+                              policy=self.config.policy, ratio=self.config.ratio)
         else:
             kv = {"kvblend": {"mode": "off"}}
         return SamplingParams(**values, extra_args={"kv_transfer_params": kv})
@@ -273,8 +276,8 @@ class RAGPipeline:
                              "KVBlendRetriever or CachedRetriever, or pass kvblend Chunks")
         ids = tuple(int(t) for t in metadata["token_ids"])
         if metadata.get("cache_key") not in (None, self.key_for(ids)):
-            log.warning("document %d: its cache_key was made for another model or namespace; its KV will not be "
-                        "found and it is prefilled instead", position)
+            log.warning("document %d: its cache_key was made for another model, namespace or tenant; its KV will "
+                        "not be found and it is prefilled instead", position)
         return ids, Source(str(metadata.get("chunk_id", "")), str(metadata.get("source", "")),
                            str(metadata.get("title", "")), int(metadata.get("index", -1)), metadata.get("score"))
 

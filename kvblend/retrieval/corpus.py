@@ -32,22 +32,31 @@ def pydoc_topics(names: Sequence[str] | None = None) -> list[Document]:
     return [Document(source=f"pydoc:{n}", text=topics[n], title=n) for n in chosen]
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it can be indexed: not empty, and no NUL character anywhere in it (binary data)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise CorpusError(f"{what} looks binary (NUL at character {nul}); only text is indexed")
+    if not text.strip():
+        raise CorpusError(f"{what} is empty")
+    return text
+
+
 def read_document(path: str | os.PathLike) -> Document:
-    """One UTF-8 text file; empty, binary or non-UTF-8 files are refused with the reason."""
+    """One UTF-8 text file; empty, binary (a NUL byte anywhere) or non-UTF-8 files are refused with the reason."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if b"\x00" in raw[:8192]:
-        raise CorpusError(f"{path} looks binary (NUL bytes); only UTF-8 text files are indexed")
+    nul = raw.find(b"\x00")  # before decoding, so binary data is named as such rather than as bad UTF-8
+    if nul >= 0:
+        raise CorpusError(f"{path} looks binary (NUL byte at offset {nul}); only UTF-8 text files are indexed")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
-    if not text.strip():
-        raise CorpusError(f"{path} is empty")
-    return Document(source=str(path), text=text, title=path.stem)
+    return Document(source=str(path), text=check_text(text, str(path)), title=path.stem)
 
 
 def read_corpus(paths: Iterable[str | os.PathLike]) -> list[Document]:

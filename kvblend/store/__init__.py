@@ -6,7 +6,7 @@ from kvblend.store.entry import ChunkKV, EntryError, KVLayout, read_entry, seria
 from kvblend.store.key import ChunkKey
 from kvblend.store.memory import MemoryTier
 from kvblend.store.peer import PeerConfig, PeerTier
-from kvblend.store.redis_tier import RedisConfig, RedisTier, redact_url
+from kvblend.store.redis_tier import RedisConfig, RedisTier, redact_url, redacted_repr
 from kvblend.store.tier import Tier, TierStats
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 
@@ -29,5 +29,6 @@ __all__ = [
     "open_store",
     "read_entry",
     "redact_url",
+    "redacted_repr",
     "serialize",
 ]

@@ -1,10 +1,11 @@
 """ChunkAnchorIndex: find cached chunks anywhere in a prompt by content hash, with no separator strings.
 
-Every chunk stored "alone" is registered under the hash of its first ANCHOR_TOKENS tokens (its anchor), with
-its length and token-ids hash. To find chunks in a prompt, hash every window of ANCHOR_TOKENS tokens, look the
-anchors up, and confirm a candidate by hashing the prompt span it would cover. The index lives beside the
-entries (in memory, a directory of anchor files, Redis sets) so any process or host that sees the store
-sees the index.
+Every chunk stored "alone" is registered under the hash of its first ANCHOR_TOKENS tokens and its namespace (its
+anchor), with its length and token-ids hash. To find chunks of a namespace in a prompt, hash every window of
+ANCHOR_TOKENS tokens in that namespace, look the anchors up, and confirm a candidate by hashing the prompt span
+it would cover. Anchors of different namespaces never meet, so a lookup never sees another tenant's chunks.
+The index lives beside the entries (in memory, a directory of anchor files, Redis sets) so any process or host
+that sees the store sees the index.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kvblend.store.key import token_ids_hash
+from kvblend.store.key import DEFAULT_NAMESPACE, token_ids_hash
 from kvblend.store.redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,21 @@ ANCHOR_TOKENS = 16
 Candidate = tuple[int, str]  # (num_tokens, token-ids hash)
 
 
-def anchors(token_ids: Sequence[int]) -> list[str]:
-    """Anchor of every window of ANCHOR_TOKENS tokens: blake2b-64 of the window's little-endian int64 bytes."""
+def anchors(token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+    """Anchor of every window of ANCHOR_TOKENS tokens in `namespace`: blake2b-64 of the window's little-endian
+    int64 bytes, keyed with a hash of the namespace."""
     arr = np.asarray(token_ids, dtype="<i8")
     if arr.size < ANCHOR_TOKENS:
         return []
     raw = arr.tobytes()
     width = 8 * ANCHOR_TOKENS
-    return [hashlib.blake2b(raw[8 * i : 8 * i + width], digest_size=8).hexdigest() for i in range(arr.size - ANCHOR_TOKENS + 1)]
+    keyed = hashlib.blake2b(digest_size=8, key=hashlib.blake2b(namespace.encode(), digest_size=32).digest())
+    hashes = []
+    for i in range(arr.size - ANCHOR_TOKENS + 1):
+        h = keyed.copy()
+        h.update(raw[8 * i : 8 * i + width])
+        hashes.append(h.hexdigest())
+    return hashes
 
 
 class ChunkAnchorIndex:
@@ -45,18 +53,20 @@ class ChunkAnchorIndex:
         self.redis = redis
         self.prefix = redis.config.prefix + "index:" if redis is not None else ""
 
-    def remember(self, token_ids: Sequence[int]) -> tuple[str, Candidate] | None:
-        """Register a chunk in this process only (another process already wrote it to the shared index)."""
-        found = anchors(token_ids[:ANCHOR_TOKENS])
+    def remember(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> tuple[str, Candidate] | None:
+        """Register a chunk of `namespace` in this process only (another process already wrote it to the shared
+        index)."""
+        found = anchors(token_ids[:ANCHOR_TOKENS], namespace)
         if not found:
             return None
         anchor, entry = found[0], (len(token_ids), token_ids_hash(token_ids))
         self._memory.setdefault(anchor, set()).add(entry)
         return anchor, entry
 
-    def add(self, token_ids: Sequence[int]) -> bool:
-        """Register a chunk everywhere; False if it is shorter than an anchor (such chunks cannot be found)."""
-        registered = self.remember(token_ids)
+    def add(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Register a chunk of `namespace` everywhere; False if it is shorter than an anchor (such chunks cannot
+        be found)."""
+        registered = self.remember(token_ids, namespace)
         if registered is None:
             return False
         anchor, entry = registered
@@ -99,10 +109,11 @@ class ChunkAnchorIndex:
                         found.setdefault(a, set()).add((int(n), h))
         return found
 
-    def find(self, prompt: Sequence[int], min_tokens: int = ANCHOR_TOKENS) -> list[tuple[int, int]]:
-        """Non-overlapping (start, length) spans of the prompt that are registered chunks, left to right,
-        longest first where several start at the same token."""
-        windows = anchors(prompt)
+    def find(self, prompt: Sequence[int], namespace: str = DEFAULT_NAMESPACE,
+             min_tokens: int = ANCHOR_TOKENS) -> list[tuple[int, int]]:
+        """Non-overlapping (start, length) spans of the prompt that are chunks registered in `namespace`, left
+        to right, longest first where several start at the same token."""
+        windows = anchors(prompt, namespace)
         if not windows:
             return []
         table = self._lookup(sorted(set(windows)))

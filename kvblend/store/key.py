@@ -1,4 +1,5 @@
-"""ChunkKey: the content address of a chunk's KV, stable across processes and machines."""
+"""ChunkKey: the content address of a chunk's KV, stable across processes and machines, and the namespaces keys
+are made in (a plain name, or a tenant's namespace derived from its secret)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ ALONE = "alone"  # KV computed from position 0, with nothing before the chunk
 BEHIND_PREFIX = "behind_prefix"  # KV computed behind a shared prompt prefix: "behind_prefix:<prefix hash>"
 CONTEXTS = (ALONE, BEHIND_PREFIX)
 DEFAULT_NAMESPACE = "default"
-_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TENANT_SECRET_ENV = "KVBLEND_TENANT_SECRET"
+MIN_TENANT_SECRET = 16
+_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # a namespace as configured or requested
+_KEY_NAMESPACE = re.compile(r"^[A-Za-z0-9._:-]{1,128}(~[0-9a-f]{32})?$")  # a name, or a name~tenant tag
+_TENANT_PERSON = b"kvblend-tenant"
 
 
 def token_ids_hash(token_ids: Sequence[int]) -> str:
@@ -28,13 +33,44 @@ def chunk_context(prefix_ids: Sequence[int] | None) -> str:
     return ALONE if not prefix_ids else f"{BEHIND_PREFIX}:{token_ids_hash(prefix_ids)[:16]}"
 
 
+def check_namespace_name(name: str) -> str:
+    """`name` if it is a namespace a config or a request may name: 1-128 chars of [A-Za-z0-9._:-]."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"namespace {name!r} must be 1-128 chars of [A-Za-z0-9._:-]")
+    return name
+
+
+def check_tenant_secret(secret: str) -> str:
+    """`secret` if it can be a tenant secret (a string of at least MIN_TENANT_SECRET chars); the error never
+    shows it."""
+    if not isinstance(secret, str) or len(secret) < MIN_TENANT_SECRET:
+        raise ValueError(f"a tenant secret must be a string of at least {MIN_TENANT_SECRET} characters")
+    return secret
+
+
+def key_namespace(name: str, tenant_secret: str | None = None, server_key: str | bytes | None = None) -> str:
+    """The namespace keys are made in: `name` itself without a tenant secret, else the tenant's own
+    `name~<tag>`, the tag a BLAKE2b of (name, secret) keyed with the deployment secret `server_key`.
+
+    '~' is not allowed in a name, so no request or config can name a tenant's namespace: its keys are reachable
+    only with the tenant's secret (and, with a server key, only through a server holding that key)."""
+    check_namespace_name(name)
+    if tenant_secret is None:
+        return name
+    check_tenant_secret(tenant_secret)
+    raw = server_key.encode() if isinstance(server_key, str) else (server_key or b"")
+    key = hashlib.blake2b(raw, digest_size=32, person=_TENANT_PERSON).digest() if raw else b""
+    tag = hashlib.blake2b(f"{name}\0{tenant_secret}".encode(), key=key, digest_size=16, person=_TENANT_PERSON)
+    return f"{name}~{tag.hexdigest()}"
+
+
 @dataclass(frozen=True)
 class ChunkKey:
     """Hash over (model fingerprint, namespace, chunk context, token ids).
 
     `context` says how the KV was computed: "alone" (from position 0) or "behind_prefix:<prefix hash>"
     (behind a shared prompt prefix); any difference in any field gives a different key. Every key kvblend
-    makes comes from the constructors below (`alone`, `behind`).
+    makes comes from the constructors below (`alone`, `behind`), in a namespace from `key_namespace`.
     """
 
     fingerprint: str
@@ -46,8 +82,8 @@ class ChunkKey:
     def __post_init__(self) -> None:
         if not self.fingerprint:
             raise ValueError("ChunkKey needs a model fingerprint")
-        if not _NAME.match(self.namespace):
-            raise ValueError(f"namespace {self.namespace!r} must be 1-128 chars of [A-Za-z0-9._:-]")
+        if not _KEY_NAMESPACE.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} must be 1-128 chars of [A-Za-z0-9._:-] (plus a tenant tag)")
         if self.context.split(":", 1)[0] not in CONTEXTS:
             raise ValueError(f"chunk context {self.context!r} must start with one of {CONTEXTS}")
         if self.num_tokens <= 0:

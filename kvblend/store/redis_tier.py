@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlparse
 
@@ -49,6 +49,14 @@ def redact_url(url: str) -> str:
         return parsed._replace(netloc=netloc, query=query).geturl()
     except ValueError:
         return "<unparseable URL>"
+
+
+def redacted_repr(config) -> str:
+    """The repr of a dataclass config without its repr=False fields (secrets) and with its `redis_url` redacted."""
+    shown = {f.name: getattr(config, f.name) for f in fields(config) if f.repr}
+    if shown.get("redis_url"):
+        shown["redis_url"] = redact_url(shown["redis_url"])
+    return f"{type(config).__name__}({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
 
 DEFAULT_TIMEOUT_S = 0.5

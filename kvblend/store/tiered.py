@@ -170,7 +170,7 @@ class TieredStore:
         if slow:
             self._queue.put((key, kv, slow, anchor))
         elif anchor:
-            self.anchors.add(kv.token_ids.tolist())
+            self.anchors.add(kv.token_ids.tolist(), key.namespace)
 
     def _write_loop(self) -> None:
         while True:
@@ -188,7 +188,7 @@ class TieredStore:
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
                 if anchor:
-                    self.anchors.add(kv.token_ids.tolist())
+                    self.anchors.add(kv.token_ids.tolist(), key.namespace)
             except Exception:
                 log.exception("store: cannot serialise an entry for the slow tiers")
             finally:

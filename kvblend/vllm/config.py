@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
-from kvblend.store.key import DEFAULT_NAMESPACE
-from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S
+from kvblend.store.key import DEFAULT_NAMESPACE, check_namespace_name
+from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 
 MODES = ("blend", "storage")
@@ -19,16 +20,20 @@ class ConnectorConfig:
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
-    check_layers means BlendConfig's."""
+    check_layers means BlendConfig's. `redis_url_env` names an environment variable holding the Redis URL, so a
+    password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
+    nor write the store."""
 
     mode: str = "blend"
     store_dir: str | None = None
     disk_gb: float = DEFAULT_DISK_GB
     memory_gb: float = DEFAULT_MEMORY_GB
     redis_url: str | None = None
+    redis_url_env: str | None = None
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
     directory_url: str | None = None
     namespace: str = DEFAULT_NAMESPACE
+    require_tenant: bool = False
     span_tokens: int = 256
     extract: bool = True
     discover: bool = True
@@ -46,6 +51,11 @@ class ConnectorConfig:
             raise ValueError(f"kvblend connector cpu_ops must be one of {CPU_OPS}, got {self.cpu_ops!r}")
         if self.span_tokens <= 0 or self.min_chunk_tokens <= 0:
             raise ValueError("span_tokens and min_chunk_tokens must be positive")
+        if self.redis_url is not None and self.redis_url_env is not None:
+            raise ValueError("give the Redis URL as redis_url or through redis_url_env, not both")
+        if self.redis_url_env is not None and not os.environ.get(self.redis_url_env):
+            raise ValueError(f"redis_url_env names {self.redis_url_env}, which is not set in the environment")
+        check_namespace_name(self.namespace)
         self.blend_config()
         self.store_config()
 
@@ -62,10 +72,14 @@ class ConnectorConfig:
         return cls(**extra)
 
     def store_config(self) -> StoreConfig:
-        return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
-                                         self.redis_timeout_s, self.directory_url)
+        url = os.environ[self.redis_url_env] if self.redis_url_env is not None else self.redis_url
+        return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, url, self.redis_timeout_s,
+                                         self.directory_url)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""
         extra = {} if self.check_layers is None else {"check_layers": self.check_layers}
         return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio, **extra)
+
+    def __repr__(self) -> str:
+        return redacted_repr(self)

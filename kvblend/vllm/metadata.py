@@ -67,14 +67,14 @@ class KVBlendMetadata(KVConnectorMetadata):
 @dataclass
 class KVBlendWorkerMeta(KVConnectorWorkerMetadata):
     """Self-check verdict (None until decided), per-request blend reports, and the entries this step stored
-    (digest, and token ids for chunks computed alone) so the scheduler knows of them before the store's
+    (key, and token ids for chunks computed alone) so the scheduler knows of them before the store's
     background writer has made them visible to other processes."""
 
     blend_ready: bool | None = None
     reason: str = ""
     check_report: dict | None = None
     reports: dict[str, dict] = field(default_factory=dict)
-    stored: list[tuple[str, list[int] | None]] = field(default_factory=list)
+    stored: list[tuple[ChunkKey, list[int] | None]] = field(default_factory=list)
 
     def aggregate(self, other: "KVBlendWorkerMeta") -> "KVBlendWorkerMeta":
         verdicts = [v for v in (self.blend_ready, other.blend_ready) if v is not None]

@@ -5,6 +5,9 @@ of all tokens before it), so a stored span is exact wherever it is found; the ru
 start, beyond what vLLM's prefix cache already holds, is loaded. Blend: cached chunks (the request's explicit
 layout, or discovered by content hash) make the connector claim every prompt token but the last, and the
 worker blends them. Prefills vLLM computes itself are extracted into the store.
+
+Every key of a request is made in its namespace (`RequestParams.key_namespace`): a request carrying a tenant
+secret reads, discovers and writes only its tenant's namespace, so naming another tenant's namespace gets misses.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class SchedulerSide:
         self.config = config
         self.fingerprint = fingerprint
         self.store = store
+        self.server_key = config.store_config().secret  # the deployment secret keys the tenants' namespaces
         self.blend_ready: bool | None = None if config.self_check else True
         self.check_report: dict | None = None  # the worker's self-check measurements, in every blend report
         self.blend_off_reason = ""
@@ -76,12 +80,15 @@ class SchedulerSide:
         except (ValueError, TypeError) as exc:
             log.warning("request %s: bad kvblend parameters (%s); running it as plain vLLM", req_id, exc)
             params = RequestParams(mode="off")
+        if self.config.require_tenant and params.tenant_secret is None and params.mode != "off":
+            self._reports[req_id] = {"store_off": "this server requires a tenant_secret to use the store"}
+            params = RequestParams(mode="off")
         self._params[req_id] = params
         self._matched.pop(req_id, None)
         mode = params.mode or self.config.mode
         if mode == "off" or len(prompt) < 2:
             return 0
-        namespace = params.namespace or self.config.namespace
+        namespace = params.key_namespace(self.config.namespace, self.server_key)
         limit = len(prompt) - 1
         stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
                   if s.end <= limit]
@@ -101,13 +108,13 @@ class SchedulerSide:
         return 0
 
     def _cached_chunks(self, prompt: list[int], params: RequestParams, namespace: str, exact_end: int) -> list[Span]:
-        """Chunks of the prompt (explicit or discovered) whose KV is stored and that lie past the exact prefix,
-        before the last token (which vLLM computes)."""
+        """Chunks of the prompt (explicit or discovered in `namespace`) whose KV is stored in `namespace` and that
+        lie past the exact prefix, before the last token (which vLLM computes)."""
         limit = len(prompt) - 1
         if params.chunks is not None:
             spans = list(params.chunks)
         elif self.config.discover:
-            spans = self.store.anchors.find(prompt[:limit], self.config.min_chunk_tokens)
+            spans = self.store.anchors.find(prompt[:limit], namespace, self.config.min_chunk_tokens)
         else:
             spans = []
         found = []
@@ -167,7 +174,7 @@ class SchedulerSide:
         params = self._params.get(req_id, RequestParams())
         if params.mode == "off" or not prompt:
             return
-        namespace = params.namespace or self.config.namespace
+        namespace = params.key_namespace(self.config.namespace, self.server_key)
         if params.store_prompt:
             spans = [Span(0, len(prompt), ChunkKey.alone(self.fingerprint, prompt, namespace))]
         elif self.config.extract:
@@ -198,12 +205,12 @@ class SchedulerSide:
         for req_id, report in worker_meta.reports.items():
             if req_id not in late:
                 self._reports.setdefault(req_id, {}).update(report)
-        for digest, token_ids in worker_meta.stored:
-            self._worker_keys[digest] = None
+        for key, token_ids in worker_meta.stored:
+            self._worker_keys[key.digest] = None
             if len(self._worker_keys) > WORKER_KEYS_KEPT:
                 self._worker_keys.popitem(last=False)
             if token_ids is not None:
-                self.store.anchors.remember(token_ids)
+                self.store.anchors.remember(token_ids, key.namespace)
 
     def finished(self, req_id: str) -> dict | None:
         """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]. vLLM frees a

@@ -21,6 +21,7 @@ from kvblend.blend.source import ChunkLoadError, StoreLayerSource, kv_layout
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
+from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
@@ -70,7 +71,7 @@ class WorkerSide:
         self._verdict: tuple[bool, str] | None = None
         self.check_report: dict | None = None
         self._reports: dict[str, dict] = {}
-        self._stored: list[tuple[str, list[int] | None]] = []
+        self._stored: list[tuple[ChunkKey, list[int] | None]] = []
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         ordered = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
@@ -236,7 +237,7 @@ class WorkerSide:
             k, v = self._read_rows(job.block_ids, span.start, span.end)
             ids = job.prompt[span.start : span.end]
             self.store.put(span.key, ChunkKV(span.key, k.cpu(), v.cpu(), torch.tensor(ids), base_position=span.start))
-            self._stored.append((span.key.digest, ids if span.key.is_alone else None))
+            self._stored.append((span.key, ids if span.key.is_alone else None))
 
     def _self_check(self, job: SaveJob) -> tuple[bool, str]:
         """Blend vLLM's own first prefilled prompt on its own blocks and compare with the KV vLLM computed."""
