@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
-from kvblend.blend.prompt import DEFAULT_SYSTEM
+from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
 from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig, default_store_dir
@@ -16,6 +16,10 @@ from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
+# Greedy with a repetition penalty: without one the embedded 135M model loops ("a function definition is a
+# function definition ..."), plain and blended alike. RAGPipeline's queries and `kvblend serve` start from it;
+# PipelineConfig(sampling=...), a query's keywords, `kvblend serve --sampling` or an API request override it.
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "repetition_penalty": 1.2}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
 
@@ -33,7 +37,8 @@ class RedisUnreachable(RuntimeError):
 class PipelineConfig:
     """Model, index, chunk KV store, blend and retrieval settings of a RAGPipeline.
 
-    model_dir None is the embedded SmolLM2; index_dir and store_dir default to `default_index_dir()` and
+    model_dir None is the embedded SmolLM2; `sampling` are the SamplingParams fields every query starts from
+    (DEFAULT_SAMPLING; a query's own keywords win); index_dir and store_dir default to `default_index_dir()` and
     `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM`. The store
     and blend settings default to StoreConfig's and BlendConfig's, and are validated by them.
     """
@@ -50,8 +55,9 @@ class PipelineConfig:
     chunk_tokens: int = 512
     namespace: str = DEFAULT_NAMESPACE
     system_prompt: str = DEFAULT_SYSTEM
-    separator: str = "\n\n"
+    separator: str = DEFAULT_SEPARATOR
     max_tokens: int = 128
+    sampling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +69,9 @@ class PipelineConfig:
         if self.top_k <= 0 or self.chunk_tokens <= 0 or self.max_tokens <= 0:
             raise ValueError(f"top_k, chunk_tokens and max_tokens must be positive, got {self.top_k}, "
                              f"{self.chunk_tokens} and {self.max_tokens}")
+        if not isinstance(self.sampling, dict) or {"extra_args", "max_tokens"} & set(self.sampling):
+            raise ValueError("sampling must be a dict of SamplingParams fields other than extra_args and max_tokens "
+                             "(max_tokens is its own setting)")
         owned = sorted(set(self.engine_args) & set(PIPELINE_OWNED_ARGS))
         if owned:
             raise ValueError(f"engine_args must not set {owned}: the pipeline sets them (use model_dir)")

@@ -2,7 +2,10 @@
 
 Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}}})`:
   chunks       [[start, length], ...] spans of the prompt that are cached chunks (the explicit layout);
-               without it the connector discovers cached chunks in the prompt by content hash
+               without it (and without documents) the connector discovers cached chunks by content hash
+  documents    [text or [token ids], ...] the retrieved documents the prompt contains, in prompt order: the
+               connector tokenizes each text alone (no special tokens) and finds its ids in the prompt, which
+               gives the layout when the client sends text (an OpenAI chat request); not with `chunks`
   mode         "blend" | "storage" | "off" (default: the connector's mode)
   namespace    the chunks' store namespace (default: the connector's)
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
@@ -11,17 +14,26 @@ Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 
 KEY = "kvblend"
+BLEND_SALT = "kvblend-blend"
+
+
+def blend_salt() -> str:
+    """A vLLM cache salt of one blended request's own: its blended (approximate) KV never serves a plain request
+    from vLLM's prefix cache, nor a later blended one (whose answer would then depend on what came before it)."""
+    return f"{BLEND_SALT}-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
 class RequestParams:
     mode: str | None = None
     chunks: tuple[tuple[int, int], ...] | None = None
+    documents: tuple[str | tuple[int, ...], ...] | None = None
     namespace: str | None = None
     store_prompt: bool = False
     policy: str | None = None
@@ -33,7 +45,7 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     raw = (kv_transfer_params or {}).get(KEY) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"kv_transfer_params['{KEY}'] must be a dict, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"mode", "chunks", "namespace", "store_prompt", "policy", "ratio"})
+    unknown = sorted(set(raw) - {"mode", "chunks", "documents", "namespace", "store_prompt", "policy", "ratio"})
     if unknown:
         raise ValueError(f"unknown kvblend request parameters {unknown}")
     mode = raw.get("mode")
@@ -47,13 +59,48 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
             if length <= 0 or start < end or start + length > prompt_len:
                 raise ValueError(f"chunk span ({start}, {length}) is empty, overlaps or leaves the {prompt_len}-token prompt")
             end = start + length
+    documents = parse_documents(raw.get("documents"))
+    if documents is not None and chunks is not None:
+        raise ValueError("give either chunks (spans) or documents, not both")
     policy, ratio = raw.get("policy"), raw.get("ratio")
     if policy is not None or ratio is not None:  # BlendConfig validates both
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
                      ratio=DEFAULT_RATIO if ratio is None else float(ratio))
-    return RequestParams(mode=mode, chunks=chunks, namespace=raw.get("namespace"),
+    return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=raw.get("namespace"),
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
                          ratio=None if ratio is None else float(ratio))
+
+
+def parse_documents(raw) -> tuple[str | tuple[int, ...], ...] | None:
+    """`documents` as a tuple of texts and token-id tuples; raise ValueError naming the bad entry."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("kvblend documents must be a non-empty list of texts or token-id lists")
+    out: list[str | tuple[int, ...]] = []
+    for i, doc in enumerate(raw):
+        if isinstance(doc, str) and doc.strip():
+            out.append(doc)
+        elif isinstance(doc, list) and doc and all(isinstance(t, int) and t >= 0 for t in doc):
+            out.append(tuple(doc))
+        else:
+            raise ValueError(f"kvblend document {i} must be a non-empty text or a non-empty list of token ids")
+    return tuple(out)
+
+
+def locate_documents(prompt: list[int], documents: list[list[int]]) -> list[tuple[int, int] | None]:
+    """(start, length) of each document's token ids in the prompt, each searched for after the previous one
+    found (documents come in prompt order); None where a document does not occur there."""
+    found: list[tuple[int, int] | None] = []
+    after = 0
+    for ids in documents:
+        n = len(ids)
+        span = next(((i, n) for i in range(after, len(prompt) - n + 1)
+                     if prompt[i] == ids[0] and prompt[i : i + n] == ids), None) if n else None
+        if span is not None:
+            after = span[0] + n
+        found.append(span)
+    return found
 
 
 def blend_params(chunk_spans: list[tuple[int, int]], namespace: str | None = None, **overrides) -> dict:
