@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
     p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
     p.add_argument("--sampling", default=None,
-                   help='JSON sampling defaults over kvblend\'s (greedy, repetition_penalty 1.2), e.g. '
+                   help='JSON sampling defaults over kvblend\'s (greedy, frequency_penalty 0.5), e.g. '
                         '\'{"temperature": 0.7}\'; every request can override them')
     p.add_argument("--print-command", action="store_true",
                    help="print the equivalent plain-vLLM server command instead of starting it")

@@ -16,10 +16,12 @@ from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
-# Greedy with a repetition penalty: without one the embedded 135M model loops ("a function definition is a
-# function definition ..."), plain and blended alike. RAGPipeline's queries and `kvblend serve` start from it;
+# Greedy with a frequency penalty: without one the embedded 135M model loops ("a lambda expression is a function
+# definition, while a function definition is a function definition ..."), plain and blended alike. A penalty on
+# generated tokens only: repetition_penalty also penalises the prompt's tokens, which pushes a RAG answer away from
+# its documents (measured: examples/serve.md). RAGPipeline's queries and `kvblend serve` start from it;
 # PipelineConfig(sampling=...), a query's keywords, `kvblend serve --sampling` or an API request override it.
-DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "repetition_penalty": 1.2}
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "frequency_penalty": 0.5}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
 

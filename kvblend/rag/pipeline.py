@@ -258,7 +258,7 @@ class RAGPipeline:
 
     def query(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> QueryResult:
         """Retrieve, then generate with the chunks' KV blended (blend=False: plain vLLM, for comparison).
-        `sampling` are SamplingParams fields over config.sampling (greedy with a repetition penalty) and
+        `sampling` are SamplingParams fields over config.sampling (greedy, frequency penalty) and
         config.max_tokens."""
         return self._generate([self._retrieved_request(question, top_k)], blend, sampling)[0]
 
