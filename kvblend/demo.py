@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                    redis_url=args.redis, max_tokens=args.max_tokens) as rag:
         print(f"model {rag.model_dir.name}; indexing, then precomputing chunk KV through vLLM "
               "(the engine starts on first use: about half a minute)...", flush=True)
-        summary = rag.add_documents(pydoc_topics(DEMO_TOPICS))
+        summary = rag.add_documents(pydoc_topics(DEMO_TOPICS), progress=True)
         print(f"{summary.documents} documents -> {summary.chunks} chunks ({summary.chunks_added} new to the index), "
               f"{summary.chunks_precomputed} chunk KV computed now, the rest already stored "
               f"[{time.perf_counter() - start:.0f} s]\n", flush=True)

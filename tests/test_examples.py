@@ -43,12 +43,13 @@ def test_quickstart_runs(example_env):
 
 
 @pytest.mark.slow
-def test_langchain_example_runs(example_env):
-    run = run_example(example_env[0], "langchain_retriever.py")
+def test_langchain_and_llama_index_example_runs(example_env):
+    run = run_example(example_env[0], "frameworks.py")
     out = run.stdout
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sources ['manual/descaling'" in out and "as a LangChain chain:" in out
-    assert out.count("mode blend") == 2
+    assert out.count("  batched:") == 2 and "  parallel:" in out and "LlamaIndex query engine:" in out
+    assert out.count("mode blend") == 3
 
 
 def test_precompute_script_is_valid_bash():

@@ -310,3 +310,36 @@ def test_documents_texts_and_paths_are_accepted(cache_env, model_dir, tmp_path, 
     assert summary.documents == 3 and len(pipeline.index.sources()) == 3
     with pytest.raises(TypeError, match="not int"):
         pipeline.add_documents([3], precompute=False)
+
+
+@pytest.mark.slow
+def test_lcel_chains_over_the_retriever_blend(rag):
+    import asyncio
+
+    from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+
+    pipeline, _ = rag
+    retriever = pipeline.as_retriever(k=2)
+    chain = ({"docs": retriever, "question": RunnablePassthrough()}
+             | RunnableLambda(lambda x: pipeline.answer(x["question"], x["docs"])))
+    one = chain.invoke(QUESTION)
+    assert one.answer.strip() and one.stats.mode == "blend" and one.stats.chunks == 2
+    many = chain.batch([QUESTION, "How does a while loop end?"])
+    assert [r.question for r in many] == [QUESTION, "How does a while loop end?"]
+    assert all(r.stats.mode == "blend" and r.stats.tokens_reused > 0 for r in many)
+    again = asyncio.run(chain.ainvoke(QUESTION))
+    assert again.stats.chunks == 2 and [s.chunk_id for s in again.sources] == [s.chunk_id for s in one.sources]
+    both = RunnableParallel(result=chain, docs=retriever).invoke(QUESTION)
+    assert [d.metadata["chunk_id"] for d in both["docs"]] == [s.chunk_id for s in both["result"].sources]
+
+
+@pytest.mark.slow
+def test_llama_index_query_engine_blends_the_retrieved_nodes(rag):
+    from kvblend.retrieval.llama_index import KVBlendLlamaIndexRetriever, KVBlendQueryEngine
+
+    pipeline, _ = rag
+    retriever = KVBlendLlamaIndexRetriever(pipeline.index, pipeline.embedder, pipeline.key_for, k=TOP_K)
+    response = KVBlendQueryEngine(retriever=retriever, pipeline=pipeline).query(QUESTION)
+    stats = response.metadata["stats"]
+    assert response.response.strip() and stats.mode == "blend" and stats.chunks == TOP_K and stats.tokens_reused > 0
+    assert [n.node.node_id for n in response.source_nodes] == [n.node_id for n in retriever.retrieve(QUESTION)]

@@ -14,6 +14,8 @@ from kvblend.model.tokenizer import encode
 
 PLACEHOLDER = "\x00KVBLEND_DOCUMENTS\x00"
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the documents."
+DEFAULT_SEPARATOR = "\n\n"  # after every chunk
+DEFAULT_QUESTION_PREFIX = "\n\nQuestion: "  # between the chunks and the question
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class PromptTemplate:
         return PromptLayout.build(self.prefix, chunks, suffix)
 
 
-def chat_template(tokenizer, system: str = DEFAULT_SYSTEM, question_prefix: str = "\n\nQuestion: ") -> PromptTemplate:
+def chat_template(tokenizer, system: str = DEFAULT_SYSTEM, question_prefix: str = DEFAULT_QUESTION_PREFIX) -> PromptTemplate:
     """Split the model's chat template (system + one user turn + generation prompt) around the documents."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": PLACEHOLDER}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

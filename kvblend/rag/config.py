@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
-from kvblend.blend.prompt import DEFAULT_SYSTEM
+from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
 from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
 from kvblend.store.redis_tier import redact_url, redacted_repr
@@ -17,6 +17,12 @@ from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
+# Greedy with a frequency penalty: without one the embedded 135M model loops ("a lambda expression is a function
+# definition, while a function definition is a function definition ..."), plain and blended alike. A penalty on
+# generated tokens only: repetition_penalty also penalises the prompt's tokens, which pushes a RAG answer away from
+# its documents (measured: examples/serve.md). RAGPipeline's queries and `kvblend serve` start from it;
+# PipelineConfig(sampling=...), a query's keywords, `kvblend serve --sampling` or an API request override it.
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "frequency_penalty": 0.5}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
 # The engine's connector reads the Redis URL from this variable (vLLM logs kv_connector_extra_config).
@@ -36,7 +42,8 @@ class RedisUnreachable(RuntimeError):
 class PipelineConfig:
     """Model, index, chunk KV store, blend and retrieval settings of a RAGPipeline.
 
-    model_dir None is the embedded SmolLM2; index_dir and store_dir default to `default_index_dir()` and
+    model_dir None is the embedded SmolLM2; `sampling` are the SamplingParams fields every query starts from
+    (DEFAULT_SAMPLING; a query's own keywords win); index_dir and store_dir default to `default_index_dir()` and
     `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM` (the KV
     space is sized by kvblend.rag.kv_space unless they set it). The store and blend settings default to
     StoreConfig's and BlendConfig's, and are validated by them. `tenant_secret` (default: KVBLEND_TENANT_SECRET)
@@ -56,8 +63,9 @@ class PipelineConfig:
     namespace: str = DEFAULT_NAMESPACE
     tenant_secret: str | None = field(default_factory=lambda: os.environ.get(TENANT_SECRET_ENV), repr=False)
     system_prompt: str = DEFAULT_SYSTEM
-    separator: str = "\n\n"
+    separator: str = DEFAULT_SEPARATOR
     max_tokens: int = 128
+    sampling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +79,9 @@ class PipelineConfig:
         if self.top_k <= 0 or self.chunk_tokens <= 0 or self.max_tokens <= 0:
             raise ValueError(f"top_k, chunk_tokens and max_tokens must be positive, got {self.top_k}, "
                              f"{self.chunk_tokens} and {self.max_tokens}")
+        if not isinstance(self.sampling, dict) or {"extra_args", "max_tokens"} & set(self.sampling):
+            raise ValueError("sampling must be a dict of SamplingParams fields other than extra_args and max_tokens "
+                             "(max_tokens is its own setting)")
         owned = sorted(set(self.engine_args) & set(PIPELINE_OWNED_ARGS))
         if owned:
             raise ValueError(f"engine_args must not set {owned}: the pipeline sets them (use model_dir)")

@@ -60,20 +60,28 @@ def start_llm(model_dir: Path, config: PipelineConfig):
     return LLM(model=str(model_dir), kv_transfer_config=kv, load_format=LOAD_FORMAT, **kwargs)
 
 
-def warm_up(llm, tokenizer, template: PromptTemplate) -> None:
-    """One short plain prompt, so the connector's self-check (which needs vLLM's own prefill of a first plain
-    prompt) runs before any query and the first query can already blend."""
-    from vllm import SamplingParams
-
+def warm_up_prompt(tokenizer, template: PromptTemplate) -> list[int]:
+    """Token ids of the short plain prompt an engine runs once at start, so the connector's self-check (which
+    needs vLLM's own prefill of a first plain prompt) runs before any query and the first query can blend."""
     from kvblend.vllm.scheduler import SELF_CHECK_TOKENS
 
     question = encode(tokenizer, "Is blending on?")
     ids = build_rag_prompt(template, [encode(tokenizer, WARM_UP_TEXT)], (), question).token_ids
     if len(ids) < SELF_CHECK_TOKENS:
         raise ValueError(f"the warm-up prompt has {len(ids)} tokens, the self-check needs {SELF_CHECK_TOKENS}")
-    params = SamplingParams(max_tokens=1, temperature=0.0,
-                            extra_args={"kv_transfer_params": {"kvblend": {"mode": "off"}}})
-    llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+    return ids
+
+
+def warm_up_params():
+    """One greedy token, kvblend off: the warm-up request is plain vLLM."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {"kvblend": {"mode": "off"}}})
+
+
+def warm_up(llm, tokenizer, template: PromptTemplate) -> None:
+    """Run the warm-up prompt through an offline `vllm.LLM`."""
+    llm.generate([{"prompt_token_ids": warm_up_prompt(tokenizer, template)}], warm_up_params(), use_tqdm=False)
 
 
 def stream_outputs(llm, prompt: dict, params) -> Iterator:

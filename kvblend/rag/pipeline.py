@@ -4,18 +4,22 @@
         rag.add_documents([Path("docs/")])            # chunk, embed, index, precompute each new chunk's KV
         result = rag.query("How do I ...?")           # answer, sources, stats (TTFT, tokens reused/recomputed)
 
-Everything a call needs is checked before the vLLM engine starts; the engine starts on first use. Not
-thread-safe: one caller at a time, and no other call while a stream is being read.
+Everything a call needs is checked before the vLLM engine starts; the engine starts on first use. Calls from
+several threads (a LangChain chain's `batch` or `ainvoke`) take turns on the engine; no other call while a
+stream is being read.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
+import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import Any
+
+from tqdm import tqdm
 
 from kvblend.blend.prompt import chat_template
 from kvblend.model.embedded import resolve_model_dir
@@ -29,11 +33,10 @@ from kvblend.rag.index_updates import index_exists, open_index, update_index
 from kvblend.rag.prompt import RagPrompt, build_rag_prompt
 from kvblend.retrieval import Chunk, ChunkerConfig, Embedder, VectorIndex, cache_key_fn
 from kvblend.store.key import ChunkKey
+from kvblend.vllm.params import blend_salt
 
 log = logging.getLogger(__name__)
-# Each blended request gets its own cache salt: its blended KV never serves a plain request from vLLM's prefix
-# cache, nor a later blended one (whose answer would then depend on which prompts came before it).
-BLEND_SALT = "kvblend-blend"
+PRECOMPUTE_BATCH = 64  # chunk prompts per generate call: vLLM batches them; the progress bar moves per call
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class RAGPipeline:
         self._llm = None
         self._store = None
         self._streaming = False
+        self._engine_lock = threading.RLock()  # one generate call on the engine at a time
 
     @classmethod
     def from_defaults(cls, **settings: Any) -> RAGPipeline:
@@ -133,14 +137,15 @@ class RAGPipeline:
         """The vLLM engine with the kvblend connector, started (and warmed up) on first use."""
         if self._streaming:
             raise RuntimeError("a stream of this pipeline is still being read; finish or close it first")
-        if self._llm is None:
-            llm = start_llm(self.model_dir, self.config)
-            try:
-                warm_up(llm, self.tokenizer, self.template)
-            except BaseException:
-                stop_llm(llm)
-                raise
-            self._llm = llm
+        with self._engine_lock:
+            if self._llm is None:
+                llm = start_llm(self.model_dir, self.config)
+                try:
+                    warm_up(llm, self.tokenizer, self.template)
+                except BaseException:
+                    stop_llm(llm)
+                    raise
+                self._llm = llm
         return self._llm
 
     @property
@@ -153,19 +158,22 @@ class RAGPipeline:
         return self._store
 
     # -- documents ----------------------------------------------------------------------------------------
-    def add_documents(self, items: DocumentInput | Iterable[DocumentInput], precompute: bool = True) -> AddSummary:
+    def add_documents(self, items: DocumentInput | Iterable[DocumentInput], precompute: bool = True,
+                      progress: bool = False) -> AddSummary:
         """Chunk, embed and index documents (Documents, texts, or file/directory Paths), then compute the KV of
-        every chunk the store lacks through vLLM. Unchanged documents cost nothing; safe to run again."""
+        every chunk the store lacks through vLLM (`progress`: a progress bar on stderr). Unchanged documents cost
+        nothing; safe to run again."""
         docs = as_documents(items)
         if self.index is None:
             self.index = VectorIndex.create(self.config.index_dir, self.embedder.dim, self.embedder.name)
         added, chunks = update_index(self.index, self.embedder, self.tokenizer, docs, self.chunker)
-        done = self.precompute(chunks) if precompute else 0
+        done = self.precompute(chunks, progress=progress) if precompute else 0
         return AddSummary(documents=len(docs), chunks=len(chunks), chunks_added=added, chunks_precomputed=done)
 
-    def precompute(self, chunks: Sequence[Chunk]) -> int:
-        """Store the KV of the chunks the store lacks: each is sent as its own prompt (max_tokens=1) and the
-        connector extracts vLLM's KV of it. Returns how many were computed (also a CachedRetriever hook)."""
+    def precompute(self, chunks: Sequence[Chunk], progress: bool = False) -> int:
+        """Store the KV of the chunks the store lacks: each is a prompt of its own (max_tokens=1) whose KV the
+        connector extracts, PRECOMPUTE_BATCH prompts per generate call, which vLLM schedules together (many
+        chunks per engine step). Returns how many were computed (also a CachedRetriever hook)."""
         from vllm import SamplingParams
 
         from kvblend.vllm.params import request_params
@@ -179,7 +187,12 @@ class RAGPipeline:
             return 0
         params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": request_params(
             self.config.namespace, self.config.tenant_secret, store_prompt=True)})
-        self.llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in missing.values()], params, use_tqdm=False)
+        todo = list(missing.values())
+        with self._engine_lock, tqdm(total=len(todo), unit="chunk", desc="precompute", disable=not progress, file=sys.stderr) as bar:
+            for i in range(0, len(todo), PRECOMPUTE_BATCH):
+                batch = todo[i : i + PRECOMPUTE_BATCH]
+                self.llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in batch], params, use_tqdm=False)
+                bar.update(len(batch))
         return len(missing)
 
     # -- questions ----------------------------------------------------------------------------------------
@@ -210,14 +223,14 @@ class RAGPipeline:
                                         for c, s in hits])
 
     def _sampling_params(self, prompt: RagPrompt, blend: bool, sampling: dict[str, Any]):
-        """Greedy, config.max_tokens by default; `sampling` overrides any SamplingParams field."""
+        """config.sampling and config.max_tokens; `sampling` overrides any SamplingParams field."""
         from vllm import SamplingParams
 
         from kvblend.vllm.params import blend_params
 
         if "extra_args" in sampling:
             raise ValueError("extra_args is set by the pipeline (it carries the kvblend parameters)")
-        values = {"temperature": 0.0, "max_tokens": self.config.max_tokens, **sampling}
+        values = {**self.config.sampling, "max_tokens": self.config.max_tokens, **sampling}
         total = len(prompt.token_ids) + values["max_tokens"]
         if total > self.config.max_model_len:
             raise ValueError(f"prompt of {len(prompt.token_ids)} tokens + max_tokens {values['max_tokens']} exceeds "
@@ -231,12 +244,14 @@ class RAGPipeline:
 
     @staticmethod
     def _engine_prompt(prompt: RagPrompt, blend: bool) -> dict:
-        salt = {"cache_salt": f"{BLEND_SALT}-{uuid.uuid4().hex}"} if blend else {}
+        salt = {"cache_salt": blend_salt()} if blend else {}
         return {"prompt_token_ids": prompt.token_ids, **salt}
 
     def _generate(self, requests: list[_Request], blend: bool, sampling: dict[str, Any]) -> list[QueryResult]:
         params = [self._sampling_params(r.prompt, blend, sampling) for r in requests]
-        outputs = self.llm.generate([self._engine_prompt(r.prompt, blend) for r in requests], params, use_tqdm=False)
+        with self._engine_lock:
+            outputs = self.llm.generate([self._engine_prompt(r.prompt, blend) for r in requests], params,
+                                        use_tqdm=False)
         results = []
         for request, output in zip(requests, outputs):
             completion = output.outputs[0]
@@ -246,7 +261,8 @@ class RAGPipeline:
 
     def query(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> QueryResult:
         """Retrieve, then generate with the chunks' KV blended (blend=False: plain vLLM, for comparison).
-        `sampling` are SamplingParams fields (default greedy, max_tokens=config.max_tokens)."""
+        `sampling` are SamplingParams fields over config.sampling (greedy, frequency penalty) and
+        config.max_tokens."""
         return self._generate([self._retrieved_request(question, top_k)], blend, sampling)[0]
 
     def query_batch(self, questions: Sequence[str], top_k: int | None = None, blend: bool = True,

@@ -14,11 +14,13 @@ instance (in the worker process) loads, blends and extracts KV on vLLM's own pag
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
 from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
+from kvblend.model.tokenizer import encode, load_tokenizer
 from kvblend.store.tiered import open_store
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.scheduler import SchedulerSide
@@ -37,6 +39,18 @@ def refused_combination(vllm_config) -> str | None:
     return None
 
 
+def text_encoder(tokenizer_dir: str) -> Callable[[str], list[int]]:
+    """A document text's token ids as its chunk is keyed (no special tokens); the tokenizer loads on first use."""
+    loaded = []
+
+    def encode_text(text: str) -> list[int]:
+        if not loaded:
+            loaded.append(load_tokenizer(tokenizer_dir))
+        return encode(loaded[0], text)
+
+    return encode_text
+
+
 class KVBlendConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -49,7 +63,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         fingerprint = model_fingerprint(model_config.model, dtype)
         self.store = open_store(self.config.store_config())
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(self.config, fingerprint, self.store)
+            self.scheduler_side = SchedulerSide(self.config, fingerprint, self.store,
+                                                text_encoder(model_config.tokenizer or model_config.model))
         else:
             from kvblend.vllm.worker import WorkerSide  # the blend engine and model runner: worker process only
 

@@ -2,7 +2,10 @@
 
 Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}}})`:
   chunks       [[start, length], ...] spans of the prompt that are cached chunks (the explicit layout);
-               without it the connector discovers cached chunks in the prompt by content hash
+               without it (and without documents) the connector discovers cached chunks by content hash
+  documents    [text or [token ids], ...] the retrieved documents the prompt contains, in prompt order: the
+               connector tokenizes each text alone (no special tokens) and finds its ids in the prompt, which
+               gives the layout when the client sends text (an OpenAI chat request); not with `chunks`
   mode         "blend" | "storage" | "off" (default: the connector's mode)
   namespace    the chunks' store namespace, a plain name (default: the connector's)
   tenant_secret  the tenant's secret (at least 16 chars): keys are made in the tenant's own namespace, derived
@@ -14,19 +17,28 @@ Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import check_namespace_name, check_tenant_secret, key_namespace
 
 KEY = "kvblend"
-FIELDS = ("mode", "chunks", "namespace", "tenant_secret", "store_prompt", "policy", "ratio")
+FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio")
+BLEND_SALT = "kvblend-blend"
+
+
+def blend_salt() -> str:
+    """A vLLM cache salt of one blended request's own: its blended (approximate) KV never serves a plain request
+    from vLLM's prefix cache, nor a later blended one (whose answer would then depend on what came before it)."""
+    return f"{BLEND_SALT}-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
 class RequestParams:
     mode: str | None = None
     chunks: tuple[tuple[int, int], ...] | None = None
+    documents: tuple[str | tuple[int, ...], ...] | None = None
     namespace: str | None = None
     tenant_secret: str | None = field(default=None, repr=False)
     store_prompt: bool = False
@@ -62,13 +74,48 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
         check_namespace_name(namespace)
     if secret is not None:
         check_tenant_secret(secret)
+    documents = parse_documents(raw.get("documents"))
+    if documents is not None and chunks is not None:
+        raise ValueError("give either chunks (spans) or documents, not both")
     policy, ratio = raw.get("policy"), raw.get("ratio")
     if policy is not None or ratio is not None:  # BlendConfig validates both
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
                      ratio=DEFAULT_RATIO if ratio is None else float(ratio))
-    return RequestParams(mode=mode, chunks=chunks, namespace=namespace, tenant_secret=secret,
+    return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=namespace, tenant_secret=secret,
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
                          ratio=None if ratio is None else float(ratio))
+
+
+def parse_documents(raw) -> tuple[str | tuple[int, ...], ...] | None:
+    """`documents` as a tuple of texts and token-id tuples; raise ValueError naming the bad entry."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("kvblend documents must be a non-empty list of texts or token-id lists")
+    out: list[str | tuple[int, ...]] = []
+    for i, doc in enumerate(raw):
+        if isinstance(doc, str) and doc.strip():
+            out.append(doc)
+        elif isinstance(doc, list) and doc and all(isinstance(t, int) and t >= 0 for t in doc):
+            out.append(tuple(doc))
+        else:
+            raise ValueError(f"kvblend document {i} must be a non-empty text or a non-empty list of token ids")
+    return tuple(out)
+
+
+def locate_documents(prompt: list[int], documents: list[list[int]]) -> list[tuple[int, int] | None]:
+    """(start, length) of each document's token ids in the prompt, each searched for after the previous one
+    found (documents come in prompt order); None where a document does not occur there."""
+    found: list[tuple[int, int] | None] = []
+    after = 0
+    for ids in documents:
+        n = len(ids)
+        span = next(((i, n) for i in range(after, len(prompt) - n + 1)
+                     if prompt[i] == ids[0] and prompt[i : i + n] == ids), None) if n else None
+        if span is not None:
+            after = span[0] + n
+        found.append(span)
+    return found
 
 
 def request_params(namespace: str | None = None, tenant_secret: str | None = None, **values) -> dict:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
-from kvblend.vllm.params import RequestParams, parse_params
+from kvblend.vllm.params import RequestParams, locate_documents, parse_params
 
 log = logging.getLogger(__name__)
 SELF_CHECK_TOKENS = 32
@@ -42,8 +43,11 @@ class _Extraction:
 
 
 class SchedulerSide:
-    def __init__(self, config: ConnectorConfig, fingerprint: str, store: TieredStore) -> None:
+    def __init__(self, config: ConnectorConfig, fingerprint: str, store: TieredStore,
+                 encode_text: Callable[[str], list[int]] | None = None) -> None:
+        """`encode_text`: a document text's token ids as its chunk is keyed (for requests naming documents)."""
         self.config = config
+        self.encode_text = encode_text
         self.fingerprint = fingerprint
         self.store = store
         self.server_key = config.store_config().secret  # the deployment secret keys the tenants' namespaces
@@ -94,9 +98,9 @@ class SchedulerSide:
                   if s.end <= limit]
         exact_end = max([num_computed] + [s.end for s in stored])
         if mode == "blend" and self.blend_ready is False:  # said in the request's report, never silently
-            self._reports[req_id] = {"blend_off": self.blend_off_reason}
+            self._reports.setdefault(req_id, {})["blend_off"] = self.blend_off_reason
         if mode == "blend" and self.blend_ready:
-            chunks = self._cached_chunks(prompt, params, namespace, exact_end)
+            chunks = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
             if chunks:
                 config = self.config.blend_config(params.policy, params.ratio)
                 self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed,
@@ -107,12 +111,15 @@ class SchedulerSide:
             return exact_end - num_computed
         return 0
 
-    def _cached_chunks(self, prompt: list[int], params: RequestParams, namespace: str, exact_end: int) -> list[Span]:
-        """Chunks of the prompt (explicit or discovered in `namespace`) whose KV is stored in `namespace` and that
-        lie past the exact prefix, before the last token (which vLLM computes)."""
+    def _cached_chunks(self, req_id: str, prompt: list[int], params: RequestParams, namespace: str,
+                       exact_end: int) -> list[Span]:
+        """Chunks of the prompt (explicit spans, named documents, or discovered) whose KV is stored in `namespace` and that lie
+        past the exact prefix, before the last token (which vLLM computes)."""
         limit = len(prompt) - 1
         if params.chunks is not None:
             spans = list(params.chunks)
+        elif params.documents is not None:
+            spans = self._document_spans(req_id, prompt, params.documents)
         elif self.config.discover:
             spans = self.store.anchors.find(prompt[:limit], namespace, self.config.min_chunk_tokens)
         else:
@@ -126,6 +133,21 @@ class SchedulerSide:
                 found.append(Span(start, length, key))
         return found
 
+    def _document_spans(self, req_id: str, prompt: list[int], documents) -> list[tuple[int, int]]:
+        """Spans of the named documents in the prompt; how many were found goes into the request's report."""
+        if self.encode_text is None and any(isinstance(d, str) for d in documents):
+            log.warning("request %s: documents given as text but this connector has no tokenizer", req_id)
+            return []
+        ids = [list(d) if isinstance(d, tuple) else self.encode_text(d) for d in documents]
+        located = locate_documents(prompt, ids)
+        spans = [s for s in located if s is not None]
+        if len(spans) < len(documents):
+            missing = [i for i, s in enumerate(located) if s is None]
+            log.warning("request %s: documents %s do not occur in the prompt's token ids in the given order "
+                        "(a text tokenized differently in context?); they are prefilled", req_id, missing)
+        self._reports.setdefault(req_id, {}).update(documents=len(documents), documents_found=len(spans))
+        return spans
+
     def after_alloc(self, req_id: str, block_ids: list[int], num_external: int) -> None:
         job = self._matched.pop(req_id, None)
         if job is None or num_external == 0:
@@ -134,9 +156,9 @@ class SchedulerSide:
         self._external.add(req_id)
         if isinstance(job, BlendJob):
             self._jobs.blends.append(job)
-            self._reports[req_id] = {"mode": "blend", "chunks": len(job.chunks),
-                                     "chunk_tokens": sum(s.length for s in job.chunks), "matched_tokens": num_external,
-                                     "self_check": self.check_report}
+            self._reports.setdefault(req_id, {}).update(
+                mode="blend", chunks=len(job.chunks), chunk_tokens=sum(s.length for s in job.chunks),
+                matched_tokens=num_external, self_check=self.check_report)
         else:
             self._jobs.loads.append(job)
             self._reports.setdefault(req_id, {}).update(mode="storage", spans=len(job.spans),

@@ -1,0 +1,129 @@
+"""TTFT through `kvblend serve` with the official `openai` client (streaming): plain vLLM vs blended.
+
+One server (embedded SmolLM2, bf16, kvblend connector, load format kvblend). Documents: 12 chunks of the Python
+language reference (RAGPipeline's 512-token chunker), their KV stored through the server first
+(`kvblend.client.store_documents`). Each test prompt is a chat request: the system turn, 6 of the documents in
+a new random order, a question. Per prompt, back to back on the same server:
+  plain       kv_transfer_params mode "off": plain vLLM (its prefix cache on, no salt)
+  named       the documents listed in kv_transfer_params (kvblend.client.blend_body(docs)), own cache salt
+  discovered  no list: the connector finds the stored chunks by content hash, own cache salt
+TTFT = first streamed content delta minus request start, on the client (HTTP, tokenization and the chat
+template included); cached_tokens = the stream's usage.prompt_tokens_details.cached_tokens. One warm-up prompt
+is not counted.
+    python benchmarks/server_ttft.py --json benchmarks/results/server_ttft_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOCS, DOCS_PER_PROMPT, CHUNK_TOKENS = 12, 6, 512
+QUESTIONS = ["What does this say about exceptions?", "Summarize the statements described.",
+             "Which syntax is defined here?", "What happens at run time?", "Give an example from the text.",
+             "What are the rules for names?", "How is this evaluated?", "What is the main point?"]
+
+
+def documents(seed: int) -> list[str]:
+    from kvblend.model.embedded import embedded_model_dir
+    from kvblend.model.tokenizer import load_tokenizer
+    from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
+    from kvblend.retrieval.corpus import pydoc_topics
+
+    tokenizer = load_tokenizer(embedded_model_dir())
+    pool = [c.text.strip() for doc in pydoc_topics() for c in chunk_document(tokenizer, doc, ChunkerConfig(CHUNK_TOKENS))
+            if len(c.token_ids) >= CHUNK_TOKENS * 4 // 5]
+    return random.Random(seed).sample(pool, DOCS)
+
+
+def cpu_info() -> dict:
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "flags") and key.strip() not in info:
+            info[key.strip()] = value.strip()
+    return {"model": info.get("model name"), "flags": info.get("flags"), "cores": os.cpu_count()}
+
+
+def run_info() -> dict:
+    """Where and when a benchmark ran: CPU model and flags, git sha, date, command, load average."""
+    return {
+        "device": cpu_info(),
+        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "python " + " ".join(sys.argv),
+        "load_average": os.getloadavg(),
+    }
+
+
+def streamed_ttft(client, model: str, messages, body: dict) -> tuple[float, int]:
+    from kvblend.client import cached_tokens
+
+    start = time.perf_counter()
+    first, usage = None, None
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=body)
+    for event in stream:
+        if first is None and event.choices and event.choices[0].delta.content:
+            first = time.perf_counter()
+        usage = event.usage or usage
+    return (first - start) * 1e3, cached_tokens(usage)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="benchmarks/results/server_ttft_cpu.json")
+    args = parser.parse_args()
+    from openai import OpenAI
+
+    from kvblend.client import blend_body, plain_body, rag_messages, store_documents
+    from kvblend.server import ServerProcess
+
+    docs = documents(args.seed)
+    rng = random.Random(args.seed + 1)
+    tests = [(rng.sample(docs, DOCS_PER_PROMPT), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.prompts + 1)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    env.pop("TRITON_INTERPRET", None)
+    started = time.time()
+    rows: dict[str, dict[str, list]] = {m: {"ttft_ms": [], "cached_tokens": []} for m in ("plain", "named", "discovered")}
+    with tempfile.TemporaryDirectory(prefix="kvblend-serve-bench-") as store_dir, \
+            ServerProcess(["--store", store_dir], env=env) as server:
+        client = OpenAI(base_url=server.base_url, api_key="none", timeout=600)
+        store_documents(client, server.model, docs)
+        for i, (parts, question) in enumerate(tests):
+            messages = rag_messages(question, parts)
+            for mode, body in (("plain", plain_body()), ("named", blend_body(parts)), ("discovered", blend_body())):
+                ttft, cached = streamed_ttft(client, server.model, messages, body)
+                if i > 0:  # the first prompt warms up
+                    rows[mode]["ttft_ms"].append(ttft)
+                    rows[mode]["cached_tokens"].append(cached)
+            if i > 0:
+                print(f"prompt {i}: " + ", ".join(f"{m} {r['ttft_ms'][-1]:.0f} ms" for m, r in rows.items()), flush=True)
+    base = statistics.median(rows["plain"]["ttft_ms"])
+    report = {
+        **run_info(),
+        "seconds": round(time.time() - started, 1),
+        "rows": [{"mode": m, "ttft_ms_median": statistics.median(r["ttft_ms"]),
+                  "speedup_vs_plain": base / statistics.median(r["ttft_ms"]), **r} for m, r in rows.items()],
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print("\n| request | median TTFT ms | vs plain | median cached tokens |\n|---|---:|---:|---:|")
+    for row in report["rows"]:
+        print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row['speedup_vs_plain']:.2f}x | "
+              f"{statistics.median(row['cached_tokens']):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

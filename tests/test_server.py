@@ -1,0 +1,142 @@
+"""`kvblend serve` as users serve it: the official `openai` client (streaming and not), documents named over the
+OpenAI API, discovery by content hash, the default sampling, and a LangChain chain on KVBlendChatModel.
+One server for the whole module (a start costs about 30 s on 2 cores)."""
+
+import asyncio
+import os
+import re
+import urllib.request
+
+import pytest
+
+from kvblend.client import (
+    blend_body,
+    cached_tokens,
+    kvblend_report,
+    plain_body,
+    rag_messages,
+    rag_user_message,
+    store_documents,
+)
+from kvblend.retrieval.corpus import pydoc_topics
+from kvblend.server import ServerProcess
+
+pytestmark = pytest.mark.slow  # starts vLLM behind the OpenAI-compatible server
+
+TOPICS = ["pass", "break", "continue", "del"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("KVBLEND_REDIS_URL", None)
+    with ServerProcess(["--store", str(root / "store")], log_path=root / "server.log", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="none", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def documents(server, client):
+    """Short language-reference topics, their KV stored through the server."""
+    docs = [d.text.strip() for d in pydoc_topics(TOPICS)]
+    store_documents(client, server.model, docs)
+    return docs
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return sum(float(m) for m in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def test_chat_streams_an_answer_blending_the_named_documents(server, client, documents):
+    question = "What does the break statement do?"
+    docs = [documents[1], documents[0], documents[2]]  # an order never prefilled together
+    hits_before = metric(server, "vllm:external_prefix_cache_hits_total")
+    stream = client.chat.completions.create(model=server.model, messages=rag_messages(question, docs), max_tokens=24,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body=blend_body(docs))
+    text, usage = [], None
+    for event in stream:
+        if event.choices and event.choices[0].delta.content:
+            text.append(event.choices[0].delta.content)
+        usage = event.usage or usage
+    assert "".join(text).strip(), "the streamed answer arrived"
+    reused = cached_tokens(usage)
+    assert reused > sum(len(d) for d in docs) // 8, "the usage counts the documents' tokens as not prefilled"
+    assert metric(server, "vllm:external_prefix_cache_hits_total") - hits_before == reused
+
+    reply = client.chat.completions.create(model=server.model, messages=rag_messages(question, docs), max_tokens=24,
+                                           extra_body=blend_body(docs))
+    report = kvblend_report(reply)
+    assert report["documents"] == report["documents_found"] == 3
+    assert report["mode"] == "blend" and report["chunks"] == 3
+    assert 0 < report["tokens_recomputed"] < report["tokens_reused"]
+    assert reply.choices[0].message.content.strip()
+
+
+def test_completions_blend_named_documents_and_chat_finds_stored_chunks_without_them(server, client, documents):
+    docs = [documents[3], documents[1]]
+    prompt = rag_user_message("When is del useful?", docs)
+    reply = client.completions.create(model=server.model, prompt=prompt, max_tokens=8, extra_body=blend_body(docs))
+    report = kvblend_report(reply)
+    assert report["mode"] == "blend" and report["chunks"] == report["documents_found"] == 2
+    assert reply.choices[0].text.strip()
+
+    unnamed = client.chat.completions.create(model=server.model, messages=rag_messages("What does pass do?", docs),
+                                             max_tokens=8, extra_body=blend_body())
+    found = kvblend_report(unnamed)
+    assert found["mode"] == "blend" and found["chunks"] == 2 and "documents" not in found, "discovered by hash"
+
+
+def test_plain_requests_and_bad_documents_are_plain_vllm(server, client, documents):
+    reply = client.chat.completions.create(model=server.model, messages=rag_messages("What is pass?", documents[:2]),
+                                           max_tokens=8, extra_body=plain_body())
+    assert reply.choices[0].message.content.strip() and not kvblend_report(reply).get("chunks")
+    absent = client.chat.completions.create(model=server.model, messages=rag_messages("What is pass?", documents[:1]),
+                                            max_tokens=8, extra_body=blend_body(["a document that is not in it"]))
+    report = kvblend_report(absent)
+    assert report["documents"] == 1 and report["documents_found"] == 0 and not report.get("chunks")
+
+
+def test_default_sampling_does_not_loop(server, client):
+    reply = client.chat.completions.create(model=server.model, max_tokens=96, messages=[
+        {"role": "user", "content": "What is the difference between a lambda expression and a function definition?"}])
+    words = reply.choices[0].message.content.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    assert len(words) > 20 and max(grams.count(g) for g in grams) <= 2, reply.choices[0].message.content
+
+
+def test_langchain_chat_model_in_lcel_chains(server, documents):
+    from langchain_core.documents import Document
+    from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+
+    from kvblend.langchain_chat import KVBlendChatModel, format_documents, rag_prompt
+
+    by_question = {"What does continue do?": documents[2:0:-1], "What does pass do?": documents[:2]}
+    retriever = RunnableLambda(lambda q: [Document(page_content=d) for d in by_question[q]])
+    model = KVBlendChatModel(base_url=server.base_url, max_tokens=16)
+    chain = {"context": retriever | format_documents, "question": RunnablePassthrough()} | rag_prompt() | model
+
+    message = chain.invoke("What does continue do?")
+    assert message.content.strip() and message.response_metadata["kvblend"]["chunks"] == 2
+    batch = chain.batch(list(by_question))
+    assert all(m.content.strip() and m.response_metadata["kvblend"]["mode"] == "blend" for m in batch)
+    again = asyncio.run(chain.ainvoke("What does pass do?"))
+    assert again.response_metadata["kvblend"]["chunks"] == 2
+    both = RunnableParallel(answer=chain, sources=retriever).invoke("What does pass do?")
+    assert both["answer"].content.strip() and len(both["sources"]) == 2
+    streamed = list(chain.stream("What does continue do?"))
+    assert "".join(c.content for c in streamed).strip()
+    assert sum(c.response_metadata.get("cached_tokens", 0) for c in streamed) > 0
+
+    named = model.invoke(rag_messages("What does pass do?", documents[:2]), documents=documents[:2])
+    assert named.response_metadata["kvblend"]["documents_found"] == 2
