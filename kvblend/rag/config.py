@@ -11,7 +11,7 @@ from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.prompt import DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
 from kvblend.store.key import DEFAULT_NAMESPACE, ChunkKey
-from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig, default_store_dir
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
@@ -44,6 +44,8 @@ class PipelineConfig:
     redis_url: str | None = None
     memory_gb: float = DEFAULT_MEMORY_GB
     disk_gb: float = DEFAULT_DISK_GB
+    redis_gb: float = DEFAULT_REDIS_GB
+    redis_ttl_s: int | None = None
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
     top_k: int = 4
@@ -57,7 +59,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "index_dir", Path(self.index_dir or default_index_dir()))
         object.__setattr__(self, "store_dir", Path(self.store_dir or default_store_dir()))
-        StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url)
+        StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
+                                  redis_gb=self.redis_gb, redis_ttl_s=self.redis_ttl_s)
         BlendConfig(policy=self.policy, ratio=self.ratio)
         ChunkKey.alone("config-check", (0,), self.namespace)
         if self.top_k <= 0 or self.chunk_tokens <= 0 or self.max_tokens <= 0:
@@ -90,11 +93,13 @@ class PipelineConfig:
         """`kv_connector_extra_config` of the kvblend connector (see kvblend.vllm.config.ConnectorConfig)."""
         return {"mode": "blend", "store_dir": str(self.store_dir), "redis_url": self.redis_url,
                 "namespace": self.namespace, "policy": self.policy, "ratio": self.ratio,
-                "memory_gb": self.memory_gb, "disk_gb": self.disk_gb}
+                "memory_gb": self.memory_gb, "disk_gb": self.disk_gb, "redis_gb": self.redis_gb,
+                "redis_ttl_s": self.redis_ttl_s}
 
     def store_config(self) -> StoreConfig:
         """The same persistent tiers the connector uses, for checks and stats in this process (small memory tier)."""
-        return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url)
+        return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url,
+                                         redis_gb=self.redis_gb, redis_ttl_s=self.redis_ttl_s)
 
 
 def require_redis(url: str, timeout_s: float = 2.0) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import DEFAULT_NAMESPACE
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S
-from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig
 
 MODES = ("blend", "storage")
 CPU_OPS = ("vllm", "torch")
@@ -17,6 +17,10 @@ CPU_OPS = ("vllm", "torch")
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
+    prefetch: as soon as the scheduler has matched a request's stored spans and chunks, start moving their KV
+    into the memory tier in the background (the worker's reads wait for it rather than read twice).
+    controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
+    from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
     check_layers means BlendConfig's."""
@@ -27,6 +31,9 @@ class ConnectorConfig:
     memory_gb: float = DEFAULT_MEMORY_GB
     redis_url: str | None = None
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
+    redis_gb: float = DEFAULT_REDIS_GB
+    redis_ttl_s: int | None = None
+    disk: bool = True
     namespace: str = DEFAULT_NAMESPACE
     span_tokens: int = 256
     extract: bool = True
@@ -37,6 +44,8 @@ class ConnectorConfig:
     check_layers: tuple[int, ...] | None = None
     self_check: bool = True
     cpu_ops: str = "vllm"
+    prefetch: bool = True
+    controller: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,7 +71,7 @@ class ConnectorConfig:
 
     def store_config(self) -> StoreConfig:
         return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
-                                         self.redis_timeout_s)
+                                         self.redis_timeout_s, self.redis_gb, self.redis_ttl_s, self.disk)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""

@@ -7,6 +7,8 @@ Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}
   namespace    the chunks' store namespace (default: the connector's)
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
   policy, ratio  override the connector's blend policy and recompute ratio for this request
+  prefetch     false: do not start moving this request's stored KV into the memory tier at scheduling
+               (default: the connector's `prefetch`; for measuring what prefetch saves)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RequestParams:
     store_prompt: bool = False
     policy: str | None = None
     ratio: float | None = None
+    prefetch: bool | None = None
 
 
 def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestParams:
@@ -33,7 +36,7 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     raw = (kv_transfer_params or {}).get(KEY) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"kv_transfer_params['{KEY}'] must be a dict, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"mode", "chunks", "namespace", "store_prompt", "policy", "ratio"})
+    unknown = sorted(set(raw) - {"mode", "chunks", "namespace", "store_prompt", "policy", "ratio", "prefetch"})
     if unknown:
         raise ValueError(f"unknown kvblend request parameters {unknown}")
     mode = raw.get("mode")
@@ -47,13 +50,16 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
             if length <= 0 or start < end or start + length > prompt_len:
                 raise ValueError(f"chunk span ({start}, {length}) is empty, overlaps or leaves the {prompt_len}-token prompt")
             end = start + length
+    prefetch = raw.get("prefetch")
+    if prefetch not in (None, True, False):
+        raise ValueError(f"kvblend prefetch must be true or false, got {prefetch!r}")
     policy, ratio = raw.get("policy"), raw.get("ratio")
     if policy is not None or ratio is not None:  # BlendConfig validates both
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
                      ratio=DEFAULT_RATIO if ratio is None else float(ratio))
     return RequestParams(mode=mode, chunks=chunks, namespace=raw.get("namespace"),
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
-                         ratio=None if ratio is None else float(ratio))
+                         ratio=None if ratio is None else float(ratio), prefetch=prefetch)
 
 
 def blend_params(chunk_spans: list[tuple[int, int]], namespace: str | None = None, **overrides) -> dict:
