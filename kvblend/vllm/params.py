@@ -7,7 +7,7 @@ Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}
   namespace    the chunks' store namespace (default: the connector's)
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
   policy, ratio  override the connector's blend policy and recompute ratio for this request
-  prefetch     false: do not start moving this request's stored KV into the memory tier at scheduling
+  prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
                (default: the connector's `prefetch`; for measuring what prefetch saves)
 """
 

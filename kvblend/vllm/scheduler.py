@@ -87,26 +87,19 @@ class SchedulerSide:
                   if s.end <= limit]
         exact_end = max([num_computed] + [s.end for s in stored])
         wanted = [s for s in stored if s.end > num_computed]
+        prefetch = self.config.prefetch if params.prefetch is None else params.prefetch
         if mode == "blend" and self.blend_ready is False:  # said in the request's report, never silently
             self._reports[req_id] = {"blend_off": self.blend_off_reason}
         if mode == "blend" and self.blend_ready:
             chunks = self._cached_chunks(prompt, params, namespace, exact_end)
             if chunks:
                 config = self.config.blend_config(params.policy, params.ratio)
-                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config)
-                self._prefetch(params, wanted + chunks)
+                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch)
                 return limit - num_computed
         if exact_end > num_computed:
-            self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed)
-            self._prefetch(params, wanted)
+            self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed, prefetch)
             return exact_end - num_computed
         return 0
-
-    def _prefetch(self, params: RequestParams, spans: list[Span]) -> None:
-        """Start moving the spans' KV into the memory tier the worker reads (shared in this process), so the
-        load overlaps the rest of this step's scheduling and the worker's first layers."""
-        if spans and (self.config.prefetch if params.prefetch is None else params.prefetch):
-            self.store.prefetch([s.key for s in spans])
 
     def _cached_chunks(self, prompt: list[int], params: RequestParams, namespace: str, exact_end: int) -> list[Span]:
         """Chunks of the prompt (explicit or discovered) whose KV is stored and that lie past the exact prefix,

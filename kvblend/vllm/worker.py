@@ -132,6 +132,12 @@ class WorkerSide:
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
+        """Prefetch every job's entries whole into the memory tier first (background threads; the layer reads
+        wait for them), so loading overlaps the blends' first layers and the jobs before it; then run them."""
+        wanted = [s.key for job in meta.blends if job.prefetch for s in job.exact_spans + job.chunks]
+        wanted += [s.key for job in meta.loads if job.prefetch for s in job.spans]
+        if wanted:
+            self.store.prefetch(wanted, kv_layout(self.spec))
         for job in meta.blends:
             self._blend(job)
         for job in meta.loads:
