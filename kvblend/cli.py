@@ -28,6 +28,9 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-gb", type=float, default=None, help="disk tier budget in GiB (default 20)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory tier budget in GiB (default 2)")
     p.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="Redis tier URL, redis://host:port/db")
+    p.add_argument("--redis-gb", type=float, default=None,
+                   help="Redis tier budget in GiB, LRU-evicted (default 20; keep it below the server's maxmemory)")
+    p.add_argument("--redis-ttl-s", type=int, default=None, help="expire Redis entries unused this long (default: never)")
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,8 @@ def open_cli_store(args: argparse.Namespace):
     from kvblend.store import StoreConfig, open_store
 
     return open_store(StoreConfig.from_settings(**given(args, store_dir="store", memory_gb="memory_gb",
-                                                        disk_gb="disk_gb", redis_url="redis")))
+                                                        disk_gb="disk_gb", redis_url="redis", redis_gb="redis_gb",
+                                                        redis_ttl_s="redis_ttl_s")))
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -152,10 +156,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         print(f"index    none at {index_dir}")
     with open_cli_store(args) as store:
-        for name, stats in store.stats().items():
-            if name == "memory":
-                continue
-            print(f"{name:8s} entries={stats.entries} bytes={stats.bytes}")
+        totals = store.totals()
+        for tier in store.tiers:
+            s = totals[tier.name]
+            held = "(per process)" if tier.name == "memory" else f"entries={s.entries} bytes={s.bytes}"
+            print(f"{tier.name:8s} {held} budget={tier.max_bytes} hits={s.hits} misses={s.misses} "
+                  f"evictions={s.evictions} puts={s.puts} corrupt={s.corrupt} errors={s.errors}")
+            if tier.name == "redis":
+                limits = tier.server_limits()
+                print(f"         server maxmemory={limits.get('maxmemory')} policy={limits.get('maxmemory_policy')} "
+                      f"used_memory={limits.get('used_memory')}")
     return EXIT_OK
 
 
@@ -166,7 +176,8 @@ def pipeline_from_args(args: argparse.Namespace, **settings):
     from kvblend.rag.pipeline import RAGPipeline
 
     rag = RAGPipeline(**given(args, model_dir="model", index_dir="index", store_dir="store", redis_url="redis",
-                              memory_gb="memory_gb", disk_gb="disk_gb", namespace="namespace", policy="policy",
+                              redis_gb="redis_gb", redis_ttl_s="redis_ttl_s", memory_gb="memory_gb",
+                              disk_gb="disk_gb", namespace="namespace", policy="policy",
                               ratio="ratio", top_k="top_k"), **settings)
     if rag.index is None:
         rag.close()
@@ -355,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_args(p)
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("stats", help="index size and sources, entries and bytes held by each persistent tier")
+    p = sub.add_parser("stats", help="index size and sources; per tier: entries, bytes, budget, and hits, misses "
+                                     "and evictions summed over every process that used the store")
     p.add_argument("--index", type=Path, default=None, help="index directory (default: ~/.cache/kvblend/index)")
     add_store_args(p)
     p.set_defaults(func=cmd_stats)

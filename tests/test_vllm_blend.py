@@ -75,6 +75,9 @@ def test_non_prefix_chunks_found_by_content_hash(engine, stored, template, token
     blended = generate(llm, [prompt], salt="blend-discovery", logprobs=5)[0]
     r = report(blended)
     assert r["mode"] == "blend" and r["chunks"] == 3 and r["chunk_tokens"] == 3 * 192, r
+    decision = r["controller"]  # the loading controller's choice for this request
+    assert decision["tier"] in ("memory", "disk", "redis") and decision["recompute"] is False
+    assert decision["ratio"] >= 0.15, decision
     assert blended.num_cached_tokens == len(prompt) - 1  # vLLM itself computed only the last token
     blend_computed = 1 + r["rows_computed"]
     plain_computed = len(prompt) - plain.num_cached_tokens

@@ -374,21 +374,24 @@ class BlendEngine:
         return None
 
     def start(self, plan: BlendPlan, source: LayerSource | None = None,
-              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendRun:
-        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store, the
-        target to dense per-layer K/V (`DenseKV`)."""
+              prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None,
+              tier: str | None = None) -> BlendRun:
+        """A run ready to step layer by layer; the source defaults to layer-sliced reads from the store (from
+        `tier` if given), the target to dense per-layer K/V (`DenseKV`)."""
         if plan.cached_keys and source is None:
             if self.store is None:
                 raise ValueError("the plan reuses cached chunks but the engine has no store or source")
-            source = StoreLayerSource(self.store, plan.cached_keys, self.model.device, kv_layout(self.model.spec))
+            source = StoreLayerSource(self.store, plan.cached_keys, self.model.device, kv_layout(self.model.spec),
+                                      tier=tier)
         if plan.exact_prefix and prefix_kv is None:
             raise ValueError("the plan expects exact prefix KV but none was given")
         return BlendRun(self, plan, source, prefix_kv, target)
 
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
-            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> BlendResult:
-        run = self.start(plan, source, prefix_kv, target)
+            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None,
+            tier: str | None = None) -> BlendResult:
+        run = self.start(plan, source, prefix_kv, target, tier)
         try:
             first = run.graphs_from()
             for layer in range(first):
@@ -405,14 +408,15 @@ class BlendEngine:
 
     def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              target: KVTarget | None = None) -> BlendResult:
-        """Plan and run from the store; a chunk whose entry fails mid-run is recomputed instead (and logged)."""
+              target: KVTarget | None = None, tier: str | None = None) -> BlendResult:
+        """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
+        recomputed instead (and logged)."""
         failed: list[ChunkKey] = []
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan, prefix_kv=prefix_kv, target=target)
+                return self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

@@ -52,9 +52,11 @@ class StoreLayerSource:
     (`prefetch`: None decides by `background_fetch_pays`), else at `wait`."""
 
     def __init__(self, store, keys: Sequence[ChunkKey], device: torch.device | str, expect: KVLayout | None = None,
-                 prefetch: bool | None = None) -> None:
-        """`expect`: the model's KV layout; entries of any other shape or dtype are misses."""
+                 prefetch: bool | None = None, tier: str | None = None) -> None:
+        """`expect`: the model's KV layout; entries of any other shape or dtype are misses. `tier`: read from
+        that tier (the loading controller's choice), falling back to every tier if it lost an entry."""
         self.store = store
+        self.tier = tier
         self.keys = list(keys)
         self.expect = expect
         self.device = torch.device(device)
@@ -65,7 +67,9 @@ class StoreLayerSource:
     def _fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         ks, vs = [], []
         for key in self.keys:
-            kv = self.store.get(key, layers=(layer,), expect=self.expect)
+            kv = self.store.get(key, layers=(layer,), expect=self.expect, tier=self.tier) if self.tier else None
+            if kv is None:
+                kv = self.store.get(key, layers=(layer,), expect=self.expect)
             if kv is None:
                 raise ChunkLoadError(key, layer)
             ks.append(kv.k[0])

@@ -12,7 +12,7 @@ from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
 from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
 from kvblend.store.redis_tier import redact_url, redacted_repr
-from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig, default_store_dir
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
@@ -56,6 +56,8 @@ class PipelineConfig:
     redis_url: str | None = None
     memory_gb: float = DEFAULT_MEMORY_GB
     disk_gb: float = DEFAULT_DISK_GB
+    redis_gb: float = DEFAULT_REDIS_GB
+    redis_ttl_s: int | None = None
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
     top_k: int = 4
@@ -71,7 +73,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "index_dir", Path(self.index_dir or default_index_dir()))
         object.__setattr__(self, "store_dir", Path(self.store_dir or default_store_dir()))
-        StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url)
+        StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
+                                  redis_gb=self.redis_gb, redis_ttl_s=self.redis_ttl_s)
         BlendConfig(policy=self.policy, ratio=self.ratio)
         key_namespace(self.namespace)
         if self.tenant_secret is not None:
@@ -110,11 +113,13 @@ class PipelineConfig:
         Redis URL goes through ENGINE_REDIS_URL_ENV (set by `start_llm`), never into vLLM's logged config."""
         redis = {"redis_url_env": ENGINE_REDIS_URL_ENV} if self.redis_url else {}
         return {"mode": "blend", "store_dir": str(self.store_dir), **redis, "namespace": self.namespace,
-                "policy": self.policy, "ratio": self.ratio, "memory_gb": self.memory_gb, "disk_gb": self.disk_gb}
+                "policy": self.policy, "ratio": self.ratio, "memory_gb": self.memory_gb, "disk_gb": self.disk_gb,
+                "redis_gb": self.redis_gb, "redis_ttl_s": self.redis_ttl_s}
 
     def store_config(self) -> StoreConfig:
         """The same persistent tiers the connector uses, for checks and stats in this process (small memory tier)."""
-        return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url)
+        return StoreConfig.from_settings(self.store_dir, VIEW_MEMORY_GB, self.disk_gb, self.redis_url,
+                                         redis_gb=self.redis_gb, redis_ttl_s=self.redis_ttl_s)
 
     def key_namespace(self) -> str:
         """The namespace this pipeline's chunk keys are made in: its tenant's when it has a tenant secret (keyed

@@ -212,7 +212,10 @@ class RAGPipeline:
         return self.index.search(self.embedder.embed([question])[0], k)
 
     def _request(self, question: str, chunks: Sequence[tuple[Sequence[int], Source]]) -> _Request:
+        """The prompt for `question` over `chunks`. As soon as the chunks are known their KV starts moving: the
+        disk tier's files into the page cache here (the engine's scheduler then prefetches into its memory tier)."""
         _check_question(question)
+        self.store.warm(ChunkKey.alone(self.fingerprint, ids, self.config.namespace) for ids, _ in chunks)
         prompt = build_rag_prompt(self.template, [ids for ids, _ in chunks], self.separator,
                                   encode(self.tokenizer, question))
         return _Request(question, prompt, [source for _, source in chunks])

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,11 +22,13 @@ from kvblend.store.tier import TierStats
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kv.safetensors"
+STALE_TMP_S = 3600  # a temp file this old belongs to a writer that died mid-write
 
 
 class DiskTier:
     name = "disk"
     synchronous = False
+    host_shared_prefetch = True
 
     def __init__(self, root: str | os.PathLike, max_bytes: int, secret: str | bytes | None = None) -> None:
         if max_bytes <= 0:
@@ -42,11 +45,13 @@ class DiskTier:
         digest = key.digest
         return self.root / digest[:2] / (digest + SUFFIX)
 
-    def _entries(self) -> list[os.DirEntry]:
+    def _entries(self, tmp: bool = False) -> list[os.DirEntry]:
+        """Entry files (or, with `tmp`, writers' temporary files) in every shard."""
         found = []
         for shard in os.scandir(self.root):
             if shard.is_dir() and len(shard.name) == 2:
-                found.extend(e for e in os.scandir(shard.path) if e.name.endswith(SUFFIX))
+                found.extend(e for e in os.scandir(shard.path)
+                             if (e.name.startswith(".tmp-") if tmp else e.name.endswith(SUFFIX)))
         return found
 
     def _scan_bytes(self) -> int:
@@ -130,7 +135,14 @@ class DiskTier:
         return True
 
     def _evict(self, keep: Path) -> None:
-        """Rescan (other processes write here too) and delete least recently used files until under budget."""
+        """Rescan (other processes write here too) and delete least recently used files until under budget,
+        and temporary files that writers which died mid-write left behind."""
+        for entry in self._entries(tmp=True):
+            try:
+                if entry.stat().st_mtime < time.time() - STALE_TMP_S:
+                    self._remove(Path(entry.path))
+            except FileNotFoundError:
+                continue
         files = []
         for entry in self._entries():
             try:

@@ -63,6 +63,11 @@ class KVLayout:
         if self.dtype not in _TORCH_DTYPES:
             raise ValueError(f"KVLayout dtype must be one of {sorted(_TORCH_DTYPES)}, got {self.dtype!r}")
 
+    @property
+    def token_layer_bytes(self) -> int:
+        """Bytes of one token's K and V in one layer."""
+        return 2 * self.kv_heads * self.head_dim * _TORCH_DTYPES[self.dtype].itemsize
+
 
 @dataclass
 class ChunkKV:

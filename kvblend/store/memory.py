@@ -19,6 +19,7 @@ class MemoryTier:
 
     name = "memory"
     synchronous = True
+    host_shared_prefetch = False
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:

@@ -2,6 +2,13 @@
 
 When the server is down or slow, every call reports a miss (or a failed put), the outage is logged once, and
 the tier stays quiet for `retry_s` before trying the server again, so queries never wait on a dead server.
+
+Budget: the tier's entries (all hosts' writers under one prefix) are held to `max_bytes`, least recently used
+first out. The accounting lives on the server, beside the entries: a sorted set of entry names by last use
+(`<prefix>lru`), their sizes (`<prefix>size`) and the total (`<prefix>bytes`), updated and enforced by one
+Lua script per put, so concurrent writers on several hosts see one budget. `ttl_s` (optional) expires
+entries not used for that long (every hit renews it). Keep the budget below the server's `maxmemory`: a put
+the server refuses (OOM under maxmemory-policy noeviction) is logged and counted as an error, never silent.
 Every writer to a shared Redis must be trusted unless the tier has a deployment secret (then entries carry a
 MAC and those without a valid one are refused). A URL is only ever shown through `redact_url`.
 """
@@ -60,6 +67,40 @@ def redacted_repr(config) -> str:
 
 
 DEFAULT_TIMEOUT_S = 0.5
+DEFAULT_MAX_BYTES = 20 << 30
+
+# KEYS: lru, size, bytes. ARGV: entry name, its size, now (ms), budget (bytes), ttl (ms, 0: none).
+# Forget index rows of entries the TTL has expired, account the entry, then evict least recently used
+# entries (never the one just written) until the total fits. Returns {entries evicted, bytes held}.
+_ACCOUNT = """
+local lru, size, total = KEYS[1], KEYS[2], KEYS[3]
+local name, n, now, budget, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function forget(victim)
+  local s = tonumber(redis.call('HGET', size, victim) or '0')
+  redis.call('HDEL', size, victim)
+  redis.call('ZREM', lru, victim)
+  redis.call('DECRBY', total, s)
+end
+if ttl > 0 then
+  for _, victim in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl, 'LIMIT', 0, 256)) do
+    if redis.call('EXISTS', victim) == 0 then forget(victim) end
+  end
+end
+local old = tonumber(redis.call('HGET', size, name) or '0')
+redis.call('HSET', size, name, n)
+redis.call('INCRBY', total, n - old)
+redis.call('ZADD', lru, now, name)
+local evicted = 0
+while tonumber(redis.call('GET', total) or '0') > budget do
+  local oldest = redis.call('ZRANGE', lru, 0, 1)
+  local victim = oldest[1]
+  if victim == name then victim = oldest[2] end
+  if not victim then break end
+  evicted = evicted + redis.call('DEL', victim)
+  forget(victim)
+end
+return {evicted, tonumber(redis.call('GET', total) or '0')}
+"""
 
 
 @dataclass(frozen=True)
@@ -70,6 +111,7 @@ class RedisConfig:
     prefix: str = "kvblend:"
     ttl_s: int | None = None
     readahead_entries: int = 16
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
@@ -77,15 +119,21 @@ class RedisConfig:
             raise ValueError(f"Redis URL must look like redis://host:port/db, got {redact_url(self.url)!r}")
         if self.timeout_s <= 0 or self.retry_s < 0:
             raise ValueError("Redis timeout must be positive and retry interval non-negative")
+        if self.max_bytes <= 0:
+            raise ValueError(f"redis tier budget must be positive, got {self.max_bytes}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ValueError(f"redis ttl_s must be positive (or None: no expiry), got {self.ttl_s}")
 
     def __repr__(self) -> str:
         return (f"RedisConfig(url={redact_url(self.url)!r}, timeout_s={self.timeout_s}, retry_s={self.retry_s}, "
-                f"prefix={self.prefix!r}, ttl_s={self.ttl_s}, readahead_entries={self.readahead_entries})")
+                f"prefix={self.prefix!r}, ttl_s={self.ttl_s}, readahead_entries={self.readahead_entries}, "
+                f"max_bytes={self.max_bytes})")
 
 
 class RedisTier:
     name = "redis"
     synchronous = False
+    host_shared_prefetch = False  # its read-ahead buffer is this process's
 
     def __init__(self, config: RedisConfig | str, secret: str | bytes | None = None) -> None:
         import redis
@@ -94,6 +142,7 @@ class RedisTier:
         self.secret = entry_secret(secret)
         self.where = redact_url(self.config.url)
         self._errors = (redis.exceptions.RedisError, OSError)
+        self._refused = redis.exceptions.ResponseError  # the server is up and said no (e.g. OOM): not an outage
         self.client = redis.Redis.from_url(
             self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
         )
@@ -101,6 +150,10 @@ class RedisTier:
         self._stats = TierStats()
         self._lock = threading.Lock()
         self._readahead: OrderedDict[str, bytes] = OrderedDict()
+        self._account = self.client.register_script(_ACCOUNT)
+        self._index = [self.config.prefix + part for part in ("lru", "size", "bytes")]
+        self._full_logged = 0.0
+        self.max_bytes = self.config.max_bytes
 
     def _name(self, key: ChunkKey) -> str:
         return self.config.prefix + key.digest
@@ -111,6 +164,13 @@ class RedisTier:
             return default
         try:
             result = fn()
+        except self._refused as exc:
+            self._count("errors")
+            if time.monotonic() - self._full_logged > self.config.retry_s:
+                self._full_logged = time.monotonic()
+                log.warning("redis tier %s refused %s: %s (is the server's maxmemory below the tier's budget of "
+                            "%d bytes?)", self.where, what, exc, self.config.max_bytes)
+            return default
         except self._errors as exc:
             with self._lock:
                 self._stats.errors += 1
@@ -151,7 +211,22 @@ class RedisTier:
             self.delete(key)
             kv = None
         self._count("hits" if kv is not None else "misses")
+        if kv is not None and (layers is None or 0 in layers):  # once per use, not once per layer-sliced read
+            self._touch([name])
         return kv
+
+    def _touch(self, names: Sequence[str]) -> None:
+        """Mark entries just used: most recently used in the LRU index, their TTL renewed."""
+        def run():
+            pipe = self.client.pipeline(transaction=False)
+            now = _now_ms()
+            pipe.zadd(self._index[0], {n: now for n in names}, xx=True)
+            if self.config.ttl_s:
+                for n in names:
+                    pipe.expire(n, self.config.ttl_s)
+            return pipe.execute()
+
+        self.call("touch", run, None)
 
     def _get_buffer(self, name: str) -> np.ndarray | None:
         """GET with the reply read from the connection's socket straight into one buffer: redis-py's parsers
@@ -204,18 +279,53 @@ class RedisTier:
         return self.put_bytes(key, serialize(kv, self.secret))
 
     def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
-        ok = self.call("set", lambda: self.client.set(self._name(key), blob, ex=self.config.ttl_s), False)
-        if ok:
-            self._count("puts")
-        return bool(ok)
+        """Store an entry and account it against the budget, evicting least recently used entries (False when
+        the entry is larger than the whole budget, or the server refused or failed it)."""
+        if len(blob) > self.config.max_bytes:
+            return False
+        name = self._name(key)
+        if not self.call("set", lambda: self.client.set(name, blob, ex=self.config.ttl_s), False):
+            return False
+        ttl_ms = (self.config.ttl_s or 0) * 1000
+        result = self.call("account", lambda: self._account(
+            keys=self._index, args=[name, len(blob), _now_ms(), self.config.max_bytes, ttl_ms]), None)
+        with self._lock:
+            self._stats.puts += 1
+            if result is not None:
+                self._stats.evictions += int(result[0])
+        return True
+
+    def held_bytes(self) -> int:
+        """Bytes of this prefix's entries by the server-side account (0 when unreachable)."""
+        return int(self.call("bytes", lambda: self.client.get(self._index[2]), None) or 0)
+
+    def server_limits(self) -> dict:
+        """The server's memory limit and eviction policy, and its memory in use (empty if it will not say)."""
+        config = self.call("config get", lambda: self.client.config_get("maxmemory*"), {}) or {}
+        info = self.call("info memory", lambda: self.client.info("memory"), {}) or {}
+        return {"maxmemory": int(config.get("maxmemory", 0) or 0), "maxmemory_policy": config.get("maxmemory-policy"),
+                "used_memory": int(info.get("used_memory", 0) or 0)}
 
     def contains(self, key: ChunkKey) -> bool:
         return bool(self.call("exists", lambda: self.client.exists(self._name(key)), 0))
 
     def delete(self, key: ChunkKey) -> None:
+        name = self._name(key)
         with self._lock:
-            self._readahead.pop(self._name(key), None)
-        self.call("delete", lambda: self.client.delete(self._name(key)), 0)
+            self._readahead.pop(name, None)
+
+        def run():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(name)
+            pipe.hget(self._index[1], name)
+            pipe.hdel(self._index[1], name)
+            pipe.zrem(self._index[0], name)
+            deleted, size, *_ = pipe.execute()
+            if size is not None:
+                self.client.decrby(self._index[2], int(size))
+            return deleted
+
+        self.call("delete", run, 0)
 
     def prefetch(self, keys: Iterable[ChunkKey]) -> None:
         """Fetch the values in one MGET into a small read-ahead buffer that the next `get` consumes."""
@@ -229,6 +339,9 @@ class RedisTier:
                     self._readahead[name] = value
             while len(self._readahead) > self.config.readahead_entries:
                 self._readahead.popitem(last=False)
+        found = [n for n, v in zip(names, values) if v is not None]
+        if found:
+            self._touch(found)
 
     def _count(self, field: str) -> None:
         with self._lock:
@@ -245,8 +358,13 @@ class RedisTier:
 
     def stats(self) -> TierStats:
         count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
+        held = self.held_bytes()
         with self._lock:
-            return TierStats(**{**self._stats.as_dict(), "entries": count})
+            return TierStats(**{**self._stats.as_dict(), "entries": count, "bytes": held})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _RangeSource:

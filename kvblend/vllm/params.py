@@ -13,6 +13,8 @@ Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}
                key_namespace); without it, in the plain namespace, which every request without a secret shares
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
   policy, ratio  override the connector's blend policy and recompute ratio for this request
+  prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
+               (default: the connector's `prefetch`; for measuring what prefetch saves)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import check_namespace_name, check_tenant_secret, key_namespace
 
 KEY = "kvblend"
-FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio")
+FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio", "prefetch")
 BLEND_SALT = "kvblend-blend"
 
 
@@ -44,6 +46,7 @@ class RequestParams:
     store_prompt: bool = False
     policy: str | None = None
     ratio: float | None = None
+    prefetch: bool | None = None
 
     def key_namespace(self, default: str, server_key: str | None) -> str:
         """The namespace this request's keys are made in (its tenant's, if it carries a tenant secret)."""
@@ -77,13 +80,16 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     documents = parse_documents(raw.get("documents"))
     if documents is not None and chunks is not None:
         raise ValueError("give either chunks (spans) or documents, not both")
+    prefetch = raw.get("prefetch")
+    if prefetch not in (None, True, False):
+        raise ValueError(f"kvblend prefetch must be true or false, got {prefetch!r}")
     policy, ratio = raw.get("policy"), raw.get("ratio")
     if policy is not None or ratio is not None:  # BlendConfig validates both
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
                      ratio=DEFAULT_RATIO if ratio is None else float(ratio))
     return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=namespace, tenant_secret=secret,
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
-                         ratio=None if ratio is None else float(ratio))
+                         ratio=None if ratio is None else float(ratio), prefetch=prefetch)
 
 
 def parse_documents(raw) -> tuple[str | tuple[int, ...], ...] | None:

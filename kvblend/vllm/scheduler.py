@@ -97,17 +97,18 @@ class SchedulerSide:
         stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
                   if s.end <= limit]
         exact_end = max([num_computed] + [s.end for s in stored])
+        wanted = [s for s in stored if s.end > num_computed]
+        prefetch = self.config.prefetch if params.prefetch is None else params.prefetch
         if mode == "blend" and self.blend_ready is False:  # said in the request's report, never silently
             self._reports.setdefault(req_id, {})["blend_off"] = self.blend_off_reason
         if mode == "blend" and self.blend_ready:
             chunks = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
             if chunks:
                 config = self.config.blend_config(params.policy, params.ratio)
-                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed,
-                                                 [s for s in stored if s.end > num_computed], chunks, config)
+                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch)
                 return limit - num_computed
         if exact_end > num_computed:
-            self._matched[req_id] = LoadJob(req_id, [], [s for s in stored if s.end > num_computed], num_computed)
+            self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed, prefetch)
             return exact_end - num_computed
         return 0
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvblend.blend.controller import LoadController
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
-from kvblend.blend.source import ChunkLoadError, StoreLayerSource, kv_layout
+from kvblend.blend.source import ChunkLoadError, StoreLayerSource, background_fetch_pays, kv_layout
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
@@ -56,7 +57,7 @@ class _SpanLoad:
 
 class WorkerSide:
     def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
-                 blend: bool, cpu_ops: str = "vllm") -> None:
+                 blend: bool, cpu_ops: str = "vllm", controller: bool = True) -> None:
         self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
         self.block_size = vllm_config.cache_config.block_size
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
@@ -66,6 +67,8 @@ class WorkerSide:
         self.caches: list[PagedCache] = []
         self.failed_blocks: set[int] = set()
         self._engine: BlendEngine | None = None
+        self.controller_wanted = controller
+        self.controller: LoadController | None = None
         self._builder = None
         self._loads: list[_SpanLoad] = []
         self._verdict: tuple[bool, str] | None = None
@@ -80,6 +83,9 @@ class WorkerSide:
         if self.blend_wanted:
             try:
                 self._engine = self._blend_engine()
+                if self.controller_wanted:
+                    self.controller = LoadController(self.store, kv_layout(self.spec),
+                                                     background_fetch_pays(self.caches[0].kv.device))
             except Exception as exc:  # no hook, an unsupported model or backend: storage mode, said once
                 reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
                 self._verdict = (False, reason)
@@ -127,6 +133,12 @@ class WorkerSide:
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
+        """Prefetch every job's entries whole into the memory tier first (background threads; the layer reads
+        wait for them), so loading overlaps the blends' first layers and the jobs before it; then run them."""
+        wanted = [s.key for job in meta.blends if job.prefetch for s in job.exact_spans + job.chunks]
+        wanted += [s.key for job in meta.loads if job.prefetch for s in job.spans]
+        if wanted:
+            self.store.prefetch(wanted, kv_layout(self.spec))
         for job in meta.blends:
             self._blend(job)
         for job in meta.loads:
@@ -187,10 +199,20 @@ class WorkerSide:
         if self._engine is None:
             raise RuntimeError(self._verdict[1] if self._verdict else "the blend engine is not available")
         target = self.paged_target(job.block_ids, job.num_computed, end)
-        result = self._engine.blend(layout, job.config, logits_at="none", on_missing="recompute",
-                                    exact_prefix=exact, prefix_kv=prefix_kv, target=target)
+        config, decision = job.config, None
+        if self.controller is not None:
+            chunk_tokens = sum(s.length for s in job.chunks)
+            decision = self.controller.plan([s.key for s in job.chunks], chunk_tokens,
+                                            max(end - exact - chunk_tokens, 0), job.config)
+            config = decision.apply(job.config)
+        result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
+                                    prefix_kv=prefix_kv, target=target,
+                                    tier=decision.tier if decision and not decision.recompute else None)
         stats = result.stats
-        return {"tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
+        if self.controller is not None:
+            self.controller.observe(stats.stage_ms, stats.token_layers_computed)
+        controller = {"controller": decision.as_dict()} if decision else {}
+        return {**controller, "tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
                 "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}

@@ -1,0 +1,105 @@
+"""The loading controller: its rule on given speeds, and its decisions from speeds measured on real tiers, one
+of them a disk tier made deliberately slow."""
+
+import time
+
+import pytest
+
+from kvblend.blend.config import BlendConfig
+from kvblend.blend.controller import LoadController, decide
+from kvblend.store import DiskTier, MemoryTier, RedisConfig, RedisTier, TieredStore
+from kvblend.store.entry import KVLayout
+from test_store_helpers import SHAPE, random_chunk
+
+CONFIG = BlendConfig(ratio=0.15)
+LAYOUT = KVLayout(SHAPE["layers"], SHAPE["heads"], SHAPE["head_dim"], "bfloat16")
+
+
+class SlowDisk(DiskTier):
+    """A real disk tier whose every read first waits `delay_s` (a slow network filesystem, say)."""
+
+    def __init__(self, root, delay_s: float) -> None:
+        super().__init__(root, 1 << 30)
+        self.delay_s = delay_s
+
+    def get(self, key, layers=None, expect=None):
+        time.sleep(self.delay_s)
+        return super().get(key, layers, expect)
+
+
+def _decide(load_ms: float, overlap: bool, holders=("disk",), config=CONFIG, compute_us=10.0, chunk=1000, fixed=100):
+    """Decision for `chunk` chunk tokens and `fixed` other tokens, a tier loading a layer in `load_ms` and
+    compute of `compute_us` per token-layer."""
+    bytes_per_layer = 1 << 20
+    speeds = {"disk": load_ms / 1e3 / bytes_per_layer, "redis": 2 * load_ms / 1e3 / bytes_per_layer}
+    return decide(list(holders), speeds, bytes_per_layer, chunk, fixed, compute_us / 1e6, config, overlap)
+
+
+def test_overlapped_load_raises_the_ratio_until_compute_hides_it():
+    cheap = _decide(load_ms=1.0, overlap=True)  # compute at 0.15 is (100 + 150) * 10us = 2.5 ms > 1 ms
+    assert (cheap.tier, cheap.ratio, cheap.recompute) == ("disk", 0.15, False)
+    slow = _decide(load_ms=6.0, overlap=True)  # compute = load at (600 - 100) / 1000 = 0.5
+    assert slow.tier == "disk" and not slow.recompute and slow.ratio == pytest.approx(0.5)
+    assert slow.compute_ms_per_layer == pytest.approx(slow.load_ms_per_layer)
+    assert slow.apply(CONFIG).ratio == pytest.approx(0.5) and slow.apply(CONFIG).policy == "cacheblend"
+    hopeless = _decide(load_ms=12.0, overlap=True)  # more than recomputing all 1100 tokens (11 ms)
+    assert hopeless.recompute and hopeless.apply(CONFIG).policy == "full_prefill"
+
+
+def test_load_in_line_keeps_the_ratio_or_recomputes():
+    kept = _decide(load_ms=6.0, overlap=False)  # 6 + 2.5 < 11: loading still pays
+    assert (kept.tier, kept.ratio, kept.recompute) == ("disk", 0.15, False)
+    assert _decide(load_ms=9.0, overlap=False).recompute  # 9 + 2.5 >= 11
+
+
+def test_fastest_measured_tier_wins_and_unmeasured_tiers_get_measured():
+    assert _decide(load_ms=1.0, overlap=True, holders=("disk", "redis")).tier == "disk"
+    assert _decide(load_ms=1.0, overlap=True, holders=("redis",)).tier == "redis"
+    fresh = decide(["memory", "disk"], {"disk": 1e-9}, 1 << 20, 1000, 100, 1e-5, CONFIG, True)
+    assert fresh.tier == "memory" and fresh.ratio == 0.15  # memory never read yet: try it
+    spread = decide([], {}, 1 << 20, 1000, 100, 1e-5, CONFIG, True)
+    assert spread.tier is None and not spread.recompute and spread.ratio == 0.15
+    assert decide(["disk"], {"disk": 1e-9}, 1 << 20, 1000, 100, None, CONFIG, True).ratio == 0.15
+    scheduled = BlendConfig(ratio=0.15, check_layers=(1, 3), schedule=(0.5, 0.15))
+    assert _decide(load_ms=6.0, overlap=True, config=scheduled).ratio == 0.15  # an explicit schedule is kept
+
+
+def test_controller_measures_a_deliberately_slow_tier_and_avoids_it(tmp_path, redis_url, redis_prefix):
+    slow = SlowDisk(tmp_path / "kv", delay_s=0.05)
+    redis = RedisTier(RedisConfig(redis_url, prefix=redis_prefix, timeout_s=2.0))
+    chunks = [random_chunk(seed=s) for s in range(3)]
+    with TieredStore([MemoryTier(1 << 30), slow, redis]) as store:
+        for kv in chunks:
+            slow.put(kv.key, kv)
+            redis.put(kv.key, kv)
+        keys = [kv.key for kv in chunks]
+        controller = LoadController(store, LAYOUT, overlap=True)
+        tokens = sum(kv.key.num_tokens for kv in chunks)
+        first = controller.plan(keys, tokens, 20, CONFIG)
+        assert first.tier == "disk" and "not measured" in first.reason  # fastest-ordered holder, unmeasured
+        for key in keys:  # one layer-sliced read from each tier measures both
+            assert store.get(key, layers=(0,), tier="disk") is not None
+            assert store.get(key, layers=(0,), tier="redis") is not None
+        speeds = store.meter.seconds_per_byte()
+        assert speeds["disk"] > speeds["redis"]
+        controller.observe({"qkv": 1e3, "attention": 1e3, "mlp": 2e3}, token_layers=4000)  # 1 ms per token-layer
+        chosen = controller.plan(keys, tokens, 20, CONFIG)
+        assert chosen.tier == "redis" and not chosen.recompute and chosen.ratio >= 0.15, chosen
+        redis.delete(keys[0])
+        only_slow = controller.plan(keys, tokens, 20, CONFIG)
+        # A layer of the 3 chunks from the slow disk takes ~150 ms; recomputing all 71 tokens of a layer ~71 ms.
+        assert only_slow.tier == "disk" and only_slow.recompute and only_slow.load_ms_per_layer > 50
+        assert only_slow.as_dict()["recompute"] is True
+
+
+def test_a_prefetch_in_flight_counts_as_held_by_memory(tmp_path):
+    slow = SlowDisk(tmp_path / "kv", delay_s=0.3)
+    kv = random_chunk(seed=4)
+    with TieredStore([MemoryTier(1 << 30), slow]) as store:
+        slow.put(kv.key, kv)
+        future = store.prefetch([kv.key])
+        assert store.holders([kv.key]) == ["memory", "disk"]
+        start = time.monotonic()
+        assert store.get(kv.key, layers=(1,), tier="memory") is not None  # waits for the prefetch, then hits
+        assert time.monotonic() - start > 0.1 and future.result() == 1
+        assert slow.counters().hits == 1  # the disk was read once, by the prefetch
