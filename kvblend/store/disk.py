@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from kvblend.store.entry import ChunkKV, EntryError, EntryRefused, FileSource, KVLayout, entry_secret, read_entry, serialize
 from kvblend.store.key import ChunkKey
-from kvblend.store.tier import TierStats
+from kvblend.store.tier import TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kv.safetensors"
@@ -37,7 +37,7 @@ class DiskTier:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
-        self._stats = TierStats()
+        self.counts = TierCounters()
         self._lock = threading.Lock()
         self._bytes = self._scan_bytes()
 
@@ -68,30 +68,26 @@ class DiskTier:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            self._count("misses")
+            self.counts.add("misses")
             return None
         except OSError as exc:
             log.warning("disk tier: cannot open %s: %s", path.name, exc)
-            self._count("errors")
-            self._count("misses")
+            self.counts.add("errors", "misses")
             return None
         try:
             kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret)
         except EntryRefused as exc:
             log.warning("disk tier: refusing entry %s (kept): %s", path.name, exc)
-            self._count("corrupt")
-            self._count("misses")
+            self.counts.add("corrupt", "misses")
             return None
         except EntryError as exc:
             log.warning("disk tier: dropping bad entry %s: %s", path.name, exc)
-            self._count("corrupt")
-            self._count("misses")
+            self.counts.add("corrupt", "misses")
             self._remove(path)
             return None
         except OSError as exc:
             log.warning("disk tier: cannot read %s: %s", path.name, exc)
-            self._count("errors")
-            self._count("misses")
+            self.counts.add("errors", "misses")
             return None
         finally:
             os.close(fd)
@@ -99,7 +95,7 @@ class DiskTier:
             os.utime(path)
         except OSError:
             pass
-        self._count("hits")
+        self.counts.add("hits")
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
@@ -124,10 +120,10 @@ class DiskTier:
                 raise
         except OSError as exc:
             log.warning("disk tier: cannot write %s: %s", path.name, exc)
-            self._count("errors")
+            self.counts.add("errors")
             return False
+        self.counts.add("puts")
         with self._lock:
-            self._stats.puts += 1
             self._bytes += len(blob)
             over = self._bytes > self.max_bytes
         if over:
@@ -158,7 +154,7 @@ class DiskTier:
                 continue
             if self._remove(path):
                 total -= size
-                self._count("evictions")
+                self.counts.add("evictions")
         with self._lock:
             self._bytes = total
 
@@ -194,15 +190,12 @@ class DiskTier:
             finally:
                 os.close(fd)
 
-    def _count(self, field: str) -> None:
-        with self._lock:
-            setattr(self._stats, field, getattr(self._stats, field) + 1)
-
     def counters(self) -> TierStats:
         """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
-        with self._lock:
-            return TierStats(**self._stats.as_dict())
+        return self.counts.snapshot()
 
     def stats(self) -> TierStats:
+        entries = len(self._entries())
         with self._lock:
-            return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries()), "bytes": self._bytes})
+            held = self._bytes
+        return self.counts.snapshot(entries, held)

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 from kvblend.store.entry import ChunkKV, KVLayout, layer_request
 from kvblend.store.key import ChunkKey
-from kvblend.store.tier import TierStats
+from kvblend.store.tier import TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class MemoryTier:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
         self._bytes = 0
-        self._stats = TierStats()
+        self.counts = TierCounters()
         self._lock = threading.Lock()
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
@@ -38,9 +38,9 @@ class MemoryTier:
             wrong = kv is not None and expect is not None and kv.layout != expect  # not this model's: drop it
             short = kv is not None and wanted is not None and max(wanted) >= len(kv.k)
             if kv is None or wrong or short:
-                self._stats.misses += 1
+                self.counts.add("misses")
                 if wrong or short:
-                    self._stats.corrupt += 1
+                    self.counts.add("corrupt")
                     log.warning("memory tier: %s entry %s of layout %s (model %s, layers %s)",
                                 "dropping" if wrong else "refusing", key.digest, kv.layout, expect, wanted)
                 if wrong:
@@ -48,7 +48,7 @@ class MemoryTier:
                     self._bytes -= kv.nbytes
                 return None
             self._entries.move_to_end(key.digest)
-            self._stats.hits += 1
+            self.counts.add("hits")
         return kv if wanted is None else kv.select_layers(wanted)
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
@@ -62,11 +62,11 @@ class MemoryTier:
                 self._bytes -= old.nbytes
             self._entries[key.digest] = kv
             self._bytes += kv.nbytes
-            self._stats.puts += 1
+            self.counts.add("puts")
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
-                self._stats.evictions += 1
+                self.counts.add("evictions")
         return True
 
     def contains(self, key: ChunkKey) -> bool:
@@ -88,9 +88,9 @@ class MemoryTier:
 
     def counters(self) -> TierStats:
         """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
-        with self._lock:
-            return TierStats(**self._stats.as_dict())
+        return self.counts.snapshot()
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(**{**self._stats.as_dict(), "entries": len(self._entries), "bytes": self._bytes})
+            entries, held = len(self._entries), self._bytes
+        return self.counts.snapshot(entries, held)

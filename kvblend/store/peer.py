@@ -26,7 +26,7 @@ from kvblend.store.entry import (
     serialize,
 )
 from kvblend.store.key import ChunkKey
-from kvblend.store.tier import TierStats
+from kvblend.store.tier import TierCounters, TierStats
 from kvblend.transport import BlobRecord, NixlEndpoint, PeerDirectory, TransferFailed
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class PeerTier:
         self.directory = PeerDirectory(config.directory_url, config.instance, config.ttl_s, config.timeout_s)
         self.directory.join(self.endpoint.connection_info())
         self._failed: dict[str, float] = {}  # instance -> time it may be tried again
-        self._stats = TierStats()
+        self.counts = TierCounters()
         self._lock = threading.Lock()
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
@@ -70,7 +70,7 @@ class PeerTier:
                 kv = self._verify(own, key, layers, expect, "this instance")
             except EntryError as exc:
                 log.warning("peer tier: own export of %s is bad (%s); withdrawing it", key.digest[:12], exc)
-                self._count("corrupt")
+                self.counts.add("corrupt")
                 self.delete(key)
                 kv = None
             if kv is not None:
@@ -83,18 +83,18 @@ class PeerTier:
             except EntryError as exc:  # moved intact but not a valid entry: that peer is not trusted for a while
                 log.warning("peer tier: bad entry %s from %s (%s); skipping it for %.0fs",
                             key.digest[:12], holder.instance, exc, self.config.retry_s)
-                self._count("corrupt")
+                self.counts.add("corrupt")
                 self._skip(holder.instance)
                 continue
             except (TransferFailed, ValueError) as exc:
                 log.warning("peer tier: %s failed for %s (%s); skipping it for %.0fs",
                             holder.instance, key.digest[:12], exc, self.config.retry_s)
-                self._count("errors")
+                self.counts.add("errors")
                 self._skip(holder.instance)
                 continue
             if kv is not None:
                 return self._hit(kv)
-        self._count("misses")
+        self.counts.add("misses")
         return None
 
     def _skip(self, instance: str) -> None:
@@ -115,11 +115,11 @@ class PeerTier:
             return read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret)
         except EntryRefused as exc:
             log.warning("peer tier: refusing entry %s from %s: %s", key.digest[:12], source, exc)
-            self._count("corrupt")
+            self.counts.add("corrupt")
             return None
 
     def _hit(self, kv: ChunkKV) -> ChunkKV:
-        self._count("hits")
+        self.counts.add("hits")
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
@@ -131,15 +131,14 @@ class PeerTier:
             record, evicted = self.endpoint.export(key.digest, blob)
         except Exception:
             log.exception("peer tier: cannot export %s", key.digest[:12])
-            self._count("errors")
+            self.counts.add("errors")
             return False
         self.directory.withdraw(evicted)
-        with self._lock:
-            self._stats.evictions += len(evicted)
+        self.counts.add("evictions", n=len(evicted))
         if record is None:
             return False
         self.directory.announce(key.digest, record.to_bytes())
-        self._count("puts")
+        self.counts.add("puts")
         return True
 
     def contains(self, key: ChunkKey) -> bool:
@@ -153,18 +152,11 @@ class PeerTier:
     def prefetch(self, keys: Iterable[ChunkKey]) -> None:
         """Nothing to warm: a peer read is one transfer, done when the entry is asked for."""
 
-    def _count(self, field: str) -> None:
-        with self._lock:
-            setattr(self._stats, field, getattr(self._stats, field) + 1)
-
     def counters(self) -> TierStats:
-        with self._lock:
-            return TierStats(**self._stats.as_dict())
+        return self.counts.snapshot()
 
     def stats(self) -> TierStats:
-        with self._lock:
-            counts = self._stats.as_dict()
-        return TierStats(**{**counts, "entries": len(self.endpoint.exported()), "bytes": self.endpoint.exported_bytes()})
+        return self.counts.snapshot(len(self.endpoint.exported()), self.endpoint.exported_bytes())
 
     def close(self) -> None:
         """Leave the directory (withdrawing every export) and release the registered memory."""

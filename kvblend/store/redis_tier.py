@@ -37,7 +37,7 @@ from kvblend.store.entry import (
     serialize,
 )
 from kvblend.store.key import ChunkKey
-from kvblend.store.tier import TierStats
+from kvblend.store.tier import TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 _SECRET_QUERY = re.compile(r"pass|secret|token|auth|key", re.IGNORECASE)
@@ -147,7 +147,7 @@ class RedisTier:
             self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
         )
         self._down_until = 0.0
-        self._stats = TierStats()
+        self.counts = TierCounters()
         self._lock = threading.Lock()
         self._readahead: OrderedDict[str, bytes] = OrderedDict()
         self._account = self.client.register_script(_ACCOUNT)
@@ -165,15 +165,15 @@ class RedisTier:
         try:
             result = fn()
         except self._refused as exc:
-            self._count("errors")
+            self.counts.add("errors")
             if time.monotonic() - self._full_logged > self.config.retry_s:
                 self._full_logged = time.monotonic()
                 log.warning("redis tier %s refused %s: %s (is the server's maxmemory below the tier's budget of "
                             "%d bytes?)", self.where, what, exc, self.config.max_bytes)
             return default
         except self._errors as exc:
+            self.counts.add("errors")
             with self._lock:
-                self._stats.errors += 1
                 first = self._down_until == 0.0
                 self._down_until = time.monotonic() + self.config.retry_s
             if first:
@@ -203,14 +203,14 @@ class RedisTier:
                 kv = self._read_layers(name, key, layers, expect)
         except EntryRefused as exc:
             log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
-            self._count("corrupt")
+            self.counts.add("corrupt")
             kv = None
         except EntryError as exc:
             log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
-            self._count("corrupt")
+            self.counts.add("corrupt")
             self.delete(key)
             kv = None
-        self._count("hits" if kv is not None else "misses")
+        self.counts.add("hits" if kv is not None else "misses")
         if kv is not None and (layers is None or 0 in layers):  # once per use, not once per layer-sliced read
             self._touch([name])
         return kv
@@ -289,10 +289,9 @@ class RedisTier:
         ttl_ms = (self.config.ttl_s or 0) * 1000
         result = self.call("account", lambda: self._account(
             keys=self._index, args=[name, len(blob), _now_ms(), self.config.max_bytes, ttl_ms]), None)
-        with self._lock:
-            self._stats.puts += 1
-            if result is not None:
-                self._stats.evictions += int(result[0])
+        self.counts.add("puts")
+        if result is not None:
+            self.counts.add("evictions", n=int(result[0]))
         return True
 
     def held_bytes(self) -> int:
@@ -343,24 +342,17 @@ class RedisTier:
         if found:
             self._touch(found)
 
-    def _count(self, field: str) -> None:
-        with self._lock:
-            setattr(self._stats, field, getattr(self._stats, field) + 1)
-
     def _pattern(self) -> str:
         """SCAN MATCH pattern of this tier's entries: the escaped prefix, then a 64-hex-char digest."""
         return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "?" * 64
 
     def counters(self) -> TierStats:
         """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
-        with self._lock:
-            return TierStats(**self._stats.as_dict())
+        return self.counts.snapshot()
 
     def stats(self) -> TierStats:
         count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
-        held = self.held_bytes()
-        with self._lock:
-            return TierStats(**{**self._stats.as_dict(), "entries": count, "bytes": held})
+        return self.counts.snapshot(count, self.held_bytes())
 
 
 def _now_ms() -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Protocol, Sequence
 
 from kvblend.store.entry import ChunkKV, KVLayout
@@ -22,6 +23,25 @@ class TierStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class TierCounters:
+    """A tier's event counters (hits, misses, ...), bumped from any thread; one copy of this logic for every tier."""
+
+    def __init__(self) -> None:
+        self._stats = TierStats()
+        self._lock = threading.Lock()
+
+    def add(self, *fields: str, n: int = 1) -> None:
+        """Add `n` to each named counter."""
+        with self._lock:
+            for field in fields:
+                setattr(self._stats, field, getattr(self._stats, field) + n)
+
+    def snapshot(self, entries: int = 0, bytes: int = 0) -> TierStats:
+        """The counters now, with the tier's own `entries` and `bytes` (counted by the tier, not here)."""
+        with self._lock:
+            return replace(self._stats, entries=entries, bytes=bytes)
 
 
 class Tier(Protocol):
