@@ -10,6 +10,7 @@ from typing import Any
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
 from kvblend.paths import cache_dir
+from kvblend.retrieval.chunker import ChunkerConfig
 from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
 from kvblend.store.redis_tier import redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
@@ -61,7 +62,7 @@ class PipelineConfig:
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
     top_k: int = 4
-    chunk_tokens: int = 512
+    chunk_tokens: int = ChunkerConfig.chunk_tokens
     namespace: str = DEFAULT_NAMESPACE
     tenant_secret: str | None = field(default_factory=lambda: os.environ.get(TENANT_SECRET_ENV), repr=False)
     system_prompt: str = DEFAULT_SYSTEM
