@@ -7,8 +7,7 @@ The entry points load on first use (module __getattr__), so `import kvblend` imp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvblend.lazy import lazy_exports
 
 _EXPORTS = {
     "RAGPipeline": "kvblend.rag.pipeline",
@@ -17,14 +16,4 @@ _EXPORTS = {
 }
 __all__ = ["CachedRetriever", "PipelineConfig", "RAGPipeline"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kvblend' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

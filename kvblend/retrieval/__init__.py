@@ -6,8 +6,7 @@ import faiss, sentence-transformers or LangChain.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvblend.lazy import lazy_exports
 
 _EXPORTS = {
     "Chunk": "kvblend.retrieval.chunker",
@@ -25,14 +24,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kvblend.retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
