@@ -252,8 +252,7 @@ class BlendRun:
         forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
         chosen = chunk_sel[select_tokens(scores, count, forced)]
-        keep = ~self.is_cached[rows]
-        keep[chosen] = True
+        keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
