@@ -36,6 +36,7 @@ class CheckLayerEntry:
     is_cached: torch.Tensor
     is_head: torch.Tensor
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    chunk_rows_active: list[int] = field(default_factory=list)  # the run's count before each layer
     out_h: torch.Tensor | None = None
     out_rows: torch.Tensor | None = None
     out_rot: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,6 +93,7 @@ class CheckLayerGraphs:
                               (entry.is_cached, run.is_cached), (entry.is_head, run.is_head)):
             static.copy_(value)
         for layer in range(first):
+            run._n_chunk_active = entry.chunk_rows_active[layer]  # whether fill_cached loads this layer
             run.fill_cached(layer)
             entry.graphs[layer].replay()
         run.h, run.rows, run._rot = entry.out_h, entry.out_rows, entry.out_rot
@@ -117,6 +119,7 @@ class CheckLayerGraphs:
         reserved = torch.cuda.memory_reserved(device)
         start = time.perf_counter()
         for layer in range(first):
+            entry.chunk_rows_active.append(shadow._n_chunk_active)
             entry.graphs.append(self.post.capture(lambda: shadow.compute(layer)))  # noqa: B023
         torch.cuda.synchronize(device)
         entry.capture_ms = (time.perf_counter() - start) * 1e3
