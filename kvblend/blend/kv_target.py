@@ -1,10 +1,8 @@
 """Where a blend's per-layer K/V live and how the active rows attend over them.
 
 `DenseKV` keeps the whole prompt's K/V as [layers, tokens, kv_heads, head_dim] tensors and attends with
-kvblend's kernels (the reference path: tests, evaluation, the GPU benchmark); on CUDA also when every row is
-active, as the sparse-query kernel reads the GQA K/V as they are (SDPA's flash kernel needs the heads expanded).
-A host engine passes its own target instead, e.g. vLLM's paged cache and attention backend
-(`kvblend.vllm.paged_target.PagedKV`).
+kvblend's kernels (the reference path: tests, evaluation, the GPU benchmark). A host engine passes its own
+target instead, e.g. vLLM's paged cache and attention backend (`kvblend.vllm.paged_target.PagedKV`).
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import torch.nn.functional as F
 
 from kvblend.model.spec import ModelSpec
 from kvblend.triton_kernels import AttentionBands, attention_bands, sparse_query_attention
-from kvblend.triton_kernels.dispatch import HAS_TRITON
 
 
 class KVTarget(Protocol):
@@ -72,7 +69,7 @@ class DenseKV:
     def attend(self, layer: int, q: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                last: bool) -> torch.Tensor:
         K, V = self.k[layer], self.v[layer]
-        if rows.numel() == K.shape[0] and not (K.is_cuda and HAS_TRITON):  # every row active: SDPA, causal
+        if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
             return causal_attention(q, K, V)
         q_pos = positions[rows]
         if self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by the layers of these rows

@@ -136,11 +136,13 @@ class TensorLayerSource:
         self._rows: dict[int, torch.Tensor] = {}
         if self._copy:
             self._lengths = [k.shape[1] for k in self.ks]
-            self._lengths_dev = torch.tensor(self._lengths, dtype=torch.int64, device=self.device)
+            self._lengths_dev = torch.tensor(self._lengths).pin_memory().to(self.device, non_blocking=True)
             k0 = self.ks[0]
             # one allocation: [slot, K/V, group * all chunk tokens, kv_heads, head_dim]
             self._staging = torch.empty((self.SLOTS, 2, group * sum(self._lengths)) + tuple(k0.shape[2:]),
                                         dtype=k0.dtype, device=self.device)
+            self._allocated = torch.cuda.Event()
+            self._allocated.record(torch.cuda.current_stream(self.device))
             self._stream = torch.cuda.Stream(self.device)
             self.start(0)
 
@@ -152,7 +154,10 @@ class TensorLayerSource:
         compute = torch.cuda.current_stream(self.device)
         staging = self._staging[g % self.SLOTS]
         with torch.cuda.stream(self._stream):
-            self._stream.wait_stream(compute)  # the staging buffer's previous layers were consumed by work so far
+            if g >= self.SLOTS:  # the staging buffer's previous layers were consumed by work enqueued so far
+                self._stream.wait_stream(compute)
+            else:  # its first use: only what ran before the allocation (the memory's earlier owners) must be done
+                self._stream.wait_event(self._allocated)
             row = 0
             for k, v, n in zip(self.ks, self.vs, self._lengths):
                 block = slice(row, row + (last - first) * n)
