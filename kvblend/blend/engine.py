@@ -111,11 +111,20 @@ class BlendRun:
             target = DenseKV(spec, T, model.dtype, device, self.graphs.workspace(T) if self.graphs else None)
         self.target = target
         self.target.rows_changed()
-        self.rows = plan.initial_rows.to(device)
-        self.positions = plan.positions.to(device)
-        self.h = model.embed(plan.ids.to(device)[self.rows])
-        self.is_cached = torch.zeros(T, dtype=torch.bool, device=device)
-        self.is_cached[plan.cached_rows.to(device)] = True
+        # Every index vector the run reads on the device, moved in one copy (separate pageable copies each wait
+        # for the device); host masks give the counts.
+        is_cached = torch.zeros(T, dtype=torch.int64)
+        is_cached[plan.cached_rows] = 1
+        is_head = torch.zeros(T, dtype=torch.int64)
+        is_head[plan.head_rows] = 1
+        parts = (plan.initial_rows, plan.positions, plan.ids, plan.cached_src, plan.cached_rows, plan.cached_delta,
+                 is_cached, is_head)
+        host = torch.cat(parts)
+        on_device = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        (self.rows, self.positions, ids, self._cached_src, self._cached_dst, self._delta, is_cached_dev,
+         is_head_dev) = on_device.split([t.numel() for t in parts])
+        self.h = model.embed(ids[self.rows])
+        self.is_cached, self.is_head = is_cached_dev.bool(), is_head_dev.bool()
         self.checks = dict(zip(plan.config.check_layers, plan.config.ratios())) if plan.config.selects else {}
         n_chunks = plan.cached_rows.numel()
         self.stats = BlendStats(
@@ -129,13 +138,8 @@ class BlendRun:
         self._n_cached = n_chunks
         # Chunk rows among the active rows, and question rows: host counts that give every selection a static
         # shape, so the check layers need no device sync.
-        self._n_chunk_active = int(torch.isin(plan.initial_rows, plan.cached_rows).sum())
+        self._n_chunk_active = int(is_cached[plan.initial_rows].sum())
         self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
-        self._cached_src = plan.cached_src.to(device)
-        self._cached_dst = plan.cached_rows.to(device)
-        self._delta = plan.cached_delta.to(device)
-        self.is_head = torch.zeros(T, dtype=torch.bool, device=device)
-        self.is_head[plan.head_rows.to(device)] = True
         self._n_heads = plan.head_rows.numel()
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
