@@ -111,8 +111,8 @@ class BlendRun:
             target = DenseKV(spec, T, model.dtype, device, self.graphs.workspace(T) if self.graphs else None)
         self.target = target
         self.target.rows_changed()
-        # Every index vector the run reads on the device, moved in one copy (separate pageable copies each wait
-        # for the device); host masks give the counts.
+        # Every index vector the run reads on the device, moved in one asynchronous copy (a blocking copy waits
+        # for the device; pinning a fresh host tensor costs milliseconds); host masks give the counts.
         is_cached = torch.zeros(T, dtype=torch.int64)
         is_cached[plan.cached_rows] = 1
         is_head = torch.zeros(T, dtype=torch.int64)
@@ -120,7 +120,7 @@ class BlendRun:
         parts = (plan.initial_rows, plan.positions, plan.ids, plan.cached_src, plan.cached_rows, plan.cached_delta,
                  is_cached, is_head)
         host = torch.cat(parts)
-        on_device = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        on_device = host.to(device, non_blocking=True)  # pageable: staged by the driver before this returns
         (self.rows, self.positions, ids, self._cached_src, self._cached_dst, self._delta, is_cached_dev,
          is_head_dev) = on_device.split([t.numel() for t in parts])
         self.h = model.embed(ids[self.rows])
@@ -369,7 +369,7 @@ class BlendEngine:
             cached_rows=cat(cached_dst),
             cached_delta=cat(cached_delta),
             fixed_rows=fixed_rows,
-            initial_rows=torch.cat([fixed_rows, cat(picks)]).unique(sorted=True),
+            initial_rows=torch.cat([fixed_rows, cat(picks)]).sort().values,  # disjoint: picks are cached rows
             logits_rows=logits_rows,
             head_rows=cat(heads),
             exact_prefix=exact_prefix,

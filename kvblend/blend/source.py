@@ -136,7 +136,7 @@ class TensorLayerSource:
         self._rows: dict[int, torch.Tensor] = {}
         if self._copy:
             self._lengths = [k.shape[1] for k in self.ks]
-            self._lengths_dev = torch.tensor(self._lengths).pin_memory().to(self.device, non_blocking=True)
+            self._lengths_dev = torch.tensor(self._lengths).to(self.device, non_blocking=True)
             k0 = self.ks[0]
             # one allocation: [slot, K/V, group * all chunk tokens, kv_heads, head_dim]
             self._staging = torch.empty((self.SLOTS, 2, group * sum(self._lengths)) + tuple(k0.shape[2:]),
