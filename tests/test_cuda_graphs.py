@@ -39,9 +39,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("config", [BlendConfig("cacheblend", 0.15), BlendConfig("full_reuse", 0.0),
+@pytest.mark.parametrize("config", [BlendConfig("cacheblend", 0.15), BlendConfig("cacheblend", 0.2, head_tokens=4),
+                                    BlendConfig.published(), BlendConfig("full_reuse", 0.0),
                                     BlendConfig("epic", 0.1, epic_tokens=8)])
 def test_graph_replay_matches_eager(config):
+    """The eager engine reads chunk KV already on the GPU; the graphed one from pinned memory (staged in groups
+    of layers): post-check graphs capture on the first order, check-layer graphs on the second (a repeated
+    shape), the third replays both."""
     model = random_model()
     gen = torch.Generator().manual_seed(1)
     chunks = []
@@ -49,19 +53,23 @@ def test_graph_replay_matches_eager(config):
         ids = torch.randint(0, 512, (200,), generator=gen)
         out = model.prefill(ids.cuda())
         key = ChunkKey.for_tokens(model.spec.fingerprint, ids.tolist(), "test")
-        chunks.append((ChunkRef(tuple(ids.tolist()), key), out.k.cpu().pin_memory(), out.v.cpu().pin_memory()))
+        chunks.append((ChunkRef(tuple(ids.tolist()), key), out.k, out.v))
     question = torch.randint(0, 512, (37,), generator=gen).tolist()
     eager, graphed = BlendEngine(model), BlendEngine(model, cuda_graphs=True)
-    for order in ([0, 1, 2, 3], [3, 1, 4, 2], [2, 0, 1, 4]):  # capture on the first, replay on the others
+    for order in ([0, 1, 2, 3], [3, 1, 4, 2], [2, 0, 1, 4]):
         layout = PromptLayout.build([], [chunks[i][0] for i in order], question)
         results = []
-        for engine in (eager, graphed):
-            source = TensorLayerSource([chunks[i][1] for i in order], [chunks[i][2] for i in order], "cuda")
+        for engine, pinned in ((eager, False), (graphed, True)):
+            ks, vs = ([chunks[i][n].cpu().pin_memory() if pinned else chunks[i][n] for i in order] for n in (1, 2))
+            source = TensorLayerSource(ks, vs, "cuda", group=4)
             plan = engine.plan(layout, config, logits_at="suffix", bases={c.key: 0 for c in layout.chunks})
             results.append(engine.run(plan, source=source))
         ref, out = results  # padded rows change the GEMMs' shapes, hence bf16 rounding: close, not equal
         for a, b in ((out.k, ref.k), (out.v, ref.v), (out.logits, ref.logits)):
             assert not a.isnan().any() and relative_error(a, b) < 1e-2
         assert out.stats.token_layers_computed == ref.stats.token_layers_computed
+        assert out.stats.tokens_recomputed == ref.stats.tokens_recomputed
     stats = graphed.graphs.stats()
     assert len(stats) == 1 and stats[0]["capture_ms"] > 0
+    check = graphed.check_graphs.stats()
+    assert len(check) == (1 if config.selects else 0) and all(e["capture_ms"] > 0 for e in check)

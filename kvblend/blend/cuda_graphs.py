@@ -155,6 +155,17 @@ class PostCheckGraphs:
         else:
             entry.h.copy_(out)
 
+    def capture(self, body) -> torch.cuda.CUDAGraph:
+        """A graph of what `body()` launches, in the memory pool every graph of this engine shares (they never
+        run at the same time; a graph's outputs are read before the next graph runs). Thread-local capture: a
+        layer source's fetch thread may pin and copy meanwhile (on its own streams)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            body()
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph
+
     def _capture(self, entry: LayerGraphs, layers: range, capacity: int) -> None:
         """Record each layer's body into its graph (recording runs nothing); all buckets share one memory pool,
         as their graphs never run at the same time."""
@@ -163,12 +174,7 @@ class PostCheckGraphs:
         reserved = torch.cuda.memory_reserved(self.model.device)
         start = time.perf_counter()
         for layer in layers:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._layer(entry, layer, capacity)
-            if self._pool is None:
-                self._pool = graph.pool()
-            entry.graphs.append(graph)
+            entry.graphs.append(self.capture(lambda: self._layer(entry, layer, capacity)))  # noqa: B023
         torch.cuda.synchronize(self.model.device)
         entry.capture_ms = (time.perf_counter() - start) * 1e3
         entry.pool_bytes = torch.cuda.memory_reserved(self.model.device) - reserved

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
 from kvblend.blend.kv_target import DenseKV, KVTarget
@@ -110,11 +111,20 @@ class BlendRun:
             target = DenseKV(spec, T, model.dtype, device, self.graphs.workspace(T) if self.graphs else None)
         self.target = target
         self.target.rows_changed()
-        self.rows = plan.initial_rows.to(device)
-        self.positions = plan.positions.to(device)
-        self.h = model.embed(plan.ids.to(device)[self.rows])
-        self.is_cached = torch.zeros(T, dtype=torch.bool, device=device)
-        self.is_cached[plan.cached_rows.to(device)] = True
+        # Every index vector the run reads on the device, moved in one asynchronous copy (a blocking copy waits
+        # for the device; pinning a fresh host tensor costs milliseconds); host masks give the counts.
+        is_cached = torch.zeros(T, dtype=torch.int64)
+        is_cached[plan.cached_rows] = 1
+        is_head = torch.zeros(T, dtype=torch.int64)
+        is_head[plan.head_rows] = 1
+        parts = (plan.initial_rows, plan.positions, plan.ids, plan.cached_src, plan.cached_rows, plan.cached_delta,
+                 is_cached, is_head)
+        host = torch.cat(parts)
+        on_device = host.to(device, non_blocking=True)  # pageable: staged by the driver before this returns
+        (self.rows, self.positions, ids, self._cached_src, self._cached_dst, self._delta, is_cached_dev,
+         is_head_dev) = on_device.split([t.numel() for t in parts])
+        self.h = model.embed(ids[self.rows])
+        self.is_cached, self.is_head = is_cached_dev.bool(), is_head_dev.bool()
         self.checks = dict(zip(plan.config.check_layers, plan.config.ratios())) if plan.config.selects else {}
         n_chunks = plan.cached_rows.numel()
         self.stats = BlendStats(
@@ -128,12 +138,9 @@ class BlendRun:
         self._n_cached = n_chunks
         # Chunk rows among the active rows, and question rows: host counts that give every selection a static
         # shape, so the check layers need no device sync.
-        self._n_chunk_active = int(torch.isin(plan.initial_rows, plan.cached_rows).sum())
+        self._n_chunk_active = int(is_cached[plan.initial_rows].sum())
         self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
-        self._cached_src = plan.cached_src.to(device)
-        self._cached_dst = plan.cached_rows.to(device)
-        self._delta = plan.cached_delta.to(device)
-        self._heads = plan.head_rows.to(device)
+        self._n_heads = plan.head_rows.numel()
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
@@ -178,8 +185,8 @@ class BlendRun:
             t = self._tick("fetch_wait", t)
             if ck.shape[0] < self._src_rows:
                 raise ValueError(f"layer source gave {ck.shape[0]} cached rows, the plan reads {self._src_rows}")
-            model.ops.rope_shift_gather(ck, cv, self._cached_src, K, V, self._cached_dst, self._delta,
-                                        model.freq, model.spec.rope.style, check=False)
+            model.ops.rope_shift_gather(ck, cv, self.source.rows(layer, self._cached_src), K, V, self._cached_dst,
+                                        self._delta, model.freq, model.spec.rope.style, check=False)
             self._tick("rope_shift_gather", t)
         if self.prefix_kv is not None:
             K[: plan.exact_prefix] = self.prefix_kv[0][layer]
@@ -187,8 +194,13 @@ class BlendRun:
 
     def step(self, layer: int) -> None:
         """Compute layer `layer`: fill its KV rows (cached, shifted) and advance the active rows' hidden states."""
-        model = self.model
         self.fill_cached(layer)
+        self.compute(layer)
+
+    def compute(self, layer: int) -> None:
+        """Layer `layer` once its cached KV rows are filled: fresh Q/K/V of the active rows, the selection at a
+        check layer, attention and MLP. Device work of host-known shapes only (what a CUDA graph captures)."""
+        model = self.model
         t = time.perf_counter()
         K, V = self.target.layer(layer)
         rows = self.rows
@@ -196,9 +208,13 @@ class BlendRun:
             self._rot = model.rotary(self.positions[rows])
         q, k, v = model.qkv(layer, self.h, self.positions[rows], self._rot)
         t = self._tick("qkv", t)
-        keep = self._select(layer, rows, q, k, v, K, V) if layer in self.checks else None
+        check = layer in self.checks
+        if check:  # deviation from the reused KV, read before the fresh KV overwrites it
+            chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
+            scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
         K[rows], V[rows] = k, v
-        if keep is not None:
+        if check:
+            keep = self._select(layer, rows, chunk_sel, q, scores, K)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
             self._rot = None
@@ -219,28 +235,28 @@ class BlendRun:
         self.h = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         self._tick("mlp", t)
 
-    def _select(self, layer: int, rows, q, k, v, K, V) -> torch.Tensor:
-        """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
-        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync."""
+    def _deviation(self, layer: int, rows, chunk_sel, k, v, K, V) -> torch.Tensor:
+        """Per active chunk row (`chunk_sel` indexes `rows`), how far its fresh K/V deviate from the reused."""
         config = self.plan.config
-        is_chunk = self.is_cached[rows]
-        chunk_sel = mask_indices(is_chunk, self._n_chunk_active)
-        chunk_rows = rows[chunk_sel]
         if config.policy == "random":
-            scores = random_scores(self._n_chunk_active, config.seed, layer, k.device)
-        else:
-            scores = deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
-            if config.attention_weighted:
-                suffix = slice(rows.numel() - self._n_suffix, rows.numel())
-                fresh_k = K.clone()
-                fresh_k[rows] = k
-                received = attention_received(q[suffix], self.positions[rows[suffix]], fresh_k, self.positions)
-                scores = scores * received[chunk_rows] / received[chunk_rows].mean().clamp_min(1e-30)
-        forced = torch.isin(chunk_rows, self._heads) if self._heads.numel() else None
+            return random_scores(self._n_chunk_active, config.seed, layer, k.device)
+        chunk_rows = rows[chunk_sel]
+        return deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
+
+    def _select(self, layer: int, rows, chunk_sel, q, scores, K) -> torch.Tensor:
+        """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
+        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync.
+        K holds the fresh keys of the active rows."""
+        config = self.plan.config
+        chunk_rows = rows[chunk_sel]
+        if config.policy != "random" and config.attention_weighted:
+            suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+            received = attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions)[chunk_rows]
+            scores = scores * received / received.mean().clamp_min(1e-30)
+        forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
         chosen = chunk_sel[select_tokens(scores, count, forced)]
-        keep = ~is_chunk
-        keep[chosen] = True
+        keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
@@ -264,11 +280,13 @@ class BlendEngine:
     finish_layer, logits; spec, ops, freq, device, dtype), e.g. vLLM's own modules (`VllmModelView`)."""
 
     def __init__(self, model: LlamaModel, store=None, cuda_graphs: bool = False) -> None:
-        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (the torch runner on CUDA);
-        a run's K/V are then views of the engine's workspace, valid until its next run."""
+        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (the torch runner on CUDA),
+        and those up to it once a prompt shape repeats; a run's K/V are then views of the engine's workspace,
+        valid until its next run."""
         self.model = model
         self.store = store
         self.graphs = PostCheckGraphs(model) if cuda_graphs else None
+        self.check_graphs = CheckLayerGraphs(self.graphs) if cuda_graphs else None
         self.disabled_reason = check_rope_shift(model.spec)
         if self.disabled_reason:
             log.warning("blending disabled for this model, requests run as full prefill: %s", self.disabled_reason)
@@ -351,7 +369,7 @@ class BlendEngine:
             cached_rows=cat(cached_dst),
             cached_delta=cat(cached_delta),
             fixed_rows=fixed_rows,
-            initial_rows=torch.cat([fixed_rows, cat(picks)]).unique(sorted=True),
+            initial_rows=torch.cat([fixed_rows, cat(picks)]).sort().values,  # disjoint: picks are cached rows
             logits_rows=logits_rows,
             head_rows=cat(heads),
             exact_prefix=exact_prefix,
@@ -394,8 +412,11 @@ class BlendEngine:
         run = self.start(plan, source, prefix_kv, target, tier)
         try:
             first = run.graphs_from()
-            for layer in range(first):
-                run.step(layer)
+            if self.check_graphs is not None and self.check_graphs.applies(run, first):
+                self.check_graphs.run(run, first)
+            else:
+                for layer in range(first):
+                    run.step(layer)
             if first < self.model.spec.num_layers:
                 start = time.perf_counter()
                 run.graphs.run(run, first)

@@ -45,13 +45,15 @@ def mask_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def attention_received(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Mean softmax attention each key receives from the queries q [n, heads, D] (GQA), fp32 [keys]."""
-    group = q.shape[1] // k.shape[1]
-    qf = q.float().transpose(0, 1)
-    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = qf @ kf.transpose(1, 2) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+    """Mean softmax attention each key receives from the queries q [n, heads, D] (GQA), fp32 [keys]. The query
+    heads of one KV head multiply its keys together, so K is never expanded to every head."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qf = q.float().transpose(0, 1).reshape(kv_heads, heads // kv_heads * n, dim)
+    scores = qf @ k.float().transpose(0, 1).transpose(1, 2) / dim**0.5
+    scores = scores.view(kv_heads, heads // kv_heads, n, -1)
+    scores = scores.masked_fill(k_pos[None, None, None, :] > q_pos[None, None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2))
 
 
 def random_scores(num_tokens: int, seed: int, layer: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Layer sources: where the blend engine gets each layer's cached chunk KV, fetched one layer ahead.
 
-A source returns, for one layer, the K and V of all the plan's cached chunks concatenated in prompt order,
-[chunk tokens, kv_heads, head_dim] on the compute device. `start(layer)` begins the fetch; `wait(layer)`
-returns it, so the engine overlaps fetching layer i+1 with computing layer i (where a core is free for it).
+A source returns, for one layer, the K and V of all the plan's cached chunks, [rows, kv_heads, head_dim] on the
+compute device; `rows(layer, r)` says where rows r of their concatenation in prompt order lie in them.
+`start(layer)` begins the fetch; `wait(layer)` returns it, so the engine overlaps fetching layer i+1 with
+computing layer i (where a core is free for it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class LayerSource(Protocol):
     def start(self, layer: int) -> None: ...
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -89,9 +92,24 @@ class StoreLayerSource:
         self.start(layer)
         return self._pending.pop(layer).result()
 
+    def rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """`wait` returns the concatenation itself."""
+        return rows
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def staged_rows(rows: torch.Tensor, lengths: torch.Tensor, group: int, index: int) -> torch.Tensor:
+    """Where `rows` of the chunks' concatenation (prompt order; chunk token counts `lengths`, on rows' device) lie
+    in a staging buffer holding `group` layers of each chunk as one block of [group, chunk tokens] rows, blocks in
+    chunk order, at the layer `index` of the group. Device ops only."""
+    ends = lengths.cumsum(0)
+    chunk = torch.searchsorted(ends, rows, right=True)
+    size = lengths[chunk]
+    first = ends[chunk] - size
+    return rows + (group - 1) * first + index * size
 
 
 class TensorLayerSource:
@@ -99,9 +117,10 @@ class TensorLayerSource:
 
     On the compute device each layer is one concatenation. From pinned host memory to a GPU, `group` layers of
     each chunk move in one copy (a contiguous slice of its layer-major tensor) on a side stream into one of three
-    staging groups; the compute stream waits on the group's event. The first group's copy starts at
-    construction (so it overlaps the request's planning), and each wait starts the copies of the next two
-    groups, which overlap the compute of this group's layers (two ahead: copies need not keep pace per group).
+    staging buffers, chunk after chunk; the compute stream waits on the group's event and reads the staging
+    buffer in place (`rows` maps prompt-order rows to its rows, so no per-layer concatenation). The first group's
+    copy starts at construction (so it overlaps the request's planning), and each wait starts the copies of the
+    next two groups, which overlap the compute of this group's layers (two ahead: copies need not keep pace).
     """
 
     SLOTS = 3
@@ -114,11 +133,17 @@ class TensorLayerSource:
         self.group = group
         self._copy = self.device.type == "cuda" and self.ks[0].device.type == "cpu"
         self._pending: dict[int, object] = {}
+        self._rows: dict[int, torch.Tensor] = {}
         if self._copy:
+            self._lengths = [k.shape[1] for k in self.ks]
+            self._lengths_dev = torch.tensor(self._lengths).to(self.device, non_blocking=True)
+            k0 = self.ks[0]
+            # one allocation: [slot, K/V, group * all chunk tokens, kv_heads, head_dim]
+            self._staging = torch.empty((self.SLOTS, 2, group * sum(self._lengths)) + tuple(k0.shape[2:]),
+                                        dtype=k0.dtype, device=self.device)
+            self._allocated = torch.cuda.Event()
+            self._allocated.record(torch.cuda.current_stream(self.device))
             self._stream = torch.cuda.Stream(self.device)
-            self._staging = [[(torch.empty((group,) + tuple(k.shape[1:]), dtype=k.dtype, device=self.device),
-                               torch.empty((group,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device))
-                              for k, v in zip(self.ks, self.vs)] for _ in range(self.SLOTS)]
             self.start(0)
 
     def start(self, layer: int) -> None:
@@ -127,11 +152,18 @@ class TensorLayerSource:
             return
         first, last = g * self.group, min((g + 1) * self.group, self.num_layers)
         compute = torch.cuda.current_stream(self.device)
+        staging = self._staging[g % self.SLOTS]
         with torch.cuda.stream(self._stream):
-            self._stream.wait_stream(compute)  # the staging group's previous layers were consumed by work so far
-            for (k_buf, v_buf), k, v in zip(self._staging[g % self.SLOTS], self.ks, self.vs):
-                k_buf[: last - first].copy_(k[first:last], non_blocking=True)
-                v_buf[: last - first].copy_(v[first:last], non_blocking=True)
+            if g >= self.SLOTS:  # the staging buffer's previous layers were consumed by work enqueued so far
+                self._stream.wait_stream(compute)
+            else:  # its first use: only what ran before the allocation (the memory's earlier owners) must be done
+                self._stream.wait_event(self._allocated)
+            row = 0
+            for k, v, n in zip(self.ks, self.vs, self._lengths):
+                block = slice(row, row + (last - first) * n)
+                staging[0, block].view(last - first, n, *k.shape[2:]).copy_(k[first:last], non_blocking=True)
+                staging[1, block].view(last - first, n, *v.shape[2:]).copy_(v[first:last], non_blocking=True)
+                row += self.group * n
             done = torch.cuda.Event()
             done.record(self._stream)
         self._pending[g] = done
@@ -149,7 +181,17 @@ class TensorLayerSource:
         for ahead in range(1, self.SLOTS):  # the slots of groups g+1, g+2 were last read before this layer
             self.start((g + ahead) * self.group)
         staging = self._staging[g % self.SLOTS]
-        return torch.cat([k[i] for k, _ in staging]), torch.cat([v[i] for _, v in staging])
+        return staging[0], staging[1]
+
+    def rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Where `rows` of the chunks' concatenation lie in what `wait(layer)` returns (the same `rows` at every
+        layer: the mapping is kept per layer of a group)."""
+        if not self._copy:
+            return rows
+        i = layer % self.group
+        if i not in self._rows:
+            self._rows[i] = staged_rows(rows, self._lengths_dev, self.group, i)
+        return self._rows[i]
 
     def close(self) -> None:
         self._pending.clear()
