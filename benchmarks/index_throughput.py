@@ -2,8 +2,8 @@
 own prefill of the same chunks, in chunks/s.
 
 Documents: the first --topics topics of the Python language reference, chunked by RAGPipeline (512 tokens),
-embedded and indexed first (not timed). One engine (embedded SmolLM2, bf16, kvblend connector, load format
-kvblend). Timed, one after the other on that engine:
+embedded and indexed first (not timed). One engine (embedded SmolLM2 in this CPU's compute dtype, kvblend.cpu;
+kvblend connector, load format kvblend). Timed, one after the other on that engine:
   prefill     every chunk as its own prompt, max_tokens=1, kvblend off, one generate call (vLLM's own prefill
               throughput; a cache salt keeps these prompts out of the precompute run's prefix-cache lookups)
   precompute  RAGPipeline.precompute(chunks): the same prompts with store_prompt, the connector extracting and

@@ -37,6 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 from gpu_blend import LLAMA3_8B
 from store_bench import CHUNKS, Result, random_chunk, timed
 
+from kvblend.cpu import cpu_record
 from kvblend.model.runner import LlamaModel
 from kvblend.model.spec import spec_from_config
 from kvblend.model.weights import weights_from_tensors
@@ -143,12 +144,6 @@ def bench_recompute(name: str, reps: int, layers: int) -> Result:
     return measure(name, impl, kv_bytes, lambda: model.prefill(ids), reps, scale)
 
 
-def cpu_model() -> tuple[str, str]:
-    info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    field = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in info.splitlines() if ":" in line}
-    return field.get("Model name", "?"), field.get("Flags", "?")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -171,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|")
     for r in results:
         print(f"| {r.chunk} ({r.kv_bytes / 2**20:.1f} MiB K+V) | {r.impl} | {r.ms:.1f} | {r.gbps:.2f} |")
-    model, flags = cpu_model()
+    cpu = cpu_record()
     print(f"\nreps={args.reps} (recompute: {max(1, min(args.reps, 3))}), torch {torch.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} cpus ({model}), load average {load_before[0]:.2f} before / "
+          f"{platform.python_version()}, {os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), "
+          f"load average {load_before[0]:.2f} before / "
           f"{load_after[0]:.2f} after, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if args.json:
-        payload = {"reps": args.reps, "cpu": model, "flags": flags, "load_avg_before": load_before,
+        payload = {"reps": args.reps, "cpu": cpu, "load_avg_before": load_before,
                    "load_avg_after": load_after, "results": [{**asdict(r), "gbps": r.gbps} for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0

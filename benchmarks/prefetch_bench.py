@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from kvblend.cpu import cpu_record  # noqa: E402
 from kvblend.store import ChunkKV, ChunkKey, DiskTier, MemoryTier, RedisConfig, RedisTier, TieredStore  # noqa: E402
 from kvblend.store.entry import KVLayout  # noqa: E402
 
@@ -82,14 +83,6 @@ def trial(slow, keys, expect: KVLayout, mode: str, gap_ms: float, cold: bool) ->
         store.close()
 
 
-def cpu_model() -> tuple[str, str]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = " ".join(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma")))
-    return model, isa
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=4)
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()
-    model, isa = cpu_model()
+    cpu = cpu_record()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     entry_mb = kvs[0].nbytes / 1e6
     print(f"| store | page cache | prefetch | gap before scheduling | load on the critical path (ms, median) |")
@@ -137,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         gap = f"{r['gap_ms']:g} ms" if r["mode"] == "retrieval" else "-"
         print(f"| {r['tier']} | {r['state']} | {r['mode']} | {gap} | {r['ms']:.2f} |")
-    print(f"\n{args.chunks} chunks x {args.tokens} tokens ({entry_mb:.1f} MB each), reps={args.reps}, {model}, "
-          f"{os.cpu_count()} cpus, load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
+    print(f"\n{args.chunks} chunks x {args.tokens} tokens ({entry_mb:.1f} MB each), reps={args.reps}, {cpu['model']} "
+          f"(ISA {' '.join(cpu['isa'])}), {os.cpu_count()} cpus, load average {load_before[0]:.2f} before / "
+          f"{load_after[0]:.2f} after, "
           f"torch {torch.__version__}, python {platform.python_version()}, sha {sha}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "chunks": args.chunks, "tokens": args.tokens, "reps": args.reps, "entry_bytes": kvs[0].nbytes,
-            "cpu": model, "isa": isa, "cpus": os.cpu_count(), "load_avg_before": load_before,
+            "cpu": cpu, "load_avg_before": load_before,
             "load_avg_after": load_after, "sha": sha, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows": rows}, indent=2))
     return 0

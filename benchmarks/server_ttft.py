@@ -1,9 +1,9 @@
 """TTFT through `kvblend serve` with the official `openai` client (streaming): plain vLLM vs blended.
 
-One server (embedded SmolLM2, bf16, kvblend connector, load format kvblend). Documents: 12 chunks of the Python
-language reference (RAGPipeline's 512-token chunker), their KV stored through the server first
-(`kvblend.client.store_documents`). Each test prompt is a chat request: the system turn, 6 of the documents in
-a new random order, a question. Per prompt, back to back on the same server:
+One server (embedded SmolLM2 in this CPU's compute dtype, kvblend.cpu; kvblend connector, load format kvblend).
+Documents: 12 chunks of the Python language reference (RAGPipeline's 512-token chunker), their KV stored through
+the server first (`kvblend.client.store_documents`). Each test prompt is a chat request: the system turn, 6 of the
+documents in a new random order, a question. Per prompt, back to back on the same server:
   plain       kv_transfer_params mode "off": plain vLLM (its prefix cache on, no salt)
   named       the documents listed in kv_transfer_params (kvblend.client.blend_body(docs)), own cache salt
   discovered  no list: the connector finds the stored chunks by content hash, own cache salt
@@ -44,19 +44,12 @@ def documents(seed: int) -> list[str]:
     return random.Random(seed).sample(pool, DOCS)
 
 
-def cpu_info() -> dict:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    return {"model": info.get("model name"), "flags": info.get("flags"), "cores": os.cpu_count()}
-
-
 def run_info() -> dict:
-    """Where and when a benchmark ran: CPU model and flags, git sha, date, command, load average."""
+    """Where and when a benchmark ran: CPU model, ISA flags and compute dtype, git sha, date, command, load average."""
+    from kvblend.cpu import cpu_record
+
     return {
-        "device": cpu_info(),
+        "cpu": cpu_record(),
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python " + " ".join(sys.argv),

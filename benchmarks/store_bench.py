@@ -37,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from kvblend.cpu import cpu_record  # noqa: E402
 from kvblend.store import ChunkKV, ChunkKey, DiskTier, MemoryTier, RedisConfig, RedisTier  # noqa: E402
 from kvblend.store.entry import serialize  # noqa: E402
 
@@ -290,12 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(ratios(results)))
     redis_note = f"redis: {redis_info[1]}, parser {redis_parser()}" if redis_tier is not None else redis_info
+    cpu = cpu_record()
     print(f"\nreps={args.reps} (median), torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} cpus, load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
+          f"{os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), "
+          f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
           f"secret {'on' if secret else 'off'}, {redis_note}")
     if args.json:
         payload = {
             "reps": args.reps,
+            "cpu": cpu,
             "secret": bool(secret),
             "redis_parser": redis_parser() if redis_tier is not None else None,
             "load_avg_before": load_before,

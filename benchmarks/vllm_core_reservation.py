@@ -37,15 +37,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["plain", "example", "kvblend"], required=True)
     parser.add_argument("--prompts", type=int, default=7)
+    parser.add_argument("--dtype", default=None, help="the engine's dtype (default: this CPU's, kvblend.cpu)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
+    from kvblend.cpu import cpu_compute_dtype, cpu_record
     from kvblend.model.embedded import embedded_model_dir
 
+    dtype = args.dtype or cpu_compute_dtype()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="kvblend-cores-") as store_dir:
-        llm = LLM(model=str(embedded_model_dir()), dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+        llm = LLM(model=str(embedded_model_dir()), dtype=dtype, max_model_len=4096, enforce_eager=True,
                   max_num_seqs=4, seed=0, enable_prefix_caching=True, disable_log_stats=False,
                   kv_transfer_config=connector(args.engine, store_dir))
         params = SamplingParams(max_tokens=2, temperature=0.0)
@@ -55,7 +58,8 @@ def main() -> int:
             times.append(ttft_ms(llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]))
         llm.llm_engine.engine_core.shutdown()
     print(f"{args.engine}: TTFT median {statistics.median(times):.0f} ms ({', '.join(f'{t:.0f}' for t in times)}), "
-          f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', 'unset')}")
+          f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', 'unset')}, {dtype}, "
+          f"CPU {cpu_record()}")
     return 0
 
 

@@ -6,8 +6,9 @@ process, then the connector's).
     python benchmarks/vllm_prefetch.py [--requests 4] [--json benchmarks/results/vllm_prefetch_cpu.json]
 
 Chunks: 512-token windows of the Python language reference, their KV precomputed offline by kvblend's torch
-runner in bfloat16 into a disk directory and a private redis-server. Two engines, one after the other: a
-disk-only store and a Redis-only store (a fresh memory tier each). Every request holds 4 chunks no earlier
+runner in the engines' dtype (--dtype, default this CPU's compute dtype, kvblend.cpu) into a disk directory and a
+private redis-server. Two engines, one after the other: a disk-only store and a Redis-only store (a fresh memory
+tier each). Every request holds 4 chunks no earlier
 request used (so the memory tier never already holds them), a different question, explicit chunk layout,
 max_tokens=2. TTFT = first_token_ts - queued_ts (from the engine taking the request in: the scheduler-side
 prefetch starts inside that window). Median per mode; modes alternate request by request.
@@ -39,13 +40,6 @@ def ttft_ms(output) -> float:
     return (m.first_token_ts - m.queued_ts) * 1e3
 
 
-def cpu_model() -> tuple[str, str]:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return model, " ".join(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma")))
-
-
 def drop_page_cache(paths) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -55,7 +49,7 @@ def drop_page_cache(paths) -> None:
             os.close(fd)
 
 
-def run_engine(model_dir, connector: dict, requests, modes, disk_dir: str | None, warmup) -> dict:
+def run_engine(model_dir, dtype: str, connector: dict, requests, modes, disk_dir: str | None, warmup) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -64,7 +58,7 @@ def run_engine(model_dir, connector: dict, requests, modes, disk_dir: str | None
 
     kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                           kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
+    llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
               enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv, load_format=LOAD_FORMAT)
     warm_view = open_store(StoreConfig(disk_dir=disk_dir)) if disk_dir else None  # the pipeline's own store view
 
@@ -100,12 +94,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=4, help="requests per mode and store")
     parser.add_argument("--json", default="benchmarks/results/vllm_prefetch_cpu.json")
+    parser.add_argument("--dtype", default=None, help="engines' and precompute's dtype (default: this CPU's)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from redis_server import RedisServer
 
     from kvblend.blend.prompt import chat_template
+    from kvblend.cpu import cpu_compute_dtype, cpu_record
     from kvblend.model.embedded import embedded_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import encode, load_tokenizer
@@ -114,6 +110,7 @@ def main() -> int:
     from kvblend.store import DiskTier, RedisConfig, RedisTier
 
     started = time.time()
+    dtype = args.dtype or cpu_compute_dtype()
     model_dir = embedded_model_dir()
     tokenizer = load_tokenizer(model_dir)
     template = chat_template(tokenizer)
@@ -135,7 +132,7 @@ def main() -> int:
             ids += list(part) + sep
         return ids + list(template.question_prefix) + encode(tokenizer, question) + list(template.tail), spans
 
-    model = LlamaModel.from_dir(model_dir, dtype="bfloat16")
+    model = LlamaModel.from_dir(model_dir, dtype=dtype)
     requests = []
     for r in range(n_requests):
         parts = pool[r * CHUNKS_PER_PROMPT : (r + 1) * CHUNKS_PER_PROMPT]
@@ -155,19 +152,19 @@ def main() -> int:
         del model
         print(f"precomputed {len(pool)} chunks in {time.time() - started:.0f} s", flush=True)
         load_before = os.getloadavg()
-        on_disk = run_engine(model_dir, {"mode": "blend", "store_dir": disk_dir, "extract": False}, requests,
+        on_disk = run_engine(model_dir, dtype, {"mode": "blend", "store_dir": disk_dir, "extract": False}, requests,
                              disk_modes, disk_dir, (plain_warmup, warmup_blend))
-        in_redis = run_engine(model_dir, {"mode": "blend", "disk": False, "redis_url": server.url, "extract": False},
+        in_redis = run_engine(model_dir, dtype,
+                              {"mode": "blend", "disk": False, "redis_url": server.url, "extract": False},
                               requests[: args.requests * len(redis_modes)], redis_modes, None,
                               (plain_warmup, warmup_blend))
         load_after = os.getloadavg()
     server.close()
-    model_name, isa = cpu_model()
     rows = [{"store": store, "prefetch": mode, "ttft_ms_median": statistics.median(r["ttft_ms"]), **r}
             for store, results in (("disk (page cache dropped)", on_disk), ("redis (loopback)", in_redis))
             for mode, r in results.items()]
     report = {
-        "cpu": model_name, "isa": isa, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu_record(), "dtype": dtype, "python": platform.python_version(),
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                   text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -67,7 +66,7 @@ def build_prompts(tokenizer, n_prompts: int, seed: int):
     return chunks, history, tests
 
 
-def run_engine(model_dir, connector, chunks, history, tests, modes):
+def run_engine(model_dir, dtype, connector, chunks, history, tests, modes):
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -78,7 +77,7 @@ def run_engine(model_dir, connector, chunks, history, tests, modes):
         kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                               kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
     hook = {"load_format": LOAD_FORMAT} if connector is not None else {}  # the blend runs on vLLM's modules
-    llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
+    llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
               enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv, **hook)
 
     def params(extra):
@@ -138,30 +137,33 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/vllm_rag_ttft_cpu.json")
+    parser.add_argument("--dtype", default=None, help="engines' dtype (default: this CPU's, kvblend.cpu)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # vLLM's CPU worker keeps one core for the engine process, but a second one too (for NIXL) when any KV
     # connector is configured, and on a 2-core machine it then reserves none: a connector engine would compute
     # on 2 cores and plain vLLM on 1. Reserving none everywhere gives every engine the same cores.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from kvblend.cpu import cpu_compute_dtype, cpu_record
     from kvblend.model.embedded import embedded_model_dir
     from kvblend.model.tokenizer import load_tokenizer
 
+    dtype = args.dtype or cpu_compute_dtype()
     model_dir = embedded_model_dir()
     chunks, history, tests = build_prompts(load_tokenizer(model_dir), args.prompts, args.seed)
     started = time.time()
-    plain = run_engine(model_dir, None, chunks, history, tests, [("vllm_prefix_caching", None, None)])
+    plain = run_engine(model_dir, dtype, None, chunks, history, tests, [("vllm_prefix_caching", None, None)])
     with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as store_dir:
         connector = {"mode": "blend", "store_dir": store_dir, "span_tokens": 256}
         # blend first: blended requests are never extracted, while storage-mode requests store their own spans,
         # which would hand a later blend of the same prompt an exact prefix
-        kvblend = run_engine(model_dir, connector, chunks, history, tests,
+        kvblend = run_engine(model_dir, dtype, connector, chunks, history, tests,
                              [("kvblend_blend", {"mode": "blend", "ratio": 0.15}, "kvblend-blend"),
                               ("kvblend_storage", {"mode": "storage"}, None)])
         store_bytes = sum(f.stat().st_size for f in Path(store_dir).rglob("*") if f.is_file())
         # the same blend with kvblend's torch rope shift instead of vLLM's rotary kernel (a fresh engine and store)
         connector = {**connector, "store_dir": str(Path(store_dir) / "torch-ops"), "cpu_ops": "torch"}
-        torch_ops = run_engine(model_dir, connector, chunks, history, tests,
+        torch_ops = run_engine(model_dir, dtype, connector, chunks, history, tests,
                                [("kvblend_blend_torch_ops", {"mode": "blend", "ratio": 0.15}, "kvblend-blend")])
     memory = {"plain": plain.pop("worker_memory"), "blend": kvblend.pop("worker_memory"),
               "blend_torch_ops": torch_ops.pop("worker_memory")}
@@ -180,7 +182,8 @@ def main() -> int:
         rows.append({"mode": mode, "ttft_ms_median": med, "ttft_ms": r["ttft_ms"], "speedup_vs_vllm": base / med,
                      "cached_tokens": r["cached_tokens"], "reports": r["reports"]})
     report = {
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "cpu": cpu_record(),
+        "dtype": dtype,
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python " + " ".join(sys.argv),

@@ -23,6 +23,24 @@ def given(args: argparse.Namespace, **options: str) -> dict:
     return {keyword: getattr(args, option) for keyword, option in options.items() if getattr(args, option) is not None}
 
 
+def add_dtype_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help=f"{what} (default: this CPU's compute dtype, bfloat16 only with native bf16 such as "
+                        "avx512_bf16 or AMX, else float32; stored chunk KV is keyed by it)")
+
+
+def engine_dtype(args: argparse.Namespace) -> str:
+    """--dtype if given, else the serving engine's default (DEFAULT_ENGINE_ARGS: this CPU's compute dtype)."""
+    from kvblend.rag.config import DEFAULT_ENGINE_ARGS
+
+    return args.dtype or DEFAULT_ENGINE_ARGS["dtype"]
+
+
+def dtype_settings(args: argparse.Namespace) -> dict:
+    """PipelineConfig settings for --dtype: engine_args that set it when given, nothing otherwise."""
+    return {"engine_args": {"dtype": args.dtype}} if args.dtype is not None else {}
+
+
 def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None, help="disk tier directory (default: ~/.cache/kvblend/store)")
     p.add_argument("--disk-gb", type=float, default=None, help="disk tier budget in GiB (default 20)")
@@ -40,6 +58,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    "KVBLEND_TENANT_SECRET set, the tenant's own namespace of that name)")
     p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
     p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
+    add_dtype_arg(p, "the vLLM engine's dtype")
 
 
 def open_cli_store(args: argparse.Namespace):
@@ -78,7 +97,7 @@ def precompute_windows(args: argparse.Namespace, docs) -> int:
 
     config = PrecomputeConfig(**given(args, chunk_tokens="chunk_tokens", namespace="namespace", max_chunks="max_chunks"))
     model_dir = resolve_model_dir(args.model)
-    model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
+    model = LlamaModel.from_dir(model_dir, dtype=engine_dtype(args))
     chunks = text_chunks(load_tokenizer(model_dir), docs, config)
     with open_cli_store(args) as store:
         report = run_with_progress(model, store, chunks, config.namespace)
@@ -90,13 +109,12 @@ def precompute_windows(args: argparse.Namespace, docs) -> int:
 
 def precompute_indexed(args: argparse.Namespace, docs) -> int:
     """With --index: the RAGPipeline's chunks (stable boundaries), embedded into the index, KV stored by the
-    torch runner in the dtype vLLM serves (bfloat16 by default), so RAGPipeline and `kvblend query` reuse it."""
+    torch runner in the dtype vLLM serves (engine_dtype), so RAGPipeline and `kvblend query` reuse it."""
     from tqdm import tqdm
 
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
-    from kvblend.rag.config import DEFAULT_ENGINE_ARGS
     from kvblend.rag.index_updates import index_exists, update_index
     from kvblend.retrieval import ChunkerConfig, Embedder, VectorIndex
 
@@ -109,7 +127,7 @@ def precompute_indexed(args: argparse.Namespace, docs) -> int:
     with tqdm(total=len(docs), unit="doc", desc="index", file=sys.stderr) as bar:
         added, chunks = update_index(index, embedder, tokenizer, docs, chunker,
                                      on_document=lambda doc, n: bar.update(1))
-    model = LlamaModel.from_dir(model_dir, dtype=args.dtype or DEFAULT_ENGINE_ARGS["dtype"])
+    model = LlamaModel.from_dir(model_dir, dtype=engine_dtype(args))
     with open_cli_store(args) as store:
         report = run_with_progress(model, store, [(c.source, c.index, c.token_ids) for c in chunks], args.namespace)
     print(f"index {args.index}: {len(docs)} documents, {added} chunks added, {len(index)} chunks in all")
@@ -178,7 +196,7 @@ def pipeline_from_args(args: argparse.Namespace, **settings):
     rag = RAGPipeline(**given(args, model_dir="model", index_dir="index", store_dir="store", redis_url="redis",
                               redis_gb="redis_gb", redis_ttl_s="redis_ttl_s", memory_gb="memory_gb",
                               disk_gb="disk_gb", namespace="namespace", policy="policy",
-                              ratio="ratio", top_k="top_k"), **settings)
+                              ratio="ratio", top_k="top_k"), **dtype_settings(args), **settings)
     if rag.index is None:
         rag.close()
         open_index(rag.config.index_dir)  # raises, saying how to build one
@@ -243,7 +261,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sampling.update(extra)
     config = PipelineConfig(sampling=sampling, **given(args, model_dir="model", store_dir="store", redis_url="redis",
                                                        memory_gb="memory_gb", disk_gb="disk_gb",
-                                                       namespace="namespace", policy="policy", ratio="ratio"))
+                                                       namespace="namespace", policy="policy", ratio="ratio"),
+                            **dtype_settings(args))
     if config.redis_url:
         require_redis(config.redis_url)
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
@@ -347,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pydoc-topics", action="store_true", help="add the stdlib's language reference topics")
     p.add_argument("--index", type=Path, default=None, help="vector index directory to create or update")
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="default: bfloat16 with --index (what vLLM serves), else the model's")
+    add_dtype_arg(p, "the torch runner's dtype, which must be the serving engine's")
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: 512 with --index, else 256")
     p.add_argument("--namespace", default=None, help="chunk store namespace (default: default; with "
                    "KVBLEND_TENANT_SECRET set, the tenant's own namespace of that name)")
@@ -416,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=None, help="chunk store namespace (default: default)")
     p.add_argument("--policy", default=None, help=f"blend policy (default {DEFAULT_POLICY})")
     p.add_argument("--ratio", type=float, default=None, help=f"recompute ratio (default {DEFAULT_RATIO:g})")
+    add_dtype_arg(p, "the vLLM engine's dtype")
     p.add_argument("--sampling", default=None,
                    help='JSON sampling defaults over kvblend\'s (greedy, frequency_penalty 0.5), e.g. '
                         '\'{"temperature": 0.7}\'; every request can override them')

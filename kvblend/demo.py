@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=str(cache_dir() / "demo"), help="index and store live here")
     parser.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="also use this Redis tier")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                        help="the engine's dtype (default: this CPU's compute dtype, bfloat16 only with native bf16)")
     args = parser.parse_args(argv)
 
     from kvblend.rag.engine import configure_vllm_logging
 
     configure_vllm_logging("ERROR")
 
+    from kvblend.cpu import cpu_model, native_bf16
     from kvblend.rag.pipeline import RAGPipeline
     from kvblend.retrieval.corpus import pydoc_topics
     from kvblend.store import redact_url
@@ -57,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"index and chunk KV store under {args.dir}{redis}", flush=True)
     start = time.perf_counter()
     with RAGPipeline.from_defaults(index_dir=os.path.join(args.dir, "index"), store_dir=os.path.join(args.dir, "store"),
-                                   redis_url=args.redis, max_tokens=args.max_tokens) as rag:
-        print(f"model {rag.model_dir.name}; indexing, then precomputing chunk KV through vLLM "
-              "(the engine starts on first use: about half a minute)...", flush=True)
+                                   redis_url=args.redis, max_tokens=args.max_tokens,
+                                   engine_args={"dtype": args.dtype} if args.dtype else {}) as rag:
+        bf16 = "native bf16" if native_bf16() else "no native bf16"
+        print(f"model {rag.model_dir.name} in {rag.config.dtype} (this CPU: {cpu_model()}, {bf16}); indexing, then "
+              "precomputing chunk KV through vLLM (the engine starts on first use: about half a minute)...", flush=True)
         summary = rag.add_documents(pydoc_topics(DEMO_TOPICS), progress=True)
         print(f"{summary.documents} documents -> {summary.chunks} chunks ({summary.chunks_added} new to the index), "
               f"{summary.chunks_precomputed} chunk KV computed now, the rest already stored "

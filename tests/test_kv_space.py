@@ -3,6 +3,7 @@ it gets a clear error before any engine starts."""
 
 import pytest
 
+from kvblend.cpu import cpu_compute_dtype
 from kvblend.model.spec import load_spec
 from kvblend.rag.config import PipelineConfig
 from kvblend.rag.engine import engine_kwargs
@@ -29,10 +30,10 @@ def test_kv_space_is_sized_from_the_model_and_the_sequences(model_dir):
 
 def test_the_pipeline_asks_vllm_for_its_size_unless_told_otherwise(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    spec = load_spec(model_dir, "bfloat16")
+    spec = load_spec(model_dir, cpu_compute_dtype())  # DEFAULT_ENGINE_ARGS' dtype
     dirs = {"index_dir": tmp_path / "i", "store_dir": tmp_path / "s"}
     kwargs = engine_kwargs(model_dir, PipelineConfig(**dirs))
-    assert kwargs["kv_cache_memory_bytes"] == kv_space_bytes(spec, 4096, 4) < GIB // 2
+    assert kwargs["kv_cache_memory_bytes"] == kv_space_bytes(spec, 4096, 4) < GIB  # 0.35 GiB in bf16, 0.70 in fp32
     assert cpu_kv_bytes(kwargs) == kwargs["kv_cache_memory_bytes"]
     small = engine_kwargs(model_dir, PipelineConfig(**dirs, top_k=2, chunk_tokens=256,
                                                     engine_args={"max_model_len": 1024, "max_num_seqs": 2}))

@@ -8,6 +8,7 @@ import uuid
 import pytest
 from langchain_core.documents import Document as LCDocument
 
+from kvblend.cpu import cpu_compute_dtype
 from kvblend.eval.bench import default_questions, format_rows, run_bench
 from kvblend.model.spec import load_spec
 from kvblend.model.tokenizer import encode
@@ -170,7 +171,7 @@ def test_bench_compares_plain_vllm_and_blending(rag):
 @pytest.mark.slow
 def test_the_engine_kv_space_is_sized_by_the_pipeline(rag, model_dir):
     pipeline, _ = rag
-    expected = kv_space_bytes(load_spec(model_dir, "bfloat16"), 4096, 4)  # DEFAULT_ENGINE_ARGS
+    expected = kv_space_bytes(load_spec(model_dir, cpu_compute_dtype()), 4096, 4)  # DEFAULT_ENGINE_ARGS
     assert pipeline.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == expected < 1 << 30
 
 
@@ -298,7 +299,7 @@ def test_config_is_validated_at_construction(cache_env):
         with pytest.raises(ValueError, match=message):
             PipelineConfig(**settings)
     config = PipelineConfig(engine_args={"max_model_len": 3000})
-    assert config.engine_kwargs["max_model_len"] == 3000 and config.engine_kwargs["dtype"] == "bfloat16"
+    assert config.engine_kwargs["max_model_len"] == 3000 and config.engine_kwargs["dtype"] == cpu_compute_dtype()
 
 
 @pytest.mark.slow

@@ -9,14 +9,17 @@ from typing import Any
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
+from kvblend.cpu import cpu_compute_dtype
 from kvblend.paths import cache_dir
 from kvblend.retrieval.chunker import ChunkerConfig
 from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
 from kvblend.store.redis_tier import redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
 
-# Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics.
-DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
+# Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics. The
+# dtype is this CPU's compute dtype (bf16 only with native bf16, else fp32: kvblend.cpu); every kvblend precompute
+# path defaults to it too, so stored chunk KV and the serving engine agree. engine_args={"dtype": ...} overrides it.
+DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": cpu_compute_dtype(), "max_model_len": 4096, "enforce_eager": True,
                                        "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
 # Greedy with a frequency penalty: without one the embedded 135M model loops ("a lambda expression is a function
 # definition, while a function definition is a function definition ..."), plain and blended alike. A penalty on
