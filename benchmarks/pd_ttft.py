@@ -4,7 +4,8 @@ prompts of vllm_rag_ttft.py (chat template + 6 chunks x 512 tokens + a question,
 Servers: `kvblend serve --disagg prefill` (kvblend's connector + NixlConnector under MultiConnector) and
 `kvblend serve --disagg decode` (NixlConnector), float32, KV moved over NIXL (UCX over TCP loopback) from the
 prefill's CPU KV cache, requests routed by examples/pd_proxy.py. "One instance" is the prefill server answering
-directly (no hand-off asked): the same engine, the decode server idle. Both instances share this machine's cores.
+directly (no hand-off asked): the same engine, the decode server idle. On a 2-core machine each instance gets
+one core (--prefill-cores 0, --decode-cores 1, VLLM_CPU_OMP_THREADS_BIND), so "one instance" computes on 1 core.
 Each chunk is first stored through the prefill server (its own request, store_prompt), and the chunks are
 prefilled together in other orders (storage mode), as in vllm_rag_ttft.py. Per test prompt, in turn:
   one_plain  prefill server, kvblend off          pd_plain  proxy, kvblend off
@@ -32,9 +33,11 @@ PROXY = Path(__file__).resolve().parents[1] / "examples" / "pd_proxy.py"
 MODES = ("one_plain", "one_blend", "pd_plain", "pd_blend")
 
 
-def instance_env() -> dict:
+def instance_env(cores: str = "0") -> dict:
+    """One instance's environment, its OpenMP threads on `cores` (two engines whose OpenMP threads share cores
+    slow each other's steps to seconds on 2 cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-               UCX_TLS=os.environ.get("UCX_TLS", "tcp,self"), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+               UCX_TLS=os.environ.get("UCX_TLS", "tcp,self"), VLLM_CPU_OMP_THREADS_BIND=cores)
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -60,6 +63,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill-cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND of the prefill instance")
+    parser.add_argument("--decode-cores", default="1", help="VLLM_CPU_OMP_THREADS_BIND of the decode instance")
     parser.add_argument("--json", default="benchmarks/results/pd_ttft_cpu.json")
     args = parser.parse_args()
     from openai import OpenAI
@@ -76,10 +81,10 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="kvblend-pd-bench-") as root:
         prefill = ServerProcess(["--store", f"{root}/store", "--disagg", "prefill", *engine],
-                                env={**instance_env(), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+                                env={**instance_env(args.prefill_cores), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
                                 log_path=Path(root) / "prefill.log")
         decode = ServerProcess(["--store", f"{root}/store-decode", "--disagg", "decode", *engine],
-                               env={**instance_env(), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+                               env={**instance_env(args.decode_cores), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
                                log_path=Path(root) / "decode.log")
         with prefill, decode:
             port = free_port()
@@ -105,8 +110,8 @@ def main() -> int:
                         print(f"prompt {i}: " + ", ".join(f"{m} {r['ttft_ms'][-1]:.0f} ms" for m, r in rows.items()),
                               flush=True)
     write_ttft_report(args.json, rows, "one_plain", seconds=round(time.time() - started, 1), dtype=args.dtype,
-                      env={k: instance_env()[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "UCX_TLS",
-                                                          "VLLM_CPU_NUM_OF_RESERVED_CPU")},
+                      env={k: instance_env()[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "UCX_TLS")},
+                      cores={"prefill": args.prefill_cores, "decode": args.decode_cores},
                       prompt_tokens=[len(ids) for ids, _ in tests[1:]])
     return 0
 

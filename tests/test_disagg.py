@@ -21,7 +21,7 @@ from kvblend.vllm.disagg import REMOTE_DECODE, decode_params, transfer_config
 
 PROXY = Path(__file__).resolve().parents[1] / "examples" / "pd_proxy.py"
 ENGINE = ["--", "--dtype", "float32"]
-GREEDY = {"temperature": 0.0, "frequency_penalty": 0.0, "max_tokens": 24}
+GREEDY = {"temperature": 0.0, "frequency_penalty": 0.0, "max_tokens": 16}
 
 
 def load_proxy():
@@ -58,9 +58,11 @@ def test_proxy_asks_the_prefill_for_one_token_and_hands_nixl_fields_to_the_decod
         decode_params({"kvblend": {"chunks": 2}})
 
 
-def instance_env() -> dict:
+def instance_env(cores: str = "0") -> dict:
+    """One instance's environment: its own NIXL side channel and OpenMP cores (two engines whose OpenMP threads
+    share cores slow each other's steps to seconds on 2 cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", UCX_TLS="tcp,self",
-               VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+               VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()), VLLM_CPU_OMP_THREADS_BIND=cores)
     for name in ("TRITON_INTERPRET", "KVBLEND_REDIS_URL"):
         env.pop(name, None)
     return env
@@ -72,7 +74,7 @@ def servers(tmp_path_factory):
     prefill = ServerProcess(["--store", str(root / "store"), "--disagg", "prefill", *ENGINE],
                             log_path=root / "prefill.log", env=instance_env())
     decode = ServerProcess(["--store", str(root / "store-decode"), "--disagg", "decode", *ENGINE],
-                           log_path=root / "decode.log", env=instance_env())
+                           log_path=root / "decode.log", env=instance_env(str((os.cpu_count() or 1) - 1)))
     with prefill, decode:
         proxy_port = free_port()
         command = [sys.executable, str(PROXY), "--prefill", prefill.base_url.removesuffix("/v1"),
