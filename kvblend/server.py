@@ -62,6 +62,9 @@ def server_args(model_dir: Path, config: PipelineConfig, host: str = DEFAULT_HOS
     if disagg is not None:
         kv = transfer_config(disagg, kv, kv_buffer_device())
     load = [] if disagg == "decode" else ["--load-format", LOAD_FORMAT]
+    # NixlConnector refuses a hand-off between instances that differ in vLLM's hybrid KV cache manager; kvblend's
+    # connector turns it off on the prefill side, so the decode side turns it off too.
+    load += ["--disable-hybrid-kv-cache-manager"] if disagg == "decode" else []
     return ["--model", str(model_dir), "--host", host, "--port", str(port), *engine_flags(config.engine_kwargs, vllm_server_parser()),
             *load, "--kv-transfer-config", json.dumps(kv), "--no-async-scheduling",
             "--override-generation-config", json.dumps(config.sampling), "--enable-prompt-tokens-details",
