@@ -3,13 +3,14 @@ dropped) or only in Redis, with the connector's prefetch off or on (request para
 "scheduling"), and (disk) also at retrieval (what RAGPipeline does: page-cache readahead from the retrieving
 process, then the connector's).
 
-    python benchmarks/vllm_prefetch.py [--requests 4] [--json benchmarks/results/vllm_prefetch_cpu.json]
+    python benchmarks/vllm_prefetch.py [--requests 4] [--dtype float32] [--json ...vllm_prefetch_cpu.json]
 
 Chunks: 512-token windows of the Python language reference, their KV precomputed offline by kvblend's torch
-runner in bfloat16 into a disk directory and a private redis-server. Two engines, one after the other: a
-disk-only store and a Redis-only store (a fresh memory tier each). Every request holds 4 chunks no earlier
-request used (so the memory tier never already holds them), a different question, explicit chunk layout,
-max_tokens=2. TTFT = first_token_ts - queued_ts (from the engine taking the request in: the scheduler-side
+runner in --dtype (bfloat16 by default; float32 on CPUs without avx512_bf16, where bf16 is emulated) into a
+disk directory and a private redis-server; the engines run in the same dtype. Two engines, one after the
+other: a disk-only store and a Redis-only store (a fresh memory tier each). Every request holds 4 chunks no
+earlier request used (so the memory tier never already holds them), a different question, explicit chunk
+layout, max_tokens=2. TTFT = first_token_ts - queued_ts (from the engine taking the request in: the scheduler-side
 prefetch starts inside that window). Median per mode; modes alternate request by request.
 """
 
@@ -55,7 +56,7 @@ def drop_page_cache(paths) -> None:
             os.close(fd)
 
 
-def run_engine(model_dir, connector: dict, requests, modes, disk_dir: str | None, warmup) -> dict:
+def run_engine(model_dir, connector: dict, requests, modes, disk_dir: str | None, warmup, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -64,7 +65,7 @@ def run_engine(model_dir, connector: dict, requests, modes, disk_dir: str | None
 
     kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                           kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
+    llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=4096, enforce_eager=True, max_num_seqs=4, seed=0,
               enable_prefix_caching=True, disable_log_stats=False, kv_transfer_config=kv, load_format=LOAD_FORMAT)
     warm_view = open_store(StoreConfig(disk_dir=disk_dir)) if disk_dir else None  # the pipeline's own store view
 
@@ -100,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=4, help="requests per mode and store")
     parser.add_argument("--json", default="benchmarks/results/vllm_prefetch_cpu.json")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -135,7 +137,7 @@ def main() -> int:
             ids += list(part) + sep
         return ids + list(template.question_prefix) + encode(tokenizer, question) + list(template.tail), spans
 
-    model = LlamaModel.from_dir(model_dir, dtype="bfloat16")
+    model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
     requests = []
     for r in range(n_requests):
         parts = pool[r * CHUNKS_PER_PROMPT : (r + 1) * CHUNKS_PER_PROMPT]
@@ -156,10 +158,10 @@ def main() -> int:
         print(f"precomputed {len(pool)} chunks in {time.time() - started:.0f} s", flush=True)
         load_before = os.getloadavg()
         on_disk = run_engine(model_dir, {"mode": "blend", "store_dir": disk_dir, "extract": False}, requests,
-                             disk_modes, disk_dir, (plain_warmup, warmup_blend))
+                             disk_modes, disk_dir, (plain_warmup, warmup_blend), args.dtype)
         in_redis = run_engine(model_dir, {"mode": "blend", "disk": False, "redis_url": server.url, "extract": False},
                               requests[: args.requests * len(redis_modes)], redis_modes, None,
-                              (plain_warmup, warmup_blend))
+                              (plain_warmup, warmup_blend), args.dtype)
         load_after = os.getloadavg()
     server.close()
     model_name, isa = cpu_model()
@@ -171,7 +173,7 @@ def main() -> int:
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                   text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + " ".join(sys.argv), "dtype": args.dtype,
         "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
         "load_avg_before": load_before, "load_avg_after": load_after,
         "seconds": round(time.time() - started, 1), "rows": rows,
