@@ -315,7 +315,8 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--after-restart", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", default="vllm_offloading,vllm_prefix_caching,kvblend_storage")
+    parser.add_argument("--systems", default="vllm_offloading,vllm_prefix_caching,kvblend_storage",
+                        help="also known: vllm_simple_offloading (vLLM's SimpleCPUOffloadConnector)")
     parser.add_argument("--json", default="benchmarks/results/workloads_cpu.json")
     parser.add_argument("--replot", action="store_true", help="only draw the plot of an existing --json")
     args = parser.parse_args()
@@ -358,7 +359,9 @@ def main() -> int:
                                                  "redis_url": server.url, "span_tokens": SPAN_TOKENS}}
         redis_only = {**storage, "kv_connector_extra_config": {**storage["kv_connector_extra_config"], "disk": False,
                                                               "store_dir": None}}
-        configs = {"vllm_offloading": (offload, None), "vllm_prefix_caching": (None, None),
+        simple_offload = {**offload, "kv_connector": "SimpleCPUOffloadConnector"}
+        configs = {"vllm_offloading": (offload, None), "vllm_simple_offloading": (simple_offload, None),
+                   "vllm_prefix_caching": (None, None),
                    "kvblend_storage": (storage, {"mode": "storage"})}
         for name in chosen:
             kv_transfer, params = configs[name]
