@@ -64,6 +64,7 @@ class Request:
 @dataclass
 class Result:
     ttft_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)  # queued -> scheduled, part of ttft_ms
     prompt_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
@@ -164,6 +165,7 @@ def serve(llm, requests: list[Request], kvblend: dict | None) -> Result:
         out = llm.generate([{"prompt_token_ids": r.ids}], params, use_tqdm=False)[0]
         m = out.metrics
         result.ttft_ms.append((m.first_token_ts - m.queued_ts) * 1e3)
+        result.queue_ms.append((m.scheduled_ts - m.queued_ts) * 1e3)
         result.prompt_tokens.append(len(r.ids))
         result.cached_tokens.append(out.num_cached_tokens or 0)
         result.index.append(r.index)
@@ -199,7 +201,8 @@ def summarize(result: Result) -> dict:
         "hit_rate": round(sum(result.cached_tokens) / sum(result.prompt_tokens), 4),
         "per_index": per_index, "store_layer_hits_by_tier": tiers,
         "prefix_cache_counters": result.prefix_cache_counters,
-        "ttft_ms": [round(t, 1) for t in result.ttft_ms], "cached_tokens": result.cached_tokens,
+        "ttft_ms": [round(t, 1) for t in result.ttft_ms], "queue_ms": [round(t, 1) for t in result.queue_ms],
+        "cached_tokens": result.cached_tokens,
         "prompt_tokens": result.prompt_tokens, "index": result.index, "reports": result.reports,
     }
 
@@ -298,7 +301,8 @@ def split_document_qa(summary_source: dict, requests: list[Request]) -> None:
     first = [i for i, r in enumerate(requests) if r.index == 0]
     repeat = [i for i, r in enumerate(requests) if r.index > 0]
     for label, picks in (("document_qa_first", first), ("document_qa_repeat", repeat)):
-        part = Result([qa["ttft_ms"][i] for i in picks], [qa["prompt_tokens"][i] for i in picks],
+        part = Result([qa["ttft_ms"][i] for i in picks], [qa["queue_ms"][i] for i in picks],
+                      [qa["prompt_tokens"][i] for i in picks],
                       [qa["cached_tokens"][i] for i in picks], [qa["index"][i] for i in picks],
                       [qa["reports"][i] for i in picks], wall_s=qa["wall_s"])
         summary = summarize(part)
