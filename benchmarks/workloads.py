@@ -322,6 +322,8 @@ def main() -> int:
     parser.add_argument("--systems", default="vllm_offloading,vllm_prefix_caching,kvblend_storage",
                         help="also known: vllm_simple_offloading (vLLM's SimpleCPUOffloadConnector)")
     parser.add_argument("--json", default="benchmarks/results/workloads_cpu.json")
+    parser.add_argument("--kvblend-extra", default="{}",
+                        help="JSON merged into kvblend's connector settings (e.g. {\"extract\": false})")
     parser.add_argument("--replot", action="store_true", help="only draw the plot of an existing --json")
     args = parser.parse_args()
     if args.replot:
@@ -360,7 +362,8 @@ def main() -> int:
         storage = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kvblend.vllm.connector",
                    "kv_load_failure_policy": "recompute",
                    "kv_connector_extra_config": {"mode": "storage", "store_dir": store_dir, "memory_gb": MEMORY_GB,
-                                                 "redis_url": server.url, "span_tokens": SPAN_TOKENS}}
+                                                 "redis_url": server.url, "span_tokens": SPAN_TOKENS,
+                                                 **json.loads(args.kvblend_extra)}}
         redis_only = {**storage, "kv_connector_extra_config": {**storage["kv_connector_extra_config"], "disk": False,
                                                               "store_dir": None}}
         simple_offload = {**offload, "kv_connector": "SimpleCPUOffloadConnector"}
