@@ -26,7 +26,8 @@ def prompts(tokenizer):
 @pytest.fixture(scope="module")
 def runs(model_dir, prompts, tmp_path_factory):
     """Plain vLLM without the connector; then two fresh engines with the connector on one store directory,
-    the second started after one stored span was corrupted."""
+    the second started after one stored span was corrupted; the second then serves a longer prompt that starts
+    with the first (a conversation's next turn)."""
     store_dir = tmp_path_factory.mktemp("storage-store")
     connector = {"mode": "storage", "store_dir": str(store_dir), "span_tokens": SPAN}
     results = {}
@@ -44,7 +45,9 @@ def runs(model_dir, prompts, tmp_path_factory):
     victim.write_bytes(bytes(blob))
     llm = start_llm(model_dir, connector, prefix_caching=False)
     results["second"] = generate(llm, prompts, logprobs=5)
+    results["next_turn"] = generate(llm, [prompts[0] + prompts[1][:400]])
     stop_llm(llm)
+    results["store_dir"], results["fingerprint"] = store_dir, fingerprint
     return results
 
 
@@ -65,3 +68,11 @@ def test_corrupt_span_is_recomputed_by_vllm(runs):
     out = runs["second"][1]
     assert "could not be loaded" in out.kv_transfer_params["kvblend"]["load_error"]
     assert agree_up_to_near_tie(runs["plain"][1], out)
+
+
+def test_request_served_from_the_store_stores_its_new_spans(runs, prompts):
+    """1100 tokens: spans 0-1 come from the store (the first prompt's), spans 2-3 are computed and stored."""
+    assert runs["next_turn"][0].num_cached_tokens == 2 * SPAN
+    spans = prefix_spans(runs["fingerprint"], prompts[0] + prompts[1][:400], SPAN, "default")
+    for span in spans[2:4]:
+        assert any(pathlib.Path(runs["store_dir"]).rglob(span.key.digest + "*")), f"span at {span.start} not stored"

@@ -58,7 +58,7 @@ class SchedulerSide:
         self._params: dict[str, RequestParams] = {}
         self._matched: dict[str, LoadJob | BlendJob] = {}
         self._jobs = KVBlendMetadata()
-        self._external: set[str] = set()
+        self._blended: set[str] = set()  # their KV is approximate: never extracted
         self._extracting: dict[str, _Extraction] = {}
         self._reports: dict[str, dict] = {}
         self._worker_keys: OrderedDict[str, None] = OrderedDict()  # recent worker puts, bounded
@@ -154,8 +154,8 @@ class SchedulerSide:
         if job is None or num_external == 0:
             return
         job.block_ids = list(block_ids)
-        self._external.add(req_id)
         if isinstance(job, BlendJob):
+            self._blended.add(req_id)
             self._jobs.blends.append(job)
             self._reports.setdefault(req_id, {}).update(
                 mode="blend", chunks=len(job.chunks), chunk_tokens=sum(s.length for s in job.chunks),
@@ -172,7 +172,7 @@ class SchedulerSide:
             prompt = list(req.prompt_token_ids or [])
             block_ids = list(req.block_ids[0]) if req.block_ids else []
             done = req.num_computed_tokens + so.num_scheduled_tokens.get(req.req_id, 0)
-            if req.req_id not in self._external:
+            if req.req_id not in self._blended:  # exact KV (loaded spans included): its new spans are stored
                 self._plan_extraction(req.req_id, prompt, block_ids, req.num_computed_tokens)
                 if self._wants_check(req.num_computed_tokens, done, len(prompt)):
                     n = min(len(prompt), 256)
@@ -243,7 +243,7 @@ class SchedulerSide:
         self._params.pop(req_id, None)
         self._matched.pop(req_id, None)
         self._extracting.pop(req_id, None)
-        self._external.discard(req_id)
+        self._blended.discard(req_id)
         self._finished.append(req_id)
         report = self._reports.pop(req_id, None)
         return {"kvblend": report} if report else None

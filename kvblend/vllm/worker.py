@@ -242,6 +242,8 @@ class WorkerSide:
         if meta.check is not None and self._verdict is None:
             self._verdict = self._self_check(meta.check)
         for job in meta.saves:
+            if "load_error" in self._reports.get(job.req_id, {}):
+                continue  # rows computed this step on top of a failed span load are recomputed by vLLM, never stored
             try:
                 self._save(job)
             except Exception as exc:  # extraction is best effort: the request itself is already served
