@@ -39,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from kvblend.cpu import cpu_record
+
 MAX_MODEL_LEN = 4096
 KV_TOKENS = 5120
 DOC_TOKENS = 3584
@@ -251,13 +254,6 @@ def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes, phases, kvblen
     return out
 
 
-def cpu_model() -> tuple[str, str]:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return model, " ".join(flags)
-
-
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -392,9 +388,8 @@ def main() -> int:
     load_after = os.getloadavg()
     server.close()
 
-    model, flags = cpu_model()
     report = {
-        "cpu": model, "cpu_flags": flags, "cpus": os.cpu_count(),
+        "cpu": cpu_record(),
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                   text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
