@@ -144,14 +144,16 @@ def test_langchain_chat_model_in_lcel_chains(server, documents):
 
 def test_a_request_without_kvblend_parameters_is_not_blended(server, client, documents):
     """A plain OpenAI client sends no kvblend parameters: served exactly (the server runs without
-    --discover-blend), although its prompt holds stored chunks that `blend_body()` would blend."""
-    messages = rag_messages("What does pass do?", documents[:2])
-    unasked = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0.0)
-    assert unasked.choices[0].message.content.strip()
-    assert kvblend_report(unasked).get("mode") != "blend" and not kvblend_report(unasked).get("chunks")
+    --discover-blend), although its prompt holds stored chunks that `blend_body()` blends. The blended request
+    runs first: the plain one stores its prompt's exact prefix spans, which a later request would reuse exactly
+    instead of blending."""
+    messages = rag_messages("Which statement does nothing?", documents[:2])
     asked = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8,
                                            extra_body=blend_body())
     assert kvblend_report(asked)["mode"] == "blend" and kvblend_report(asked)["chunks"] == 2
+    unasked = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0.0)
+    assert unasked.choices[0].message.content.strip()
+    assert kvblend_report(unasked).get("mode") != "blend" and not kvblend_report(unasked).get("chunks")
 
 
 def test_doc_snippets_run_against_the_server(server, documents):
