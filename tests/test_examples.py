@@ -88,8 +88,8 @@ def test_readme_vllm_snippet_runs(example_env, model_dir, tmp_path):
 
     ((_, code),) = blocks_run_by("test_readme_vllm_snippet_runs")
     code = code.replace("/path/to/hf-model-dir", str(model_dir)).replace("/var/cache/kvblend", str(tmp_path / "store"))
-    code += ('\nout = llm.generate(["The Python pass statement"], SamplingParams(max_tokens=4, temperature=0.0))\n'
-             'print("generated:", repr(out[0].outputs[0].text))\n')
+    code += ('\n    out = llm.generate(["The Python pass statement"], SamplingParams(max_tokens=4, temperature=0.0))\n'
+             '    print("generated:", repr(out[0].outputs[0].text))\n')
     env = dict(example_env[0], VLLM_CPU_KVCACHE_SPACE="1")  # vLLM's own default on CPU is most of the host
     run = run_snippet(env, tmp_path, code)
     assert run.returncode == 0, run.stderr[-3000:]
