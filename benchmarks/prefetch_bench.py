@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_record()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     entry_mb = kvs[0].nbytes / 1e6
-    print(f"| store | page cache | prefetch | gap before scheduling | load on the critical path (ms, median) |")
+    print("| store | page cache | prefetch | gap before scheduling | load on the critical path (ms, median) |")
     print("|---|---|---|---|---|")
     for r in rows:
         gap = f"{r['gap_ms']:g} ms" if r["mode"] == "retrieval" else "-"

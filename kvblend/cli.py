@@ -104,7 +104,16 @@ def precompute_windows(args: argparse.Namespace, docs) -> int:
         print(f"{report.stored} chunks computed and stored, {report.cached} already cached "
               f"({sum(r.num_tokens for r in report.records)} tokens, model {model.spec.fingerprint[:12]}, "
               f"{model.spec.dtype})")
-    return EXIT_OK
+    return lost_chunks(report)
+
+
+def lost_chunks(report) -> int:
+    """EXIT_FAILURE, said on stderr, when the store does not hold chunks the run computed."""
+    if not report.lost:
+        return EXIT_OK
+    print(f"kvblend precompute: {report.lost} computed chunks are not in the store afterwards (a tier refused or "
+          "failed the write; see the log); run again to retry them", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def precompute_indexed(args: argparse.Namespace, docs) -> int:
@@ -133,7 +142,7 @@ def precompute_indexed(args: argparse.Namespace, docs) -> int:
     print(f"index {args.index}: {len(docs)} documents, {added} chunks added, {len(index)} chunks in all")
     print(f"store: {report.stored} chunks computed and stored, {report.cached} already cached "
           f"(model {model.spec.fingerprint[:12]}, {model.spec.dtype})")
-    return EXIT_OK
+    return lost_chunks(report)
 
 
 def run_with_progress(model, store, chunks, namespace: str | None = None):
@@ -149,7 +158,7 @@ def run_with_progress(model, store, chunks, namespace: str | None = None):
     with tqdm(total=len(chunks), unit="chunk", desc="precompute", file=sys.stderr) as bar:
         def tick(record):
             bar.update(1)
-            bar.set_postfix(stored=record.stored)
+            bar.set_postfix(computed=record.computed)
 
         return precompute_chunks(model, store, chunks, where, on_chunk=tick)
 
@@ -267,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_redis(config.redis_url)
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     model_dir = resolve_model_dir(config.model_dir)
-    flags = server_args(model_dir, config, vllm_args=vllm_args, disagg=args.disagg,
+    flags = server_args(model_dir, config, vllm_args=vllm_args, disagg=args.disagg, discover_blend=args.discover_blend,
                         **given(args, host="host", port="port"))
     if args.print_command:
         print(plain_vllm_command(flags))
@@ -428,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/chat/completions, /metrics) on the model, with the kvblend connector in "
                                    "blend mode and the model loaded through kvblend's load format. Requests name "
                                    "their retrieved documents in kv_transfer_params (see README); without them "
-                                   "cached chunks are found by content hash. vLLM server flags go after --.")
+                                   "cached chunks are found by content hash. Requests without kvblend parameters "
+                                   "are served exactly (stored prefixes only) unless --discover-blend. vLLM server "
+                                   "flags go after --.")
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: embedded SmolLM2)")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -439,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default=None,
                    help='JSON sampling defaults over kvblend\'s (greedy, frequency_penalty 0.5), e.g. '
                         '\'{"temperature": 0.7}\'; every request can override them')
+    p.add_argument("--discover-blend", action="store_true",
+                   help="blend requests that carry no kvblend parameters too (chunks found by content hash): "
+                        "faster prefill for plain OpenAI clients, approximate answers they did not ask for")
     p.add_argument("--print-command", action="store_true",
                    help="print the equivalent plain-vLLM server command instead of starting it")
     p.add_argument("--disagg", choices=("prefill", "decode"), default=None,

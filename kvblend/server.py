@@ -9,12 +9,12 @@ accepts requests, one plain warm-up prompt runs the connector's self-check, so t
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 from kvblend.rag.config import PipelineConfig
 from kvblend.rag.engine import CONNECTOR, warm_up_params, warm_up_prompt
@@ -49,16 +49,18 @@ def engine_flags(engine_kwargs: dict, parser) -> list[str]:
     return flags
 
 
-def server_args(model_dir: Path, config: PipelineConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                vllm_args: Sequence[str] = (), disagg: str | None = None) -> list[str]:
+def server_args(model_dir: str | os.PathLike, config: PipelineConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                vllm_args: Sequence[str] = (), disagg: str | None = None, discover_blend: bool = False) -> list[str]:
     """vLLM server flags for `model_dir`: the pipeline's engine settings, kvblend's load format and connector (with
-    the pipeline's store and blend settings), the default sampling as vLLM's generation config, cached-token counts
-    in `usage`, then `vllm_args` (a later flag wins). `disagg` ("prefill" or "decode", see kvblend.vllm.disagg)
-    adds vLLM's NixlConnector to kvblend's (prefill) or serves with NixlConnector alone (decode)."""
+    the pipeline's store and blend settings; `discover_blend`: requests without kvblend parameters are blended
+    too), the default sampling as vLLM's generation config, cached-token counts in `usage`, then `vllm_args` (a
+    later flag wins). `disagg` ("prefill" or "decode", see kvblend.vllm.disagg) adds vLLM's NixlConnector to
+    kvblend's (prefill) or serves with NixlConnector alone (decode)."""
     from kvblend.vllm.disagg import kv_buffer_device, transfer_config
     from kvblend.vllm.model_hook import LOAD_FORMAT
 
-    kv = {**CONNECTOR, "kv_connector_extra_config": config.connector_extra()}
+    extra = {**config.connector_extra(), **({"discover_blend": True} if discover_blend else {})}
+    kv = {**CONNECTOR, "kv_connector_extra_config": extra}
     if disagg is not None:
         kv = transfer_config(disagg, kv, kv_buffer_device())
     load = [] if disagg == "decode" else ["--load-format", LOAD_FORMAT]
@@ -76,7 +78,7 @@ def plain_vllm_command(args: Sequence[str]) -> str:
     return shlex.join([sys.executable, "-m", VLLM_SERVER_MODULE, *args])
 
 
-def serve(model_dir: Path, config: PipelineConfig, args: Sequence[str]) -> None:
+def serve(model_dir: str | os.PathLike, config: PipelineConfig, args: Sequence[str]) -> None:
     """Parse `args` with vLLM's server parser, start the engine, warm it up, and serve until interrupted."""
     import uvloop
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
@@ -123,7 +125,7 @@ class ServerProcess:
             client = OpenAI(base_url=server.base_url, api_key="none")
     """
 
-    def __init__(self, args: Sequence[str] = (), port: int | None = None, log_path: Path | None = None,
+    def __init__(self, args: Sequence[str] = (), port: int | None = None, log_path: str | os.PathLike | None = None,
                  env: dict[str, str] | None = None, start_timeout_s: float = 600.0,
                  command: Sequence[str] | None = None) -> None:
         self.port = port or free_port()
@@ -166,7 +168,6 @@ class ServerProcess:
     def stop(self) -> None:
         """SIGINT (vLLM's server shuts its engine down), then SIGKILL to its process group if it has not exited
         within 60 s."""
-        import os
         import subprocess
 
         if self._process is not None and self._process.poll() is None:

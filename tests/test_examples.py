@@ -56,3 +56,41 @@ def test_precompute_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(EXAMPLES / "precompute_corpus.sh")], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr
+
+
+def run_snippet(env, cwd: Path, code: str) -> subprocess.CompletedProcess:
+    script = cwd / "snippet.py"
+    script.write_text(code, encoding="utf-8")
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False, env=env,
+                          cwd=cwd, timeout=900)
+
+
+@pytest.mark.slow
+def test_readme_pipeline_snippet_runs(example_env, tmp_path):
+    """The README's Python section as written, in a directory holding `docs/`."""
+    from doc_snippets import blocks_run_by
+
+    from kvblend.retrieval.corpus import pydoc_topics
+
+    ((_, code),) = blocks_run_by("test_readme_pipeline_snippet_runs")
+    (tmp_path / "docs").mkdir()
+    for doc in pydoc_topics(["pass", "while"]):
+        (tmp_path / "docs" / f"{doc.title}.txt").write_text(doc.text, encoding="utf-8")
+    run = run_snippet(example_env[0], tmp_path, code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Source(" in run.stdout and len(run.stdout.strip()) > 40, run.stdout
+
+
+@pytest.mark.slow
+def test_readme_vllm_snippet_runs(example_env, model_dir, tmp_path):
+    """The README's `LLM(...)` with the connector, on the embedded model and a temporary store, then a prompt."""
+    from doc_snippets import blocks_run_by
+
+    ((_, code),) = blocks_run_by("test_readme_vllm_snippet_runs")
+    code = code.replace("/path/to/hf-model-dir", str(model_dir)).replace("/var/cache/kvblend", str(tmp_path / "store"))
+    code += ('\n    out = llm.generate(["The Python pass statement"], SamplingParams(max_tokens=4, temperature=0.0))\n'
+             '    print("generated:", repr(out[0].outputs[0].text))\n')
+    env = dict(example_env[0], VLLM_CPU_KVCACHE_SPACE="1")  # vLLM's own default on CPU is most of the host
+    run = run_snippet(env, tmp_path, code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "generated: '" in run.stdout

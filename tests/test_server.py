@@ -140,3 +140,35 @@ def test_langchain_chat_model_in_lcel_chains(server, documents):
 
     named = model.invoke(rag_messages("What does pass do?", documents[:2]), documents=documents[:2])
     assert named.response_metadata["kvblend"]["documents_found"] == 2
+
+
+def test_a_request_without_kvblend_parameters_is_not_blended(server, client, documents):
+    """A plain OpenAI client sends no kvblend parameters: served exactly (the server runs without
+    --discover-blend), although its prompt holds stored chunks that `blend_body()` blends. The blended request
+    runs first: the plain one stores its prompt's exact prefix spans, which a later request would reuse exactly
+    instead of blending."""
+    messages = rag_messages("Which statement does nothing?", documents[:2])
+    asked = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8,
+                                           extra_body=blend_body())
+    assert kvblend_report(asked)["mode"] == "blend" and kvblend_report(asked)["chunks"] == 2
+    unasked = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0.0)
+    assert unasked.choices[0].message.content.strip()
+    assert kvblend_report(unasked).get("mode") != "blend" and not kvblend_report(unasked).get("chunks")
+
+
+def test_doc_snippets_run_against_the_server(server, documents):
+    """The python blocks of examples/serve.md and the README's client block, as written, in one namespace,
+    talking to this module's server. What the docs leave to the reader is defined here: `docs`, `question`,
+    a LangChain `retriever` over them, and chat `messages`."""
+    from doc_snippets import DOC_SERVER_URL, blocks_run_by
+    from langchain_core.documents import Document
+    from langchain_core.runnables import RunnableLambda
+
+    docs = documents[:3]
+    namespace = {"docs": docs, "question": "What does the pass statement do?",
+                 "retriever": RunnableLambda(lambda q: [Document(page_content=d) for d in docs]),
+                 "messages": rag_messages("What does the pass statement do?", docs)}
+    for doc, code in blocks_run_by("test_doc_snippets_run_against_the_server"):
+        exec(compile(code.replace(DOC_SERVER_URL, server.base_url), doc, "exec"), namespace)
+    assert kvblend_report(namespace["reply"])["mode"] == "blend"
+    assert namespace["message"].response_metadata["kvblend"]["mode"] == "blend"

@@ -53,3 +53,15 @@ def test_serve_flags_parse_with_vllms_server_parser(tmp_path):
     extra = kv.kv_connector_extra_config
     assert kv.kv_connector_module_path == "kvblend.vllm.connector" and kv.kv_load_failure_policy == "recompute"
     assert extra["store_dir"] == str(tmp_path / "store") and extra["ratio"] == 0.2 and extra["mode"] == "blend"
+
+
+def test_discover_blend_is_off_unless_serve_asks(tmp_path):
+    from kvblend.cli import build_parser
+    from kvblend.server import server_args, vllm_server_parser
+
+    config = PipelineConfig(store_dir=tmp_path / "store")
+    for flag, expected in (([], None), (["--discover-blend"], True)):
+        args = build_parser().parse_args(["serve", *flag])
+        flags = server_args(tmp_path / "model", config, discover_blend=args.discover_blend)
+        extra = vllm_server_parser().parse_args(flags).kv_transfer_config.kv_connector_extra_config
+        assert extra.get("discover_blend") is expected

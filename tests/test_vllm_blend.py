@@ -72,7 +72,7 @@ def test_non_prefix_chunks_found_by_content_hash(engine, stored, template, token
     llm, _ = engine
     prompt = rag_prompt(template, tokenizer, [stored[5], stored[1], stored[3]], "How are exceptions handled?")
     plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
-    blended = generate(llm, [prompt], salt="blend-discovery", logprobs=5)[0]
+    blended = generate(llm, [prompt], kvblend={}, salt="blend-discovery", logprobs=5)[0]  # asks, names none
     r = report(blended)
     assert r["mode"] == "blend" and r["chunks"] == 3 and r["chunk_tokens"] == 3 * 192, r
     decision = r["controller"]  # the loading controller's choice for this request
@@ -140,7 +140,7 @@ def test_offline_precompute_corrupt_entry_and_stopped_redis(engine, texts, templ
 
     prompt = rag_prompt(template, tokenizer, [texts[9], texts[8]], "What is described here?")
     plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
-    blended = generate(llm, [prompt], salt="offline", logprobs=5)[0]
+    blended = generate(llm, [prompt], kvblend={}, salt="offline", logprobs=5)[0]
     r = report(blended)
     assert r["mode"] == "blend" and r["chunks"] == 2 and "blend_error" not in r
     assert r["tokens_recomputed"] >= 192  # the corrupted chunk was computed instead of reused
@@ -150,7 +150,7 @@ def test_offline_precompute_corrupt_entry_and_stopped_redis(engine, texts, templ
     try:
         prompt = rag_prompt(template, tokenizer, [texts[10], texts[8]], "And this?")
         plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
-        out = generate(llm, [prompt], salt="redis-down", logprobs=5)[0]
+        out = generate(llm, [prompt], kvblend={}, salt="redis-down", logprobs=5)[0]
         assert report(out).get("chunks", 0) <= 1  # texts[10] lived only in the stopped Redis
         assert agree_up_to_near_tie(plain, out) or first_token_kl(plain, out) < 0.1
     finally:
@@ -163,7 +163,7 @@ def test_batch_mixing_blend_and_plain_requests(engine, stored, template, tokeniz
                rag_prompt(template, tokenizer, [stored[1]], "Is this plain?"),
                rag_prompt(template, tokenizer, [stored[7], stored[2], stored[6]], "Summarize.")]
     alone = [generate(llm, [p], kvblend={"mode": "off"}, logprobs=5)[0] for p in prompts]
-    mixed = generate(llm, prompts, kvblend=[None, {"mode": "off"}, None], salt="batch", logprobs=5)
+    mixed = generate(llm, prompts, kvblend=[{}, {"mode": "off"}, {}], salt="batch", logprobs=5)
     assert report(mixed[0])["mode"] == "blend" and report(mixed[2])["mode"] == "blend"
     assert report(mixed[1]) == {}
     for a, m in zip(alone, mixed):

@@ -64,11 +64,13 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def convert_gguf(source: Path, out_dir: Path) -> None:
+def convert_gguf(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Dequantise a GGUF with transformers and write config, safetensors weights and tokenizer to out_dir."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, out_dir = Path(source), Path(out_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)

@@ -6,7 +6,6 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 from kvblend.blend.prompt import PromptTemplate
 from kvblend.model.spec import load_spec
@@ -30,14 +29,14 @@ def configure_vllm_logging(level: str = "WARNING") -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-def engine_kwargs(model_dir: Path, config: PipelineConfig) -> dict:
+def engine_kwargs(model_dir: str | os.PathLike, config: PipelineConfig) -> dict:
     """vLLM.LLM's arguments besides the model and the connector: the config's, with the KV space sized for
     max_model_len x max_num_seqs unless they size it themselves (kv_space.SIZING_ARGS)."""
     kwargs = config.engine_kwargs
     return {**kwargs, **kv_space_args(load_spec(model_dir, config.dtype), kwargs)}
 
 
-def start_llm(model_dir: Path, config: PipelineConfig):
+def start_llm(model_dir: str | os.PathLike, config: PipelineConfig):
     """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode, loaded through kvblend's load
     format so the blend runs on vLLM's own modules. On CPU, a machine whose free memory cannot hold the KV space
     and the weights gets NotEnoughMemory before the engine starts. The Redis URL reaches the engine's connector

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,12 +12,13 @@ from kvblend.retrieval.corpus import Document
 SAVE_EVERY_DOCUMENTS = 16
 
 
-def index_exists(path: Path) -> bool:
+def index_exists(path: str | os.PathLike) -> bool:
     """True when `path` holds something: an index, or a directory VectorIndex.open will judge (and may refuse)."""
+    path = Path(path)
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def open_index(path: Path) -> VectorIndex:
+def open_index(path: str | os.PathLike) -> VectorIndex:
     """The index saved at `path`; a missing one is a FileNotFoundError that says how to build it."""
     if not index_exists(path):
         raise FileNotFoundError(f"no kvblend index at {path}: add documents first "

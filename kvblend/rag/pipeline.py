@@ -4,18 +4,25 @@
         rag.add_documents([Path("docs/")])            # chunk, embed, index, precompute each new chunk's KV
         result = rag.query("How do I ...?")           # answer, sources, stats (TTFT, tokens reused/recomputed)
 
-Everything a call needs is checked before the vLLM engine starts; the engine starts on first use. Calls from
-several threads (a LangChain chain's `batch` or `ainvoke`) take turns on the engine; no other call while a
-stream is being read.
+Everything a call needs is checked before the vLLM engine starts; the engine starts on first use.
+
+Threads and asyncio: vLLM's offline `LLM` takes one caller at a time (two threads in `generate` at once corrupt
+its engine-core socket and hang the engine), so every call into it holds the pipeline's engine lock; calls from
+several threads (a LangChain chain's `batch`, a web server's workers) take turns, each a whole generate call.
+A stream holds the lock from its first delta until it is read to the end, closed, or dropped: other threads wait
+for it, and the thread reading it gets a RuntimeError if it calls into the engine meanwhile (rather than
+deadlock). `aquery`, `aquery_batch` and `aanswer` run the same calls in a worker thread for asyncio code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,6 +44,7 @@ from kvblend.vllm.params import blend_salt
 
 log = logging.getLogger(__name__)
 PRECOMPUTE_BATCH = 64  # chunk prompts per generate call: vLLM batches them; the progress bar moves per call
+STORE_WAIT_S = 60.0  # how long precompute waits for the engine's background store writes to become visible
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class AddSummary:
     documents: int
     chunks: int  # chunks of these documents now in the index
     chunks_added: int  # of which new to the index
-    chunks_precomputed: int  # chunks whose KV was computed now (the others were already stored)
+    chunks_precomputed: int  # chunks whose KV was stored now, counted in the store afterwards
 
 
 @dataclass(frozen=True)
@@ -57,35 +65,52 @@ class _Request:
 
 
 class AnswerStream:
-    """Iterate to get the answer's text deltas as vLLM generates them; `result` is the QueryResult once done."""
+    """Iterate to get the answer's text deltas as vLLM generates them; `result` is the QueryResult once done.
+    From its first delta until it ends, is closed (`close()`, or leaving `with rag.stream(q) as s:`) or is
+    dropped, the stream holds the pipeline's engine: other threads' calls wait for it."""
 
     def __init__(self, pipeline: RAGPipeline, request: _Request, blend: bool, params) -> None:
         self._pipeline, self._request, self._blend, self._params = pipeline, request, blend, params
-        self._started = False
+        self._deltas: Iterator[str] | None = None
         self.result: QueryResult | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if self._deltas is not None:
+            raise RuntimeError("an AnswerStream is read once; call RAGPipeline.stream again for a new answer")
+        self._deltas = self._read()
+        return self._deltas
+
+    def close(self) -> None:
+        """Abort the request if it is still running and give the engine back to the other callers."""
+        if self._deltas is not None:
+            self._deltas.close()
+
+    def __enter__(self) -> AnswerStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read(self) -> Iterator[str]:
         from vllm.sampling_params import RequestOutputKind
 
-        if self._started:
-            raise RuntimeError("an AnswerStream is read once; call RAGPipeline.stream again for a new answer")
-        self._started = True
         pipeline, request = self._pipeline, self._request
-        llm = pipeline.llm
         params = self._params
         params.output_kind = RequestOutputKind.DELTA
-        pipeline._streaming = True
         text, token_ids, output = [], 0, None
-        try:
-            with closing(stream_outputs(llm, pipeline._engine_prompt(request.prompt, self._blend), params)) as outputs:
-                for output in outputs:
-                    delta = output.outputs[0]
-                    token_ids += len(delta.token_ids)
-                    if delta.text:
-                        text.append(delta.text)
-                        yield delta.text
-        finally:
-            pipeline._streaming = False
+        with pipeline._engine() as llm:
+            pipeline._stream_reader = threading.get_ident()
+            try:
+                prompt = pipeline._engine_prompt(request.prompt, self._blend)
+                with closing(stream_outputs(llm, prompt, params)) as outputs:
+                    for output in outputs:
+                        delta = output.outputs[0]
+                        token_ids += len(delta.token_ids)
+                        if delta.text:
+                            text.append(delta.text)
+                            yield delta.text
+            finally:
+                pipeline._stream_reader = None
         if output is None or not output.finished:
             raise RuntimeError("the vLLM engine ended the streamed request before it finished")
         stats = query_stats(output, len(request.prompt.token_ids), token_ids)
@@ -115,8 +140,9 @@ class RAGPipeline:
         self._embedder: Embedder | None = None
         self._llm = None
         self._store = None
-        self._streaming = False
-        self._engine_lock = threading.RLock()  # one generate call on the engine at a time
+        self._engine_lock = threading.Lock()  # one caller on the engine at a time (see the module docstring)
+        self._stream_reader: int | None = None  # the thread reading an open stream, which holds _engine_lock
+        self._parts_lock = threading.RLock()  # the lazily loaded embedder, store and index, and index updates
 
     @classmethod
     def from_defaults(cls, **settings: Any) -> RAGPipeline:
@@ -126,17 +152,28 @@ class RAGPipeline:
     # -- lazily loaded parts ------------------------------------------------------------------------------
     @property
     def embedder(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder()
-            if self.index is not None:
-                self.index.check_embedder(self._embedder)
+        with self._parts_lock:
+            if self._embedder is None:
+                embedder = Embedder()
+                if self.index is not None:
+                    self.index.check_embedder(embedder)
+                self._embedder = embedder
         return self._embedder
 
     @property
     def llm(self):
-        """The vLLM engine with the kvblend connector, started (and warmed up) on first use."""
-        if self._streaming:
-            raise RuntimeError("a stream of this pipeline is still being read; finish or close it first")
+        """The vLLM engine with the kvblend connector, started (and warmed up) on first use. Calls made on it
+        directly bypass the pipeline's engine lock: make them from one thread, or use the pipeline's methods."""
+        with self._engine() as llm:
+            return llm
+
+    @contextmanager
+    def _engine(self) -> Iterator[Any]:
+        """The started engine, for this thread alone until the block ends; other threads wait. The thread that
+        reads an open stream gets a RuntimeError instead (the stream holds the engine)."""
+        if self._stream_reader == threading.get_ident():
+            raise RuntimeError("a stream of this pipeline is still being read in this thread; finish or close it "
+                               "first")
         with self._engine_lock:
             if self._llm is None:
                 llm = start_llm(self.model_dir, self.config)
@@ -146,15 +183,16 @@ class RAGPipeline:
                     stop_llm(llm)
                     raise
                 self._llm = llm
-        return self._llm
+            yield self._llm
 
     @property
     def store(self):
         """This process's view of the connector's persistent tiers (disk, Redis), for presence checks and stats."""
-        if self._store is None:
-            from kvblend.store import open_store
+        with self._parts_lock:
+            if self._store is None:
+                from kvblend.store import open_store
 
-            self._store = open_store(self.config.store_config())
+                self._store = open_store(self.config.store_config())
         return self._store
 
     # -- documents ----------------------------------------------------------------------------------------
@@ -164,36 +202,56 @@ class RAGPipeline:
         every chunk the store lacks through vLLM (`progress`: a progress bar on stderr). Unchanged documents cost
         nothing; safe to run again."""
         docs = as_documents(items)
-        if self.index is None:
-            self.index = VectorIndex.create(self.config.index_dir, self.embedder.dim, self.embedder.name)
-        added, chunks = update_index(self.index, self.embedder, self.tokenizer, docs, self.chunker)
+        with self._parts_lock:
+            if self.index is None:
+                self.index = VectorIndex.create(self.config.index_dir, self.embedder.dim, self.embedder.name)
+            added, chunks = update_index(self.index, self.embedder, self.tokenizer, docs, self.chunker)
         done = self.precompute(chunks, progress=progress) if precompute else 0
         return AddSummary(documents=len(docs), chunks=len(chunks), chunks_added=added, chunks_precomputed=done)
 
     def precompute(self, chunks: Sequence[Chunk], progress: bool = False) -> int:
         """Store the KV of the chunks the store lacks: each is a prompt of its own (max_tokens=1) whose KV the
-        connector extracts, PRECOMPUTE_BATCH prompts per generate call, which vLLM schedules together (many
-        chunks per engine step). Returns how many were computed (also a CachedRetriever hook)."""
+        connector extracts (never blended, even when it holds another stored chunk), PRECOMPUTE_BATCH prompts per
+        generate call, which vLLM schedules together (many chunks per engine step). Returns how many of them the
+        store holds afterwards (also a CachedRetriever hook)."""
         from vllm import SamplingParams
 
         from kvblend.vllm.params import request_params
 
         missing: dict[str, Chunk] = {}
+        keys: list[ChunkKey] = []
         for chunk in chunks:
             key = ChunkKey.alone(self.fingerprint, chunk.token_ids, self.namespace)
             if key.digest not in missing and not self.store.contains(key):
                 missing[key.digest] = chunk
+                keys.append(key)
         if not missing:
             return 0
         params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": request_params(
             self.config.namespace, self.config.tenant_secret, store_prompt=True)})
         todo = list(missing.values())
-        with self._engine_lock, tqdm(total=len(todo), unit="chunk", desc="precompute", disable=not progress, file=sys.stderr) as bar:
+        with self._engine() as llm, tqdm(total=len(todo), unit="chunk", desc="precompute", disable=not progress,
+                                         file=sys.stderr) as bar:
             for i in range(0, len(todo), PRECOMPUTE_BATCH):
                 batch = todo[i : i + PRECOMPUTE_BATCH]
-                self.llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in batch], params, use_tqdm=False)
+                llm.generate([{"prompt_token_ids": list(c.token_ids)} for c in batch], params, use_tqdm=False)
                 bar.update(len(batch))
-        return len(missing)
+        return self._count_stored(keys)
+
+    def _count_stored(self, keys: list[ChunkKey]) -> int:
+        """How many of `keys` the store holds once the engine's writes have landed (its worker writes the
+        persistent tiers in the background): checked until all are there or STORE_WAIT_S has passed."""
+        deadline = time.monotonic() + STORE_WAIT_S
+        pending = keys
+        while True:
+            pending = [key for key in pending if not self.store.holds(key)]
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if pending:
+            log.warning("%d of %d chunks computed through vLLM are not in the store %.0f s later (the engine's log "
+                        "says why); add the documents again to retry them", len(pending), len(keys), STORE_WAIT_S)
+        return len(keys) - len(pending)
 
     # -- questions ----------------------------------------------------------------------------------------
     def retrieve(self, question: str, top_k: int | None = None) -> list[tuple[Chunk, float]]:
@@ -202,8 +260,9 @@ class RAGPipeline:
         k = self.config.top_k if top_k is None else top_k
         if k <= 0:
             raise ValueError(f"top_k must be positive, got {k}")
-        if self.index is None:
-            self.index = open_index(self.config.index_dir)
+        with self._parts_lock:
+            if self.index is None:
+                self.index = open_index(self.config.index_dir)
         if len(self.index) == 0:
             raise ValueError(f"index {self.index.path} holds no chunks; add documents first")
         if k > len(self.index):
@@ -252,9 +311,8 @@ class RAGPipeline:
 
     def _generate(self, requests: list[_Request], blend: bool, sampling: dict[str, Any]) -> list[QueryResult]:
         params = [self._sampling_params(r.prompt, blend, sampling) for r in requests]
-        with self._engine_lock:
-            outputs = self.llm.generate([self._engine_prompt(r.prompt, blend) for r in requests], params,
-                                        use_tqdm=False)
+        with self._engine() as llm:
+            outputs = llm.generate([self._engine_prompt(r.prompt, blend) for r in requests], params, use_tqdm=False)
         results = []
         for request, output in zip(requests, outputs):
             completion = output.outputs[0]
@@ -286,6 +344,20 @@ class RAGPipeline:
         chunks = [self._chunk_of(i, doc) for i, doc in enumerate(documents)]
         return self._generate([self._request(question, chunks)], blend, sampling)[0]
 
+    async def aquery(self, question: str, top_k: int | None = None, blend: bool = True, **sampling: Any) -> QueryResult:
+        """`query` for asyncio code: it runs in a worker thread and takes its turn on the engine there."""
+        return await asyncio.to_thread(self.query, question, top_k, blend, **sampling)
+
+    async def aquery_batch(self, questions: Sequence[str], top_k: int | None = None, blend: bool = True,
+                           **sampling: Any) -> list[QueryResult]:
+        """`query_batch` in a worker thread."""
+        return await asyncio.to_thread(self.query_batch, questions, top_k, blend, **sampling)
+
+    async def aanswer(self, question: str, documents: Sequence[Any], blend: bool = True,
+                      **sampling: Any) -> QueryResult:
+        """`answer` in a worker thread."""
+        return await asyncio.to_thread(self.answer, question, documents, blend, **sampling)
+
     def _chunk_of(self, position: int, doc: Any) -> tuple[tuple[int, ...], Source]:
         if isinstance(doc, Chunk):
             return doc.token_ids, Source(doc.chunk_id, doc.source, doc.title, doc.index)
@@ -305,16 +377,20 @@ class RAGPipeline:
         """A LangChain KVBlendRetriever over this pipeline's index (feed its Documents to `answer`)."""
         from kvblend.retrieval import KVBlendRetriever
 
-        if self.index is None:
-            self.index = open_index(self.config.index_dir)
+        with self._parts_lock:
+            if self.index is None:
+                self.index = open_index(self.config.index_dir)
         return KVBlendRetriever(index=self.index, embedder=self.embedder, key_for=self.key_for,
                                 k=k or self.config.top_k)
 
     def close(self) -> None:
-        """Shut the vLLM engine down and flush this process's store view."""
-        if self._llm is not None:
-            stop_llm(self._llm)
-            self._llm = None
+        """Shut the vLLM engine down (after the call on it, if any, ends) and flush this process's store view."""
+        if self._stream_reader == threading.get_ident():
+            raise RuntimeError("close the stream this thread is reading before the pipeline")
+        with self._engine_lock:
+            if self._llm is not None:
+                stop_llm(self._llm)
+                self._llm = None
         if self._store is not None:
             self._store.close()
             self._store = None

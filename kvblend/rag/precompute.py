@@ -66,21 +66,29 @@ class ChunkRecord:
     index: int
     key: ChunkKey
     num_tokens: int
-    stored: bool  # False: it was already in the store
+    computed: bool  # False: it was already in the store
     seconds: float
+    stored: bool = False  # computed and, checked after the store's writes were flushed, held by the store
 
 
 @dataclass
 class PrecomputeReport:
+    """Counts made from the store after the run, not from what was sent to it."""
+
     records: list[ChunkRecord] = field(default_factory=list)
 
     @property
     def stored(self) -> int:
-        return sum(r.stored for r in self.records)
+        return sum(r.computed and r.stored for r in self.records)
 
     @property
     def cached(self) -> int:
-        return sum(not r.stored for r in self.records)
+        return sum(not r.computed for r in self.records)
+
+    @property
+    def lost(self) -> int:
+        """Computed but not held by the store afterwards (a tier refused or failed the write)."""
+        return sum(r.computed and not r.stored for r in self.records)
 
 
 def precompute_chunks(
@@ -95,14 +103,16 @@ def precompute_chunks(
     for source, index, ids in chunks:
         key = chunk_key(model, ids, namespace)
         start = time.perf_counter()
-        stored = store.get(key, layers=(0,), expect=kv_layout(model.spec)) is None  # a verified header + one-layer read, not a bare exists
-        if stored:
+        computed = store.get(key, layers=(0,), expect=kv_layout(model.spec)) is None  # a verified header + one-layer read, not a bare exists
+        if computed:
             store.put(key, compute_chunk_kv(model, key, ids))
-        record = ChunkRecord(source, index, key, len(ids), stored, time.perf_counter() - start)
+        record = ChunkRecord(source, index, key, len(ids), computed, time.perf_counter() - start)
         report.records.append(record)
         if on_chunk:
             on_chunk(record)
     store.flush()
+    for record in report.records:
+        record.stored = record.computed and store.holds(record.key)
     return report
 
 

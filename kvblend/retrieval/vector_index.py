@@ -14,10 +14,12 @@ Not thread-safe for writers: one process, one writer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -129,8 +131,20 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _locked(method):
+    """Run the method under the index's lock: searches (HNSW sets efSearch per search) and updates from several
+    threads (a LangChain chain's `batch`, documents added while questions are answered) take turns."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class VectorIndex:
-    """Chunks and their unit-norm embeddings; search by inner product (cosine similarity)."""
+    """Chunks and their unit-norm embeddings; search by inner product (cosine similarity). Thread-safe."""
 
     def __init__(
         self,
@@ -156,6 +170,7 @@ class VectorIndex:
         self._ids = {chunk.chunk_id: faiss_id for faiss_id, chunk in chunks.items()}
         self._next_id = next_id
         self._generation = generation
+        self._lock = threading.RLock()
 
     @classmethod
     def create(
@@ -251,6 +266,7 @@ class VectorIndex:
         found = [c for c in self._chunks.values() if source is None or c.source == source]
         return sorted(found, key=lambda c: (c.source, c.index))
 
+    @_locked
     def add(self, chunks: Sequence[Chunk], embeddings: np.ndarray) -> int:
         """Add chunks with their embeddings (row i embeds chunks[i]); chunk ids already present are skipped."""
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -273,6 +289,7 @@ class VectorIndex:
         self._next_id += len(keep)
         return len(keep)
 
+    @_locked
     def remove_source(self, source: str) -> int:
         """Remove every chunk of `source`; returns how many were removed (HNSW: rebuilt without them)."""
         doomed = [faiss_id for faiss_id, chunk in self._chunks.items() if chunk.source == source]
@@ -297,6 +314,7 @@ class VectorIndex:
             rebuilt.add_with_ids(np.ascontiguousarray(vectors[keep]), ids[keep])
         self._index = rebuilt
 
+    @_locked
     def search(self, query_embedding: np.ndarray, k: int) -> list[tuple[Chunk, float]]:
         """Up to k (chunk, inner product) pairs, best first; fewer when the index holds fewer."""
         import faiss
@@ -314,6 +332,7 @@ class VectorIndex:
         scores, ids = self._index.search(query, k)
         return [(self._chunks[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if i != -1]
 
+    @_locked
     def save(self) -> None:
         """Write a new generation of data files, switch the manifest to it, then delete older generations."""
         import faiss

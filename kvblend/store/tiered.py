@@ -279,6 +279,12 @@ class TieredStore:
     def contains(self, key: ChunkKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
 
+    def holds(self, key: ChunkKey) -> bool:
+        """In a tier of this store that outlives the process (disk, Redis), or in memory if it has no other: what
+        a precompute can count as stored."""
+        lasting = [t for t in self.tiers if t.name not in ("memory", "peer")] or self.tiers
+        return any(tier.contains(key) for tier in lasting)
+
     def delete(self, key: ChunkKey) -> None:
         for tier in self.tiers:
             tier.delete(key)

@@ -17,7 +17,10 @@ CPU_OPS = ("vllm", "torch")
 @dataclass(frozen=True)
 class ConnectorConfig:
     """mode "storage": exact reuse of prefix-chained spans (like a KV offload tier, but shared through the
-    store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt.
+    store); mode "blend": the same, plus CacheBlend of cached chunks found anywhere in the prompt, for requests
+    that carry kvblend parameters. A request carrying none (a plain OpenAI client) asked for nothing
+    approximate: it gets storage mode (exact) unless `discover_blend` is on, which blends it too, with chunks
+    discovered by content hash (`discover`), trading exact answers for its prefill time.
     prefetch: as soon as the worker receives a step's load and blend jobs, start moving all their entries whole
     into the memory tier in the background (the layer reads wait for it rather than read twice).
     controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
@@ -44,6 +47,7 @@ class ConnectorConfig:
     span_tokens: int = 256
     extract: bool = True
     discover: bool = True
+    discover_blend: bool = False
     min_chunk_tokens: int = 32
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
@@ -64,6 +68,8 @@ class ConnectorConfig:
             raise ValueError("give the Redis URL as redis_url or through redis_url_env, not both")
         if self.redis_url_env is not None and not os.environ.get(self.redis_url_env):
             raise ValueError(f"redis_url_env names {self.redis_url_env}, which is not set in the environment")
+        if self.discover_blend and not self.discover:
+            raise ValueError("discover_blend blends requests through discovery; it needs discover on")
         check_namespace_name(self.namespace)
         self.blend_config()
         self.store_config()
@@ -79,6 +85,11 @@ class ConnectorConfig:
         if "check_layers" in extra:
             extra["check_layers"] = tuple(int(x) for x in extra["check_layers"])
         return cls(**extra)
+
+    def request_mode(self, asked: bool) -> str:
+        """The mode of a request that sets none: the connector's if it carries kvblend parameters (`asked`), else
+        storage (exact) unless discover_blend."""
+        return self.mode if asked or self.discover_blend else "storage"
 
     def store_config(self) -> StoreConfig:
         url = os.environ[self.redis_url_env] if self.redis_url_env is not None else self.redis_url

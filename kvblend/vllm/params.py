@@ -1,6 +1,8 @@
 """Per-request kvblend parameters, carried in vLLM's `kv_transfer_params` under the key "kvblend".
 
-Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}}})`:
+Pass them as `SamplingParams(extra_args={"kv_transfer_params": {"kvblend": {...}}})`. The key itself asks for
+the connector's mode (blend, even with an empty dict); a request without it is served exactly unless the
+deployment sets discover_blend (ConnectorConfig.request_mode):
   chunks       [[start, length], ...] spans of the prompt that are cached chunks (the explicit layout);
                without it (and without documents) the connector discovers cached chunks by content hash
   documents    [text or [token ids], ...] the retrieved documents the prompt contains, in prompt order: the

@@ -4,7 +4,10 @@ Storage: the prompt is cut into prefix-chained spans of `span_tokens` (span i ke
 of all tokens before it), so a stored span is exact wherever it is found; the run of stored spans from the
 start, beyond what vLLM's prefix cache already holds, is loaded. Blend: cached chunks (the request's explicit
 layout, or discovered by content hash) make the connector claim every prompt token but the last, and the
-worker blends them. Prefills vLLM computes itself are extracted into the store.
+worker blends them. Prefills vLLM computes itself are extracted into the store. A request without kvblend
+parameters is blended only if the deployment says so (ConnectorConfig.discover_blend); a store request
+(store_prompt) is never blended nor loaded: vLLM computes it (its own prefix cache aside), and the connector
+stores what vLLM computed, even when the prompt holds other stored chunks.
 
 Every key of a request is made in its namespace (`RequestParams.key_namespace`): a request carrying a tenant
 secret reads, discovers and writes only its tenant's namespace, so naming another tenant's namespace gets misses.
@@ -21,7 +24,7 @@ from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
-from kvblend.vllm.params import RequestParams, locate_documents, parse_params
+from kvblend.vllm.params import KEY, RequestParams, locate_documents, parse_params
 
 log = logging.getLogger(__name__)
 SELF_CHECK_TOKENS = 32
@@ -89,8 +92,8 @@ class SchedulerSide:
             params = RequestParams(mode="off")
         self._params[req_id] = params
         self._matched.pop(req_id, None)
-        mode = params.mode or self.config.mode
-        if mode == "off" or len(prompt) < 2:
+        mode = params.mode or self.config.request_mode(asked=KEY in (kv_transfer_params or {}))
+        if mode == "off" or len(prompt) < 2 or params.store_prompt:
             return 0
         namespace = params.key_namespace(self.config.namespace, self.server_key)
         limit = len(prompt) - 1
