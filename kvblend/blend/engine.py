@@ -18,6 +18,7 @@ import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
+from kvblend.blend.gate import GateReport, question_attention_error, unselected_mass
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -49,6 +50,7 @@ class BlendStats:
     token_layers_computed: int = 0
     token_layers_full: int = 0
     rows_last_layer: int = 0
+    gate: dict | None = None
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -135,6 +137,8 @@ class BlendRun:
         self._delta = plan.cached_delta.to(device)
         self._heads = plan.head_rows.to(device)
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
+        gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
+        self.gate = GateReport(plan.config.gate_bound) if gated else None
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
@@ -238,12 +242,52 @@ class BlendRun:
                 scores = scores * received[chunk_rows] / received[chunk_rows].mean().clamp_min(1e-30)
         forced = torch.isin(chunk_rows, self._heads) if self._heads.numel() else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
-        chosen = chunk_sel[select_tokens(scores, count, forced)]
+        picked = select_tokens(scores, count, forced)
+        if self.gate is not None:
+            count, picked = self._gate(layer, rows, q, k, v, K, V, chunk_rows, scores, forced, count, picked)
+        chosen = chunk_sel[picked]
         keep = ~is_chunk
         keep[chosen] = True
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
+
+    def _gate(self, layer: int, rows, q, k, v, K, V, chunk_rows, scores, forced, count: int,
+              picked: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The quality gate at a check layer: double the kept count until the question's attention error is
+        within the bound (kvblend.blend.gate). Keeping every chunk row at the first check layer, where all are
+        still active, is the fallback to full prefill: the later checks are then skipped."""
+        bound, n_active = self.gate.bound, self._n_chunk_active
+        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+        fresh_k, fresh_v = K.clone(), V.clone()
+        fresh_k[rows], fresh_v[rows] = k, v
+        q_pos = self.positions[rows[suffix]]
+
+        def error(chosen: torch.Tensor) -> float:
+            dropped = torch.ones(n_active, dtype=torch.bool, device=chunk_rows.device)
+            dropped[chosen] = False
+            return question_attention_error(q[suffix], q_pos, fresh_k, fresh_v, K, V, chunk_rows[dropped],
+                                            self.positions)
+
+        planned, err = count, error(picked)
+        check = {"layer": layer, "error": round(err, 5), "unselected_mass": round(unselected_mass(scores, picked), 5),
+                 "planned_ratio": round(planned / self._n_cached, 4)}
+        while err > bound and count < n_active:
+            count = min(n_active, 2 * count)
+            picked = select_tokens(scores, count, forced)
+            err = error(picked) if count < n_active else 0.0
+        check["kept_ratio"] = round(count / self._n_cached, 4)
+        self.gate.checks.append(check)
+        if count > planned:
+            if n_active == self._n_cached and count == n_active:
+                self.gate.decision = "full_prefill"
+                self.checks = {}
+            elif self.gate.decision == "pass":
+                self.gate.decision = "raised"
+            if self.gate.reason is None:
+                self.gate.reason = (f"question attention error {check['error']:.4f} > bound {bound:g} at layer {layer} "
+                                    f"keeping {check['planned_ratio']:.2f} of chunk tokens: kept {check['kept_ratio']:.2f}")
+        return count, picked
 
     def finish(self) -> BlendResult:
         """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
@@ -252,6 +296,7 @@ class BlendRun:
         self.stats.tokens_recomputed = recomputed + self.plan.recomputed_tokens
         self.stats.tokens_reused = self._n_cached - recomputed
         self.stats.rows_last_layer = self.rows.numel()
+        self.stats.gate = self.gate.as_dict() if self.gate is not None else None
         if self.source is not None:
             self.source.close()
         return BlendResult(self.target.k, self.target.v, logits, self.stats, self.plan)
