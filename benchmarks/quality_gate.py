@@ -65,17 +65,21 @@ def calibrate(args) -> dict:
                              ("r30", BlendConfig(ratio=0.30, gate_bound=float("inf")))):
             result = engine.blend(layout, config, logits_at="suffix")
             row[f"kl_{name}"] = float(kl_per_token(full.logits, result.logits).mean())
+            row[f"compute_{name}"] = result.stats.compute_fraction
             if result.stats.gate:
                 row[f"gate_{name}"] = result.stats.gate["checks"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     signals = {f"{what}@L{c['layer']}": [r["gate_r15"][i][what] for r in rows]
-               for i, c in enumerate(rows[0]["gate_r15"]) for what in ("error", "unselected_mass")}
+               for i, c in enumerate(rows[0]["gate_r15"])
+               for what in ("error", "unselected_mass", "reused_attention", "agreement")}
     target = [r["kl_r15"] for r in rows]
     corr = {name: spearman(vals, target) for name, vals in signals.items()}
     corr["kl_reuse (not available at run time)"] = spearman([r["kl_reuse"] for r in rows], target)
+    gain = [r["kl_r15"] - r["kl_r30"] for r in rows]
+    corr_gain = {name: spearman(vals, gain) for name, vals in signals.items()}
     corr["prompt tokens"] = spearman([r["tokens"] for r in rows], target)
-    return {"cases": rows, "spearman_vs_kl_r15": corr}
+    return {"cases": rows, "spearman_vs_kl_r15": corr, "spearman_vs_kl_gain_r15_to_r30": corr_gain}
 
 
 def main() -> int:
@@ -92,7 +96,7 @@ def main() -> int:
                    "command": "python " + " ".join(sys.argv), "torch_threads": torch.get_num_threads()})
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=1)
-    print(json.dumps(report["spearman_vs_kl_r15"], indent=1))
+    print(json.dumps({k: report[k] for k in ("spearman_vs_kl_r15", "spearman_vs_kl_gain_r15_to_r30")}, indent=1))
     return 0
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
-from kvblend.blend.gate import GateReport, question_attention_error, unselected_mass
+from kvblend.blend.gate import GateReport, GateRestart, question_attention_error, unselected_mass
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -139,6 +139,7 @@ class BlendRun:
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
         self.gate = GateReport(plan.config.gate_bound) if gated else None
+        self._first_top: torch.Tensor | None = None  # the gate's: the final count's best rows at the first check
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
@@ -244,7 +245,7 @@ class BlendRun:
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
         picked = select_tokens(scores, count, forced)
         if self.gate is not None:
-            count, picked = self._gate(layer, rows, q, k, v, K, V, chunk_rows, scores, forced, count, picked)
+            self._gate(layer, rows, q, k, v, K, V, chunk_rows, scores, picked)
         chosen = chunk_sel[picked]
         keep = ~is_chunk
         keep[chosen] = True
@@ -252,42 +253,39 @@ class BlendRun:
         self._n_chunk_active = count
         return kept
 
-    def _gate(self, layer: int, rows, q, k, v, K, V, chunk_rows, scores, forced, count: int,
-              picked: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """The quality gate at a check layer: double the kept count until the question's attention error is
-        within the bound (kvblend.blend.gate). Keeping every chunk row at the first check layer, where all are
-        still active, is the fallback to full prefill: the later checks are then skipped."""
+    def _gate(self, layer: int, rows, q, k, v, K, V, chunk_rows, scores, picked: torch.Tensor) -> None:
+        """The quality gate (kvblend.blend.gate): record the predicted error of this check layer's selection; at
+        the last check layer, above the bound, restart the request at twice its ratio, or as a full prefill
+        above twice the bound (rows dropped at earlier checks cannot be resumed, so a restart it is)."""
         bound, n_active = self.gate.bound, self._n_chunk_active
         suffix = slice(rows.numel() - self._n_suffix, rows.numel())
         fresh_k, fresh_v = K.clone(), V.clone()
         fresh_k[rows], fresh_v[rows] = k, v
+        dropped = torch.ones(n_active, dtype=torch.bool, device=chunk_rows.device)
+        dropped[picked] = False
         q_pos = self.positions[rows[suffix]]
-
-        def error(chosen: torch.Tensor) -> float:
-            dropped = torch.ones(n_active, dtype=torch.bool, device=chunk_rows.device)
-            dropped[chosen] = False
-            return question_attention_error(q[suffix], q_pos, fresh_k, fresh_v, K, V, chunk_rows[dropped],
-                                            self.positions)
-
-        planned, err = count, error(picked)
-        check = {"layer": layer, "error": round(err, 5), "unselected_mass": round(unselected_mass(scores, picked), 5),
-                 "planned_ratio": round(planned / self._n_cached, 4)}
-        while err > bound and count < n_active:
-            count = min(n_active, 2 * count)
-            picked = select_tokens(scores, count, forced)
-            err = error(picked) if count < n_active else 0.0
-        check["kept_ratio"] = round(count / self._n_cached, 4)
-        self.gate.checks.append(check)
-        if count > planned:
-            if n_active == self._n_cached and count == n_active:
-                self.gate.decision = "full_prefill"
-                self.checks = {}
-            elif self.gate.decision == "pass":
-                self.gate.decision = "raised"
-            if self.gate.reason is None:
-                self.gate.reason = (f"question attention error {check['error']:.4f} > bound {bound:g} at layer {layer} "
-                                    f"keeping {check['planned_ratio']:.2f} of chunk tokens: kept {check['kept_ratio']:.2f}")
-        return count, picked
+        err = question_attention_error(q[suffix], q_pos, fresh_k, fresh_v, K, V, chunk_rows[dropped], self.positions)
+        reused = self.is_cached.clone()
+        reused[chunk_rows[picked]] = False
+        received = attention_received(q[suffix], q_pos, fresh_k, self.positions)
+        final = select_count(self.plan.config.ratio, self._n_cached)
+        if not self.gate.checks:
+            self._first_top = chunk_rows[select_tokens(scores, min(final, n_active))]
+        self.gate.checks.append({"layer": layer, "error": round(err, 5),
+                                 "unselected_mass": round(unselected_mass(scores, picked), 5),
+                                 "reused_attention": round(float(received[reused].sum()), 5),
+                                 "agreement": round(float(torch.isin(chunk_rows[picked], self._first_top).float().mean()), 5),
+                                 "kept_ratio": round(picked.numel() / self._n_cached, 4)})
+        if layer != max(self.checks) or err <= bound:
+            return
+        config = self.plan.config
+        full = err > 2 * bound or 2 * config.ratio >= 1.0
+        self.gate.decision = "full_prefill" if full else "raised"
+        self.gate.reason = (f"question attention error {err:.4f} > {'2 x ' if full else ''}bound {bound:g} at layer "
+                            f"{layer}: restarted as {'a full prefill' if full else f'ratio {2 * config.ratio:g}'}")
+        again = (replace(config, policy="full_prefill", ratio=1.0, gate_bound=None) if full else
+                 replace(config, ratio=2 * config.ratio, schedule=None, gate_bound=None))
+        raise GateRestart(again, self.gate.as_dict(), self.stats.token_layers_computed + rows.numel())
 
     def finish(self) -> BlendResult:
         """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
@@ -455,13 +453,23 @@ class BlendEngine:
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
               target: KVTarget | None = None, tier: str | None = None) -> BlendResult:
         """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
-        recomputed instead (and logged)."""
+        recomputed instead (and logged); a request the quality gate stops is run again as it says. (`run` lets
+        GateRestart propagate: its callers pass a config without the gate or handle it.)"""
         failed: list[ChunkKey] = []
+        restart: GateRestart | None = None
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
+                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)
+                continue
+            except GateRestart as exc:
+                restart, config = exc, exc.config
+                continue
+            if restart is not None:  # the gate's decision, and the aborted attempt's compute, in the report
+                result.stats.gate = restart.report
+                result.stats.token_layers_computed += restart.token_layers
+            return result

@@ -1,19 +1,24 @@
-"""The per-request quality gate: at a check layer, predict what leaving the unselected chunk tokens reused costs,
-and keep more of them (up to all: full prefill) when the prediction exceeds the configured bound.
+"""The per-request quality gate: at a check layer, predict what leaving the unselected chunk tokens reused costs;
+above the configured bound at the last check layer, restart the request at twice its ratio, above twice the
+bound as a full prefill (the rows dropped at earlier checks cannot be resumed).
 
 The predictor is the relative error of the question's attention output at the check layer when the rows the
 selection drops keep their reused K/V instead of the fresh ones: ||O(mixed) - O(fresh)|| / ||O(fresh)||. It
-needs one extra attention of the question's rows over the prompt per candidate count (a host sync on GPU).
+needs one extra attention of the question's rows over the prompt per check layer (and a host sync on GPU).
 The calibration against the KL of the blended answer is in benchmarks/RESULTS.md ("Per-request quality gate").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvblend.model.runner import attention
+
+if TYPE_CHECKING:
+    from kvblend.blend.config import BlendConfig
 
 
 def question_attention_error(q: torch.Tensor, q_pos: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,
@@ -42,8 +47,17 @@ class GateReport:
     bound: float
     checks: list[dict] = field(default_factory=list)
     decision: str = "pass"
-    reason: str | None = None  # set by the first check layer that keeps more than planned
+    reason: str | None = None  # set when the gate stops the request
 
     def as_dict(self) -> dict:
         reason = self.reason or "predicted error within the bound at every check layer"
         return {"bound": self.bound, "decision": self.decision, "reason": reason, "checks": self.checks}
+
+
+class GateRestart(Exception):
+    """The gate stopped a request at its last check layer: run it again with `config`; `report` is the gate's,
+    `token_layers` what the stopped attempt computed (counted in the request's compute)."""
+
+    def __init__(self, config: "BlendConfig", report: dict, token_layers: int) -> None:
+        super().__init__(report["reason"])
+        self.config, self.report, self.token_layers = config, report, token_layers
