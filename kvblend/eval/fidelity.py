@@ -149,6 +149,7 @@ class SettingScores:
     compute_fraction: list[float] = field(default_factory=list)
     task_em: dict[str, list[bool]] = field(default_factory=dict)
     task_f1: list[float] = field(default_factory=list)
+    answers: list[tuple[str, str]] = field(default_factory=list)
     gate: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -167,6 +168,7 @@ class SettingScores:
             out["task_em"] = sum(em) / len(em)
             out["task_f1"] = sum(self.task_f1) / len(self.task_f1)
             out["task_em_by_template"] = {k: sum(v) / len(v) for k, v in sorted(self.task_em.items())}
+            out["answers"] = [{"gold": g, "answer": a} for g, a in self.answers]
         if self.gate:
             out["gate_raised"] = self.gate.count("raised") / len(self.gate)
             out["gate_full_prefill"] = self.gate.count("full_prefill") / len(self.gate)
@@ -223,6 +225,7 @@ def _score_case(model, tokenizer, engine, layout: PromptLayout, case: CaseSpec, 
             answer = answer_text(tokenizer, tokens)
             s.task_em.setdefault(case.task, []).append(exact_match(answer, case.answer))
             s.task_f1.append(token_f1(answer, case.answer))
+            s.answers.append((case.answer, answer))
         if result.stats.gate is not None:
             s.gate.append(result.stats.gate["decision"])
 
