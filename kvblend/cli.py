@@ -306,7 +306,9 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvblend.blend.prompt import chat_template
-    from kvblend.eval.fidelity import evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
+    from kvblend.blend.config import GATE_BOUND
+    from kvblend.eval.fidelity import RATIOS, evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
+    from kvblend.eval.tasks import planted_cases, task_templates
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
@@ -327,8 +329,16 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     model = LlamaModel.from_dir(model_dir, dtype=args.dtype)
     tokenizer = load_tokenizer(model_dir)
     cases = make_cases(tokenizer, docs, questions, args.cases, args.chunk_tokens, chunks_per_case, seed=args.seed)
+    if args.task == "facts":
+        if questions:
+            raise ValueError("--task facts asks its own questions: leave out --questions")
+        cases, _ = planted_cases(tokenizer, cases, task_templates(args.templates), seed=args.seed)
     contexts = (ALONE, BEHIND_PREFIX) if args.context == "both" else (args.context,)
-    settings = standard_settings(args.chunk_tokens)
+    ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else RATIOS
+    bounds = () if args.gate_bounds == "off" else tuple(float(b) for b in args.gate_bounds.split(",")) \
+        if args.gate_bounds else (GATE_BOUND,)
+    gated = tuple(float(r) for r in args.gate_ratios.split(",")) if args.gate_ratios else (DEFAULT_RATIO,)
+    settings = standard_settings(args.chunk_tokens, ratios, bounds, gated, baselines=not args.no_baselines)
     with tqdm(total=len(cases), unit="case", desc="fidelity", file=sys.stderr) as bar:
         rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, settings, contexts, args.greedy_steps,
                         progress=lambda: bar.update(1))
@@ -345,6 +355,7 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
         "chunk_tokens": args.chunk_tokens,
         "chunks_per_case": list(chunks_per_case),
         "greedy_steps": args.greedy_steps,
+        "task": args.task,
         "git_sha": sha or None,
         "command": "kvblend " + " ".join(sys.argv[1:]),
         "settings": rows,
@@ -353,11 +364,17 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(rows, args.plot, f"{model_dir.name}: {len(cases)} cases, {args.dtype}")
-    print(f"{'context':14s} {'policy':13s} {'ratio':>5s} {'kl_mean':>8s} {'kl_p90':>8s} {'top1':>6s} "
-          f"{'greedy32':>8s} {'match_len':>9s} {'gap':>6s}")
+    print(f"{'context':14s} {'policy':20s} {'ratio':>5s} {'kl_mean':>8s} {'kl_p90':>8s} {'top1':>6s} "
+          f"{'greedy':>6s} {'match_len':>9s} {'gap':>6s} {'compute':>7s} {'task_em':>7s} {'task_f1':>7s} {'gate':>9s}")
     for r in rows:
-        print(f"{r['context']:14s} {r['policy']:13s} {r['ratio']:5.2f} {r['kl_mean']:8.4f} {r['kl_p90']:8.4f} "
-              f"{r['top1']:6.3f} {r['greedy32_match']:8.3f} {r['greedy_match_len']:9.2f} {r['gap_closed']:6.2f}")
+        task = f"{r['task_em']:7.3f} {r['task_f1']:7.3f}" if "task_em" in r else f"{'':7s} {'':7s}"
+        gate = f"{r['gate_raised']:.2f}/{r['gate_full_prefill']:.2f}" if "gate_raised" in r else ""
+        name = f"{r['policy']} {r.get('variant', '')}".strip()
+        print(f"{r['context']:14s} {name:20s} {r['ratio']:5.2f} {r['kl_mean']:8.4f} {r['kl_p90']:8.4f} "
+              f"{r['top1']:6.3f} {r['greedy32_match']:6.3f} {r['greedy_match_len']:9.2f} {r['gap_closed']:6.2f} "
+              f"{r['compute_fraction']:7.3f} {task} {gate:>9s}")
+    if any("gate_raised" in r for r in rows):
+        print("gate: share of requests whose ratio it raised / that it sent to full prefill")
     return EXIT_OK
 
 
@@ -414,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluations")
     ev = p.add_subparsers(dest="evaluation", required=True)
-    p = ev.add_parser("fidelity", help="blend vs full prefill: KL, top-1 and greedy agreement per policy and ratio")
+    p = ev.add_parser("fidelity", help="blend vs full prefill: KL, top-1, greedy agreement (and task "
+                                         "accuracy with --task facts) per policy and ratio, gated and fixed")
     p.add_argument("--corpus", type=Path, required=True,
                    help="directory of .txt/.md files, or 'pydoc' for the stdlib topics")
     p.add_argument("--questions", type=Path, default=None, help='JSONL, one {"question": "..."} per line')
@@ -426,6 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=["alone", "behind_prefix", "both"], default="alone",
                    help="how chunk KV is computed: alone from position 0, or behind the prompt prefix")
     p.add_argument("--greedy-steps", type=int, default=32)
+    p.add_argument("--task", choices=["none", "facts"], default="none",
+                   help="facts: plant a fact into one chunk per case and ask about it; adds task exact match and "
+                        "token F1 of the greedy answer (kvblend.eval.tasks)")
+    p.add_argument("--templates", default=None,
+                   help="with --task facts: comma-separated fact kinds to use (default: those full prefill answers)")
+    p.add_argument("--ratios", default=None, help="comma-separated recompute ratios (default 0,0.05,0.15,0.3,1)")
+    p.add_argument("--gate-bounds", default=None,
+                   help="comma-separated quality gate bounds of the gated cacheblend rows, or 'off' for none "
+                        "(default: BlendConfig's bound)")
+    p.add_argument("--gate-ratios", default=None, help="ratios of the gated rows (default: BlendConfig's ratio)")
+    p.add_argument("--no-baselines", action="store_true", help="leave out the published selection, epic and random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, required=True)

@@ -90,7 +90,7 @@ def test_recompute_beats_full_reuse(model_fp32, template, tokenizer, chunk_pool,
 def test_cacheblend_selects_top_deviation_tokens(model_fp32, template, tokenizer, chunk_pool, store):
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [3, 6, 0])
     engine = BlendEngine(model_fp32, store)
-    config = BlendConfig("cacheblend", 0.2, check_layers=(1,), attention_weighted=False)
+    config = BlendConfig("cacheblend", 0.2, check_layers=(1,), attention_weighted=False, gate_bound=None)
     plan = engine.plan(layout, config)
     run = engine.start(plan)
     with torch.inference_mode():
@@ -173,7 +173,7 @@ def test_fetching_ahead_or_in_line_gives_the_same_blend(model_fp32, template, to
 
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [2, 8, 5])
     engine = BlendEngine(model_fp32, store)
-    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15))
+    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15, gate_bound=None))  # run(): no gate restarts
     default = engine.run(plan)
     source = StoreLayerSource(store, plan.cached_keys, "cpu", kv_layout(model_fp32.spec), prefetch=prefetch)
     chosen = engine.run(plan, source=source)
@@ -262,7 +262,7 @@ def test_tensor_source_gives_the_same_blend_as_the_store(model_fp32, template, t
 
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [7, 3, 9])
     engine = BlendEngine(model_fp32, store)
-    config = BlendConfig("cacheblend", 0.15)
+    config = BlendConfig("cacheblend", 0.15, gate_bound=None)  # run(): no gate restarts
     from_store = engine.run(engine.plan(layout, config))
     entries = [store.get(c.key) for c in layout.chunks]
     source = TensorLayerSource([e.k for e in entries], [e.v for e in entries], "cpu")
@@ -277,7 +277,7 @@ def test_gradual_filtering_shrinks_a_candidate_set(model_fp32, template, tokeniz
     assert BlendConfig(check_layers=(1, 2, 3), ratio=0.1).ratios() == pytest.approx((0.2, 0.15, 0.1))
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [5, 8, 2, 11])
     engine = BlendEngine(model_fp32, store)
-    plan = engine.plan(layout, BlendConfig())
+    plan = engine.plan(layout, BlendConfig(gate_bound=None))  # the gate would restart from outside these steps
     run = engine.start(plan)
     n = plan.cached_rows.numel()
     kept = []

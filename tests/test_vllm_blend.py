@@ -75,6 +75,7 @@ def test_non_prefix_chunks_found_by_content_hash(engine, stored, template, token
     blended = generate(llm, [prompt], kvblend={}, salt="blend-discovery", logprobs=5)[0]  # asks, names none
     r = report(blended)
     assert r["mode"] == "blend" and r["chunks"] == 3 and r["chunk_tokens"] == 3 * 192, r
+    assert "gate" not in r  # the quality gate is off by default
     decision = r["controller"]  # the loading controller's choice for this request
     assert decision["tier"] in ("memory", "disk", "redis") and decision["recompute"] is False
     assert decision["ratio"] >= 0.15, decision
@@ -97,6 +98,27 @@ def test_explicit_layout_and_full_prefill_policy_match_plain_vllm(engine, stored
     assert agree_up_to_near_tie(plain, full)
     explicit = generate(llm, [prompt], kvblend={"chunks": spans}, salt="explicit", logprobs=5)[0]
     assert report(explicit)["chunks"] == 2 and report(explicit)["tokens_reused"] > 0
+
+
+def test_quality_gate_decision_in_the_report(engine, stored, template, tokenizer):
+    """The gate is off by default; per request, at the calibrated bound, its signals and decision are in the
+    report; a tiny bound sends the request to a full prefill (the worker restarts the blend); "off" turns it off."""
+    from kvblend.blend.config import GATE_BOUND
+
+    llm, _ = engine
+    prompt = rag_prompt(template, tokenizer, [stored[4], stored[0], stored[6]], "What does the lambda form do?")
+    plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
+    default, strict, off = (generate(llm, [prompt], kvblend=params, salt=f"gate-{i}", logprobs=5)[0]
+                            for i, params in enumerate([{"gate_bound": GATE_BOUND}, {"gate_bound": 1e-9},
+                                                                      {"gate_bound": "off"}]))
+    assert "gate" not in report(generate(llm, [prompt], kvblend={}, salt="gate-default", logprobs=5)[0])
+    gate = report(default)["gate"]
+    assert gate["bound"] == GATE_BOUND and gate["decision"] in ("pass", "raised", "full_prefill"), gate
+    assert [c["layer"] for c in gate["checks"]] == [1, 3] and gate["reason"]
+    r = report(strict)
+    assert r["gate"]["decision"] == "full_prefill" and "restarted as a full prefill" in r["gate"]["reason"], r
+    assert r["tokens_reused"] == 0 and r["compute_fraction"] > 1.0 and agree_up_to_near_tie(plain, strict)
+    assert "gate" not in report(off) and report(off)["tokens_reused"] > 0
 
 
 def test_cacheblend_fidelity_through_vllm_logprobs(engine, stored, template, tokenizer):

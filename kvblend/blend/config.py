@@ -8,6 +8,11 @@ POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
 DEFAULT_POLICY = "cacheblend"
 DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
+# The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request quality gate"), to opt in
+# with. Off by default: at equal average compute it did not beat a fixed ratio, and its host syncs keep the GPU
+# path's check layers out of CUDA graphs.
+GATE_BOUND = 0.04
+DEFAULT_GATE_BOUND: float | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,10 @@ class BlendConfig:
       `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
       check layer (with "none": selection by that attention alone).
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
+      `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the last check layer,
+      when the question's attention error predicted for the selection exceeds the bound, the request restarts
+      at twice the ratio, above twice the bound as a full prefill. The request's blend report says what the
+      gate decided and why.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
@@ -38,6 +47,7 @@ class BlendConfig:
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0
+    gate_bound: float | None = DEFAULT_GATE_BOUND
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -50,6 +60,8 @@ class BlendConfig:
             raise ValueError("deviation 'none' selects by attention: set attention_weighted=True")
         if self.epic_tokens < 0 or self.head_tokens < 0:
             raise ValueError(f"epic_tokens and head_tokens must be >= 0, got {self.epic_tokens}, {self.head_tokens}")
+        if self.gate_bound is not None and not self.gate_bound > 0:
+            raise ValueError(f"gate_bound must be > 0 or None (gate off), got {self.gate_bound}")
         if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
             raise ValueError(f"check_layers must be distinct ascending layer indices, got {self.check_layers}")
         schedule = self.ratios()
@@ -62,8 +74,9 @@ class BlendConfig:
 
     @classmethod
     def published(cls, ratio: float = DEFAULT_RATIO) -> "BlendConfig":
-        """CacheBlend as published: layers 0-1 recomputed, top-ratio by K+V deviation at layer 1, kept after."""
-        return cls("cacheblend", ratio, check_layers=(1,), attention_weighted=False)
+        """CacheBlend as published: layers 0-1 recomputed, top-ratio by K+V deviation at layer 1, kept after;
+        no quality gate."""
+        return cls("cacheblend", ratio, check_layers=(1,), attention_weighted=False, gate_bound=None)
 
     def ratios(self) -> tuple[float, ...]:
         """Candidate fraction kept at each check layer (the last one is `ratio`)."""

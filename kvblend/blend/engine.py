@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
+from kvblend.blend.gate import GateReport, GateRestart, question_attention_error, unselected_mass
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -50,6 +51,7 @@ class BlendStats:
     token_layers_computed: int = 0
     token_layers_full: int = 0
     rows_last_layer: int = 0
+    gate: dict | None = None
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -142,6 +144,9 @@ class BlendRun:
         self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
         self._n_heads = plan.head_rows.numel()
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
+        gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
+        self.gate = GateReport(plan.config.gate_bound) if gated else None
+        self._first_top: torch.Tensor | None = None  # the gate's: the final count's best rows at the first check
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
@@ -212,9 +217,10 @@ class BlendRun:
         if check:  # deviation from the reused KV, read before the fresh KV overwrites it
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
+            reused = (K.clone(), V.clone()) if self.gate is not None else None
         K[rows], V[rows] = k, v
         if check:
-            keep = self._select(layer, rows, chunk_sel, q, scores, K)
+            keep = self._select(layer, rows, chunk_sel, q, scores, K, V, reused)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
             self._rot = None
@@ -243,10 +249,10 @@ class BlendRun:
         chunk_rows = rows[chunk_sel]
         return deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
 
-    def _select(self, layer: int, rows, chunk_sel, q, scores, K) -> torch.Tensor:
+    def _select(self, layer: int, rows, chunk_sel, q, scores, K, V, reused) -> torch.Tensor:
         """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
-        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync.
-        K holds the fresh keys of the active rows."""
+        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync
+        (but for the quality gate's, when on). K/V hold the fresh KV of the active rows; `reused` the KV before."""
         config = self.plan.config
         chunk_rows = rows[chunk_sel]
         if config.policy != "random" and config.attention_weighted:
@@ -255,11 +261,46 @@ class BlendRun:
             scores = scores * received / received.mean().clamp_min(1e-30)
         forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
-        chosen = chunk_sel[select_tokens(scores, count, forced)]
+        picked = select_tokens(scores, count, forced)
+        if self.gate is not None:
+            self._gate(layer, rows, q, K, V, *reused, chunk_rows, scores, picked)
+        chosen = chunk_sel[picked]
         keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
+
+    def _gate(self, layer: int, rows, q, fresh_k, fresh_v, K, V, chunk_rows, scores, picked: torch.Tensor) -> None:
+        """The quality gate (kvblend.blend.gate): record the predicted error of this check layer's selection; at
+        the last check layer, above the bound, restart the request at twice its ratio, or as a full prefill
+        above twice the bound (rows dropped at earlier checks cannot be resumed, so a restart it is)."""
+        bound, n_active = self.gate.bound, self._n_chunk_active
+        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+        dropped = torch.ones(n_active, dtype=torch.bool, device=chunk_rows.device)
+        dropped[picked] = False
+        q_pos = self.positions[rows[suffix]]
+        err = question_attention_error(q[suffix], q_pos, fresh_k, fresh_v, K, V, chunk_rows[dropped], self.positions)
+        reused = self.is_cached.clone()
+        reused[chunk_rows[picked]] = False
+        received = attention_received(q[suffix], q_pos, fresh_k, self.positions)
+        final = select_count(self.plan.config.ratio, self._n_cached)
+        if not self.gate.checks:
+            self._first_top = chunk_rows[select_tokens(scores, min(final, n_active))]
+        self.gate.checks.append({"layer": layer, "error": round(err, 5),
+                                 "unselected_mass": round(unselected_mass(scores, picked), 5),
+                                 "reused_attention": round(float(received[reused].sum()), 5),
+                                 "agreement": round(float(torch.isin(chunk_rows[picked], self._first_top).float().mean()), 5),
+                                 "kept_ratio": round(picked.numel() / self._n_cached, 4)})
+        if layer != max(self.checks) or err <= bound:
+            return
+        config = self.plan.config
+        full = err > 2 * bound or 2 * config.ratio >= 1.0
+        self.gate.decision = "full_prefill" if full else "raised"
+        self.gate.reason = (f"question attention error {err:.4f} > {'2 x ' if full else ''}bound {bound:g} at layer "
+                            f"{layer}: restarted as {'a full prefill' if full else f'ratio {2 * config.ratio:g}'}")
+        again = (replace(config, policy="full_prefill", ratio=1.0, gate_bound=None) if full else
+                 replace(config, ratio=2 * config.ratio, schedule=None, gate_bound=None))
+        raise GateRestart(again, self.gate.as_dict(), self.stats.token_layers_computed + rows.numel())
 
     def finish(self) -> BlendResult:
         """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
@@ -268,6 +309,7 @@ class BlendRun:
         self.stats.tokens_recomputed = recomputed + self.plan.recomputed_tokens
         self.stats.tokens_reused = self._n_cached - recomputed
         self.stats.rows_last_layer = self.rows.numel()
+        self.stats.gate = self.gate.as_dict() if self.gate is not None else None
         if self.source is not None:
             self.source.close()
         return BlendResult(self.target.k, self.target.v, logits, self.stats, self.plan)
@@ -431,13 +473,23 @@ class BlendEngine:
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
               target: KVTarget | None = None, tier: str | None = None) -> BlendResult:
         """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
-        recomputed instead (and logged)."""
+        recomputed instead (and logged); a request the quality gate stops is run again as it says. (`run` lets
+        GateRestart propagate: its callers pass a config without the gate or handle it.)"""
         failed: list[ChunkKey] = []
+        restart: GateRestart | None = None
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                return self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
+                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)
+                continue
+            except GateRestart as exc:
+                restart, config = exc, exc.config
+                continue
+            if restart is not None:  # the gate's decision, and the aborted attempt's compute, in the report
+                result.stats.gate = restart.report
+                result.stats.token_layers_computed += restart.token_layers
+            return result

@@ -2,6 +2,8 @@
 
 Per case and setting: KL(full || blend) of the next-token distribution at every suffix token (teacher-forced),
 top-1 agreement there, and greedy decoding of 32 tokens from each KV (exact match and matching-prefix length).
+Cases with an answer (planted facts, kvblend.eval.tasks) are also scored on the generated answer: exact match
+and token F1. Settings with the quality gate report how often it raised the ratio or fell back to full prefill.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Sequence
 
 import torch
 
-from kvblend.blend.config import DEFAULT_RATIO, BlendConfig
+from kvblend.blend.config import DEFAULT_RATIO, GATE_BOUND, BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.prompt import PromptTemplate
+from kvblend.eval.tasks import answer_text, exact_match, token_f1
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import encode
 from kvblend.rag.precompute import chunk_key, compute_chunk_kv, token_windows
@@ -40,25 +43,37 @@ class Setting:
     variant: str = ""
 
 
-def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS) -> list[Setting]:
-    """full_reuse (r=0), full_prefill (r=1), and at each ratio: cacheblend (kvblend's default selection), the
-    published CacheBlend selection, epic (k = ratio x chunk length) and random."""
+def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS,
+                      gate_bounds: Sequence[float] = (GATE_BOUND,), gated_ratios: Sequence[float] = (DEFAULT_RATIO,),
+                      baselines: bool = True) -> list[Setting]:
+    """full_reuse (r=0), full_prefill (r=1); at each ratio cacheblend (kvblend's default selection) without the
+    quality gate (cacheblend_fixed) and with `baselines` the published CacheBlend selection, epic (k = ratio x
+    chunk length) and random; at each of `gated_ratios` cacheblend with the gate at each of `gate_bounds`."""
     settings = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
                 Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0))]
+    for r in gated_ratios:
+        for bound in gate_bounds:
+            settings.append(Setting("cacheblend", r, BlendConfig("cacheblend", r, gate_bound=bound),
+                                    variant=f"gate {bound:g}"))
     for r in ratios:
-        settings.append(Setting("cacheblend", r, BlendConfig("cacheblend", r)))
-        settings.append(Setting("cacheblend_published", r, BlendConfig.published(r)))
-        settings.append(Setting("epic", r, BlendConfig("epic", r, epic_tokens=round(r * chunk_tokens))))
-        if 0.0 < r < 1.0:
-            settings.append(Setting("random", r, BlendConfig("random", r)))
+        settings.append(Setting("cacheblend_fixed", r, BlendConfig("cacheblend", r, gate_bound=None)))
+        if baselines:
+            settings.append(Setting("cacheblend_published", r, BlendConfig.published(r)))
+            settings.append(Setting("epic", r, BlendConfig("epic", r, epic_tokens=round(r * chunk_tokens))))
+            if 0.0 < r < 1.0:
+                settings.append(Setting("random", r, BlendConfig("random", r)))
     return settings
 
 
 @dataclass(frozen=True)
 class CaseSpec:
+    """Chunks, the question, where the chunks come from; for a task case the gold answer and its template."""
+
     chunks: tuple[tuple[int, ...], ...]
     question: str
     sources: tuple[str, ...]
+    answer: str | None = None
+    task: str = ""
 
 
 def make_cases(tokenizer, docs: Sequence[Document], questions: Sequence[str], num_cases: int, chunk_tokens: int,
@@ -132,10 +147,14 @@ class SettingScores:
     greedy_len: list[int] = field(default_factory=list)
     recompute_ratio: list[float] = field(default_factory=list)
     compute_fraction: list[float] = field(default_factory=list)
+    task_em: dict[str, list[bool]] = field(default_factory=dict)
+    task_f1: list[float] = field(default_factory=list)
+    answers: list[tuple[str, str]] = field(default_factory=list)
+    gate: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         kls = sorted(self.kls)
-        return {
+        out = {
             "kl_mean": sum(kls) / len(kls),
             "kl_p90": kls[min(len(kls) - 1, math.ceil(0.9 * len(kls)) - 1)],
             "top1": sum(self.top1) / len(self.top1),
@@ -144,6 +163,16 @@ class SettingScores:
             "recompute_ratio": sum(self.recompute_ratio) / len(self.recompute_ratio),
             "compute_fraction": sum(self.compute_fraction) / len(self.compute_fraction),
         }
+        if self.task_f1:
+            em = [x for xs in self.task_em.values() for x in xs]
+            out["task_em"] = sum(em) / len(em)
+            out["task_f1"] = sum(self.task_f1) / len(self.task_f1)
+            out["task_em_by_template"] = {k: sum(v) / len(v) for k, v in sorted(self.task_em.items())}
+            out["answers"] = [{"gold": g, "answer": a} for g, a in self.answers]
+        if self.gate:
+            out["gate_raised"] = self.gate.count("raised") / len(self.gate)
+            out["gate_full_prefill"] = self.gate.count("full_prefill") / len(self.gate)
+        return out
 
 
 def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequence[CaseSpec],
@@ -163,7 +192,7 @@ def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequ
                     store.put(key, compute_chunk_kv(model, key, ids, prefix))
                 refs.append(ChunkRef(ids, key))
             layout = template.layout(tokenizer, refs, case.question)
-            _score_case(model, engine, layout, settings, ctx, scores, greedy_steps)
+            _score_case(model, tokenizer, engine, layout, case, settings, ctx, scores, greedy_steps)
         if progress:
             progress()
     rows = []
@@ -177,7 +206,8 @@ def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequ
     return rows
 
 
-def _score_case(model, engine, layout: PromptLayout, settings, ctx, scores, greedy_steps) -> None:
+def _score_case(model, tokenizer, engine, layout: PromptLayout, case: CaseSpec, settings, ctx, scores,
+                greedy_steps) -> None:
     suffix_rows = torch.arange(layout.suffix_start, layout.num_tokens)
     full = model.prefill(layout.token_ids(), logits_at=suffix_rows)
     full_greedy = model.greedy(full.k, full.v, full.logits[-1], greedy_steps)
@@ -191,6 +221,13 @@ def _score_case(model, engine, layout: PromptLayout, settings, ctx, scores, gree
         s.greedy_len.append(matching_prefix(tokens, full_greedy))
         s.recompute_ratio.append(result.stats.recompute_ratio)
         s.compute_fraction.append(result.stats.compute_fraction)
+        if case.answer is not None:
+            answer = answer_text(tokenizer, tokens)
+            s.task_em.setdefault(case.task, []).append(exact_match(answer, case.answer))
+            s.task_f1.append(token_f1(answer, case.answer))
+            s.answers.append((case.answer, answer))
+        if result.stats.gate is not None:
+            s.gate.append(result.stats.gate["decision"])
 
 
 def gap_closed(rows: Sequence[dict], row: dict) -> float:

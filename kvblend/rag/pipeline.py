@@ -299,7 +299,8 @@ class RAGPipeline:
                              f"max_model_len {self.config.max_model_len}; lower top_k or max_tokens")
         if blend:
             kv = blend_params(prompt.spans, self.config.namespace, self.config.tenant_secret,
-                              policy=self.config.policy, ratio=self.config.ratio)
+                              policy=self.config.policy, ratio=self.config.ratio,
+                              gate_bound="off" if self.config.gate_bound is None else self.config.gate_bound)
         else:
             kv = {"kvblend": {"mode": "off"}}
         return SamplingParams(**values, extra_args={"kv_transfer_params": kv})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.config import DEFAULT_GATE_BOUND, DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import DEFAULT_NAMESPACE, check_namespace_name
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig
@@ -27,7 +27,7 @@ class ConnectorConfig:
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
-    check_layers means BlendConfig's. `redis_url_env` names an environment variable holding the Redis URL, so a
+    check_layers means BlendConfig's; gate_bound None turns the quality gate off. `redis_url_env` names an environment variable holding the Redis URL, so a
     password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
     nor write the store."""
 
@@ -52,6 +52,7 @@ class ConnectorConfig:
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
     check_layers: tuple[int, ...] | None = None
+    gate_bound: float | None = DEFAULT_GATE_BOUND
     self_check: bool = True
     cpu_ops: str = "vllm"
     prefetch: bool = True
@@ -96,10 +97,14 @@ class ConnectorConfig:
         return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, url, self.redis_timeout_s,
                                          self.redis_gb, self.redis_ttl_s, self.disk, self.directory_url)
 
-    def blend_config(self, policy: str | None = None, ratio: float | None = None) -> BlendConfig:
-        """BlendConfig's defaults, with this connector's (and the request's) policy, ratio and check layers."""
+    def blend_config(self, policy: str | None = None, ratio: float | None = None,
+                     gate_bound: float | str | None = None) -> BlendConfig:
+        """BlendConfig's defaults, with this connector's (and the request's) policy, ratio, check layers and
+        quality gate bound (the request's "off": no gate)."""
         extra = {} if self.check_layers is None else {"check_layers": self.check_layers}
-        return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio, **extra)
+        gate = self.gate_bound if gate_bound is None else None if gate_bound == "off" else gate_bound
+        return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio,
+                           gate_bound=gate, **extra)
 
     def __repr__(self) -> str:
         return redacted_repr(self)

@@ -15,6 +15,8 @@ deployment sets discover_blend (ConnectorConfig.request_mode):
                key_namespace); without it, in the plain namespace, which every request without a secret shares
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
   policy, ratio  override the connector's blend policy and recompute ratio for this request
+  gate_bound   the quality gate's bound for this request (a number > 0), or "off" (default: the connector's,
+               itself BlendConfig's unless configured); the gate's decision and reason are in the blend report
   prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
                (default: the connector's `prefetch`; for measuring what prefetch saves)
 """
@@ -28,7 +30,8 @@ from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.store.key import check_namespace_name, check_tenant_secret, key_namespace
 
 KEY = "kvblend"
-FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio", "prefetch")
+FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio", "prefetch",
+          "gate_bound")
 BLEND_SALT = "kvblend-blend"
 
 
@@ -49,6 +52,7 @@ class RequestParams:
     policy: str | None = None
     ratio: float | None = None
     prefetch: bool | None = None
+    gate_bound: float | str | None = None  # a bound, "off", or None: the connector's
 
     def key_namespace(self, default: str, server_key: str | None) -> str:
         """The namespace this request's keys are made in (its tenant's, if it carries a tenant secret)."""
@@ -85,13 +89,18 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     prefetch = raw.get("prefetch")
     if prefetch not in (None, True, False):
         raise ValueError(f"kvblend prefetch must be true or false, got {prefetch!r}")
-    policy, ratio = raw.get("policy"), raw.get("ratio")
-    if policy is not None or ratio is not None:  # BlendConfig validates both
+    policy, ratio, gate = raw.get("policy"), raw.get("ratio"), raw.get("gate_bound")
+    if gate is not None and gate != "off":
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)):
+            raise ValueError(f'kvblend gate_bound must be a number > 0 or "off", got {gate!r}')
+        gate = float(gate)
+    if policy is not None or ratio is not None or gate is not None:  # BlendConfig validates them
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
-                     ratio=DEFAULT_RATIO if ratio is None else float(ratio))
+                    ratio=DEFAULT_RATIO if ratio is None else float(ratio),
+                    gate_bound=None if gate in (None, "off") else gate)
     return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=namespace, tenant_secret=secret,
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
-                         ratio=None if ratio is None else float(ratio), prefetch=prefetch)
+                         ratio=None if ratio is None else float(ratio), prefetch=prefetch, gate_bound=gate)
 
 
 def parse_documents(raw) -> tuple[str | tuple[int, ...], ...] | None:

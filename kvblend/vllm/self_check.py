@@ -56,7 +56,8 @@ def self_check(worker, job) -> tuple[bool, str, dict]:
         moved_k = rope_shift(ref_k[:, a:b].reshape(-1, spec.num_kv_heads, spec.head_dim), -a, spec.rope,
                              engine.model.freq).reshape(ref_k[:, a:b].shape)
         checks = tuple(layer for layer in BlendConfig().check_layers if layer < spec.num_layers) or (0,)
-        plan = engine.plan(layout, BlendConfig(check_layers=checks), logits_at="none", bases={chunk.key: 0})
+        plan = engine.plan(layout, BlendConfig(check_layers=checks, gate_bound=None), logits_at="none",
+                           bases={chunk.key: 0})
         source = TensorLayerSource([moved_k], [ref_v[:, a:b].contiguous()], ref_k.device)
         result = engine.run(plan, source, target=worker.paged_target(job.block_ids, 0, n))
         report["cacheblend_exact_chunk"] = {

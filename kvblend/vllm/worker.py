@@ -212,7 +212,8 @@ class WorkerSide:
         if self.controller is not None:
             self.controller.observe(stats.stage_ms, stats.token_layers_computed)
         controller = {"controller": decision.as_dict()} if decision else {}
-        return {**controller, "tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
+        gate = {"gate": stats.gate} if stats.gate is not None else {}
+        return {**controller, **gate, "tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
                 "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
