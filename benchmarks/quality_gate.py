@@ -23,13 +23,11 @@ import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
-from kvblend.blend.layout import ChunkRef
 from kvblend.blend.prompt import chat_template
-from kvblend.eval.fidelity import kl_per_token, make_cases
+from kvblend.eval.fidelity import kl_per_token, make_cases, stored_chunk_refs
 from kvblend.model.embedded import embedded_model_dir
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import load_tokenizer
-from kvblend.rag.precompute import chunk_key, compute_chunk_kv
 from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.store.memory import MemoryTier
 from kvblend.store.tiered import TieredStore
@@ -57,12 +55,7 @@ def calibrate(args) -> dict:
     cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (3, 5), seed=args.seed)
     rows = []
     for case in cases:
-        refs = []
-        for ids in case.chunks:
-            key = chunk_key(model, ids, "gate", None)
-            if not store.contains(key):
-                store.put(key, compute_chunk_kv(model, key, ids, None))
-            refs.append(ChunkRef(ids, key))
+        refs = stored_chunk_refs(model, store, case.chunks, "gate")
         layout = template.layout(tokenizer, refs, case.question)
         full = model.prefill(layout.token_ids(), logits_at=torch.arange(layout.suffix_start, layout.num_tokens))
         row = {"tokens": layout.num_tokens}

@@ -175,6 +175,18 @@ class SettingScores:
         return out
 
 
+def stored_chunk_refs(model: LlamaModel, store: TieredStore, chunks: Sequence[Sequence[int]], tag: str,
+                      prefix: list[int] | None = None) -> list[ChunkRef]:
+    """References to `chunks` whose KV (computed alone, or behind `prefix`) is in `store`, computed once each."""
+    refs = []
+    for ids in chunks:
+        key = chunk_key(model, ids, tag, prefix)
+        if not store.contains(key):
+            store.put(key, compute_chunk_kv(model, key, ids, prefix))
+        refs.append(ChunkRef(ids, key))
+    return refs
+
+
 def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequence[CaseSpec],
              settings: Sequence[Setting], contexts: Sequence[str] = (ALONE,), greedy_steps: int = 32,
              progress=None) -> list[dict]:
@@ -185,12 +197,7 @@ def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequ
     for case in cases:
         for ctx in contexts:
             prefix = list(template.prefix) if ctx == BEHIND_PREFIX else None
-            refs = []
-            for ids in case.chunks:
-                key = chunk_key(model, ids, "fidelity", prefix)
-                if not store.contains(key):
-                    store.put(key, compute_chunk_kv(model, key, ids, prefix))
-                refs.append(ChunkRef(ids, key))
+            refs = stored_chunk_refs(model, store, case.chunks, "fidelity", prefix)
             layout = template.layout(tokenizer, refs, case.question)
             _score_case(model, tokenizer, engine, layout, case, settings, ctx, scores, greedy_steps)
         if progress:
