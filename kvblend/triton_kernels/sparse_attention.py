@@ -21,7 +21,8 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "schedule": 0,
+                  "programs": 0, "bounds_kernel": False}
 
 if HAS_TRITON:
     import triton
@@ -63,15 +64,12 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
-        q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
-        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr,
-    ):
-        kv_head = tl.program_id(0)
-        tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
+    def _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, kv_head, tile, num_queries,
+                     num_keys, qk_scale, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                     out_stride_t, out_stride_h, GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr):
+        """One (query tile, KV head) work item: its GQA query rows over the keys its bounds say it may see."""
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
         head = kv_head * GROUP + row % GROUP
@@ -100,6 +98,67 @@ if HAS_TRITON:
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _sparse_query_attention_kernel(
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, counter, num_queries, num_keys, num_tiles,
+        num_kv_heads, qk_scale,
+        q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        TMA: tl.constexpr, SCHEDULE: tl.constexpr,
+    ):
+        """Work items (tile, KV head), the last tiles (most keys) first. SCHEDULE 0: one program per item;
+        1: persistent, items dealt in snake order; 2: persistent, items taken from an atomic counter."""
+        num_items = num_tiles * num_kv_heads
+        if SCHEDULE == 0:
+            item = tl.program_id(0)
+            _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
+                         num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
+                         q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+                         GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA)
+        elif SCHEDULE == 1:
+            pid = tl.program_id(0)
+            programs = tl.num_programs(0)
+            for r in range(0, tl.cdiv(num_items, programs)):
+                item = r * programs + tl.where(r % 2 == 0, pid, programs - 1 - pid)
+                if item < num_items:
+                    _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
+                                 num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
+                                 q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
+                                 out_stride_h, GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION,
+                                 DOT_IN_FP32, TMA)
+        else:
+            item = tl.atomic_add(counter, 1)
+            while item < num_items:
+                _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
+                             num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
+                             q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+                             GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA)
+                item = tl.atomic_add(counter, 1)
+
+    @triton.jit
+    def _tile_bounds_kernel(q_pos, k_pos, tile_full, tile_end, num_queries, num_keys,
+                            TOKENS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`tile_key_bounds` for sorted keys in one launch: per tile, count the keys at or before its lowest and
+        its highest query position."""
+        tile = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_T)
+        token = tile * TOKENS_PER_TILE + offs
+        ok = (offs < TOKENS_PER_TILE) & (token < num_queries)
+        pos = tl.load(q_pos + token, mask=ok, other=0)
+        lowest = tl.min(tl.where(ok, pos, 9223372036854775807), axis=0)
+        highest = tl.max(tl.where(ok, pos, -9223372036854775807), axis=0)
+        full = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        end = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for start in range(0, num_keys, BLOCK_K):
+            key = start + tl.arange(0, BLOCK_K)
+            key_ok = key < num_keys
+            kpos = tl.load(k_pos + key, mask=key_ok, other=0)
+            full += (key_ok & (kpos <= lowest)).to(tl.int32)
+            end += (key_ok & (kpos <= highest)).to(tl.int32)
+        tl.store(tile_full + tile, tl.sum(full, axis=0).to(tl.int64))
+        tl.store(tile_end + tile, tl.sum(end, axis=0).to(tl.int64))
 
 
 def sparse_query_attention(
@@ -141,21 +200,51 @@ def sparse_query_attention(
     out = torch.empty_like(q)
     if num_queries == 0:
         return out
-    tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
+    if config["bounds_kernel"] and keys_sorted:
+        tile_full, tile_end = tile_key_bounds_triton(q_pos, k_pos, tokens_per_tile)
+    else:
+        tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
+    _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, config, block_m, block_n, stages)
+    return out
+
+
+def tile_key_bounds_triton(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tile_key_bounds` with sorted keys, as one Triton launch."""
+    num_tiles = -(-q_pos.shape[0] // tokens_per_tile)
+    tile_full = torch.empty(num_tiles, dtype=torch.int64, device=q_pos.device)
+    tile_end = torch.empty(num_tiles, dtype=torch.int64, device=q_pos.device)
+    _tile_bounds_kernel[(num_tiles,)](q_pos, k_pos, tile_full, tile_end, q_pos.shape[0], k_pos.shape[0],
+                                      TOKENS_PER_TILE=tokens_per_tile,
+                                      BLOCK_T=max(16, triton.next_power_of_2(tokens_per_tile)), BLOCK_K=1024)
+    return tile_full, tile_end
+
+
+def _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, config, block_m, block_n, stages):
+    num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[:2]
+    group = num_heads // num_kv_heads
+    tokens_per_tile = block_m // group
     num_tiles = tile_full.shape[0]
     tma = config["tma"] and _tma_fits(k, v, head_dim)
     k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
-    _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
+    items = num_tiles * num_kv_heads
+    schedule = config["schedule"]
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else tile_full
+    grid = items if schedule == 0 else min(items, config["programs"] or _multiprocessors(q.device))
+    return _sparse_query_attention_kernel[(grid,)](
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, counter, num_queries, num_keys, num_tiles,
+        num_kv_heads, scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, SCHEDULE=schedule, num_warps=config["num_warps"], num_stages=stages,
     )
-    return out
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _tma_fits(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
