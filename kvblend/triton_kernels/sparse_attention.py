@@ -22,7 +22,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "schedule": 0,
-                  "programs": 0, "bounds_kernel": False}
+                  "programs": 0, "bounds": "torch", "fold": False}
 
 if HAS_TRITON:
     import triton
@@ -33,7 +33,7 @@ if HAS_TRITON:
     def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start, num_keys,
                      qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr):
         """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound.
         TMA loads the K/V tiles through tensor descriptors (rows past the keys come back as zeros)."""
         key = start + tl.arange(0, BLOCK_N)
@@ -52,23 +52,45 @@ if HAS_TRITON:
         if DOT_IN_FP32:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
+        if FOLD:
+            scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        else:
+            scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
         if MASKED:
             kpos = tl.load(k_pos + key, mask=key_ok, other=0)
             scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
+        if FOLD:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
+            p = tl.exp2(scores * qk_scale - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=PRECISION)
         return acc, l_i, m_new
 
     @triton.jit
+    def _keys_at_or_before(k_pos, num_keys, x, PROBES: tl.constexpr):
+        """How many of the sorted k_pos are <= x: PROBES evenly spaced probes, then the one stretch between two."""
+        stride = tl.cdiv(num_keys, PROBES)
+        probe = tl.arange(0, PROBES) * stride
+        probed = tl.load(k_pos + probe, mask=probe < num_keys, other=9223372036854775807)
+        base = tl.maximum(tl.sum((probed <= x).to(tl.int32), axis=0) - 1, 0) * stride
+        count = base
+        for off in range(0, stride, PROBES):
+            key = base + off + tl.arange(0, PROBES)
+            key_ok = (key < num_keys) & (key < base + stride)
+            count += tl.sum((key_ok & (tl.load(k_pos + key, mask=key_ok, other=0) <= x)).to(tl.int32), axis=0)
+        return count
+
+    @triton.jit
     def _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, kv_head, tile, num_queries,
                      num_keys, qk_scale, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                      out_stride_t, out_stride_h, GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr):
+                     DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, IN_KERNEL: tl.constexpr,
+                     PROBES: tl.constexpr):
         """One (query tile, KV head) work item: its GQA query rows over the keys its bounds say it may see."""
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
@@ -84,39 +106,45 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        full = tl.load(tile_full + tile).to(tl.int32)
-        end = tl.load(tile_end + tile).to(tl.int32)
+        if IN_KERNEL:
+            lowest = tl.min(tl.where(row_ok, pos, 9223372036854775807), axis=0)
+            highest = tl.max(tl.where(row_ok, pos, -9223372036854775807), axis=0)
+            full = _keys_at_or_before(k_pos, num_keys, lowest, PROBES)
+            end = _keys_at_or_before(k_pos, num_keys, highest, PROBES)
+        else:
+            full = tl.load(tile_full + tile).to(tl.int32)
+            end = tl.load(tile_end + tile).to(tl.int32)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
         for start in range(0, unmasked_end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA, FOLD)
         for start in range(unmasked_end, end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA, FOLD)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, counter, num_queries, num_keys, num_tiles,
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
         num_kv_heads, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, SCHEDULE: tl.constexpr,
+        TMA: tl.constexpr, SCHEDULE: tl.constexpr, FOLD: tl.constexpr, IN_KERNEL: tl.constexpr, PROBES: tl.constexpr,
     ):
         """Work items (tile, KV head), the last tiles (most keys) first. SCHEDULE 0: one program per item;
-        1: persistent, items dealt in snake order; 2: persistent, items taken from an atomic counter."""
+        1: persistent, items dealt in snake order."""
         num_items = num_tiles * num_kv_heads
         if SCHEDULE == 0:
             item = tl.program_id(0)
             _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
                          num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
                          q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
-                         GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA)
+                         GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES)
         elif SCHEDULE == 1:
             pid = tl.program_id(0)
             programs = tl.num_programs(0)
@@ -127,38 +155,7 @@ if HAS_TRITON:
                                  num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
                                  q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
                                  out_stride_h, GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION,
-                                 DOT_IN_FP32, TMA)
-        else:
-            item = tl.atomic_add(counter, 1)
-            while item < num_items:
-                _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
-                             num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
-                             q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
-                             GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA)
-                item = tl.atomic_add(counter, 1)
-
-    @triton.jit
-    def _tile_bounds_kernel(q_pos, k_pos, tile_full, tile_end, num_queries, num_keys,
-                            TOKENS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        """`tile_key_bounds` for sorted keys in one launch: per tile, count the keys at or before its lowest and
-        its highest query position."""
-        tile = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_T)
-        token = tile * TOKENS_PER_TILE + offs
-        ok = (offs < TOKENS_PER_TILE) & (token < num_queries)
-        pos = tl.load(q_pos + token, mask=ok, other=0)
-        lowest = tl.min(tl.where(ok, pos, 9223372036854775807), axis=0)
-        highest = tl.max(tl.where(ok, pos, -9223372036854775807), axis=0)
-        full = tl.zeros((BLOCK_K,), dtype=tl.int32)
-        end = tl.zeros((BLOCK_K,), dtype=tl.int32)
-        for start in range(0, num_keys, BLOCK_K):
-            key = start + tl.arange(0, BLOCK_K)
-            key_ok = key < num_keys
-            kpos = tl.load(k_pos + key, mask=key_ok, other=0)
-            full += (key_ok & (kpos <= lowest)).to(tl.int32)
-            end += (key_ok & (kpos <= highest)).to(tl.int32)
-        tl.store(tile_full + tile, tl.sum(full, axis=0).to(tl.int64))
-        tl.store(tile_end + tile, tl.sum(end, axis=0).to(tl.int64))
+                                 DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES)
 
 
 def sparse_query_attention(
@@ -200,23 +197,13 @@ def sparse_query_attention(
     out = torch.empty_like(q)
     if num_queries == 0:
         return out
-    if config["bounds_kernel"] and keys_sorted:
-        tile_full, tile_end = tile_key_bounds_triton(q_pos, k_pos, tokens_per_tile)
+    if config["bounds"] == "kernel" and keys_sorted:
+        num_tiles = -(-num_queries // tokens_per_tile)
+        tile_full = tile_end = q_pos[:num_tiles]  # unread: each program finds its bounds itself
     else:
         tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
     _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, config, block_m, block_n, stages)
     return out
-
-
-def tile_key_bounds_triton(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tile_key_bounds` with sorted keys, as one Triton launch."""
-    num_tiles = -(-q_pos.shape[0] // tokens_per_tile)
-    tile_full = torch.empty(num_tiles, dtype=torch.int64, device=q_pos.device)
-    tile_end = torch.empty(num_tiles, dtype=torch.int64, device=q_pos.device)
-    _tile_bounds_kernel[(num_tiles,)](q_pos, k_pos, tile_full, tile_end, q_pos.shape[0], k_pos.shape[0],
-                                      TOKENS_PER_TILE=tokens_per_tile,
-                                      BLOCK_T=max(16, triton.next_power_of_2(tokens_per_tile)), BLOCK_K=1024)
-    return tile_full, tile_end
 
 
 def _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, config, block_m, block_n, stages):
@@ -231,15 +218,15 @@ def _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, co
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
     items = num_tiles * num_kv_heads
     schedule = config["schedule"]
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else tile_full
     grid = items if schedule == 0 else min(items, config["programs"] or _multiprocessors(q.device))
     return _sparse_query_attention_kernel[(grid,)](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, counter, num_queries, num_keys, num_tiles,
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
         num_kv_heads, scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, SCHEDULE=schedule, num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, SCHEDULE=schedule, FOLD=config["fold"], IN_KERNEL=config["bounds"] == "kernel" and tile_full is tile_end,
+        PROBES=256, num_warps=config["num_warps"], num_stages=stages,
     )
 
 
