@@ -32,12 +32,13 @@ from kvblend.triton_kernels.sparse_attention import (  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 SIZES = (8256, 32832)
-# (BLOCK_M, BLOCK_N, warps, stages, schedule, programs per multiprocessor, bounds, fold)
+# (BLOCK_M, BLOCK_N, warps, stages, schedule, programs per multiprocessor, bounds, fold, lazy, mask_block_n)
 VARIANTS = [
-    (128, 128, 8, 3, 0, 0, "torch", False), (128, 128, 8, 3, 1, 1, "torch", False),
-    (128, 128, 8, 3, 1, 1, "kernel", False), (128, 128, 8, 3, 1, 1, "kernel", True),
-    (128, 128, 8, 3, 0, 0, "kernel", True), (128, 128, 8, 3, 1, 1, "torch", True),
-    (128, 64, 8, 3, 1, 1, "kernel", True), (128, 128, 8, 3, 0, 0, "torch", False),
+    (128, 128, 8, 3, 0, 0, "torch", False, False, 0), (128, 128, 8, 3, 0, 0, "kernel", True, False, 0),
+    (128, 128, 8, 3, 1, 1, "kernel", True, False, 0), (128, 128, 8, 3, 0, 0, "kernel", True, True, 0),
+    (128, 128, 8, 3, 1, 1, "kernel", True, True, 0), (128, 128, 8, 3, 0, 0, "kernel", True, False, 64),
+    (128, 128, 8, 3, 0, 0, "kernel", True, True, 64), (128, 128, 8, 3, 1, 1, "kernel", True, True, 64),
+    (128, 64, 8, 3, 0, 0, "kernel", True, True, 0), (128, 128, 8, 3, 0, 0, "kernel", True, False, 0),
 ]
 
 
@@ -109,9 +110,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     picked = range(len(VARIANTS)) if not args.variants else [int(i) for i in args.variants.split(",")]
     for index in picked:
-        bm, bn, warps, stages, schedule, per_sm, bounds, fold = VARIANTS[index]
+        bm, bn, warps, stages, schedule, per_sm, bounds, fold, lazy, mask_bn = VARIANTS[index]
         config = dict(DEFAULT_CONFIG, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, tma=True,
-                      schedule=schedule, programs=per_sm * sms, bounds=bounds, fold=fold)
+                      schedule=schedule, programs=per_sm * sms, bounds=bounds, fold=fold, lazy=lazy,
+                      mask_block_n=mask_bn)
         row = {"variant": index, **{key: config[key] for key in config}}
         try:
             for n, case in data.items():
@@ -140,14 +142,14 @@ def main() -> int:
         report["variants"].append(row)
         print(json.dumps(row), flush=True)
         (out / "attention_schedules.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'#':>2} {'M/N/w/s':>12} {'sched':>5} {'bounds':>6} {'fold':>4} {'regs':>4} {'spill':>5} {'smem':>6} "
+    print(f"\n{'#':>2} {'M/N/w/s':>12} {'sched':>5} {'bounds':>6} {'fold':>4} {'lazy':>4} {'mbn':>3} {'regs':>4} {'spill':>5} {'smem':>6} "
           f"{'8k call':>8} {'8k kern':>8} {'32k call':>8} {'32k kern':>8}")
     for r in report["variants"]:
         if r["status"] != "ok":
             print(r["variant"], r["status"][:100])
             continue
         print(f"{r['variant']:>2} {r['BLOCK_M']}/{r['BLOCK_N']}/{r['num_warps']}/{r['num_stages']:>1} "
-              f"{r['schedule']:>5}{'/' + str(r['programs']) if r['schedule'] else '':<5} {r['bounds']:>6} {str(r['fold'])[0]:>4} "
+              f"{r['schedule']:>5}{'/' + str(r['programs']) if r['schedule'] else '':<5} {r['bounds']:>6} {str(r['fold'])[0]:>4} {str(r['lazy'])[0]:>4} {r['mask_block_n']:>3} "
               f"{r['n_regs']:>4} {r['n_spills']:>5} {r['shared']:>6} "
               + " ".join(f"{r[f'{kind}_TFLOPs_{n}']:8.0f}" for n in SIZES for kind in ("call", "kernel")))
     return 0

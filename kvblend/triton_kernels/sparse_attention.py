@@ -22,7 +22,8 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "schedule": 0,
-                  "programs": 0, "bounds": "torch", "fold": False}
+                  "programs": 0, "bounds": "torch", "fold": False, "lazy": False,
+                  "mask_block_n": 0}
 
 if HAS_TRITON:
     import triton
@@ -33,7 +34,8 @@ if HAS_TRITON:
     def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start, num_keys,
                      qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr):
+                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
+                     LAZY: tl.constexpr):
         """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound.
         TMA loads the K/V tiles through tensor descriptors (rows past the keys come back as zeros)."""
         key = start + tl.arange(0, BLOCK_N)
@@ -59,6 +61,17 @@ if HAS_TRITON:
         if MASKED:
             kpos = tl.load(k_pos + key, mask=key_ok, other=0)
             scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
+        if LAZY:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
+            if tl.max(m_new - m_i, axis=0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(scores * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v_tile.dtype), v_tile, acc, input_precision=PRECISION)
+            return acc, l_i, m_i
         if FOLD:
             m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
             p = tl.exp2(scores * qk_scale - m_new[:, None])
@@ -85,12 +98,12 @@ if HAS_TRITON:
         return count
 
     @triton.jit
-    def _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, kv_head, tile, num_queries,
+    def _attend_tile(q, q_pos, k, v, k_desc, v_desc, km_desc, vm_desc, k_pos, out, tile_full, tile_end, kv_head, tile, num_queries,
                      num_keys, qk_scale, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                      out_stride_t, out_stride_h, GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_IN_FP32: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, IN_KERNEL: tl.constexpr,
-                     PROBES: tl.constexpr):
+                     PROBES: tl.constexpr, LAZY: tl.constexpr, MASK_BLOCK_N: tl.constexpr):
         """One (query tile, KV head) work item: its GQA query rows over the keys its bounds say it may see."""
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
@@ -118,44 +131,45 @@ if HAS_TRITON:
         for start in range(0, unmasked_end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA, FOLD)
-        for start in range(unmasked_end, end, BLOCK_N):
-            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA, FOLD, LAZY)
+        for start in range(unmasked_end, end, MASK_BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, km_desc, vm_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
-                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA, FOLD)
+                                         HEAD_DIM, MASK_BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA, FOLD, LAZY)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
-        num_kv_heads, qk_scale,
+        q, q_pos, k, v, k_desc, v_desc, km_desc, vm_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys,
+        num_tiles, num_kv_heads, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         TMA: tl.constexpr, SCHEDULE: tl.constexpr, FOLD: tl.constexpr, IN_KERNEL: tl.constexpr, PROBES: tl.constexpr,
+        LAZY: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     ):
         """Work items (tile, KV head), the last tiles (most keys) first. SCHEDULE 0: one program per item;
         1: persistent, items dealt in snake order."""
         num_items = num_tiles * num_kv_heads
         if SCHEDULE == 0:
             item = tl.program_id(0)
-            _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
+            _attend_tile(q, q_pos, k, v, k_desc, v_desc, km_desc, vm_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
                          num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
                          q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
-                         GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES)
+                         GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES, LAZY, MASK_BLOCK_N)
         elif SCHEDULE == 1:
             pid = tl.program_id(0)
             programs = tl.num_programs(0)
             for r in range(0, tl.cdiv(num_items, programs)):
                 item = r * programs + tl.where(r % 2 == 0, pid, programs - 1 - pid)
                 if item < num_items:
-                    _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
+                    _attend_tile(q, q_pos, k, v, k_desc, v_desc, km_desc, vm_desc, k_pos, out, tile_full, tile_end, item % num_kv_heads,
                                  num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale, q_stride_t,
                                  q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
                                  out_stride_h, GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION,
-                                 DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES)
+                                 DOT_IN_FP32, TMA, FOLD, IN_KERNEL, PROBES, LAZY, MASK_BLOCK_N)
 
 
 def sparse_query_attention(
@@ -214,19 +228,21 @@ def _launch_attention(q, q_pos, k, v, k_pos, out, tile_full, tile_end, scale, co
     num_tiles = tile_full.shape[0]
     tma = config["tma"] and _tma_fits(k, v, head_dim)
     k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
+    mask_block_n = config["mask_block_n"] or block_n
+    km_desc, vm_desc = (_kv_descriptor(t, mask_block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
     items = num_tiles * num_kv_heads
     schedule = config["schedule"]
     grid = items if schedule == 0 else min(items, config["programs"] or _multiprocessors(q.device))
     return _sparse_query_attention_kernel[(grid,)](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
-        num_kv_heads, scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        q, q_pos, k, v, k_desc, v_desc, km_desc, vm_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys,
+        num_tiles, num_kv_heads, scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
         TMA=tma, SCHEDULE=schedule, FOLD=config["fold"], IN_KERNEL=config["bounds"] == "kernel" and tile_full is tile_end,
-        PROBES=256, num_warps=config["num_warps"], num_stages=stages,
+        PROBES=256, LAZY=config["lazy"], MASK_BLOCK_N=mask_block_n, num_warps=config["num_warps"], num_stages=stages,
     )
 
 
