@@ -386,11 +386,10 @@ def main() -> int:
             times, runs = [], []
             for _ in range(args.reps):
                 order, layout = draw()
-                wall, cpu, threads = time.perf_counter(), time.process_time(), thread_cpu_ticks()
+                wall, cpu = time.perf_counter(), time.process_time()
                 times.append(timer(lambda: fn(order, layout)))
                 runs.append({"wall_ms": round((time.perf_counter() - wall) * 1e3, 2),
-                             "cpu_ms": round((time.process_time() - cpu) * 1e3, 2),
-                             "thread_cpu_ms": busiest_threads(threads, thread_cpu_ticks()), **gpu_state()})
+                             "cpu_ms": round((time.process_time() - cpu) * 1e3, 2), **gpu_state()})
             rows.append({"row": name, "tokens": tokens, "kv_source": where, "ttft_ms": statistics.median(times),
                          "min_ms": min(times), "max_ms": max(times), "ttft_ms_all": [round(t, 3) for t in times],
                          "runs": runs})
@@ -423,28 +422,6 @@ def main() -> int:
     plot(rows, out / f"{name}.png", report["device"])
     print_summary(rows, kernels + attention, ceilings, report["cuda_graphs"])
     return 0
-
-
-def thread_cpu_ticks() -> dict[int, tuple[str, int]]:
-    """user + system clock ticks of each thread of this process, by thread id, with the thread's name (Linux)."""
-    ticks = {}
-    for task in Path("/proc/self/task").glob("*"):
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended between the listing and the read
-            continue
-        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        ticks[int(task.name)] = (name, int(fields[11]) + int(fields[12]))
-    return ticks
-
-
-def busiest_threads(before: dict, after: dict, top: int = 4) -> dict[str, float]:
-    """CPU ms each thread name used between two `thread_cpu_ticks` samples (threads of one name summed), the busiest
-    `top` names: which host threads a slow run kept busy (threads that ended in between are not counted)."""
-    used: dict[str, float] = {}
-    for tid, (name, ticks) in after.items():
-        used[name] = used.get(name, 0.0) + (ticks - before.get(tid, (name, 0))[1]) * 1e3 / os.sysconf("SC_CLK_TCK")
-    return dict(sorted(((n, round(ms, 1)) for n, ms in used.items() if ms > 0), key=lambda x: -x[1])[:top])
 
 
 def gpu_state() -> dict:
