@@ -383,12 +383,16 @@ def main() -> int:
         for name, where, fn in plan:
             for _ in range(args.warmup):
                 fn(*draw())
-            times = []
+            times, runs = [], []
             for _ in range(args.reps):
                 order, layout = draw()
+                wall, cpu = time.perf_counter(), time.process_time()
                 times.append(timer(lambda: fn(order, layout)))
+                runs.append({"wall_ms": round((time.perf_counter() - wall) * 1e3, 2),
+                             "cpu_ms": round((time.process_time() - cpu) * 1e3, 2), **gpu_state()})
             rows.append({"row": name, "tokens": tokens, "kv_source": where, "ttft_ms": statistics.median(times),
-                         "min_ms": min(times), "max_ms": max(times), "ttft_ms_all": [round(t, 3) for t in times]})
+                         "min_ms": min(times), "max_ms": max(times), "ttft_ms_all": [round(t, 3) for t in times],
+                         "runs": runs})
             print(f"{tokens:6d} {name:22s} {where or '-':10s} {statistics.median(times):9.2f} ms "
                   f"[{min(times):.2f}, {max(times):.2f}]", flush=True)
         breakdown[tokens] = profile_stages(engine, draw, pinned, device)
@@ -418,6 +422,21 @@ def main() -> int:
     plot(rows, out / f"{name}.png", report["device"])
     print_summary(rows, kernels + attention, ceilings, report["cuda_graphs"])
     return 0
+
+
+def gpu_state() -> dict:
+    """SM clock (MHz), power (W) and NVML's clock-event (throttle) reason bits, read just after a timed run, to tell
+    a slow run on a slowed GPU from one slowed on the host ({} where NVML is not there)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return {"sm_MHz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                "power_W": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, 1),
+                "clock_events": pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)}
+    except Exception:  # noqa: BLE001 - no NVML (CPU, --tiny): the timings stand alone
+        return {}
 
 
 def git_sha() -> str | None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvblend.triton_kernels import attention_bands, sparse_query_attention, sparse_query_attention_ref
-from kvblend.triton_kernels.sparse_attention import tile_key_bounds
+from kvblend.triton_kernels.sparse_attention import tile_key_bounds, tile_key_bounds_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -140,6 +140,22 @@ def test_tile_key_bounds_are_tight(keys_sorted):
             assert int(end[tile]) == int(visible.any(dim=0).nonzero().max()) + 1 if visible.any() else int(end[tile]) == 0
         else:
             assert (int(full[tile]), int(end[tile])) == (0, 300)
+
+
+@pytest.mark.parametrize("keys_sorted", [True, False])
+@pytest.mark.parametrize("probes", [16, 256])
+def test_in_kernel_bounds_match_reference(keys_sorted, probes):
+    """The bounds each attention program searches for itself equal tile_key_bounds; 16 probes over 300 keys
+    make the counted stretch (19 keys) longer than one probe vector."""
+    gen = torch.Generator().manual_seed(12)
+    k_pos = torch.randint(0, 400, (300,), generator=gen).sort().values.to(DEVICE)
+    for q_pos, tokens_per_tile in ((torch.randint(-5, 420, (53,), generator=gen), 8),
+                                   (torch.randint(0, 400, (70,), generator=gen).sort().values, 32),
+                                   (torch.tensor([-3, 399, 400, 1000]), 3)):
+        q_pos = q_pos.to(DEVICE)
+        expected = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
+        found = tile_key_bounds_triton(q_pos, k_pos, tokens_per_tile, keys_sorted, probes)
+        assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2,

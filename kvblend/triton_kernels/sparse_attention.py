@@ -3,8 +3,9 @@
 After the check layer CacheBlend recomputes only the selected tokens (plus the question suffix); their
 queries attend to every key whose position is not after theirs. Flash-attention style: fp32 online
 softmax over key tiles; the query heads sharing a KV head are packed into one tile so K/V load once.
-Per query tile, bounds computed on the device (no host sync) split the keys into those every query of the
-tile sees (no mask), a masked band around the tile's positions, and the rest, which is never loaded.
+Each program finds its query tile's key bounds itself (a two-level search of the sorted key positions, no host
+sync, no extra launch) and splits the keys into those every query of the tile sees (no mask), a masked band
+around the tile's positions, and the rest, which is never loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
+# Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
+BOUND_PROBES = 256
 
 if HAS_TRITON:
     import triton
@@ -33,8 +36,9 @@ if HAS_TRITON:
                      qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-        """One key tile of the online softmax; MASKED applies the causal-by-position mask and the key bound.
-        TMA loads the K/V tiles through tensor descriptors (rows past the keys come back as zeros)."""
+        """One key tile of the online softmax (m_i, l_i in base-2 units of the scaled scores); MASKED applies the
+        causal-by-position mask and the key bound. TMA loads the K/V tiles through tensor descriptors (rows past
+        the keys come back as zeros)."""
         key = start + tl.arange(0, BLOCK_N)
         key_ok = key < num_keys
         if TMA:
@@ -51,24 +55,50 @@ if HAS_TRITON:
         if DOT_IN_FP32:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * qk_scale
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
         if MASKED:
             kpos = tl.load(k_pos + key, mask=key_ok, other=0)
             scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
+        p = tl.exp2(scores * qk_scale - m_new[:, None])  # the scale and the max in one FMA per score
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v_tile.dtype), v_tile, acc * alpha[:, None], input_precision=PRECISION)
         return acc, l_i, m_new
 
     @triton.jit
+    def _keys_at_or_before(k_pos, num_keys, x, PROBES: tl.constexpr):
+        """How many of the sorted k_pos are <= x: PROBES evenly spaced probes find the stretch between two probes
+        that holds the boundary, then that stretch is counted (two dependent loads for up to PROBES**2 keys)."""
+        stride = tl.cdiv(num_keys, PROBES)
+        probe = tl.arange(0, PROBES) * stride
+        probed = tl.load(k_pos + probe, mask=probe < num_keys, other=9223372036854775807)
+        base = tl.maximum(tl.sum((probed <= x).to(tl.int32), axis=0) - 1, 0) * stride
+        count = base
+        for off in range(0, stride, PROBES):
+            key = base + off + tl.arange(0, PROBES)
+            key_ok = (key < num_keys) & (key < base + stride)
+            count += tl.sum((key_ok & (tl.load(k_pos + key, mask=key_ok, other=0) <= x)).to(tl.int32), axis=0)
+        return count
+
+    @triton.jit
+    def _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr):
+        """(full, end) of a query tile: keys [0, full) are visible to all its rows, keys [end, S) to none;
+        without sorted keys (0, S). The device half of `tile_key_bounds`."""
+        if KEYS_SORTED:
+            lowest = tl.min(tl.where(row_ok, pos, 9223372036854775807), axis=0)
+            highest = tl.max(tl.where(row_ok, pos, -9223372036854775807), axis=0)
+            return (_keys_at_or_before(k_pos, num_keys, lowest, PROBES),
+                    _keys_at_or_before(k_pos, num_keys, highest, PROBES))
+        return num_keys * 0, num_keys
+
+    @triton.jit
     def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles, qk_scale,
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr,
+        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr,
     ):
         kv_head = tl.program_id(0)
         tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
@@ -86,8 +116,7 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        full = tl.load(tile_full + tile).to(tl.int32)
-        end = tl.load(tile_end + tile).to(tl.int32)
+        full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
         for start in range(0, unmasked_end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
@@ -100,6 +129,19 @@ if HAS_TRITON:
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _tile_bounds_kernel(q_pos, k_pos, bounds, num_queries, num_keys, TOKENS_PER_TILE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr):
+        """`_tile_bounds` of each tile into bounds [2, tiles] (full, end), for `tile_key_bounds_triton`."""
+        tile = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_T)
+        token = tile * TOKENS_PER_TILE + offs
+        row_ok = (offs < TOKENS_PER_TILE) & (token < num_queries)
+        pos = tl.load(q_pos + token, mask=row_ok, other=-1)
+        full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
+        tl.store(bounds + tile, full)
+        tl.store(bounds + tl.num_programs(0) + tile, end)
 
 
 def sparse_query_attention(
@@ -141,19 +183,17 @@ def sparse_query_attention(
     out = torch.empty_like(q)
     if num_queries == 0:
         return out
-    tile_full, tile_end = tile_key_bounds(q_pos, k_pos, tokens_per_tile, keys_sorted)
-    num_tiles = tile_full.shape[0]
+    num_tiles = -(-num_queries // tokens_per_tile)
     tma = config["tma"] and _tma_fits(k, v, head_dim)
     k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
     _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, tile_full, tile_end, num_queries, num_keys, num_tiles,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, num_warps=config["num_warps"], num_stages=stages,
     )
     return out
 
@@ -174,7 +214,8 @@ def _kv_descriptor(t: torch.Tensor, block_n: int, head_dim: int) -> TensorDescri
 def tile_key_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int,
                     keys_sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query tile (`tokens_per_tile` consecutive queries): (full, end), int64 [tiles]. Keys [0, full) are
-    visible to every query of the tile, keys [end, S) to none; without sorted keys, (0, S). Device ops only."""
+    visible to every query of the tile, keys [end, S) to none; without sorted keys, (0, S). The torch reference
+    of the bounds each program of the kernel finds itself (`tile_key_bounds_triton` runs that search alone)."""
     num_tiles = -(-q_pos.shape[0] // tokens_per_tile)
     if not keys_sorted:
         return (torch.zeros(num_tiles, dtype=torch.int64, device=q_pos.device),
@@ -183,6 +224,18 @@ def tile_key_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: i
     tiles = torch.cat([q_pos, q_pos[-1:].expand(pad)]).view(num_tiles, tokens_per_tile)
     lowest, highest = tiles.amin(dim=1), tiles.amax(dim=1)
     return torch.searchsorted(k_pos, lowest, right=True), torch.searchsorted(k_pos, highest, right=True)
+
+
+def tile_key_bounds_triton(q_pos: torch.Tensor, k_pos: torch.Tensor, tokens_per_tile: int, keys_sorted: bool,
+                           probes: int = BOUND_PROBES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's in-kernel bound search on its own, one program per tile, to test it against `tile_key_bounds`
+    (the attention output cannot show bounds that are loose but correct)."""
+    num_tiles = -(-q_pos.shape[0] // tokens_per_tile)
+    bounds = torch.empty(2, num_tiles, dtype=torch.int64, device=q_pos.device)
+    _tile_bounds_kernel[(num_tiles,)](q_pos, k_pos, bounds, q_pos.shape[0], k_pos.shape[0],
+                                      TOKENS_PER_TILE=tokens_per_tile, BLOCK_T=triton.next_power_of_2(tokens_per_tile),
+                                      KEYS_SORTED=keys_sorted, PROBES=probes)
+    return bounds[0], bounds[1]
 
 
 def sparse_query_attention_ref(
