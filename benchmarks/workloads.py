@@ -9,8 +9,11 @@ Engines run one after the other (one alive at a time), each on both cores (VLLM_
 float32 (this Xeon has no avx512_bf16: bf16 is emulated and ~30x slower, issue 18), max_model_len 4096 (the
 pipeline's default), and the same KV space of KV_TOKENS tokens (kv_cache_memory_bytes): one long document, far
 less than the chat sessions hold together, so vLLM's prefix cache must evict. Requests are sent one at a time
-(max_tokens=2, so kvblend's report is complete); TTFT = first_token_ts - queued_ts. hit rate = vLLM's
+(max_tokens=2: kvblend's report holds the scheduler's part, mode, spans and matched tokens; vLLM frees such a
+request before the worker's part, hits per tier, arrives); TTFT = first_token_ts - queued_ts. hit rate = vLLM's
 num_cached_tokens / prompt tokens (its prefix cache plus what a connector supplied).
+Each phase records when it started and the load average before and after it: the systems run minutes apart,
+so on a shared machine compare them where the load was alike (run 1's "per-request cost" of kvblend was load).
 
 - Chat: USERS synthetic users share one system prompt; turn lengths are log-normal like chat traffic (user
   messages median 48 tokens, assistant replies median 112, both capped), texts are token windows of the Python
@@ -250,7 +253,9 @@ def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes: int, phases, k
                 print(f"{name}: engine failed to start: {out['start_error'][:300]}", flush=True)
                 return out
             out.setdefault("engine_start_s", []).append(round(time.perf_counter() - started, 1))
+        load_before, started_utc = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime())
         summary = summarize(serve(llm, requests, kvblend_params))
+        summary.update(started_utc=started_utc, load_avg_before=load_before, load_avg_after=os.getloadavg())
         out[label], last = summary, label
         print(f"{name:20s} {label:26s} TTFT p50 {summary['ttft_ms_p50']:8.1f} p90 {summary['ttft_ms_p90']:8.1f} ms "
               f"hit {summary['hit_rate']:.2f}  {summary['prompt_tokens_per_s']:.0f} tok/s  "
