@@ -73,8 +73,8 @@ def unpin_thread() -> None:
     """Let the calling thread run on every CPU the process's cgroup allows (the kernel drops the others). A thread
     inherits its creator's affinity, and vLLM's CPU worker pins its main thread (an OpenMP thread) to one core
     before kvblend's connector starts its store: store writes and reads started there would share the core of
-    the forward pass's master thread while the other cores cannot take them. Call it first in every thread
-    kvblend starts; a no-op where the OS has no thread affinity."""
+    the forward pass's master thread while the other cores cannot take them. Called first in kvblend's threads
+    that move KV (store writer, prefetch, entry reads, layer fetch); a no-op where the OS has no thread affinity."""
     if not hasattr(os, "sched_setaffinity"):
         return
     try:
