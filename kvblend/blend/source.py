@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kvblend.cpu import unpin_thread
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import KVLayout
 from kvblend.store.key import ChunkKey
@@ -64,7 +65,8 @@ class StoreLayerSource:
         self.expect = expect
         self.device = torch.device(device)
         self.prefetch = background_fetch_pays(self.device) if prefetch is None else prefetch
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvblend-layer-fetch") if self.prefetch else None
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="kvblend-layer-fetch", initializer=unpin_thread)
+                      if self.prefetch else None)
         self._pending: dict[int, Future] = {}
 
     def _fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from kvblend.cpu import unpin_thread
 from kvblend.store.key import ChunkKey
 
 FORMAT_VERSION = "3"  # 3: BLAKE3 layer digests, header digest or MAC over tensor table + metadata, K/V per layer adjacent
@@ -401,7 +402,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvblend-entry")
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvblend-entry",
+                              initializer=unpin_thread)
 
 
 def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: list[int], sliced: bool) -> ChunkKV:

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvblend.cpu import unpin_thread
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
@@ -168,7 +169,8 @@ class TieredStore:
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
         self._writer.start()
-        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblend-prefetch")
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblend-prefetch",
+                                              initializer=unpin_thread)
         self.meter = LoadMeter()
         self._inflight: dict[str, Future] = {}  # digest -> the prefetch loading it into the fastest tier
         self._inflight_lock = threading.Lock()
@@ -247,6 +249,7 @@ class TieredStore:
             self.anchors.add(kv.token_ids.tolist(), key.namespace)
 
     def _write_loop(self) -> None:
+        unpin_thread()
         while True:
             try:
                 item = self._queue.get(timeout=self.counters_every_s)
