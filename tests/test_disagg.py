@@ -139,7 +139,8 @@ def worker_threads(server) -> dict[int, dict]:
     threads = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.getpgid(int(pid)) != server.pid or not Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker"):
+            is_worker = Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker")
+            if not is_worker or os.getpgid(int(pid)) != server.pid:
                 continue
             for tid in os.listdir(f"/proc/{pid}/task"):
                 stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
