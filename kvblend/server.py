@@ -160,6 +160,11 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"{command[:4]} did not answer within {self.start_timeout_s:.0f} s:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, also its process group's (the engine's processes are in that group)."""
+        return self._process.pid if self._process is not None else None
+
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
         self._log.seek(0)

