@@ -51,6 +51,20 @@ def variants(round_: int) -> list[Setting]:
             Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
             Setting("random", R, BlendConfig("random", R), variant="random selection"),
         ]
+    if round_ == 4:
+        default = lambda name, **kw: Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)  # noqa: E731
+        return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
+                default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
+                default("accumulated score, pool 0.30 scored at layers 1-3", accumulate=True),
+                default("accumulated score, pool 0.30 scored at layers 1-6", accumulate=True, check_layers=(1, 6)),
+                default("question pass (ProphetKV-style) weighting at 1 and 3", weighting="question_pass"),
+                default("question pass x check-layer attention at 1 and 3", weighting="both"),
+                default("question pass only, no deviation, check 1", weighting="question_pass", deviation="none",
+                        check_layers=(1,)),
+                default("question pass x deviation, check 1", weighting="question_pass", check_layers=(1,)),
+                default("question pass only, check 0", weighting="question_pass", deviation="none", check_layers=(0,)),
+                default("question pass only, check 0, r = 0.18", ratio=0.18, weighting="question_pass",
+                        deviation="none", check_layers=(0,))]
     if round_ == 3:
         aw = dict(attention_weighted=True)
         return ends + [
@@ -80,7 +94,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--greedy-steps", type=int, default=32)
-    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3], help="which set of variants")
+    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3, 4], help="which set of variants")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     model_dir = embedded_model_dir()

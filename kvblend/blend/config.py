@@ -8,6 +8,7 @@ POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
 DEFAULT_POLICY = "cacheblend"
 DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
+WEIGHTINGS = ("check", "question_pass", "both")
 # The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request quality gate"), to opt in
 # with. Off by default: at equal average compute it did not beat a fixed ratio, and its host syncs keep the GPU
 # path's check layers out of CUDA graphs.
@@ -44,6 +45,8 @@ class BlendConfig:
     schedule: tuple[float, ...] | None = None
     deviation: str = "kv"
     attention_weighted: bool = True
+    weighting: str = "check"
+    accumulate: bool = False
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0
@@ -56,6 +59,8 @@ class BlendConfig:
             raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.deviation == "none" and self.policy == "cacheblend" and not self.attention_weighted:
             raise ValueError("deviation 'none' selects by attention: set attention_weighted=True")
         if self.epic_tokens < 0 or self.head_tokens < 0:
