@@ -70,6 +70,10 @@ def variants(round_: int) -> list[Setting]:
                 default("question pass x check-layer attention at 1 and 3", weighting="both"),
                 default("question pass only, check 0", **qp),
                 default("question pass only, check 0, r = 0.18", ratio=0.18, **qp)]
+    if round_ == 6:  # task accuracy on planted facts: the default against the best variant of round 4's first case
+        return [ends[0], ends[1], Setting("cacheblend", R, BlendConfig(gate_bound=None), variant="default"),
+                Setting("cacheblend", R, BlendConfig(weighting="both", gate_bound=None),
+                        variant="question pass x check-layer attention at 1 and 3")]
     if round_ == 3:
         aw = dict(attention_weighted=True)
         return ends + [
@@ -99,7 +103,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--greedy-steps", type=int, default=32)
-    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3, 4, 5], help="which set of variants")
+    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3, 4, 5, 6], help="which set of variants")
     parser.add_argument("--chunks", default="4-6", help="chunks per case, LO-HI")
     parser.add_argument("--task", choices=["none", "facts"], default="none",
                         help="facts: plant a fact per case and score the greedy answer (kvblend.eval.tasks)")

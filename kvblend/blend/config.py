@@ -28,7 +28,11 @@ class BlendConfig:
       experiments in benchmarks/RESULTS.md; `published()` is the CacheBlend paper's (layer 1, K+V deviation).
       `deviation` scores tokens by K, V or both ("kv": each normalised by its mean), or not at all ("none");
       `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
-      check layer (with "none": selection by that attention alone).
+      check layer (with "none": selection by that attention alone). `weighting` says where that attention is
+      read: "check" at the check layer itself; "question_pass" from a first pass of the prompt's own rows
+      (prefix, question) through every layer over the reused chunk KV, the question's attention to each chunk
+      row averaged over all layers (ProphetKV's query-driven first stage; costs those rows' token-layers and a
+      second read of the chunk KV from the store); "both" their product.
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
       `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the last check layer,
       when the question's attention error predicted for the selection exceeds the bound, the request restarts

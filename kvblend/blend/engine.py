@@ -483,6 +483,9 @@ class BlendEngine:
             raise ValueError("the plan expects exact prefix KV but none was given")
         ahead = None
         if plan.config.policy == "cacheblend" and plan.config.weighting != "check" and plan.cached_keys:
+            if self.store is None:
+                raise ValueError(f"weighting {plan.config.weighting!r} runs a question pass that reads the chunks' "
+                                 "KV from the engine's store, and this engine has none")
             ahead, token_layers = self._question_pass(plan, prefix_kv, tier)
         run = BlendRun(self, plan, source, prefix_kv, target, ahead)
         if ahead is not None:
