@@ -56,7 +56,6 @@ def variants(round_: int) -> list[Setting]:
         default = lambda name, **kw: Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)  # noqa: E731
         return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
                 default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
-                default("accumulated score, pool 0.30 scored at layers 1-6", accumulate=True, check_layers=(1, 6)),
                 default("question pass (ProphetKV-style) weighting at 1 and 3", weighting="question_pass"),
                 default("question pass x check-layer attention at 1 and 3", weighting="both"),
                 default("question pass only, check 0", weighting="question_pass", deviation="none", check_layers=(0,)),

@@ -50,7 +50,6 @@ class BlendConfig:
     deviation: str = "kv"
     attention_weighted: bool = True
     weighting: str = "check"
-    accumulate: bool = False
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0

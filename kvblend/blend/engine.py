@@ -148,7 +148,6 @@ class BlendRun:
         gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
         self.gate = GateReport(plan.config.gate_bound) if gated else None
         self._first_top: torch.Tensor | None = None  # the gate's: the final count's best rows at the first check
-        self._acc: torch.Tensor | None = None  # config.accumulate: the candidates' scores summed over layers
         self.collect: list[torch.Tensor] | None = None  # the question pass: the question's attention per layer
         self.question_attention = question_attention
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
@@ -218,18 +217,16 @@ class BlendRun:
         q, k, v = model.qkv(layer, self.h, self.positions[rows], self._rot)
         t = self._tick("qkv", t)
         check = layer in self.checks
-        scoring = check or self._scores_between(layer)
-        if scoring:  # deviation from the reused KV, read before the fresh KV overwrites it
+        if check:  # deviation from the reused KV, read before the fresh KV overwrites it
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
-            reused = (K.clone(), V.clone()) if self.gate is not None and check else None
+            reused = (K.clone(), V.clone()) if self.gate is not None else None
         K[rows], V[rows] = k, v
         if self.collect is not None:
             suffix = slice(rows.numel() - self._n_suffix, rows.numel())
             self.collect.append(attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions))
-        if scoring:
-            scores = self._weight(rows, chunk_sel, q, scores, K)
         if check:
+            scores = self._weight(rows, chunk_sel, q, scores, K)
             keep = self._select(layer, rows, chunk_sel, q, scores, K, V, reused)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
@@ -259,13 +256,9 @@ class BlendRun:
         chunk_rows = rows[chunk_sel]
         return deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
 
-    def _scores_between(self, layer: int) -> bool:
-        """Whether `layer` (between check layers) scores the candidates too (config.accumulate)."""
-        return self.plan.config.accumulate and bool(self.checks) and min(self.checks) < layer < max(self.checks)
-
     def _weight(self, layer_rows, chunk_sel, q, scores, K) -> torch.Tensor:
-        """The deviation scores weighted by the question's attention (config.weighting), summed with the earlier
-        layers' when config.accumulate."""
+        """The deviation scores weighted by the question's attention (config.attention_weighted), read where
+        config.weighting says."""
         config = self.plan.config
         if config.policy == "random":
             return scores
@@ -280,11 +273,6 @@ class BlendRun:
                 ahead = self.question_attention[chunk_rows]
                 received = ahead if received is None else received * ahead
             scores = scores * received
-        if config.accumulate:
-            scores = scores / scores.mean().clamp_min(1e-30)
-            if self._acc is not None:
-                scores = scores + self._acc
-            self._acc = scores
         return scores
 
     def _select(self, layer: int, rows, chunk_sel, q, scores, K, V, reused) -> torch.Tensor:
@@ -298,8 +286,6 @@ class BlendRun:
         picked = select_tokens(scores, count, forced)
         if self.gate is not None:
             self._gate(layer, rows, q, K, V, *reused, chunk_rows, scores, picked)
-        if self._acc is not None:
-            self._acc = self._acc[picked]
         chosen = chunk_sel[picked]
         keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
