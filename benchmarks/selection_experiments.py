@@ -33,6 +33,10 @@ def variants(round_: int) -> list[Setting]:
         """A variant of the published selection (check layer 1, K+V deviation) with `kw` changed."""
         return Setting("cacheblend", R, replace(BlendConfig.published(R), **kw), variant=name)
 
+    def default(name: str, **kw) -> Setting:
+        """The default selection (kvblend's BlendConfig, gate off) with `kw` changed."""
+        return Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)
+
     ends = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
             Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),
             cb("published: check layer 1, K+V deviation")]
@@ -53,7 +57,6 @@ def variants(round_: int) -> list[Setting]:
             Setting("random", R, BlendConfig("random", R), variant="random selection"),
         ]
     if round_ == 4:
-        default = lambda name, **kw: Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)  # noqa: E731
         return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
                 default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
                 default("question pass (ProphetKV-style) weighting at 1 and 3", weighting="question_pass"),
@@ -62,17 +65,15 @@ def variants(round_: int) -> list[Setting]:
                 default("question pass only, check 0, r = 0.18", ratio=0.18, weighting="question_pass",
                         deviation="none", check_layers=(0,))]
     if round_ == 5:  # held out: the default against the question-pass selections of round 4
-        default = lambda name, **kw: Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)  # noqa: E731
-        qp = dict(weighting="question_pass", deviation="none", check_layers=(0,))
+        qp = {"weighting": "question_pass", "deviation": "none", "check_layers": (0,)}
         return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
                 default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
                 default("question pass x check-layer attention at 1 and 3", weighting="both"),
                 default("question pass only, check 0", **qp),
                 default("question pass only, check 0, r = 0.18", ratio=0.18, **qp)]
     if round_ == 6:  # task accuracy on planted facts: the default against the best variant of round 4's first case
-        return [ends[0], ends[1], Setting("cacheblend", R, BlendConfig(gate_bound=None), variant="default"),
-                Setting("cacheblend", R, BlendConfig(weighting="both", gate_bound=None),
-                        variant="question pass x check-layer attention at 1 and 3")]
+        return [ends[0], ends[1], default("default"),
+                default("question pass x check-layer attention at 1 and 3", weighting="both")]
     if round_ == 3:
         aw = dict(attention_weighted=True)
         return ends + [

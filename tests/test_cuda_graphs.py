@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import random_llama
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.source import TensorLayerSource
 from kvblend.store.key import ChunkKey
-from tiny_models import random_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

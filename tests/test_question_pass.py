@@ -3,6 +3,7 @@ through every layer weights the selection. On a small random Llama on CPU: no mo
 
 import pytest
 import torch
+from tiny_models import random_llama
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
@@ -11,7 +12,6 @@ from kvblend.blend.select import select_count
 from kvblend.blend.source import TensorLayerSource
 from kvblend.rag.precompute import chunk_key, compute_chunk_kv
 from kvblend.store import MemoryTier, TieredStore
-from tiny_models import random_llama
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_weighting_is_validated():
 
 
 def test_question_pass_picks_the_rows_the_question_attends_most(setup):
-    model, engine, layout = setup
+    _, engine, layout = setup
     config = BlendConfig(ratio=0.2, check_layers=(0,), deviation="none", weighting="question_pass")
     plan = engine.plan(layout, config)
     run = engine.start(plan)

@@ -279,7 +279,6 @@ class BlendRun:
         """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
         chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync
         (but for the quality gate's, when on). K/V hold the fresh KV of the active rows; `reused` the KV before."""
-        config = self.plan.config
         chunk_rows = rows[chunk_sel]
         forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
