@@ -19,6 +19,7 @@ import torch
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.prompt import chat_template
 from kvblend.eval.fidelity import Setting, evaluate, gap_closed, make_cases
+from kvblend.eval.tasks import planted_cases, task_templates
 from kvblend.model.embedded import embedded_model_dir
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import load_tokenizer
@@ -31,6 +32,10 @@ def variants(round_: int) -> list[Setting]:
     def cb(name: str, **kw) -> Setting:
         """A variant of the published selection (check layer 1, K+V deviation) with `kw` changed."""
         return Setting("cacheblend", R, replace(BlendConfig.published(R), **kw), variant=name)
+
+    def default(name: str, **kw) -> Setting:
+        """The default selection (kvblend's BlendConfig, gate off) with `kw` changed."""
+        return Setting("cacheblend", R, replace(BlendConfig(gate_bound=None), **kw), variant=name)
 
     ends = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
             Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0)),
@@ -51,6 +56,24 @@ def variants(round_: int) -> list[Setting]:
             Setting("epic", R, BlendConfig("epic", R, epic_tokens=round(R * 256)), variant="EPIC at the same budget"),
             Setting("random", R, BlendConfig("random", R), variant="random selection"),
         ]
+    if round_ == 4:
+        return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
+                default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
+                default("question pass (ProphetKV-style) weighting at 1 and 3", weighting="question_pass"),
+                default("question pass x check-layer attention at 1 and 3", weighting="both"),
+                default("question pass only, check 0", weighting="question_pass", deviation="none", check_layers=(0,)),
+                default("question pass only, check 0, r = 0.18", ratio=0.18, weighting="question_pass",
+                        deviation="none", check_layers=(0,))]
+    if round_ == 5:  # held out: the default against the question-pass selections of round 4
+        qp = {"weighting": "question_pass", "deviation": "none", "check_layers": (0,)}
+        return [ends[0], ends[1], default("default: attn-weighted, gradual 1,3: 0.30 -> 0.15"),
+                default("default at r = 0.18 (equal-compute reference)", ratio=0.18),
+                default("question pass x check-layer attention at 1 and 3", weighting="both"),
+                default("question pass only, check 0", **qp),
+                default("question pass only, check 0, r = 0.18", ratio=0.18, **qp)]
+    if round_ == 6:  # task accuracy on planted facts: the default against the best variant of round 4's first case
+        return [ends[0], ends[1], default("default"),
+                default("question pass x check-layer attention at 1 and 3", weighting="both")]
     if round_ == 3:
         aw = dict(attention_weighted=True)
         return ends + [
@@ -80,13 +103,19 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--greedy-steps", type=int, default=32)
-    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3], help="which set of variants")
+    parser.add_argument("--round", type=int, default=3, choices=[1, 2, 3, 4, 5, 6], help="which set of variants")
+    parser.add_argument("--chunks", default="4-6", help="chunks per case, LO-HI")
+    parser.add_argument("--task", choices=["none", "facts"], default="none",
+                        help="facts: plant a fact per case and score the greedy answer (kvblend.eval.tasks)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     model_dir = embedded_model_dir()
     model = LlamaModel.from_dir(model_dir, dtype="float32")
     tokenizer = load_tokenizer(model_dir)
-    cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (4, 6), seed=args.seed)
+    lo, _, hi = args.chunks.partition("-")
+    cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (int(lo), int(hi or lo)), seed=args.seed)
+    if args.task == "facts":
+        cases, _ = planted_cases(tokenizer, cases, task_templates(), seed=args.seed)
     start = time.time()
     rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, variants(args.round), ("alone",), args.greedy_steps,
                     progress=lambda: print(".", end="", flush=True, file=sys.stderr))
@@ -97,12 +126,12 @@ def main() -> int:
               "command": "python " + " ".join(sys.argv), "torch_threads": torch.get_num_threads(), "settings": rows}
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=1)
-    print("\n| variant | KL mean | KL p90 | top-1 | greedy32 match len | gap closed | token-layers computed |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | KL mean | KL p90 | top-1 | greedy match len | gap closed | token-layers computed | task EM |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = r.get("variant") or r["policy"]
         print(f"| {name} | {r['kl_mean']:.4f} | {r['kl_p90']:.4f} | {r['top1']:.3f} | {r['greedy_match_len']:.2f} | "
-              f"{r['gap_closed']:.2f} | {r['compute_fraction']:.3f} |")
+              f"{r['gap_closed']:.2f} | {r['compute_fraction']:.3f} | {r.get('task_em', '')} |")
     return 0
 
 

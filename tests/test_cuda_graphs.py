@@ -2,37 +2,15 @@
 
 import pytest
 import torch
+from tiny_models import random_llama
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.source import TensorLayerSource
-from kvblend.model.runner import LlamaModel
-from kvblend.model.spec import spec_from_config
-from kvblend.model.weights import weights_from_tensors
 from kvblend.store.key import ChunkKey
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8,
-              num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=8192,
-              rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"])
-
-
-def random_model() -> LlamaModel:
-    spec = spec_from_config(CONFIG, dtype="bfloat16", weights_id="random-test")
-    gen = torch.Generator().manual_seed(0)
-    h, i, kv = spec.hidden_size, spec.intermediate_size, spec.num_kv_heads * spec.head_dim
-    shapes = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h),
-              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, h),
-              "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
-              "mlp.down_proj.weight": (h, i)}
-    tensors = {f"model.layers.{n}.{name}": torch.randn(shape, generator=gen) * (1.0 if len(shape) == 1 else 0.05)
-               for n in range(spec.num_layers) for name, shape in shapes.items()}
-    tensors["model.embed_tokens.weight"] = torch.randn(spec.vocab_size, h, generator=gen)
-    tensors["model.norm.weight"] = torch.ones(h)
-    tensors["lm_head.weight"] = torch.randn(spec.vocab_size, h, generator=gen) * 0.05
-    return LlamaModel(spec, weights_from_tensors(tensors, spec, "cuda"))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,7 +24,7 @@ def test_graph_replay_matches_eager(config):
     """The eager engine reads chunk KV already on the GPU; the graphed one from pinned memory (staged in groups
     of layers): post-check graphs capture on the first order, check-layer graphs on the second (a repeated
     shape), the third replays both."""
-    model = random_model()
+    model = random_llama("cuda", "bfloat16")
     gen = torch.Generator().manual_seed(1)
     chunks = []
     for _ in range(5):

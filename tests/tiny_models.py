@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints of the architectures the blend supports (and one it does not), for the vLLM
 tests: a transformers config + save_pretrained, a few MB, with the embedded SmolLM2's tokenizer so prompts are
-real text. Nothing is downloaded."""
+real text; and a small random Llama on kvblend's own runner (`random_llama`). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -43,3 +43,29 @@ def save_tiny_model(architecture: str, out_dir: Path, tokenizer_dir: Path, seed:
     model.save_pretrained(out_dir)
     tf.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
+
+
+RANDOM_LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"])
+
+
+def random_llama(device: str = "cpu", dtype: str = "float32"):
+    """A 6-layer random-weight Llama (vocabulary 512) on kvblend's torch runner, from seed 0."""
+    from kvblend.model.runner import LlamaModel
+    from kvblend.model.spec import spec_from_config
+    from kvblend.model.weights import weights_from_tensors
+
+    spec = spec_from_config(RANDOM_LLAMA, dtype=dtype, weights_id="random-test")
+    gen = torch.Generator().manual_seed(0)
+    h, i, kv = spec.hidden_size, spec.intermediate_size, spec.num_kv_heads * spec.head_dim
+    shapes = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h),
+              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, h),
+              "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
+              "mlp.down_proj.weight": (h, i)}
+    tensors = {f"model.layers.{n}.{name}": torch.randn(shape, generator=gen) * (1.0 if len(shape) == 1 else 0.05)
+               for n in range(spec.num_layers) for name, shape in shapes.items()}
+    tensors["model.embed_tokens.weight"] = torch.randn(spec.vocab_size, h, generator=gen)
+    tensors["model.norm.weight"] = torch.ones(h)
+    tensors["lm_head.weight"] = torch.randn(spec.vocab_size, h, generator=gen) * 0.05
+    return LlamaModel(spec, weights_from_tensors(tensors, spec, device))

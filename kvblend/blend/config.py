@@ -8,6 +8,7 @@ POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
 DEFAULT_POLICY = "cacheblend"
 DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
+WEIGHTINGS = ("check", "question_pass", "both")
 # The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request quality gate"), to opt in
 # with. Off by default: at equal average compute it did not beat a fixed ratio, and its host syncs keep the GPU
 # path's check layers out of CUDA graphs.
@@ -27,7 +28,11 @@ class BlendConfig:
       experiments in benchmarks/RESULTS.md; `published()` is the CacheBlend paper's (layer 1, K+V deviation).
       `deviation` scores tokens by K, V or both ("kv": each normalised by its mean), or not at all ("none");
       `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
-      check layer (with "none": selection by that attention alone).
+      check layer (with "none": selection by that attention alone). `weighting` says where that attention is
+      read: "check" at the check layer itself; "question_pass" from a first pass of the prompt's own rows
+      (prefix, question) through every layer over the reused chunk KV, the question's attention to each chunk
+      row averaged over all layers (ProphetKV's query-driven first stage; costs those rows' token-layers and a
+      second read of the chunk KV from the store); "both" their product.
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
       `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the last check layer,
       when the question's attention error predicted for the selection exceeds the bound, the request restarts
@@ -44,6 +49,7 @@ class BlendConfig:
     schedule: tuple[float, ...] | None = None
     deviation: str = "kv"
     attention_weighted: bool = True
+    weighting: str = "check"
     epic_tokens: int = 32
     head_tokens: int = 0
     seed: int = 0
@@ -56,6 +62,8 @@ class BlendConfig:
             raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.deviation == "none" and self.policy == "cacheblend" and not self.attention_weighted:
             raise ValueError("deviation 'none' selects by attention: set attention_weighted=True")
         if self.epic_tokens < 0 or self.head_tokens < 0:

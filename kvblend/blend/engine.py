@@ -99,7 +99,8 @@ class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
     def __init__(self, engine: "BlendEngine", plan: BlendPlan, source: LayerSource | None,
-                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None) -> None:
+                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None,
+                 question_attention: torch.Tensor | None = None) -> None:
         model, spec = engine.model, engine.model.spec
         self.model, self.plan, self.source = model, plan, source
         self.prefix_kv = prefix_kv
@@ -147,6 +148,8 @@ class BlendRun:
         gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
         self.gate = GateReport(plan.config.gate_bound) if gated else None
         self._first_top: torch.Tensor | None = None  # the gate's: the final count's best rows at the first check
+        self.collect: list[torch.Tensor] | None = None  # the question pass: the question's attention per layer
+        self.question_attention = question_attention
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
         # is then all that remains to check, and rope_shift_gather skips its own (syncing) range check.
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
@@ -219,7 +222,11 @@ class BlendRun:
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
             reused = (K.clone(), V.clone()) if self.gate is not None else None
         K[rows], V[rows] = k, v
+        if self.collect is not None:
+            suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+            self.collect.append(attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions))
         if check:
+            scores = self._weight(rows, chunk_sel, q, scores, K)
             keep = self._select(layer, rows, chunk_sel, q, scores, K, V, reused)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
@@ -249,16 +256,30 @@ class BlendRun:
         chunk_rows = rows[chunk_sel]
         return deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
 
+    def _weight(self, layer_rows, chunk_sel, q, scores, K) -> torch.Tensor:
+        """The deviation scores weighted by the question's attention (config.attention_weighted), read where
+        config.weighting says."""
+        config = self.plan.config
+        if config.policy == "random":
+            return scores
+        chunk_rows = layer_rows[chunk_sel]
+        if config.attention_weighted:
+            received = None
+            if config.weighting in ("check", "both"):
+                suffix = slice(layer_rows.numel() - self._n_suffix, layer_rows.numel())
+                received = attention_received(q[suffix], self.positions[layer_rows[suffix]], K, self.positions)[chunk_rows]
+                received = received / received.mean().clamp_min(1e-30)
+            if config.weighting in ("question_pass", "both"):
+                ahead = self.question_attention[chunk_rows]
+                received = ahead if received is None else received * ahead
+            scores = scores * received
+        return scores
+
     def _select(self, layer: int, rows, chunk_sel, q, scores, K, V, reused) -> torch.Tensor:
         """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
         chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync
         (but for the quality gate's, when on). K/V hold the fresh KV of the active rows; `reused` the KV before."""
-        config = self.plan.config
         chunk_rows = rows[chunk_sel]
-        if config.policy != "random" and config.attention_weighted:
-            suffix = slice(rows.numel() - self._n_suffix, rows.numel())
-            received = attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions)[chunk_rows]
-            scores = scores * received / received.mean().clamp_min(1e-30)
         forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
         picked = select_tokens(scores, count, forced)
@@ -445,7 +466,34 @@ class BlendEngine:
                                       tier=tier)
         if plan.exact_prefix and prefix_kv is None:
             raise ValueError("the plan expects exact prefix KV but none was given")
-        return BlendRun(self, plan, source, prefix_kv, target)
+        ahead = None
+        if plan.config.policy == "cacheblend" and plan.config.weighting != "check" and plan.cached_keys:
+            if self.store is None:
+                raise ValueError(f"weighting {plan.config.weighting!r} runs a question pass that reads the chunks' "
+                                 "KV from the engine's store, and this engine has none")
+            ahead, token_layers = self._question_pass(plan, prefix_kv, tier)
+        run = BlendRun(self, plan, source, prefix_kv, target, ahead)
+        if ahead is not None:
+            run.stats.token_layers_computed += token_layers
+        return run
+
+    def _question_pass(self, plan: BlendPlan, prefix_kv, tier) -> tuple[torch.Tensor, int]:
+        """ProphetKV's first stage: the prompt's own rows (prefix, question) through every layer over the reused
+        chunk KV; the attention the question pays each row, normalised per layer over the chunk rows and averaged
+        over the layers [tokens], and the token-layers it computed."""
+        reuse = replace(plan, config=replace(plan.config, policy="full_reuse", gate_bound=None),
+                        initial_rows=plan.fixed_rows, logits_rows=plan.logits_rows[:0])
+        source = StoreLayerSource(self.store, plan.cached_keys, self.model.device, kv_layout(self.model.spec), tier=tier)
+        run = BlendRun(self, reuse, source, prefix_kv)
+        run.collect = []
+        try:
+            for layer in range(self.model.spec.num_layers):
+                run.step(layer)
+        finally:
+            source.close()
+        cached = run.plan.cached_rows.to(self.model.device)
+        fused = torch.stack([a / a[cached].mean().clamp_min(1e-30) for a in run.collect]).mean(0)
+        return fused, run.stats.token_layers_computed
 
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
