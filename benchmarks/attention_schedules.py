@@ -33,11 +33,10 @@ from kvblend.triton_kernels.sparse_attention import (  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 SIZES = (8256, 32832)
-# launch-config overrides of DEFAULT_CONFIG; "programs": -1 means one program per multiprocessor
+# launch-config overrides of DEFAULT_CONFIG
 VARIANTS = [
-    {}, {"qk_ahead": True}, {"qk_ahead": True, "BLOCK_N": 64}, {"qk_ahead": True, "BLOCK_N": 64, "num_stages": 4},
-    {"programs": -1, "warp_specialize": True}, {"programs": -1, "warp_specialize": True, "qk_ahead": True},
-    {"programs": -1}, {},
+    {}, {"one_loop": True}, {"one_loop": True, "BLOCK_N": 64}, {"one_loop": True, "BLOCK_N": 64, "num_stages": 4},
+    {"BLOCK_N": 64, "num_stages": 4}, {}, {"one_loop": True},
 ]
 
 
@@ -137,8 +136,6 @@ def main() -> int:
     picked = range(len(VARIANTS)) if not args.variants else [int(i) for i in args.variants.split(",")]
     for index in picked:
         config = dict(DEFAULT_CONFIG, **VARIANTS[index])
-        if config["programs"] < 0:
-            config["programs"] = -config["programs"] * sms
         row = {"variant": index, **config}
         try:
             for n, case in data.items():

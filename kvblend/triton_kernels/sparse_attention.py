@@ -22,8 +22,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True,
-                  "qk_ahead": False, "programs": 0, "warp_specialize": False}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "one_loop": False}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -33,44 +32,35 @@ if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _key_scores(q_tile, k, k_desc, kv_head, dim, start, num_keys, k_stride_t, k_stride_h,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                    DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-        """Scores of the query tile against the key tile at `start` (keys past num_keys read as zeros when MASKED
-        or through TMA)."""
-        if TMA:
-            k_tile = k_desc.load([start, kv_head * HEAD_DIM])
-        else:
-            key = start + tl.arange(0, BLOCK_N)
-            key_row = key.to(tl.int64)[:, None]
-            if MASKED:
-                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=(key < num_keys)[:, None],
-                                 other=0.0)
-            else:
-                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim)
-        if DOT_IN_FP32:
-            k_tile = k_tile.to(tl.float32)
-        return tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
-
-    @triton.jit
-    def _softmax_step(acc, l_i, m_i, scores, pos, v, v_desc, k_pos, kv_head, dim, start, num_keys, qk_scale,
-                      v_stride_t, v_stride_h, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-        """One key tile of the online softmax (m_i, l_i in base-2 units of the scaled scores) from its scores;
-        MASKED applies the causal-by-position mask and the key bound."""
+    def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start, num_keys,
+                     band_start, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, ONE_LOOP: tl.constexpr):
+        """One key tile of the online softmax (m_i, l_i in base-2 units of the scaled scores); MASKED applies the
+        causal-by-position mask and the key bound. TMA loads the K/V tiles through tensor descriptors (rows past
+        the keys come back as zeros)."""
         key = start + tl.arange(0, BLOCK_N)
         key_ok = key < num_keys
         if TMA:
+            k_tile = k_desc.load([start, kv_head * HEAD_DIM])
             v_tile = v_desc.load([start, kv_head * HEAD_DIM])
         else:
             key_row = key.to(tl.int64)[:, None]
             if MASKED:
+                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim, mask=key_ok[:, None], other=0.0)
                 v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim, mask=key_ok[:, None], other=0.0)
             else:
+                k_tile = tl.load(k + key_row * k_stride_t + kv_head * k_stride_h + dim)
                 v_tile = tl.load(v + key_row * v_stride_t + kv_head * v_stride_h + dim)
         if DOT_IN_FP32:
+            k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
-        if MASKED:
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        if ONE_LOOP:
+            if start >= band_start:
+                kpos = tl.load(k_pos + key, mask=key_ok, other=0)
+                scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
+        elif MASKED:
             kpos = tl.load(k_pos + key, mask=key_ok, other=0)
             scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
@@ -107,15 +97,15 @@ if HAS_TRITON:
         return num_keys * 0, num_keys
 
     @triton.jit
-    def _attend_tile(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, kv_head, tile, num_queries, num_keys, qk_scale,
+    def _sparse_query_attention_kernel(
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, qk_scale,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, QK_AHEAD: tl.constexpr,
+        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, ONE_LOOP: tl.constexpr,
     ):
-        """One work item: the query tile `tile` of the query heads of `kv_head`. QK_AHEAD issues the next key
-        tile's score product before this tile's softmax, so the two can overlap."""
+        kv_head = tl.program_id(0)
+        tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
         row = tl.arange(0, BLOCK_M)
         token = tile * TOKENS_PER_TILE + row // GROUP
         head = kv_head * GROUP + row % GROUP
@@ -132,62 +122,26 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
-        if QK_AHEAD:
-            scores = _key_scores(q_tile, k, k_desc, kv_head, dim, 0, num_keys, k_stride_t, k_stride_h,
-                                 HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
-            for start in range(0, unmasked_end, BLOCK_N):
-                ahead = _key_scores(q_tile, k, k_desc, kv_head, dim, start + BLOCK_N, num_keys, k_stride_t,
-                                    k_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, pos, v, v_desc, k_pos, kv_head, dim, start,
-                                              num_keys, qk_scale, v_stride_t, v_stride_h, HEAD_DIM, BLOCK_N,
-                                              PRECISION, DOT_IN_FP32, False, TMA)
-                scores = ahead
-            for start in range(unmasked_end, end, BLOCK_N):
-                ahead = _key_scores(q_tile, k, k_desc, kv_head, dim, start + BLOCK_N, num_keys, k_stride_t,
-                                    k_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, pos, v, v_desc, k_pos, kv_head, dim, start,
-                                              num_keys, qk_scale, v_stride_t, v_stride_h, HEAD_DIM, BLOCK_N,
-                                              PRECISION, DOT_IN_FP32, True, TMA)
-                scores = ahead
+        if ONE_LOOP:  # one pipelined loop over all visible tiles, the mask applied from unmasked_end on
+            for start in range(0, end, BLOCK_N):
+                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
+                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
+                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True,
+                                             TMA, True)
         else:
             for start in range(0, unmasked_end, BLOCK_N):
-                scores = _key_scores(q_tile, k, k_desc, kv_head, dim, start, num_keys, k_stride_t, k_stride_h,
-                                     HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, pos, v, v_desc, k_pos, kv_head, dim, start,
-                                              num_keys, qk_scale, v_stride_t, v_stride_h, HEAD_DIM, BLOCK_N,
-                                              PRECISION, DOT_IN_FP32, False, TMA)
+                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
+                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
+                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False,
+                                             TMA, False)
             for start in range(unmasked_end, end, BLOCK_N):
-                scores = _key_scores(q_tile, k, k_desc, kv_head, dim, start, num_keys, k_stride_t, k_stride_h,
-                                     HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, pos, v, v_desc, k_pos, kv_head, dim, start,
-                                              num_keys, qk_scale, v_stride_t, v_stride_h, HEAD_DIM, BLOCK_N,
-                                              PRECISION, DOT_IN_FP32, True, TMA)
+                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
+                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
+                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True,
+                                             TMA, False)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
-
-    @triton.jit
-    def _sparse_query_attention_kernel(
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, num_kv_heads, qk_scale,
-        q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
-        GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, QK_AHEAD: tl.constexpr,
-        PERSISTENT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    ):
-        if PERSISTENT:  # items (tile, kv head) longest first, dealt round-robin to a fixed grid
-            for item in tl.range(tl.program_id(0), num_tiles * num_kv_heads, tl.num_programs(0),
-                                 warp_specialize=WARP_SPECIALIZE):
-                _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, item % num_kv_heads,
-                             num_tiles - 1 - item // num_kv_heads, num_queries, num_keys, qk_scale,
-                             q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
-                             out_stride_h, GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION, DOT_IN_FP32,
-                             TMA, KEYS_SORTED, PROBES, QK_AHEAD)
-        else:  # the last tiles see the most keys: launch them first
-            _attend_tile(q, q_pos, k, v, k_desc, v_desc, k_pos, out, tl.program_id(0), num_tiles - 1 - tl.program_id(1),
-                         num_queries, num_keys, qk_scale, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t,
-                         v_stride_h, out_stride_t, out_stride_h, GROUP, TOKENS_PER_TILE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                         PRECISION, DOT_IN_FP32, TMA, KEYS_SORTED, PROBES, QK_AHEAD)
 
     @triton.jit
     def _tile_bounds_kernel(q_pos, k_pos, bounds, num_queries, num_keys, TOKENS_PER_TILE: tl.constexpr,
@@ -247,16 +201,13 @@ def sparse_query_attention(
     k_desc, v_desc = (_kv_descriptor(t, block_n, head_dim) for t in (k, v)) if tma else (k, v)
     # Triton's interpreter multiplies bf16 tiles as their raw 16-bit patterns, so there bf16 dots run in fp32.
     dot_in_fp32 = INTERPRETING and q.dtype == torch.bfloat16
-    programs = config["programs"]
-    grid = (programs,) if programs else (num_kv_heads, num_tiles)
-    _sparse_query_attention_kernel[grid](
-        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, num_kv_heads,
-        scale * math.log2(math.e),
+    _sparse_query_attention_kernel[(num_kv_heads, num_tiles)](
+        q, q_pos, k, v, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, QK_AHEAD=config["qk_ahead"], PERSISTENT=programs > 0,
-        WARP_SPECIALIZE=config["warp_specialize"], num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, ONE_LOOP=config["one_loop"],
+        num_warps=config["num_warps"], num_stages=stages,
     )
     return out
 
