@@ -22,7 +22,8 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "one_loop": False}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "one_loop": False,
+                  "maxnreg": 0}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -207,7 +208,7 @@ def sparse_query_attention(
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
         TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, ONE_LOOP=config["one_loop"],
-        num_warps=config["num_warps"], num_stages=stages,
+        num_warps=config["num_warps"], num_stages=stages, **({"maxnreg": config["maxnreg"]} if config["maxnreg"] else {}),
     )
     return out
 
