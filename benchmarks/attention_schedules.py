@@ -38,6 +38,8 @@ VARIANTS = [
     {}, {"one_loop": True}, {"BLOCK_N": 64, "num_stages": 2, "maxnreg": 128}, {"BLOCK_N": 64, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "one_loop": True},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 64, "num_stages": 2, "maxnreg": 128, "one_loop": True}, {},
 ]
 ROUNDS = 5  # timing rounds, the variants interleaved in each, so drift of the clock hits them all alike
 
