@@ -159,9 +159,7 @@ def test_in_kernel_bounds_match_reference(keys_sorted, probes):
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2,
-                                            "tma": False},
-                                    {"BLOCK_M": 16, "BLOCK_N": 16, "one_loop": True},
-                                    {"BLOCK_M": 16, "BLOCK_N": 16, "one_loop": True, "tma": False}])
+                                            "tma": False}])
 def test_unmasked_and_masked_key_tiles(config, poisoned_empty):
     """Queries late in a long prompt (repeated positions included, as padded CUDA-graph rows are): most key tiles
     take the unmasked path, the band around each tile's positions the masked one."""

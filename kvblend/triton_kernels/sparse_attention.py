@@ -22,8 +22,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "one_loop": False,
-                  "maxnreg": 0}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -34,9 +33,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start, num_keys,
-                     band_start, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                     qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, ONE_LOOP: tl.constexpr):
+                     DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
         """One key tile of the online softmax (m_i, l_i in base-2 units of the scaled scores); MASKED applies the
         causal-by-position mask and the key bound. TMA loads the K/V tiles through tensor descriptors (rows past
         the keys come back as zeros)."""
@@ -57,11 +56,7 @@ if HAS_TRITON:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
         scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
-        if ONE_LOOP:
-            if start >= band_start:
-                kpos = tl.load(k_pos + key, mask=key_ok, other=0)
-                scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
-        elif MASKED:
+        if MASKED:
             kpos = tl.load(k_pos + key, mask=key_ok, other=0)
             scores = tl.where(key_ok[None, :] & (kpos[None, :] <= pos[:, None]), scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
@@ -103,7 +98,7 @@ if HAS_TRITON:
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, ONE_LOOP: tl.constexpr,
+        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr,
     ):
         kv_head = tl.program_id(0)
         tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
@@ -123,23 +118,14 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
-        if ONE_LOOP:  # one pipelined loop over all visible tiles, the mask applied from unmasked_end on
-            for start in range(0, end, BLOCK_N):
-                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
-                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
-                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True,
-                                             TMA, True)
-        else:
-            for start in range(0, unmasked_end, BLOCK_N):
-                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
-                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
-                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False,
-                                             TMA, False)
-            for start in range(unmasked_end, end, BLOCK_N):
-                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim,
-                                             start, num_keys, unmasked_end, qk_scale, k_stride_t, v_stride_t,
-                                             k_stride_h, v_stride_h, HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True,
-                                             TMA, False)
+        for start in range(0, unmasked_end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
+        for start in range(unmasked_end, end, BLOCK_N):
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
+                                         num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
+                                         HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, True, TMA)
         acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_offset = token.to(tl.int64)[:, None] * out_stride_t + head[:, None] * out_stride_h + dim
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None])
@@ -207,8 +193,7 @@ def sparse_query_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, ONE_LOOP=config["one_loop"],
-        num_warps=config["num_warps"], num_stages=stages, **({"maxnreg": config["maxnreg"]} if config["maxnreg"] else {}),
+        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, num_warps=config["num_warps"], num_stages=stages,
     )
     return out
 
