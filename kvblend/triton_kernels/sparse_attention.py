@@ -22,7 +22,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "ablate": 0}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -98,7 +98,7 @@ if HAS_TRITON:
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr,
+        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, ABLATE: tl.constexpr,
     ):
         kv_head = tl.program_id(0)
         tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
@@ -118,10 +118,17 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
+        if ABLATE == 4:  # bounds of evenly spread 15% queries instead of the search (its loads become dead code)
+            unmasked_end = (tile * TOKENS_PER_TILE * 20 // 3) // BLOCK_N * BLOCK_N
+            end = tl.minimum((tile + 1) * TOKENS_PER_TILE * 20 // 3, num_keys)
+        if ABLATE & 2:
+            unmasked_end = unmasked_end * 0
         for start in range(0, unmasked_end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                                          HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
+        if ABLATE & 1:
+            end = unmasked_end
         for start in range(unmasked_end, end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
@@ -193,7 +200,8 @@ def sparse_query_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, num_warps=config["num_warps"], num_stages=stages,
+        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, ABLATE=config["ablate"], num_warps=config["num_warps"],
+        num_stages=stages,
     )
     return out
 
