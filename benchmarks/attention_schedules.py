@@ -37,7 +37,7 @@ HEADS, KV_HEADS, DIM = 32, 8, 128
 SIZES = (8256, 32832)
 # launch-config overrides of DEFAULT_CONFIG
 VARIANTS = [
-    {}, {"ablate": 1}, {"ablate": 2}, {"ablate": 3}, {"ablate": 4}, {},
+    {}, {"bounds": 1}, {"bounds": 2}, {"bounds": 3}, {"ablate": 4}, {}, {"bounds": 2},
 ]
 ROUNDS = 5  # timing rounds, the variants interleaved in each, so drift of the clock hits them all alike
 
