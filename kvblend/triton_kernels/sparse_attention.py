@@ -96,8 +96,8 @@ if HAS_TRITON:
                 return (_keys_at_or_before(k_pos, num_keys, lowest, PROBES, 1),
                         _keys_at_or_before(k_pos, num_keys, highest, PROBES, 1))
             first = tl.load(k_pos)
-            full = tl.minimum(tl.maximum(lowest - first + 1, 0), num_keys)
-            end = tl.minimum(tl.maximum(highest - first + 1, 0), num_keys)
+            full = tl.minimum(tl.maximum(lowest - first + 1, 0), num_keys).to(tl.int32)
+            end = tl.minimum(tl.maximum(highest - first + 1, 0), num_keys).to(tl.int32)
             if MODE == 2:
                 below_full = tl.load(k_pos + tl.maximum(full - 1, 0))
                 at_full = tl.load(k_pos + tl.minimum(full, num_keys - 1))
