@@ -22,7 +22,7 @@ from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "ablate": 0, "bounds": 0}
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -67,7 +67,7 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _keys_at_or_before(k_pos, num_keys, x, PROBES: tl.constexpr, STRETCH_STAGES: tl.constexpr = 0):
+    def _keys_at_or_before(k_pos, num_keys, x, PROBES: tl.constexpr):
         """How many of the sorted k_pos are <= x: PROBES evenly spaced probes find the stretch between two probes
         that holds the boundary, then that stretch is counted (two dependent loads for up to PROBES**2 keys)."""
         stride = tl.cdiv(num_keys, PROBES)
@@ -75,40 +75,21 @@ if HAS_TRITON:
         probed = tl.load(k_pos + probe, mask=probe < num_keys, other=9223372036854775807)
         base = tl.maximum(tl.sum((probed <= x).to(tl.int32), axis=0) - 1, 0) * stride
         count = base
-        for off in tl.range(0, stride, PROBES, num_stages=STRETCH_STAGES if STRETCH_STAGES else None):
+        for off in range(0, stride, PROBES):
             key = base + off + tl.arange(0, PROBES)
             key_ok = (key < num_keys) & (key < base + stride)
             count += tl.sum((key_ok & (tl.load(k_pos + key, mask=key_ok, other=0) <= x)).to(tl.int32), axis=0)
         return count
 
     @triton.jit
-    def _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr,
-                     MODE: tl.constexpr = 0):
+    def _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr):
         """(full, end) of a query tile: keys [0, full) are visible to all its rows, keys [end, S) to none;
         without sorted keys (0, S). The device half of `tile_key_bounds`."""
         if KEYS_SORTED:
             lowest = tl.min(tl.where(row_ok, pos, 9223372036854775807), axis=0)
             highest = tl.max(tl.where(row_ok, pos, -9223372036854775807), axis=0)
-            if MODE == 0:
-                return (_keys_at_or_before(k_pos, num_keys, lowest, PROBES),
-                        _keys_at_or_before(k_pos, num_keys, highest, PROBES))
-            if MODE == 3:
-                return (_keys_at_or_before(k_pos, num_keys, lowest, PROBES, 1),
-                        _keys_at_or_before(k_pos, num_keys, highest, PROBES, 1))
-            first = tl.load(k_pos)
-            full = tl.minimum(tl.maximum(lowest - first + 1, 0), num_keys).to(tl.int32)
-            end = tl.minimum(tl.maximum(highest - first + 1, 0), num_keys).to(tl.int32)
-            if MODE == 2:
-                below_full = tl.load(k_pos + tl.maximum(full - 1, 0))
-                at_full = tl.load(k_pos + tl.minimum(full, num_keys - 1))
-                below_end = tl.load(k_pos + tl.maximum(end - 1, 0))
-                at_end = tl.load(k_pos + tl.minimum(end, num_keys - 1))
-                ok = (((full == 0) | (below_full <= lowest)) & ((full == num_keys) | (at_full > lowest))
-                      & ((end == 0) | (below_end <= highest)) & ((end == num_keys) | (at_end > highest)))
-                if not ok:
-                    full = _keys_at_or_before(k_pos, num_keys, lowest, PROBES)
-                    end = _keys_at_or_before(k_pos, num_keys, highest, PROBES)
-            return full, end
+            return (_keys_at_or_before(k_pos, num_keys, lowest, PROBES),
+                    _keys_at_or_before(k_pos, num_keys, highest, PROBES))
         return num_keys * 0, num_keys
 
     @triton.jit
@@ -117,8 +98,7 @@ if HAS_TRITON:
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
         GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr, ABLATE: tl.constexpr,
-        BOUNDS: tl.constexpr,
+        TMA: tl.constexpr, KEYS_SORTED: tl.constexpr, PROBES: tl.constexpr,
     ):
         kv_head = tl.program_id(0)
         tile = num_tiles - 1 - tl.program_id(1)  # the last tiles see the most keys: launch them first
@@ -136,19 +116,12 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES, BOUNDS)
+        full, end = _tile_bounds(pos, row_ok, k_pos, num_keys, KEYS_SORTED, PROBES)
         unmasked_end = (full // BLOCK_N) * BLOCK_N
-        if ABLATE == 4:  # bounds of evenly spread 15% queries instead of the search (its loads become dead code)
-            unmasked_end = (tile * TOKENS_PER_TILE * 20 // 3) // BLOCK_N * BLOCK_N
-            end = tl.minimum((tile + 1) * TOKENS_PER_TILE * 20 // 3, num_keys)
-        if ABLATE & 2:
-            unmasked_end = unmasked_end * 0
         for start in range(0, unmasked_end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
                                          HEAD_DIM, BLOCK_N, PRECISION, DOT_IN_FP32, False, TMA)
-        if ABLATE & 1:
-            end = unmasked_end
         for start in range(unmasked_end, end, BLOCK_N):
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_tile, pos, k, v, k_desc, v_desc, k_pos, kv_head, dim, start,
                                          num_keys, qk_scale, k_stride_t, v_stride_t, k_stride_h, v_stride_h,
@@ -220,8 +193,7 @@ def sparse_query_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, ABLATE=config["ablate"], BOUNDS=config["bounds"], num_warps=config["num_warps"],
-        num_stages=stages,
+        TMA=tma, KEYS_SORTED=keys_sorted, PROBES=BOUND_PROBES, num_warps=config["num_warps"], num_stages=stages,
     )
     return out
 
