@@ -12,6 +12,9 @@ sparse-attention configs (each checked against the torch reference, the fastest 
 FlexAttention with a block mask on the same case, and the copy kernels. Run on the device:
   KVBLEND_GIT_SHA=<sha> python benchmarks/gpu_blend.py --out $OUT
 `--tiny` runs a 5-layer toy shape (past the default check layers 1 and 3) on the CPU to check the script.
+On CUDA the process runs as a vLLM GPU worker does, with one torch intra-op thread (vLLM's
+`set_torch_threads_for_runtime`, unless OMP_NUM_THREADS is set outside): the default pool's spinning workers
+caused the slow-run tail (RESULTS, fourth round). `--torch-threads N` overrides; the JSON records the count.
 """
 
 from __future__ import annotations
@@ -314,8 +317,13 @@ def main() -> int:
     parser.add_argument("--attention-config", default=None,
                         help="kernel_sweep.py JSON: use its fastest correct sparse_query_attention config")
     parser.add_argument("--unfused", action="store_true", help="keep separate Q/K/V and gate/up GEMMs")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default on CUDA: 1, as a vLLM GPU worker; on CPU: torch's)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
+    threads = args.torch_threads or (1 if device.type == "cuda" else None)
+    if threads:
+        torch.set_num_threads(threads)
     timer = Timer(device)
     sizes = [int(x) for x in args.chunks.split(",")]
     hf, model = build_models(TINY if args.tiny else LLAMA3_8B, device)
@@ -405,6 +413,7 @@ def main() -> int:
         "torch": torch.__version__,
         "shape": "tiny" if args.tiny else "llama-3-8b",
         "fused_projections": not args.unfused,
+        "torch_threads": torch.get_num_threads(),
         "attention_config": dict(DEFAULT_CONFIG),
         "ceilings": ceilings,
         "rows": rows,
