@@ -11,7 +11,7 @@ from tiny_models import random_llama
 
 from kvblend.blend.config import GATE_BOUND, BlendConfig
 from kvblend.blend.engine import BlendEngine
-from kvblend.blend.gate import SIGNAL, GateReport, decide, gate_signals, relative_deviation
+from kvblend.blend.gate import SIGNAL, GateReport, decide, gate_signals, relative_deviation, reuse_error
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.rag.precompute import chunk_key, compute_chunk_kv
 from kvblend.store import MemoryTier, TieredStore
@@ -42,27 +42,28 @@ def test_request_and_connector_gate_bounds():
             parse_params({"kvblend": {"gate_bound": bad}}, prompt_len=10)
 
 
-def test_signals_and_decision_follow_the_attention_left_on_reused_tokens():
-    """The same bound raises a request whose question attends to the tokens the selection leaves reused, and
-    passes one whose question attends to the tokens it keeps."""
+def test_signals_and_decision():
+    """The signals of a request whose question attends to the tokens the selection leaves reused, and whose chunk
+    KV moved far, are high, those of one attending to the kept tokens of barely moved KV low; the same bound
+    raises the first and passes the second."""
     scores = torch.tensor([5.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     picked, extended = torch.tensor([0, 1]), torch.tensor([0, 1, 2, 3])
-    deviation = torch.full((8,), 0.1)
     on_kept = torch.tensor([0.3, 0.3, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
     on_reused = torch.tensor([0.01, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
-    low = gate_signals(on_kept, deviation, scores, picked, extended)
-    high = gate_signals(on_reused, deviation, scores, picked, extended)
+    low = gate_signals(on_kept, torch.full((8,), 0.001), scores, picked, extended)
+    high = gate_signals(on_reused, torch.full((8,), 0.1), scores, picked, extended)
     assert low["reused_attention"] == pytest.approx(0.06) and high["reused_attention"] == pytest.approx(0.6)
     assert high["reused_deviation_attention"] == pytest.approx(0.06) and low["chunk_attention"] == pytest.approx(0.66)
-    assert low["unselected_mass"] == pytest.approx(6 / 15) and low["deviation"] == pytest.approx(0.1)
+    assert low["unselected_mass"] == pytest.approx(6 / 15) and high["deviation"] == pytest.approx(0.1)
     assert low["marginal_mass"] == pytest.approx(2 / 15) and high["marginal_attention"] == pytest.approx(0.2)
-    bound = 0.3
+    assert low[SIGNAL] < high[SIGNAL]
+    bound = (low[SIGNAL] + high[SIGNAL]) / 2
     passed, raised = GateReport(bound, low), GateReport(bound, high)
     assert decide(passed, 0.15) == 0.15 and passed.decision == "pass" and SIGNAL in passed.reason
     assert decide(raised, 0.15) == 0.3 and raised.decision == "raised" and "raised in place to 0.3" in raised.reason
     full = GateReport(bound, high)
     assert decide(full, 0.6) == 1.0 and full.decision == "full_prefill"
-    assert raised.as_dict()["ratio"] == 0.3 and raised.as_dict()["signals"][SIGNAL] == pytest.approx(0.6)
+    assert raised.as_dict()["ratio"] == 0.3 and raised.as_dict()["signals"][SIGNAL] == pytest.approx(high[SIGNAL])
 
 
 def test_relative_deviation_is_zero_for_unchanged_kv_and_scale_free():
@@ -72,6 +73,17 @@ def test_relative_deviation_is_zero_for_unchanged_kv_and_scale_free():
     assert torch.equal(relative_deviation(k, v, k, v), torch.zeros(20))
     dev = relative_deviation(k, v, k + 0.1 * dk, v + 0.1 * dv)
     assert (dev > 0).all() and torch.allclose(relative_deviation(3 * k, 3 * v, 3 * (k + 0.1 * dk), 3 * (v + 0.1 * dv)), dev)
+
+
+def test_reuse_error_is_zero_for_unchanged_kv_and_grows_with_the_change():
+    g = torch.Generator().manual_seed(1)
+    T, heads, kv_heads, d = 40, 4, 2, 16
+    q = torch.randn(5, heads, d, generator=g)
+    k, v = torch.randn(T, kv_heads, d, generator=g), torch.randn(T, kv_heads, d, generator=g)
+    rows, pos, q_pos = torch.arange(5, 30), torch.arange(T), torch.arange(T - 5, T)
+    noise_k, noise_v = torch.randn(25, kv_heads, d, generator=g), torch.randn(25, kv_heads, d, generator=g)
+    errors = [reuse_error(q, q_pos, k, v, rows, k[rows] + s * noise_k, v[rows] + s * noise_v, pos) for s in (0, 0.1, 1)]
+    assert errors[0] == 0.0 and 0 < errors[1] < errors[2]
 
 
 @pytest.fixture(scope="module")

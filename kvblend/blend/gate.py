@@ -77,7 +77,7 @@ class GateReport:
                 "signals": {k: round(v, 6) for k, v in self.signals.items()}}
 
 
-SIGNAL = "reused_attention"  # the signal the gate decides on (the best-ranked in the calibration)
+SIGNAL = "deviation"  # the signal the gate decides on (the best-ranked in the calibration)
 
 
 def decide(report: GateReport, ratio: float) -> float:
