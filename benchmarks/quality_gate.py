@@ -27,6 +27,7 @@ import torch
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.prompt import chat_template
+from kvblend.cpu import cpu_record
 from kvblend.eval.fidelity import kl_per_token, make_cases, stored_chunk_refs
 from kvblend.model.embedded import embedded_model_dir
 from kvblend.model.runner import LlamaModel
@@ -73,6 +74,8 @@ def calibrate(args) -> None:
     cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (3, 5), seed=args.seed)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for n, case in enumerate(cases):
+        if n < args.skip:
+            continue
         start = time.time()
         refs = stored_chunk_refs(model, store, case.chunks, "gate")
         layout = template.layout(tokenizer, refs, case.question)
@@ -135,9 +138,13 @@ def replay(cases: list[dict], signal: str, bound: float) -> dict:
     oracle = (sum(c[f"kl_{RAISED}"] for c in by_gain[:raised]) + sum(c[f"kl_{BASE}"] for c in by_gain[raised:])) / n
     reuse = sum(c["kl_reuse"] for c in cases) / n
     fixed = fixed_at(fixed_curve(cases), compute)
+    # the first design restarted a raised request at the last check layer (3): its stopped attempt computed layers
+    # 0-1 in full and 2-3 on the first check's pool (twice the ratio) of a 30-layer model, on top of the raised run
+    restart = compute + raised / n * (2 + 2 * 2 * 0.15) / 30
     return {"signal": signal, "bound": bound, "raised": raised / n, "kl_mean": kl, "gap_closed": 1 - kl / reuse,
             "compute": compute, "fixed_kl_same_compute": fixed,
-            "fixed_gap_same_compute": None if fixed is None else 1 - fixed / reuse, "oracle_kl_same_raises": oracle}
+            "fixed_gap_same_compute": None if fixed is None else 1 - fixed / reuse, "oracle_kl_same_raises": oracle,
+            "restart_compute": restart, "fixed_kl_at_restart_compute": fixed_at(fixed_curve(cases), restart)}
 
 
 def bound_for_share(cases: list[dict], signal: str, share: float) -> float:
@@ -151,14 +158,18 @@ def bound_for_share(cases: list[dict], signal: str, share: float) -> float:
     return (vals[k - 1] + vals[k]) / 2
 
 
-def analyse(cases: list[dict], signals: list[str], shares: list[float]) -> dict:
+def analyse(cases: list[dict], signals: list[str], shares: list[float], at: dict[str, float]) -> dict:
+    """Correlations, the fixed ratios, the gate replayed at the bounds that raise `shares` of the cases and at the
+    given bounds `at` (signal: bound, e.g. the calibration's applied to held-out cases)."""
     n = len(cases)
-    report = {"cases": n, "kl_reuse": sum(c["kl_reuse"] for c in cases) / n,
+    report = {"machine": cpu_record(), "cases": n, "seeds": sorted({c["seed"] for c in cases}),
+              "git_shas": sorted({c["git_sha"] for c in cases}), "kl_reuse": sum(c["kl_reuse"] for c in cases) / n,
               "fixed": [{"ratio": r, "compute": c, "kl_mean": k} for r, (c, k) in zip(FIXED, fixed_curve(cases))],
               "correlations": correlations(cases), "replay": []}
     for signal in signals:
         for share in shares:
             report["replay"].append(replay(cases, signal, bound_for_share(cases, signal, share)))
+    report["replay"] += [replay(cases, signal, bound) for signal, bound in at.items()]
     return report
 
 
@@ -167,17 +178,20 @@ def main() -> int:
     parser.add_argument("mode", choices=["calibrate", "analyse"])
     parser.add_argument("--cases", type=int, default=32)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--skip", type=int, default=0, help="calibrate: start at this case (those before are done)")
     parser.add_argument("--jsonl", required=True, help="calibrate: appended per case; analyse: read")
     parser.add_argument("--signals", default="reused_attention,reused_deviation_attention",
                         help="analyse: signals to replay the gate on")
     parser.add_argument("--shares", default="0.25,0.33,0.5", help="analyse: shares of requests the replayed gate raises")
+    parser.add_argument("--at", default="", help="analyse: SIGNAL=BOUND,... replayed at those bounds")
     parser.add_argument("--out", default=None, help="analyse: write the report here")
     args = parser.parse_args()
     if args.mode == "calibrate":
         calibrate(args)
         return 0
     cases = [json.loads(line) for line in open(args.jsonl) if line.startswith("{")]
-    report = analyse(cases, args.signals.split(","), [float(s) for s in args.shares.split(",")])
+    at = {k: float(v) for k, v in (item.split("=") for item in args.at.split(",") if item)}
+    report = analyse(cases, args.signals.split(","), [float(s) for s in args.shares.split(",")], at)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
