@@ -173,7 +173,7 @@ def test_fetching_ahead_or_in_line_gives_the_same_blend(model_fp32, template, to
 
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [2, 8, 5])
     engine = BlendEngine(model_fp32, store)
-    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15, gate_bound=None))  # run(): no gate restarts
+    plan = engine.plan(layout, BlendConfig("cacheblend", 0.15, gate_bound=None))  # a fixed ratio
     default = engine.run(plan)
     source = StoreLayerSource(store, plan.cached_keys, "cpu", kv_layout(model_fp32.spec), prefetch=prefetch)
     chosen = engine.run(plan, source=source)
@@ -262,7 +262,7 @@ def test_tensor_source_gives_the_same_blend_as_the_store(model_fp32, template, t
 
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [7, 3, 9])
     engine = BlendEngine(model_fp32, store)
-    config = BlendConfig("cacheblend", 0.15, gate_bound=None)  # run(): no gate restarts
+    config = BlendConfig("cacheblend", 0.15, gate_bound=None)  # a fixed ratio
     from_store = engine.run(engine.plan(layout, config))
     entries = [store.get(c.key) for c in layout.chunks]
     source = TensorLayerSource([e.k for e in entries], [e.v for e in entries], "cpu")
@@ -277,7 +277,7 @@ def test_gradual_filtering_shrinks_a_candidate_set(model_fp32, template, tokeniz
     assert BlendConfig(check_layers=(1, 2, 3), ratio=0.1).ratios() == pytest.approx((0.2, 0.15, 0.1))
     layout = make_layout(model_fp32, template, tokenizer, chunk_pool, [5, 8, 2, 11])
     engine = BlendEngine(model_fp32, store)
-    plan = engine.plan(layout, BlendConfig(gate_bound=None))  # the gate would restart from outside these steps
+    plan = engine.plan(layout, BlendConfig(gate_bound=None))  # a fixed ratio
     run = engine.start(plan)
     n = plan.cached_rows.numel()
     kept = []

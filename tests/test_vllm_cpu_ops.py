@@ -92,7 +92,7 @@ def test_blend_on_vllm_ops_matches_torch_ops(models):
         store.put(key, compute_chunk_kv(torch_model, key, ids))
         refs.append(ChunkRef(tuple(ids), key))
     layout = PromptLayout.build([1, 2, 3], refs[::-1], torch.randint(0, 49152, (24,), generator=gen).tolist())
-    config = BlendConfig("cacheblend", 0.15, gate_bound=None)  # a gate restart on one side only would not compare
+    config = BlendConfig("cacheblend", 0.15, gate_bound=None)  # a gate raise on one side only would not compare
     torch_ops, vllm_ops = (BlendEngine(m, store).blend(layout, config) for m in models)
     assert vllm_ops.stats.tokens_reused > 0 and vllm_ops.stats.tokens_recomputed > 0
     assert abs(vllm_ops.stats.tokens_recomputed - torch_ops.stats.tokens_recomputed) <= 3

@@ -9,10 +9,10 @@ DEFAULT_POLICY = "cacheblend"
 DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
 WEIGHTINGS = ("check", "question_pass", "both")
-# The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request quality gate"), to opt in
-# with. Off by default: at equal average compute it did not beat a fixed ratio, and its host syncs keep the GPU
-# path's check layers out of CUDA graphs.
-GATE_BOUND = 0.04
+# The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request gate, second design"), to
+# opt in with. Off by default: at equal average compute it did not beat a fixed ratio, and its host sync keeps the
+# GPU path's check layers out of CUDA graphs.
+GATE_BOUND = 0.0104
 DEFAULT_GATE_BOUND: float | None = None
 
 
@@ -34,10 +34,10 @@ class BlendConfig:
       row averaged over all layers (ProphetKV's query-driven first stage; costs those rows' token-layers and a
       second read of the chunk KV from the store); "both" their product.
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
-      `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the last check layer,
-      when the question's attention error predicted for the selection exceeds the bound, the request restarts
-      at twice the ratio, above twice the bound as a full prefill. The request's blend report says what the
-      gate decided and why.
+      `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the first check layer,
+      before any row is dropped, when its signal (kvblend.blend.gate.SIGNAL) exceeds the bound, the request's
+      ratio is doubled in place (a full prefill at 1). The request's blend report says what the gate decided
+      and why.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.

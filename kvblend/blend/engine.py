@@ -19,7 +19,7 @@ import torch
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
-from kvblend.blend.gate import GateReport, GateRestart, question_attention_error, unselected_mass
+from kvblend.blend.gate import GateReport, decide, gate_signals, relative_deviation, reuse_error
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -147,7 +147,6 @@ class BlendRun:
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
         self.gate = GateReport(plan.config.gate_bound) if gated else None
-        self._first_top: torch.Tensor | None = None  # the gate's: the final count's best rows at the first check
         self.collect: list[torch.Tensor] | None = None  # the question pass: the question's attention per layer
         self.question_attention = question_attention
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
@@ -220,14 +219,19 @@ class BlendRun:
         if check:  # deviation from the reused KV, read before the fresh KV overwrites it
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
-            reused = (K.clone(), V.clone()) if self.gate is not None else None
+            gating = self.gate is not None and layer == min(self.checks)
+            if gating:
+                old = (K[rows[chunk_sel]].clone(), V[rows[chunk_sel]].clone())
+                deviation = relative_deviation(k[chunk_sel], v[chunk_sel], *old)
         K[rows], V[rows] = k, v
         if self.collect is not None:
             suffix = slice(rows.numel() - self._n_suffix, rows.numel())
             self.collect.append(attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions))
         if check:
             scores = self._weight(rows, chunk_sel, q, scores, K)
-            keep = self._select(layer, rows, chunk_sel, q, scores, K, V, reused)
+            if gating:
+                self._gate(layer, rows, chunk_sel, q, scores, K, V, old, deviation)
+            keep = self._select(layer, rows, chunk_sel, scores)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
             self._rot = None
@@ -275,53 +279,38 @@ class BlendRun:
             scores = scores * received
         return scores
 
-    def _select(self, layer: int, rows, chunk_sel, q, scores, K, V, reused) -> torch.Tensor:
+    def _select(self, layer: int, rows, chunk_sel, scores) -> torch.Tensor:
         """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
-        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync
-        (but for the quality gate's, when on). K/V hold the fresh KV of the active rows; `reused` the KV before."""
+        chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync."""
         chunk_rows = rows[chunk_sel]
         forced = self.is_head[chunk_rows] if self._n_heads else None
         count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
         picked = select_tokens(scores, count, forced)
-        if self.gate is not None:
-            self._gate(layer, rows, q, K, V, *reused, chunk_rows, scores, picked)
         chosen = chunk_sel[picked]
         keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
 
-    def _gate(self, layer: int, rows, q, fresh_k, fresh_v, K, V, chunk_rows, scores, picked: torch.Tensor) -> None:
-        """The quality gate (kvblend.blend.gate): record the predicted error of this check layer's selection; at
-        the last check layer, above the bound, restart the request at twice its ratio, or as a full prefill
-        above twice the bound (rows dropped at earlier checks cannot be resumed, so a restart it is)."""
-        bound, n_active = self.gate.bound, self._n_chunk_active
-        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
-        dropped = torch.ones(n_active, dtype=torch.bool, device=chunk_rows.device)
-        dropped[picked] = False
-        q_pos = self.positions[rows[suffix]]
-        err = question_attention_error(q[suffix], q_pos, fresh_k, fresh_v, K, V, chunk_rows[dropped], self.positions)
-        reused = self.is_cached.clone()
-        reused[chunk_rows[picked]] = False
-        received = attention_received(q[suffix], q_pos, fresh_k, self.positions)
-        final = select_count(self.plan.config.ratio, self._n_cached)
-        if not self.gate.checks:
-            self._first_top = chunk_rows[select_tokens(scores, min(final, n_active))]
-        self.gate.checks.append({"layer": layer, "error": round(err, 5),
-                                 "unselected_mass": round(unselected_mass(scores, picked), 5),
-                                 "reused_attention": round(float(received[reused].sum()), 5),
-                                 "agreement": round(float(torch.isin(chunk_rows[picked], self._first_top).float().mean()), 5),
-                                 "kept_ratio": round(picked.numel() / self._n_cached, 4)})
-        if layer != max(self.checks) or err <= bound:
-            return
+    def _gate(self, layer: int, rows, chunk_sel, q, scores, K, V, old, deviation) -> None:
+        """The quality gate (kvblend.blend.gate) at the first check layer: its signals for the configured ratio's
+        selection, then the request's ratio; a raised ratio replaces this run's schedule before any row is
+        dropped. Reads its signals on the host (one sync)."""
         config = self.plan.config
-        full = err > 2 * bound or 2 * config.ratio >= 1.0
-        self.gate.decision = "full_prefill" if full else "raised"
-        self.gate.reason = (f"question attention error {err:.4f} > {'2 x ' if full else ''}bound {bound:g} at layer "
-                            f"{layer}: restarted as {'a full prefill' if full else f'ratio {2 * config.ratio:g}'}")
-        again = (replace(config, policy="full_prefill", ratio=1.0, gate_bound=None) if full else
-                 replace(config, ratio=2 * config.ratio, schedule=None, gate_bound=None))
-        raise GateRestart(again, self.gate.as_dict(), self.stats.token_layers_computed + rows.numel())
+        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+        chunk_rows = rows[chunk_sel]
+        q_pos = self.positions[rows[suffix]]
+        received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
+        forced = self.is_head[chunk_rows] if self._n_heads else None
+        count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
+        wider = min(select_count(min(1.0, 2 * self.checks[layer]), self._n_cached), self._n_chunk_active)
+        self.gate.signals = gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
+                                         select_tokens(scores, wider, forced))
+        self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
+        ratio = decide(self.gate, config.ratio)
+        if ratio != config.ratio:
+            raised = replace(config, ratio=ratio, schedule=None)
+            self.checks = dict(zip(raised.check_layers, raised.ratios()))
 
     def finish(self) -> BlendResult:
         """Logits at the plan's logits rows (the hidden states the last layer kept) and the final report."""
@@ -521,10 +510,8 @@ class BlendEngine:
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
               target: KVTarget | None = None, tier: str | None = None) -> BlendResult:
         """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
-        recomputed instead (and logged); a request the quality gate stops is run again as it says. (`run` lets
-        GateRestart propagate: its callers pass a config without the gate or handle it.)"""
+        recomputed instead (and logged)."""
         failed: list[ChunkKey] = []
-        restart: GateRestart | None = None
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
@@ -534,10 +521,4 @@ class BlendEngine:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)
                 continue
-            except GateRestart as exc:
-                restart, config = exc, exc.config
-                continue
-            if restart is not None:  # the gate's decision, and the aborted attempt's compute, in the report
-                result.stats.gate = restart.report
-                result.stats.token_layers_computed += restart.token_layers
             return result
