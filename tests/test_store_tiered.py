@@ -1,11 +1,13 @@
 """TieredStore over real tiers: promotion on hits, write-through after flush(), asynchronous prefetch into
-memory, and a dead or hung Redis that costs neither the memory and disk copies nor the caller's time."""
+memory, batched reads (`get_many`), and a dead or hung Redis that costs neither the memory and disk copies nor
+the caller's time."""
 
 import time
 
 import pytest
 
 from kvblend.store import DiskTier, MemoryTier, RedisConfig, RedisTier, StoreConfig, TieredStore, open_store
+from kvblend.store.entry import serialize
 from test_store_helpers import assert_same_kv, random_chunk
 
 
@@ -71,6 +73,41 @@ def test_redis_hit_is_promoted_to_memory_and_disk(tmp_path, redis_url, redis_pre
         assert_same_kv(disk.get(kv.key), kv)
 
 
+def _damaged(kv) -> bytes:
+    """The entry's bytes with one byte of its last layer's values flipped (a digest mismatch)."""
+    blob = bytearray(serialize(kv))
+    blob[-5] ^= 0x40
+    return bytes(blob)
+
+
+def test_get_many_serves_each_key_its_own_entry_and_rejects_damaged_ones(tmp_path, redis_url, redis_prefix):
+    import redis
+
+    chunks = [random_chunk(seed=40 + s, base_position=128 * s) for s in range(6)]
+    with TieredStore(_tiers(tmp_path, redis_url, redis_prefix)) as writer:
+        for kv in chunks[:5]:  # chunk 5 is stored nowhere
+            writer.put(kv.key, kv)
+    memory, disk, redis_tier = tiers = _tiers(tmp_path, redis_url, redis_prefix)
+    memory.put(chunks[0].key, chunks[0])
+    disk.path(chunks[2].key).write_bytes(_damaged(chunks[2]))  # damaged on disk: Redis's copy serves it
+    disk.delete(chunks[3].key)  # only in Redis
+    disk.path(chunks[4].key).write_bytes(_damaged(chunks[4]))  # damaged on disk and in Redis: a miss
+    redis.Redis.from_url(redis_url).set(redis_prefix + chunks[4].key.digest, _damaged(chunks[4]))
+    keys = [kv.key for kv in reversed(chunks)]  # not the order they were stored in
+    with TieredStore(tiers) as store:
+        got = store.get_many(keys, chunks[0].layout)
+        assert got[0] is None and got[1] is None
+        for kv, want in zip(got[2:], reversed(chunks[:4])):
+            assert_same_kv(kv, want)
+        assert memory.stats().hits == 1 and disk.stats().hits == 1 and redis_tier.stats().hits == 2
+        assert disk.stats().corrupt == 2 and redis_tier.stats().corrupt == 1
+        assert all(memory.contains(kv.key) for kv in chunks[:4]) and not memory.contains(chunks[4].key)
+        store.flush()
+        assert_same_kv(disk.get(chunks[3].key), chunks[3])  # Redis hits are promoted to disk as well
+        assert store.get_many([chunks[1].key], chunks[1].layout)[0] is not None
+        assert store.get_many([chunks[1].key], random_chunk(seed=0, layers=2).layout) == [None]  # another model
+
+
 def test_prefetch_loads_disk_and_redis_entries_into_memory(tmp_path, redis_url, redis_prefix):
     memory, disk, redis_tier = tiers = _tiers(tmp_path, redis_url, redis_prefix)
     on_disk = [random_chunk(seed=s) for s in range(3)]
@@ -129,6 +166,10 @@ def test_dead_redis_keeps_memory_and_disk_copies(tmp_path, private_redis):
         assert store.get(missing.key) is None and store.get(missing.key, [0]) is None
         assert not store.contains(missing.key)
         assert store.prefetch([missing.key]).result(timeout=30) == 0
+        memory.delete(chunks[2].key)
+        got = store.get_many([missing.key, chunks[2].key])  # one MGET to a dead server: misses, no error
+        assert got[0] is None and got[1] is not None
+        assert_same_kv(got[1], chunks[2])
         private_redis.start()
         time.sleep(0.15)
         store.put(chunks[1].key, chunks[1])

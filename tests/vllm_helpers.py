@@ -28,6 +28,26 @@ def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, mo
     return LLM(model=str(model_dir), enable_prefix_caching=prefix_caching, kv_transfer_config=kv, **hook, **ENGINE_ARGS)
 
 
+def cpu_attention_layers(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                         dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """Attention layers as vLLM's CPU backend equips them for cache updates (its impl and ISA, unit scales) and
+    one zeroed paged cache each, by layer name, without an engine: what the connector's worker writes into."""
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
+
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)  # do_kv_cache_update reads only these two
+    impl.attn_type, impl.kv_cache_dtype = AttentionType.DECODER, "auto"
+    layers, caches = {}, {}
+    for i in range(num_layers):
+        layer = torch.nn.Module()
+        layer.impl, layer.isa = impl, _get_attn_isa(dtype, block_size, head_dim, "auto")
+        layer._k_scale_float = layer._v_scale_float = 1.0
+        name = f"model.layers.{i}.self_attn.attn"
+        layers[name] = layer
+        caches[name] = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_dim, dtype=dtype)
+    return layers, caches
+
+
 def stop_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlparse
 
@@ -193,27 +194,53 @@ class RedisTier:
         name = self._name(key)
         with self._lock:
             blob = self._readahead.pop(name, None)
-        try:
-            if blob is not None:
-                kv = read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret)
-            elif layers is None:
-                blob = self.call("get", lambda: self._get_buffer(name), None)
-                kv = None if blob is None else read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret)
-            else:
-                kv = self._read_layers(name, key, layers, expect)
-        except EntryRefused as exc:
-            log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
-            self.counts.add("corrupt")
-            kv = None
-        except EntryError as exc:
-            log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
-            self.counts.add("corrupt")
-            self.delete(key)
-            kv = None
+        if blob is not None:
+            kv = self._decode(key, lambda: read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret))
+        elif layers is None:
+            blob = self.call("get", lambda: self._get_buffer(name), None)
+            kv = None if blob is None else self._decode(
+                key, lambda: read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret))
+        else:
+            kv = self._decode(key, lambda: self._read_layers(name, key, layers, expect))
         self.counts.add("hits" if kv is not None else "misses")
         if kv is not None and (layers is None or 0 in layers):  # once per use, not once per layer-sliced read
             self._touch([name])
         return kv
+
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys` (None for each miss, bad entry or outage), those not read ahead in one MGET;
+        every entry is verified as `get` verifies it."""
+        names = [self._name(k) for k in keys]
+        with self._lock:
+            blobs = [self._readahead.pop(n, None) for n in names]
+        fetch = [i for i, blob in enumerate(blobs) if blob is None]
+        if fetch:
+            values = self.call("mget", lambda: self.client.mget([names[i] for i in fetch]), None)
+            for i, value in zip(fetch, values or []):
+                blobs[i] = value
+        out = []
+        for key, blob in zip(keys, blobs):
+            kv = None if blob is None else self._decode(
+                key, partial(read_entry, BytesSource(blob), key, None, len(blob), expect, self.secret))
+            self.counts.add("hits" if kv is not None else "misses")
+            out.append(kv)
+        found = [name for name, kv in zip(names, out) if kv is not None]
+        if found:
+            self._touch(found)
+        return out
+
+    def _decode(self, key: ChunkKey, read) -> ChunkKV | None:
+        """`read()`'s entry, or None for a bad one (dropped) or one refused (kept), counted as corrupt."""
+        try:
+            return read()
+        except EntryRefused as exc:
+            log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
+            self.counts.add("corrupt")
+        except EntryError as exc:
+            log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
+            self.counts.add("corrupt")
+            self.delete(key)
+        return None
 
     def _touch(self, names: Sequence[str]) -> None:
         """Mark entries just used: most recently used in the LRU index, their TTL renewed."""

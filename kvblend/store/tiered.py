@@ -196,6 +196,29 @@ class TieredStore:
             except Exception:  # the prefetch failed: the caller reads it (every tier failure is already a miss)
                 log.exception("store: prefetch of %s failed", key.digest[:12])
 
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys`, in order (None where no tier holds a good copy): each tier is asked once for
+        every key still missing (Redis: one MGET), hits from a slower tier are promoted into the faster ones.
+        Keys being prefetched are waited for first. What a storage-mode load reads for all of a request's spans."""
+        for key in keys:
+            self._await_prefetch(key)
+        found: list[ChunkKV | None] = [None] * len(keys)
+        for i, tier in enumerate(self.tiers):
+            missing = [j for j, kv in enumerate(found) if kv is None]
+            if not missing:
+                break
+            start = time.perf_counter()
+            wanted = [keys[j] for j in missing]
+            got = tier.get_many(wanted, expect) if hasattr(tier, "get_many") else [tier.get(k, None, expect) for k in wanted]
+            hits = [(j, kv) for j, kv in zip(missing, got) if kv is not None]
+            if hits:
+                self.meter.record(tier.name, time.perf_counter() - start, sum(kv.nbytes for _, kv in hits))
+            for j, kv in hits:
+                found[j] = kv
+                if i > 0:
+                    self._write(keys[j], kv, self.tiers[:i])
+        return found
+
     def _tier(self, name: str) -> Tier:
         for tier in self.tiers:
             if tier.name == name:

@@ -18,16 +18,16 @@ import torch
 from kvblend.blend.controller import LoadController
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
-from kvblend.blend.source import ChunkLoadError, StoreLayerSource, background_fetch_pays, kv_layout
+from kvblend.blend.source import ChunkLoadError, background_fetch_pays, kv_layout
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
 from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
-from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
-from kvblend.vllm.paged import PagedCache, slots_for
+from kvblend.vllm.paged import PagedCache
 from kvblend.vllm.paged_target import PagedKV
 from kvblend.vllm.self_check import self_check
 
@@ -48,10 +48,10 @@ def blocks_from(block_ids: list[int], start: int, block_size: int) -> set[int]:
 
 @dataclass
 class _SpanLoad:
+    """A storage-mode load: its spans' whole entries, read at its first layer (None until then)."""
+
     job: LoadJob
-    source: StoreLayerSource
-    rows: torch.Tensor
-    slots: torch.Tensor
+    entries: list[ChunkKV] | None = None
     failed: bool = False
 
 
@@ -141,37 +141,42 @@ class WorkerSide:
             self.store.prefetch(wanted, kv_layout(self.spec))
         for job in meta.blends:
             self._blend(job)
-        for job in meta.loads:
-            rows = torch.cat([torch.arange(max(s.start, job.write_from), s.end) - s.start + offset
-                              for s, offset in zip(job.spans, _offsets(job.spans))])
-            slots = slots_for(job.block_ids, job.write_from, job.spans[-1].end, self.block_size)
-            source = StoreLayerSource(self.store, [s.key for s in job.spans], self.caches[0].kv.device,
-                                      kv_layout(self.spec))
-            source.start(0)
-            self._loads.append(_SpanLoad(job, source, rows, slots))
+        self._loads += [_SpanLoad(job) for job in meta.loads]
 
     def wait_layer(self, layer_name: str) -> None:
-        """Write this layer's rows of every pending span load (the next layer is already being fetched)."""
+        """Write this layer's rows of every pending span load, straight from its spans' entries (read whole, for
+        all of a load's spans at once, at the first layer: the prefetch started above has had until then)."""
         if not self._loads:
             return
         layer = layer_index(layer_name)
         for load in self._loads:
+            if load.entries is None and not load.failed:
+                self._read_entries(load)
             if load.failed:
                 continue
-            try:
-                k, v = load.source.wait(layer)
-                if layer + 1 < len(self.caches):
-                    load.source.start(layer + 1)
-                self.caches[layer].write(k[load.rows], v[load.rows], load.slots)
-            except ChunkLoadError as exc:
-                log.warning("request %s: %s; vLLM will recompute it", load.job.req_id, exc)
-                load.failed = True
-                self.failed_blocks |= blocks_from(load.job.block_ids, load.job.write_from, self.block_size)
-                self._reports[load.job.req_id] = {"load_error": str(exc)}
+            job, cache = load.job, self.caches[layer]
+            for span, entry in zip(job.spans, load.entries):
+                first = max(span.start, job.write_from)
+                rows = slice(first - span.start, span.length)
+                cache.write_rows(entry.k[layer, rows], entry.v[layer, rows], job.block_ids, first, span.end)
         if layer == len(self.caches) - 1:
-            for load in self._loads:
-                load.source.close()
             self._loads = []
+
+    def _read_entries(self, load: _SpanLoad) -> None:
+        """Every span's entry in one batched store read; a span no tier holds intact fails the load (vLLM
+        recomputes its rows from `write_from`)."""
+        job = load.job
+        entries = self.store.get_many([s.key for s in job.spans], kv_layout(self.spec))
+        missing = [s for s, entry in zip(job.spans, entries) if entry is None]
+        if missing:
+            error = ChunkLoadError(missing[0].key, 0)
+            log.warning("request %s: %s (%d of %d spans); vLLM will recompute it", job.req_id, error, len(missing),
+                        len(job.spans))
+            load.failed = True
+            self.failed_blocks |= blocks_from(job.block_ids, job.write_from, self.block_size)
+            self._reports[job.req_id] = {"load_error": str(error)}
+            return
+        load.entries = entries
 
     def _blend(self, job: BlendJob) -> None:
         start = time.perf_counter()
@@ -222,10 +227,9 @@ class WorkerSide:
         """KV of rows [0, exact): vLLM's own cache hit from its blocks, then exact stored spans."""
         k_parts, v_parts = [], []
         if job.num_computed:
-            slots = slots_for(job.block_ids, 0, job.num_computed, self.block_size)
-            reads = [cache.read(slots) for cache in self.caches]
-            k_parts.append(torch.stack([k for k, _ in reads]))
-            v_parts.append(torch.stack([v for _, v in reads]))
+            k, v = self._read_rows(job.block_ids, 0, job.num_computed)
+            k_parts.append(k.to(self.caches[0].kv.device))
+            v_parts.append(v.to(self.caches[0].kv.device))
         for span in job.exact_spans:
             entry = self.store.get(span.key, expect=kv_layout(self.spec))
             if entry is None:
@@ -251,9 +255,13 @@ class WorkerSide:
                 log.warning("request %s: could not store its KV (%s: %s)", job.req_id, type(exc).__name__, exc)
 
     def _read_rows(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = slots_for(block_ids, start, end, self.block_size)
-        reads = [cache.read(slots) for cache in self.caches]
-        return torch.stack([k for k, _ in reads]), torch.stack([v for _, v in reads])
+        """K/V [layers, end - start, kv_heads, head_dim] of a request's positions [start, end), on the host."""
+        shape = (len(self.caches), end - start, self.num_kv_heads, self.head_dim)
+        k = torch.empty(shape, dtype=self.caches[0].kv.dtype, device=self.caches[0].kv.device)
+        v = torch.empty_like(k)
+        for layer, cache in enumerate(self.caches):
+            cache.read_rows_into(k[layer], v[layer], block_ids, start, end)
+        return k.cpu(), v.cpu()
 
     def _save(self, job: SaveJob) -> None:
         """Copy the spans' KV out of the paged cache (the staging copy) and hand it to the store, whose slow
@@ -261,7 +269,7 @@ class WorkerSide:
         for span in job.spans:
             k, v = self._read_rows(job.block_ids, span.start, span.end)
             ids = job.prompt[span.start : span.end]
-            self.store.put(span.key, ChunkKV(span.key, k.cpu(), v.cpu(), torch.tensor(ids), base_position=span.start))
+            self.store.put(span.key, ChunkKV(span.key, k, v, torch.tensor(ids), base_position=span.start))
             self._stored.append((span.key, ids if span.key.is_alone else None))
 
     def _self_check(self, job: SaveJob) -> tuple[bool, str]:
@@ -290,12 +298,3 @@ class WorkerSide:
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
         return failed
-
-
-def _offsets(spans: list[Span]) -> list[int]:
-    """Where each span starts in the concatenation of the spans' KV."""
-    out, total = [], 0
-    for span in spans:
-        out.append(total)
-        total += span.length
-    return out

@@ -1,0 +1,140 @@
+"""Whole-block copies into and out of vLLM's CPU paged cache (PagedCache.write_rows / read_rows_into) against
+vLLM's own cache-update op, and the connector worker's storage-mode load and extraction on them: every span's
+rows land where the op puts them, a damaged span fails the load (vLLM recomputes) and is counted as a miss."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvblend.store import DiskTier, MemoryTier, TieredStore  # noqa: E402
+from kvblend.store.entry import ChunkKV, KVLayout, serialize  # noqa: E402
+from kvblend.vllm.metadata import KVBlendMetadata, LoadJob, SaveJob, Span  # noqa: E402
+from kvblend.vllm.paged import PagedCache, slots_for  # noqa: E402
+from kvblend.vllm.scheduler import prefix_spans  # noqa: E402
+from vllm_helpers import cpu_attention_layers  # noqa: E402
+
+BLOCK, HEADS, HEAD_DIM, LAYERS = 128, 3, 64, 3
+
+
+def _cache(num_blocks: int = 8) -> PagedCache:
+    layers, caches = cpu_attention_layers(1, num_blocks, BLOCK, HEADS, HEAD_DIM)
+    name = next(iter(layers))
+    return PagedCache(layers[name], caches[name], BLOCK, HEADS, HEAD_DIM)
+
+
+def test_block_copies_match_vllm_op_and_read_back():
+    gen = torch.Generator().manual_seed(0)
+    block_ids = [5, 2, 7, 1]  # a request's blocks, out of order
+    k, v = torch.randn(4 * BLOCK, HEADS, HEAD_DIM, generator=gen), torch.randn(4 * BLOCK, HEADS, HEAD_DIM, generator=gen)
+    by_op, by_blocks = _cache(), _cache()
+    assert by_blocks.k_tiles is not None  # this ISA's layout has tile views: the fast path is what is tested
+    for start, end in [(0, 2 * BLOCK), (2 * BLOCK, 4 * BLOCK)]:
+        by_op.write(k[start:end], v[start:end], slots_for(block_ids, start, end, BLOCK))
+        by_blocks.write_rows(k[start:end], v[start:end], block_ids, start, end)
+    assert torch.equal(by_op.kv, by_blocks.kv)
+    out_k, out_v = torch.empty(3 * BLOCK, HEADS, HEAD_DIM), torch.empty(3 * BLOCK, HEADS, HEAD_DIM)
+    by_blocks.read_rows_into(out_k, out_v, block_ids, BLOCK, 4 * BLOCK)
+    assert torch.equal(out_k, k[BLOCK:]) and torch.equal(out_v, v[BLOCK:])
+    part_k, part_v = torch.empty(100, HEADS, HEAD_DIM), torch.empty(100, HEADS, HEAD_DIM)
+    by_blocks.read_rows_into(part_k, part_v, block_ids, 150, 250)  # not whole blocks: the gather path
+    assert torch.equal(part_k, k[150:250]) and torch.equal(part_v, v[150:250])
+    by_blocks.write_rows(-k[10:40], -v[10:40], block_ids, 10, 40)  # not whole blocks: vLLM's op
+    by_op.write(-k[10:40], -v[10:40], slots_for(block_ids, 10, 40, BLOCK))
+    assert torch.equal(by_op.kv, by_blocks.kv)
+    with pytest.raises(ValueError):
+        by_blocks.write_rows(k[:BLOCK], v[:BLOCK], block_ids, 0, 2 * BLOCK)
+
+
+def _worker(store, num_blocks):
+    from types import SimpleNamespace
+
+    from kvblend.vllm.worker import WorkerSide
+
+    spec = SimpleNamespace(num_kv_heads=HEADS, head_dim=HEAD_DIM, num_layers=LAYERS, dtype="float32")
+    layers, caches = cpu_attention_layers(LAYERS, num_blocks, BLOCK, HEADS, HEAD_DIM)
+    worker = WorkerSide(spec, SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK)), None, store, layers,
+                        blend=False)
+    worker.register(caches)
+    return worker, list(layers)
+
+
+def _stored_spans(store, prompt, n, gen):
+    spans = prefix_spans("fp-test", prompt, BLOCK, "default")[:n]
+    entries = {}
+    for span in spans:
+        shape = (LAYERS, BLOCK, HEADS, HEAD_DIM)
+        kv = ChunkKV(span.key, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
+                     torch.tensor(prompt[span.start : span.end]), base_position=span.start)
+        store.put(span.key, kv)
+        entries[span.key.digest] = kv
+    store.flush()
+    return spans, entries
+
+
+def _run_load(worker, names, job):
+    worker.start_load(KVBlendMetadata(loads=[job]))
+    for name in names:
+        worker.wait_layer(name)
+
+
+def test_storage_load_writes_every_span_and_extraction_reads_them_back(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 5000, (4 * BLOCK + 20,), generator=gen).tolist()
+    block_ids = [3, 6, 1, 4, 2]
+    with TieredStore([MemoryTier(1 << 30), DiskTier(tmp_path / "kv", 1 << 30)]) as store:
+        spans, entries = _stored_spans(store, prompt, 4, gen)
+        worker, names = _worker(store, 8)
+        _run_load(worker, names, LoadJob("r", block_ids, spans[1:], BLOCK))  # vLLM's cache holds span 0
+        assert not worker.take_failed_blocks()
+        for span in spans[1:]:
+            want = entries[span.key.digest]
+            slots = slots_for(block_ids, span.start, span.end, BLOCK)
+            for layer, cache in enumerate(worker.caches):
+                k, v = cache.read(slots)
+                assert torch.equal(k, want.k[layer]) and torch.equal(v, want.v[layer])
+        assert not any(c.kv[block_ids[0]].any() for c in worker.caches)  # span 0's block was left alone
+        with TieredStore([MemoryTier(1 << 30)]) as other:
+            worker.store = other
+            worker._save(SaveJob("s", prompt, block_ids, spans[1:]))
+            for span in spans[1:]:
+                got, want = other.get(span.key), entries[span.key.digest]
+                assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+                assert got.base_position == span.start and got.token_ids.tolist() == prompt[span.start : span.end]
+
+
+def test_storage_load_with_a_damaged_span_fails_and_counts_a_miss(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 5000, (3 * BLOCK + 5,), generator=gen).tolist()
+    block_ids = [0, 1, 2, 3]
+    disk_dir = tmp_path / "kv"
+    with TieredStore([MemoryTier(1 << 30), DiskTier(disk_dir, 1 << 30)]) as writer:
+        spans, entries = _stored_spans(writer, prompt, 3, gen)
+    disk = DiskTier(disk_dir, 1 << 30)
+    blob = bytearray(serialize(entries[spans[1].key.digest]))
+    blob[-3] ^= 0x10
+    disk.path(spans[1].key).write_bytes(bytes(blob))
+    with TieredStore([MemoryTier(1 << 30), disk]) as store:
+        worker, names = _worker(store, 4)
+        _run_load(worker, names, LoadJob("r", block_ids, spans, 0))
+        assert worker.take_failed_blocks() == {0, 1, 2, 3}
+        assert "load_error" in worker.worker_meta().reports["r"]
+        stats = disk.stats()  # the prefetch read it first (corrupt, dropped), the load then missed it
+        assert stats.corrupt == 1 and stats.misses == 2 and stats.hits == 2
+        assert not disk.contains(spans[1].key)  # a bad entry is dropped
+        assert not any(c.kv.any() for c in worker.caches)  # nothing written for a failed load
+
+
+def test_layout_check_uses_the_model_layout(tmp_path):
+    """A span stored by another model's layout is a miss for this worker, never written into its cache."""
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 5000, (BLOCK + 3,), generator=gen).tolist()
+    span = Span(0, BLOCK, prefix_spans("fp-test", prompt, BLOCK, "default")[0].key)
+    shape = (LAYERS + 1, BLOCK, HEADS, HEAD_DIM)
+    with TieredStore([MemoryTier(1 << 30)]) as store:
+        store.put(span.key, ChunkKV(span.key, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
+                                    torch.tensor(prompt[:BLOCK])))
+        worker, names = _worker(store, 2)
+        assert KVLayout(LAYERS, HEADS, HEAD_DIM, "float32") != store.get(span.key).layout
+        _run_load(worker, names, LoadJob("r", [0, 1], [span], 0))
+        assert worker.take_failed_blocks() == {0, 1}
