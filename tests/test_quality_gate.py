@@ -7,14 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_models import random_llama
+from tiny_models import stored_blend_case
 
 from kvblend.blend.config import GATE_BOUND, BlendConfig
-from kvblend.blend.engine import BlendEngine
 from kvblend.blend.gate import SIGNAL, GateReport, decide, gate_signals, relative_deviation, reuse_error
-from kvblend.blend.layout import ChunkRef, PromptLayout
-from kvblend.rag.precompute import chunk_key, compute_chunk_kv
-from kvblend.store import MemoryTier, TieredStore
 from kvblend.eval.tasks import TEMPLATES, exact_match, plant, planted_cases, task_templates, token_f1
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.params import parse_params
@@ -88,17 +84,8 @@ def test_reuse_error_is_zero_for_unchanged_kv_and_grows_with_the_change():
 
 @pytest.fixture(scope="module")
 def small():
-    model = random_llama()
-    gen = torch.Generator().manual_seed(5)
-    store = TieredStore([MemoryTier(1 << 28)])
-    refs = []
-    for _ in range(3):
-        ids = torch.randint(0, 512, (48,), generator=gen).tolist()
-        key = chunk_key(model, ids)
-        store.put(key, compute_chunk_kv(model, key, ids))
-        refs.append(ChunkRef(tuple(ids), key))
-    prefix, question = torch.randint(0, 512, (5,), generator=gen).tolist(), torch.randint(0, 512, (11,), generator=gen).tolist()
-    return BlendEngine(model, store), PromptLayout.build(prefix, refs, question)
+    _, engine, layout = stored_blend_case(5)
+    return engine, layout
 
 
 def test_gate_raises_in_place_at_the_first_check_layer(small):

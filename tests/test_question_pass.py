@@ -3,30 +3,18 @@ through every layer weights the selection. On a small random Llama on CPU: no mo
 
 import pytest
 import torch
-from tiny_models import random_llama
+from tiny_models import stored_blend_case
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
-from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.select import select_count
 from kvblend.blend.source import TensorLayerSource
-from kvblend.rag.precompute import chunk_key, compute_chunk_kv
-from kvblend.store import MemoryTier, TieredStore
+from kvblend.rag.precompute import compute_chunk_kv
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = random_llama()
-    gen = torch.Generator().manual_seed(3)
-    store = TieredStore([MemoryTier(1 << 28)])
-    refs = []
-    for _ in range(3):
-        ids = torch.randint(0, 512, (48,), generator=gen).tolist()
-        key = chunk_key(model, ids)
-        store.put(key, compute_chunk_kv(model, key, ids))
-        refs.append(ChunkRef(tuple(ids), key))
-    prefix, question = torch.randint(0, 512, (5,), generator=gen).tolist(), torch.randint(0, 512, (11,), generator=gen).tolist()
-    return model, BlendEngine(model, store), PromptLayout.build(prefix, refs, question)
+    return stored_blend_case(3)
 
 
 def test_weighting_is_validated():

@@ -69,3 +69,24 @@ def random_llama(device: str = "cpu", dtype: str = "float32"):
     tensors["model.norm.weight"] = torch.ones(h)
     tensors["lm_head.weight"] = torch.randn(spec.vocab_size, h, generator=gen) * 0.05
     return LlamaModel(spec, weights_from_tensors(tensors, spec, device))
+
+
+def stored_blend_case(seed: int):
+    """`random_llama`, a BlendEngine over a memory store holding three 48-token chunks, and a prompt layout of a
+    5-token prefix, those chunks and an 11-token question, all drawn from `seed`."""
+    from kvblend.blend.engine import BlendEngine
+    from kvblend.blend.layout import ChunkRef, PromptLayout
+    from kvblend.rag.precompute import chunk_key, compute_chunk_kv
+    from kvblend.store import MemoryTier, TieredStore
+
+    model = random_llama()
+    gen = torch.Generator().manual_seed(seed)
+    store = TieredStore([MemoryTier(1 << 28)])
+    refs = []
+    for _ in range(3):
+        ids = torch.randint(0, 512, (48,), generator=gen).tolist()
+        key = chunk_key(model, ids)
+        store.put(key, compute_chunk_kv(model, key, ids))
+        refs.append(ChunkRef(tuple(ids), key))
+    prefix, question = torch.randint(0, 512, (5,), generator=gen).tolist(), torch.randint(0, 512, (11,), generator=gen).tolist()
+    return model, BlendEngine(model, store), PromptLayout.build(prefix, refs, question)
