@@ -134,8 +134,8 @@ class PagedCache:
             v[i * n : (i + 1) * n].copy_(self.v_tiles[block].transpose(0, 1))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store K/V [tokens, kv_heads, head_dim] at `slots`."""
-        k, v = k.to(self.kv.dtype).contiguous(), v.to(self.kv.dtype).contiguous()
+        """Store K/V [tokens, kv_heads, head_dim] at `slots` (moved to the cache's device: store entries are on the host)."""
+        k, v = k.to(self.kv.device, self.kv.dtype).contiguous(), v.to(self.kv.device, self.kv.dtype).contiguous()
         slots = slots.to(self.kv.device)
         if self.kind == "cpu_attn":
             self.layer.impl.do_kv_cache_update(self.layer, k, v, self.kv, slots)
