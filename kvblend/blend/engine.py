@@ -283,14 +283,21 @@ class BlendRun:
         """Ascending indices into `rows` of those kept after this check layer: every non-chunk row plus the
         chosen chunk rows. Every shape is known on the host (counts, the question rows last), so no device sync."""
         chunk_rows = rows[chunk_sel]
-        forced = self.is_head[chunk_rows] if self._n_heads else None
-        count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
-        picked = select_tokens(scores, count, forced)
+        count = self._keep_count(self.checks[layer])
+        picked = select_tokens(scores, count, self._forced(chunk_rows))
         chosen = chunk_sel[picked]
         keep = (~self.is_cached[rows]).index_fill_(0, chosen, True)  # a scalar fill: no host-to-device copy
         kept = mask_indices(keep, rows.numel() - self._n_chunk_active + count)
         self._n_chunk_active = count
         return kept
+
+    def _keep_count(self, ratio: float) -> int:
+        """How many chunk rows a check layer at `ratio` keeps (never more than are still active)."""
+        return min(select_count(ratio, self._n_cached), self._n_chunk_active)
+
+    def _forced(self, chunk_rows: torch.Tensor) -> torch.Tensor | None:
+        """Which of `chunk_rows` are chunk heads the selection always keeps (None when there are none)."""
+        return self.is_head[chunk_rows] if self._n_heads else None
 
     def _gate(self, layer: int, rows, chunk_sel, q, scores, K, V, old, deviation) -> None:
         """The quality gate (kvblend.blend.gate) at the first check layer: its signals for the configured ratio's
@@ -301,9 +308,8 @@ class BlendRun:
         chunk_rows = rows[chunk_sel]
         q_pos = self.positions[rows[suffix]]
         received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
-        forced = self.is_head[chunk_rows] if self._n_heads else None
-        count = min(select_count(self.checks[layer], self._n_cached), self._n_chunk_active)
-        wider = min(select_count(min(1.0, 2 * self.checks[layer]), self._n_cached), self._n_chunk_active)
+        forced = self._forced(chunk_rows)
+        count, wider = self._keep_count(self.checks[layer]), self._keep_count(min(1.0, 2 * self.checks[layer]))
         self.gate.signals = gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
                                          select_tokens(scores, wider, forced))
         self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
