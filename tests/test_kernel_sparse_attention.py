@@ -185,3 +185,40 @@ def test_tensor_descriptor_loads(dtype, poisoned_empty):
     out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=True,
                                  config={"BLOCK_M": 32, "BLOCK_N": 32, "tma": True})
     check_close(out, ref, dtype)
+
+
+GLUON_SHAPES = [(37, 101, 8, 2, 64), (300, 2000, 32, 8, 128), (5, 70, 32, 8, 128), (700, 1500, 8, 8, 128),
+                (129, 3000, 16, 2, 128), (1238, 8256, 32, 8, 128)]
+
+
+def gluon_case(shape, dtype, seed, keys_sorted):
+    """Random q/k/v; keys at sorted positions with gaps (shuffled unless keys_sorted); queries at random positions,
+    some before the first key, repeated ones included."""
+    queries, keys, heads, kv_heads, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(queries, heads, head_dim, generator=gen).to("cuda", dtype)
+    k = torch.randn(keys, kv_heads, head_dim, generator=gen).to("cuda", dtype)
+    v = torch.randn(keys, kv_heads, head_dim, generator=gen).to("cuda", dtype)
+    k_pos = torch.randperm(2 * keys, generator=gen)[:keys].sort().values + 3
+    if not keys_sorted:
+        k_pos = k_pos[torch.randperm(keys, generator=gen)]
+    q_pos = torch.randint(0, 2 * keys + 6, (queries,), generator=gen).sort().values
+    return q, q_pos.to("cuda"), k, v, k_pos.to("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Gluon kernel runs on Hopper (sm_90) only")
+@pytest.mark.parametrize("shape", GLUON_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keys_sorted", [True, False])
+def test_gluon_kernel_matches_reference(shape, dtype, keys_sorted, poisoned_empty):
+    """config gluon=True: the Gluon Hopper kernel (GQA groups 1, 4, 8; ragged last tiles; gaps in positions)."""
+    from kvblend.triton_kernels.sparse_attention_gluon import gluon_supports
+
+    q, q_pos, k, v, k_pos = gluon_case(shape, dtype, seed=shape[0], keys_sorted=keys_sorted)
+    assert gluon_supports(q, k, v)
+    ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(shape[4]))
+    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=keys_sorted,
+                                 config={"gluon": True})
+    check_close(out, ref, dtype)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2

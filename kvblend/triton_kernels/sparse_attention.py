@@ -18,11 +18,13 @@ import torch.nn.functional as F
 
 from kvblend.triton_kernels.checks import check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING, use_triton
+from kvblend.triton_kernels.sparse_attention_gluon import gluon_supports, sparse_query_attention_gluon
 
 # Launch configuration of the Triton kernel. BLOCK_M: query rows per tile (raised to the next power of two of
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
-# tma: K/V tiles through tensor descriptors (where `_tma_fits`).
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True}
+# tma: K/V tiles through tensor descriptors (where `_tma_fits`). gluon: the Gluon Hopper kernel
+# (`sparse_attention_gluon`, its own fixed tiles) where `gluon_supports` the call, the Triton kernel elsewhere.
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "gluon": False}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
 
@@ -162,7 +164,7 @@ def sparse_query_attention(
     runs SDPA in the input dtype instead, the serving path, where every query sees its own key). keys_sorted=True
     promises k_pos ascending: each query tile then reads only the keys up to its last position and masks only
     those past its first. No host sync: the tile bounds are computed on the device (CUDA-graph safe).
-    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages, tma), for tuning.
+    config: launch overrides of DEFAULT_CONFIG (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, gluon), for tuning.
     bands: the CPU path's masks for these q_pos/k_pos (`attention_bands`), when the caller reuses them.
     """
     _check_args(q, q_pos, k, v, k_pos)
@@ -172,6 +174,9 @@ def sparse_query_attention(
         if backend == "auto" and q.device.type == "cpu":
             return banded_attention(q, k, v, bands or attention_bands(q_pos, k_pos, q.dtype, keys_sorted), scale)
         return sparse_query_attention_ref(q, q_pos, k, v, k_pos, scale)
+    if config["gluon"] and gluon_supports(q, k, v):
+        return sparse_query_attention_gluon(q, q_pos, k, v, k_pos, scale * math.log2(math.e), keys_sorted,
+                                            BOUND_PROBES)
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[:2]
     group = num_heads // num_kv_heads
