@@ -104,7 +104,7 @@ if HAS_GLUON:
     @gluon.jit
     def _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, kv_empty, j,
                      num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-                     s_layout: gl.constexpr, p_layout: gl.constexpr):
+                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Key tile j of the online softmax (m_i, l_i in base-2 units of the scaled scores); MASKED applies the
         causal-by-position mask (keys past the end read as hidden). Frees the stage when both products are done."""
         stage = j % STAGES
@@ -122,7 +122,7 @@ if HAS_GLUON:
         p = gl.exp2(scores * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), phase)
         acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
@@ -166,10 +166,12 @@ if HAS_GLUON:
         band_end = gl.cdiv(end, BLOCK_N)
         for j in range(0, unmasked_tiles):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, p_layout)
+                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, o_layout,
+                                         p_layout)
         for j in range(unmasked_tiles, band_end):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, p_layout)
+                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, o_layout,
+                                         p_layout)
         for j in range(band_end, num_tiles):  # waits for the data so it cannot free a stage a whole ring early
             stage = j % STAGES
             mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
