@@ -39,6 +39,9 @@ STAGES = 2
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 MAXNREG = 168
+# AHEAD: each warpgroup issues tile j's score product with tile j-1's output product (FA3's intra-warpgroup
+# overlap) instead of one after the other.
+AHEAD = False
 
 if HAS_GLUON:
     INT64_MAX = gl.constexpr(9223372036854775807)
@@ -88,53 +91,92 @@ if HAS_GLUON:
         return full, end
 
     @gluon.jit
-    def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, kv_head, num_tiles,
+    def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_head, num_tiles,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: K and V tiles [0, num_tiles) into the ring; a stage is refilled once both consumers freed it."""
+        """One warp: K and V tiles [0, num_tiles) into their rings; a K (V) stage is refilled once both consumers
+        are done with its score (output) product."""
         for j in range(num_tiles):
             stage = j % STAGES
-            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+            phase = ((j // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), phase)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, kv_head * HEAD_DIM], k_ready.index(stage),
                                             k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, kv_head * HEAD_DIM], v_ready.index(stage),
                                             v_smem.index(stage))
 
     @gluon.jit
-    def _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, kv_empty, j,
-                     num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Key tile j of the online softmax (m_i, l_i in base-2 units of the scaled scores); MASKED applies the
-        causal-by-position mask (keys past the end read as hidden). Frees the stage when both products are done."""
+    def _issue_scores(q_tile, k_smem, k_ready, j, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      s_layout: gl.constexpr):
+        """S = Q K_j^T on wgmma, issued (not waited for) once K_j is in."""
         stage = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_ready.index(stage), phase)
-        scores = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)),
-                               gl.full([64, BLOCK_N], 0.0, gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        return warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)),
+                             gl.full([64, BLOCK_N], 0.0, gl.float32, s_layout), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _issue_output(p_op, acc, v_smem, v_ready, j, STAGES: gl.constexpr):
+        """O += P V_j on wgmma, issued once V_j is in."""
+        stage = j % STAGES
+        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+        return warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+
+    @gluon.jit
+    def _softmax_step(scores, m_i, l_i, pos, k_pos, j, num_keys, qk_scale, BLOCK_N: gl.constexpr,
+                      MASKED: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax step of key tile j (m_i, l_i in base-2 units of the scaled scores): P, the rescale of the
+        rows so far, l and m. MASKED applies the causal-by-position mask (keys past the end read as hidden)."""
         if MASKED:
             key = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             kpos = gl.load(k_pos + key, mask=key < num_keys, other=INT64_MAX)
             scores = gl.where(kpos[None, :] <= pos[:, None], scores, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
-        p = gl.exp2(scores * qk_scale - m_new[:, None])
+        p = gl.exp2(scores * qk_scale - m_new[:, None])  # the scale and the max in one FMA per score
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-        mbarrier.wait(v_ready.index(stage), phase)
-        acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kv_empty.index(stage), count=1)
-        return acc, l_i, m_new
+        return p, alpha, l_i * alpha + gl.sum(p, axis=1), m_new
 
     @gluon.jit
-    def _consumer(q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, half, kv_head,
+    def _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, j,
+                     num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key tile j, the two products one after the other (the other warpgroup fills the tensor cores)."""
+        scores = _issue_scores(q_tile, k_smem, k_ready, j, BLOCK_N, STAGES, s_layout)
+        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+        mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+        p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, j, num_keys, qk_scale, BLOCK_N, MASKED,
+                                           s_layout)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = _issue_output(gl.convert_layout(p.to(k_smem.dtype), p_layout), acc, v_smem, v_ready, j, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(j % STAGES), count=1)
+        return acc, l_i, m_i
+
+    @gluon.jit
+    def _attend_tile_ahead(acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+                           v_empty, j, num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                           p_layout: gl.constexpr):
+        """Key tile j with FA3's overlap inside the warpgroup: S_j and then O += P_{j-1} V_{j-1} are issued
+        together, and tile j's softmax runs while the output product of tile j-1 is on the tensor cores."""
+        scores = _issue_scores(q_tile, k_smem, k_ready, j, BLOCK_N, STAGES, s_layout)
+        acc = _issue_output(p_prev, acc, v_smem, v_ready, j - 1, STAGES)
+        scores = warpgroup_mma_wait(num_outstanding=1, deps=(scores, ))
+        mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+        p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, j, num_keys, qk_scale, BLOCK_N, MASKED,
+                                           s_layout)
+        acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
+        mbarrier.arrive(v_empty.index((j - 1) % STAGES), count=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return acc, l_i, m_i, gl.convert_layout(p.to(k_smem.dtype), p_layout)
+
+    @gluon.jit
+    def _consumer(q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, half, kv_head,
                   first_token, full, end, num_tiles, num_queries, num_keys, qk_scale,
                   q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  AHEAD: gl.constexpr):
         """One warpgroup: 64 query rows (token-major, the GROUP heads of kv_head within), keys [0, full) without
         the mask, [full, end) with it; the ring's later tiles (the other warpgroup's band) only freed."""
         HALF_M: gl.constexpr = 64
@@ -164,19 +206,40 @@ if HAS_GLUON:
         acc = gl.full([HALF_M, HEAD_DIM], 0.0, gl.float32, o_layout)
         unmasked_tiles = full // BLOCK_N
         band_end = gl.cdiv(end, BLOCK_N)
-        for j in range(0, unmasked_tiles):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, o_layout,
-                                         p_layout)
-        for j in range(unmasked_tiles, band_end):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                         kv_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, o_layout,
-                                         p_layout)
+        if AHEAD:
+            if band_end > 0:  # tile 0 through the masked path (exact either way), then one tile ahead
+                scores = _issue_scores(q_tile, k_smem, k_ready, 0, BLOCK_N, STAGES, s_layout)
+                scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+                mbarrier.arrive(k_empty.index(0), count=1)
+                p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, 0, num_keys, qk_scale, BLOCK_N,
+                                                   True, s_layout)
+                p_prev = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+                for j in range(1, unmasked_tiles):
+                    acc, l_i, m_i, p_prev = _attend_tile_ahead(
+                        acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+                        v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, o_layout, p_layout)
+                for j in range(gl.maximum(unmasked_tiles, 1), band_end):
+                    acc, l_i, m_i, p_prev = _attend_tile_ahead(
+                        acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+                        v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, o_layout, p_layout)
+                acc = _issue_output(p_prev, acc, v_smem, v_ready, band_end - 1, STAGES)
+                acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
+                mbarrier.arrive(v_empty.index((band_end - 1) % STAGES), count=1)
+        else:
+            for j in range(0, unmasked_tiles):
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
+                                             k_empty, v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False,
+                                             s_layout, o_layout, p_layout)
+            for j in range(unmasked_tiles, band_end):
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
+                                             k_empty, v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True,
+                                             s_layout, o_layout, p_layout)
         for j in range(band_end, num_tiles):  # waits for the data so it cannot free a stage a whole ring early
             stage = j % STAGES
-            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-            mbarrier.arrive(kv_empty.index(stage), count=1)
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+            mbarrier.arrive(v_empty.index(stage), count=1)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         acc = acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
@@ -189,6 +252,7 @@ if HAS_GLUON:
         q_stride_t, q_stride_h, out_stride_t, out_stride_h,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         KEYS_SORTED: gl.constexpr, PROBES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        AHEAD: gl.constexpr,
     ):
         TOKENS_HALF: gl.constexpr = 64 // GROUP
         kv_head = gl.program_id(0)
@@ -207,20 +271,24 @@ if HAS_GLUON:
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
 
         gl.warp_specialize([
-            (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, 0, kv_head, first,
+            (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 0,
+                         kv_head, first,
                          full0, end0, key_tiles, num_queries, num_keys, qk_scale, q_stride_t, q_stride_h, out_stride_t,
-                         out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES)),
-            (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, 1, kv_head,
+                         out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES, AHEAD)),
+            (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 1,
+                         kv_head,
                          first + TOKENS_HALF, full1, end1, key_tiles, num_queries, num_keys, qk_scale, q_stride_t,
-                         q_stride_h, out_stride_t, out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES)),
-            (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, kv_head, key_tiles, HEAD_DIM,
+                         q_stride_h, out_stride_t, out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES, AHEAD)),
+            (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_head, key_tiles, HEAD_DIM,
                        BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
@@ -257,6 +325,6 @@ def sparse_query_attention_gluon(q: torch.Tensor, q_pos: torch.Tensor, k: torch.
         q, q_pos, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, KEYS_SORTED=keys_sorted, PROBES=probes,
-        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, AHEAD=AHEAD, num_warps=4, maxnreg=MAXNREG,
     )
     return out
