@@ -24,11 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_blend import LLAMA3_8B, Timer, attention_sets, chunked_reference, measure_ceilings  # noqa: E402
 
-from kvblend.triton_kernels import sparse_attention_gluon, sparse_query_attention  # noqa: E402
+from kvblend.triton_kernels import sparse_query_attention  # noqa: E402
 
-# name: (sparse_query_attention config, sparse_attention_gluon module settings while it is checked and captured)
-KERNELS = {"triton": ({}, {}), "gluon": ({"gluon": True}, {"AHEAD": False}),
-           "gluon_ahead": ({"gluon": True}, {"AHEAD": True})}
+KERNELS = {"triton": {"gluon": False}, "gluon": {"gluon": True}}
 
 
 def graphs_of(call, sets) -> list[torch.cuda.CUDAGraph]:
@@ -65,10 +63,7 @@ def main() -> int:
         flops = [4 * heads * head_dim * float((s[3] + 1).sum()) for s in sets]
         ref = chunked_reference(sets[0][0], sets[0][3], sets[0][1], sets[0][2], pos, scale)
         graphs, errors = {}, {}
-        for name, (config, settings) in KERNELS.items():
-            for key, value in settings.items():
-                setattr(sparse_attention_gluon, key, value)
-
+        for name, config in KERNELS.items():
             def call(q, k, v, r, config=config):
                 return sparse_query_attention(q, r, k, v, pos, keys_sorted=True, config=config)
             q0, k0, v0, r0 = sets[0]

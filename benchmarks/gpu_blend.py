@@ -8,8 +8,9 @@ and kvblend's runner. Prompts: 6, 16, 32, 64 chunks x 512 tokens + a 64-token qu
   them) -- and cacheblend_eager (pinned, no graphs).
 TTFT = prompt in -> first-token logits, median of --reps timed runs after warm-up (spread: min and max), CUDA
 events, and each run draws another chunk order (rotated inputs). First, in the same run: the ceilings, the
-sparse-attention configs (each checked against the torch reference, the fastest kept for the TTFT rows),
-FlexAttention with a block mask on the same case, and the copy kernels. Run on the device:
+sparse-attention configs (Triton tile configs and the Gluon Hopper kernel, each checked against the torch
+reference, the fastest kept for the TTFT rows), FlexAttention with a block mask on the same case, and the copy
+kernels. Run on the device:
   KVBLEND_GIT_SHA=<sha> python benchmarks/gpu_blend.py --out $OUT
 `--tiny` runs a 5-layer toy shape (past the default check layers 1 and 3) on the CPU to check the script.
 On CUDA the process runs as a vLLM GPU worker does, with one torch intra-op thread (vLLM's
@@ -300,11 +301,11 @@ def flex_attention_rate(sets, pos, ref, flops, rate, ceilings, device) -> dict:
     return row
 
 
-# Pointer loads of K/V (the kernel before tensor descriptors) first, then tensor-descriptor (TMA) loads:
-# (BLOCK_M, BLOCK_N, warps, stages, tma).
-ATTENTION_CONFIGS = [dict(DEFAULT_CONFIG, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, tma=t)
+# The Triton kernel with pointer loads of K/V (the kernel before tensor descriptors) first, then with
+# tensor-descriptor (TMA) loads: (BLOCK_M, BLOCK_N, warps, stages, tma); last the Gluon Hopper kernel (its own tiles).
+ATTENTION_CONFIGS = [dict(DEFAULT_CONFIG, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, tma=t, gluon=False)
                      for m, n, w, st, t in ((128, 64, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 4, True),
-                                            (64, 128, 4, 3, True))]
+                                            (64, 128, 4, 3, True))] + [dict(DEFAULT_CONFIG, gluon=True)]
 
 
 def main() -> int:
@@ -491,9 +492,9 @@ def print_summary(rows: list[dict], kernels: list[dict], ceilings: dict, graphs:
               f"{r['max_ms']:8.2f} {base[r['tokens']] / r['ttft_ms']:6.2f}x {own[r['tokens']] / r['ttft_ms']:6.2f}x")
     for k in kernels:
         if "achieved" in k:
-            label = k["kernel"] + (f" {k['BLOCK_M']}/{k['BLOCK_N']}/{k['num_warps']}/{k['num_stages']}"
-                                   f"{' tma' * k['tma']}"
-                                   if "BLOCK_M" in k else "")
+            label = k["kernel"] + (" gluon" if k.get("gluon") else
+                                   f" {k['BLOCK_M']}/{k['BLOCK_N']}/{k['num_warps']}/{k['num_stages']}"
+                                   f"{' tma' * k['tma']}" if "BLOCK_M" in k else "")
             print(f"{label:62s} {k['achieved']:9.1f} {k['unit']} of {k['ceiling']:.0f} "
                   f"({k['achieved'] / k['ceiling']:.0%}) {k.get('status', '')}")
         else:

@@ -187,7 +187,7 @@ def test_tensor_descriptor_loads(dtype, poisoned_empty):
     check_close(out, ref, dtype)
 
 
-GLUON_SHAPES = [(37, 101, 8, 2, 64), (300, 2000, 32, 8, 128), (5, 70, 32, 8, 128), (700, 1500, 8, 8, 128),
+GLUON_SHAPES = [(37, 101, 8, 2, 64), (90, 700, 16, 8, 64), (300, 2000, 32, 8, 128), (5, 70, 32, 8, 128), (700, 1500, 8, 8, 128),
                 (129, 3000, 16, 2, 128), (1238, 8256, 32, 8, 128)]
 
 
@@ -212,13 +212,15 @@ def gluon_case(shape, dtype, seed, keys_sorted):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keys_sorted", [True, False])
 def test_gluon_kernel_matches_reference(shape, dtype, keys_sorted, poisoned_empty):
-    """config gluon=True: the Gluon Hopper kernel (GQA groups 1, 4, 8; ragged last tiles; gaps in positions)."""
+    """The Gluon Hopper kernel (GQA groups 1, 2, 4, 8; ragged last tiles; gaps in positions), and the Triton
+    kernel on the same cases (on Hopper the default config takes the Gluon kernel where it supports the call)."""
     from kvblend.triton_kernels.sparse_attention_gluon import gluon_supports
 
     q, q_pos, k, v, k_pos = gluon_case(shape, dtype, seed=shape[0], keys_sorted=keys_sorted)
     assert gluon_supports(q, k, v)
     ref = sparse_query_attention_ref(q, q_pos, k, v, k_pos, 1 / math.sqrt(shape[4]))
-    out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=keys_sorted,
-                                 config={"gluon": True})
-    check_close(out, ref, dtype)
-    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    for gluon in (True, False):
+        out = sparse_query_attention(q, q_pos, k, v, k_pos, backend="triton", keys_sorted=keys_sorted,
+                                     config={"gluon": gluon})
+        check_close(out, ref, dtype)
+        assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2

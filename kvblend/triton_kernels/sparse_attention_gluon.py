@@ -1,12 +1,13 @@
 """`sparse_query_attention` as a Gluon kernel for Hopper (sm_90): FA3's layout written out by hand.
 
-One loader warp streams K/V tiles by TMA into a ring of shared-memory stages (mbarriers: ready per stage, empty
-per stage), and two consumer warpgroups, each with 64 of the tile's 128 query rows (GQA heads packed, as in the
-Triton kernel), run S = Q K^T and O += P V on wgmma with the fp32 online softmax between: while one warpgroup is
-in its softmax the other's matmuls keep the tensor cores busy. Each warpgroup finds its own key bounds (its rows
-span half the positions of the tile), so its masked band is narrower than the Triton kernel's. Same inputs,
-output and masking as the Triton kernel; Gluon has no interpreter, so that kernel stays the CI path and the
-fallback. `sparse_query_attention_ref` is the reference of both.
+One loader warp streams K and V tiles by TMA into two-stage rings (mbarriers: ready and empty per stage, K and V
+apart), and two consumer warpgroups, each with 64 of the tile's 128 query rows (GQA heads packed, as in the Triton
+kernel), run S = Q K^T and O += P V on wgmma with the fp32 online softmax between. Two overlaps keep the tensor
+cores busy: across warpgroups (one's softmax runs while the other's products do) and inside each (tile j's score
+product is issued together with tile j-1's output product, and tile j's softmax runs under the latter). Each
+warpgroup finds its own key bounds (its rows span half the tile's positions), so its masked band is narrower.
+Same inputs, output and masking as the Triton kernel; Gluon has no interpreter, so that kernel stays the CI path
+and the fallback. `sparse_query_attention_ref` is the reference of both. Written against Triton 3.6's Gluon API.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ STAGES = 2
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 MAXNREG = 168
-# AHEAD: each warpgroup issues tile j's score product with tile j-1's output product (FA3's intra-warpgroup
-# overlap) instead of one after the other.
-AHEAD = False
 
 if HAS_GLUON:
     INT64_MAX = gl.constexpr(9223372036854775807)
@@ -138,23 +136,7 @@ if HAS_GLUON:
         return p, alpha, l_i * alpha + gl.sum(p, axis=1), m_new
 
     @gluon.jit
-    def _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, j,
-                     num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-                     s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Key tile j, the two products one after the other (the other warpgroup fills the tensor cores)."""
-        scores = _issue_scores(q_tile, k_smem, k_ready, j, BLOCK_N, STAGES, s_layout)
-        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-        mbarrier.arrive(k_empty.index(j % STAGES), count=1)
-        p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, j, num_keys, qk_scale, BLOCK_N, MASKED,
-                                           s_layout)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc = _issue_output(gl.convert_layout(p.to(k_smem.dtype), p_layout), acc, v_smem, v_ready, j, STAGES)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(v_empty.index(j % STAGES), count=1)
-        return acc, l_i, m_i
-
-    @gluon.jit
-    def _attend_tile_ahead(acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+    def _attend_tile(acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
                            v_empty, j, num_keys, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                            p_layout: gl.constexpr):
@@ -175,10 +157,10 @@ if HAS_GLUON:
     def _consumer(q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, half, kv_head,
                   first_token, full, end, num_tiles, num_queries, num_keys, qk_scale,
                   q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  AHEAD: gl.constexpr):
+                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """One warpgroup: 64 query rows (token-major, the GROUP heads of kv_head within), keys [0, full) without
-        the mask, [full, end) with it; the ring's later tiles (the other warpgroup's band) only freed."""
+        the mask, [full, end) with it, one tile ahead; the ring's later tiles (the other warpgroup's band) only
+        freed."""
         HALF_M: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -206,34 +188,24 @@ if HAS_GLUON:
         acc = gl.full([HALF_M, HEAD_DIM], 0.0, gl.float32, o_layout)
         unmasked_tiles = full // BLOCK_N
         band_end = gl.cdiv(end, BLOCK_N)
-        if AHEAD:
-            if band_end > 0:  # tile 0 through the masked path (exact either way), then one tile ahead
-                scores = _issue_scores(q_tile, k_smem, k_ready, 0, BLOCK_N, STAGES, s_layout)
-                scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-                mbarrier.arrive(k_empty.index(0), count=1)
-                p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, 0, num_keys, qk_scale, BLOCK_N,
-                                                   True, s_layout)
-                p_prev = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-                for j in range(1, unmasked_tiles):
-                    acc, l_i, m_i, p_prev = _attend_tile_ahead(
-                        acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
-                        v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, o_layout, p_layout)
-                for j in range(gl.maximum(unmasked_tiles, 1), band_end):
-                    acc, l_i, m_i, p_prev = _attend_tile_ahead(
-                        acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
-                        v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, o_layout, p_layout)
-                acc = _issue_output(p_prev, acc, v_smem, v_ready, band_end - 1, STAGES)
-                acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
-                mbarrier.arrive(v_empty.index((band_end - 1) % STAGES), count=1)
-        else:
-            for j in range(0, unmasked_tiles):
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                             k_empty, v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False,
-                                             s_layout, o_layout, p_layout)
-            for j in range(unmasked_tiles, band_end):
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready,
-                                             k_empty, v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True,
-                                             s_layout, o_layout, p_layout)
+        if band_end > 0:  # tile 0 through the masked path (exact either way), then one tile ahead
+            scores = _issue_scores(q_tile, k_smem, k_ready, 0, BLOCK_N, STAGES, s_layout)
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+            mbarrier.arrive(k_empty.index(0), count=1)
+            p, alpha, l_i, m_i = _softmax_step(scores, m_i, l_i, pos, k_pos, 0, num_keys, qk_scale, BLOCK_N,
+                                               True, s_layout)
+            p_prev = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+            for j in range(1, unmasked_tiles):
+                acc, l_i, m_i, p_prev = _attend_tile(
+                    acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+                    v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, False, s_layout, o_layout, p_layout)
+            for j in range(gl.maximum(unmasked_tiles, 1), band_end):
+                acc, l_i, m_i, p_prev = _attend_tile(
+                    acc, l_i, m_i, p_prev, q_tile, pos, k_pos, k_smem, v_smem, k_ready, v_ready, k_empty,
+                    v_empty, j, num_keys, qk_scale, BLOCK_N, STAGES, True, s_layout, o_layout, p_layout)
+            acc = _issue_output(p_prev, acc, v_smem, v_ready, band_end - 1, STAGES)
+            acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
+            mbarrier.arrive(v_empty.index((band_end - 1) % STAGES), count=1)
         for j in range(band_end, num_tiles):  # waits for the data so it cannot free a stage a whole ring early
             stage = j % STAGES
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
@@ -252,7 +224,6 @@ if HAS_GLUON:
         q_stride_t, q_stride_h, out_stride_t, out_stride_h,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         KEYS_SORTED: gl.constexpr, PROBES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-        AHEAD: gl.constexpr,
     ):
         TOKENS_HALF: gl.constexpr = 64 // GROUP
         kv_head = gl.program_id(0)
@@ -283,11 +254,11 @@ if HAS_GLUON:
             (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 0,
                          kv_head, first,
                          full0, end0, key_tiles, num_queries, num_keys, qk_scale, q_stride_t, q_stride_h, out_stride_t,
-                         out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES, AHEAD)),
+                         out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES)),
             (_consumer, (q, q_pos, out, k_pos, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 1,
                          kv_head,
                          first + TOKENS_HALF, full1, end1, key_tiles, num_queries, num_keys, qk_scale, q_stride_t,
-                         q_stride_h, out_stride_t, out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES, AHEAD)),
+                         q_stride_h, out_stride_t, out_stride_h, GROUP, HEAD_DIM, BLOCK_N, STAGES)),
             (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_head, key_tiles, HEAD_DIM,
                        BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -325,6 +296,6 @@ def sparse_query_attention_gluon(q: torch.Tensor, q_pos: torch.Tensor, k: torch.
         q, q_pos, k_desc, v_desc, k_pos, out, num_queries, num_keys, num_tiles, qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, KEYS_SORTED=keys_sorted, PROBES=probes,
-        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, AHEAD=AHEAD, num_warps=4, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return out
