@@ -1,9 +1,10 @@
 """Sparse-query attention, Triton kernel vs the Gluon Hopper kernel, on gpu_blend.py's attention cases.
 
-15% of 8256 / 32832 positions as sorted random queries over all keys (Llama-3-8B heads 32/8, head_dim 128, bf16),
+15% of 3136 / 8256 / 32832 positions as sorted random queries over all keys (Llama-3-8B heads 32/8, head_dim 128, bf16),
 visible-pair FLOPs, each kernel checked against the fp32 reference (relative error), then timed as CUDA-graph
 replays of 10 calls on 4 rotated input sets, `--rounds` rounds with the kernels interleaved (median [min, max]),
-against the bf16 matmul ceiling measured in the same run. Run on the device:
+against the bf16 matmul ceiling measured in the same run; and the host time of one eager call (100 calls
+enqueued back to back, host clock, no sync inside: what an eager, host-bound layer pays). Run on the device:
   python benchmarks/attention_gluon.py --out $OUT
 """
 
@@ -57,7 +58,7 @@ def main() -> int:
     g = torch.Generator(device=device).manual_seed(4)
     scale = 1 / math.sqrt(head_dim)
     rows = []
-    for tokens in (8256, 32832):
+    for tokens in (3136, 8256, 32832):
         sets = attention_sets(spec, device, tokens, g)
         pos = torch.arange(tokens, device=device)
         flops = [4 * heads * head_dim * float((s[3] + 1).sum()) for s in sets]
@@ -70,6 +71,15 @@ def main() -> int:
             out = call(q0, k0, v0, r0).float()
             errors[name] = float((out - ref).norm() / ref.norm())
             graphs[name] = graphs_of(call, sets)
+        host_us = {}
+        for name, config in KERNELS.items():
+            q0, k0, v0, r0 = sets[0]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(100):
+                sparse_query_attention(q0, r0, k0, v0, pos, keys_sorted=True, config=config)
+            host_us[name] = (time.perf_counter() - start) * 1e4
+            torch.cuda.synchronize()
         rates = {name: [] for name in KERNELS}
         for _ in range(args.rounds):
             for name in KERNELS:
@@ -78,10 +88,12 @@ def main() -> int:
         for name in KERNELS:
             row = {"tokens": tokens, "kernel": name, "rel_err": errors[name],
                    "TFLOPs": statistics.median(rates[name]), "min": min(rates[name]), "max": max(rates[name]),
-                   "rounds": rates[name], "ceiling": ceilings["matmul_TFLOPs"]}
+                   "rounds": rates[name], "ceiling": ceilings["matmul_TFLOPs"],
+                   "eager_host_us": host_us[name]}
             rows.append(row)
             print(f"{tokens:6d} {name:7s} {row['TFLOPs']:6.1f} TFLOP/s [{row['min']:.1f}, {row['max']:.1f}] "
-                  f"= {100 * row['TFLOPs'] / row['ceiling']:.1f}% of {row['ceiling']:.0f}, err {errors[name]:.1e}",
+                  f"= {100 * row['TFLOPs'] / row['ceiling']:.1f}% of {row['ceiling']:.0f}, err {errors[name]:.1e}, "
+                  f"host {host_us[name]:.1f} us/call",
                   flush=True)
     report = {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "torch": torch.__version__, "ceilings": ceilings, "rows": rows}
