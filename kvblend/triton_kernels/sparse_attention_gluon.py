@@ -16,7 +16,12 @@ import torch
 
 from kvblend.triton_kernels.dispatch import HAS_TRITON, INTERPRETING
 
-try:  # Gluon's API moves between Triton versions: any import failure means "not available"
+# Gluon's API moves between Triton releases: the kernel is used only with the release it was written and tested
+# against (other releases, or any import failure, take the Triton kernel).
+GLUON_TRITON_RELEASE = "3.6."
+
+try:
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -28,7 +33,7 @@ try:  # Gluon's API moves between Triton versions: any import failure means "not
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    HAS_GLUON = HAS_TRITON and not INTERPRETING
+    HAS_GLUON = HAS_TRITON and not INTERPRETING and triton.__version__.startswith(GLUON_TRITON_RELEASE)
 except (ImportError, AttributeError):
     HAS_GLUON = False
 
@@ -43,6 +48,7 @@ MAXNREG = 168
 
 if HAS_GLUON:
     INT64_MAX = gl.constexpr(9223372036854775807)
+    _HALF_M = gl.constexpr(HALF_M)
 
     @gluon.constexpr_function
     def _row_layout(head_dim, num_warps):
@@ -112,7 +118,7 @@ if HAS_GLUON:
         stage = j % STAGES
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         return warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)),
-                             gl.full([64, BLOCK_N], 0.0, gl.float32, s_layout), use_acc=False, is_async=True)
+                             gl.full([_HALF_M, BLOCK_N], 0.0, gl.float32, s_layout), use_acc=False, is_async=True)
 
     @gluon.jit
     def _issue_output(p_op, acc, v_smem, v_ready, j, STAGES: gl.constexpr):
@@ -161,7 +167,6 @@ if HAS_GLUON:
         """One warpgroup: 64 query rows (token-major, the GROUP heads of kv_head within), keys [0, full) without
         the mask, [full, end) with it, one tile ahead; the ring's later tiles (the other warpgroup's band) only
         freed."""
-        HALF_M: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -169,7 +174,7 @@ if HAS_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         io_layout: gl.constexpr = _row_layout(HEAD_DIM, 4)
 
-        row = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, io_layout))
+        row = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, io_layout))
         token = first_token + row // GROUP
         head = kv_head * GROUP + row % GROUP
         row_ok = token < num_queries
@@ -180,12 +185,12 @@ if HAS_GLUON:
         fence_async_shared()
         gl.thread_barrier()
 
-        s_row = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+        s_row = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
         s_token = first_token + s_row // GROUP
         pos = gl.load(q_pos + s_token, mask=s_token < num_queries, other=-1)
-        m_i = gl.full([HALF_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.full([HALF_M], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
-        acc = gl.full([HALF_M, HEAD_DIM], 0.0, gl.float32, o_layout)
+        m_i = gl.full([_HALF_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.full([_HALF_M], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.full([_HALF_M, HEAD_DIM], 0.0, gl.float32, o_layout)
         unmasked_tiles = full // BLOCK_N
         band_end = gl.cdiv(end, BLOCK_N)
         if band_end > 0:  # tile 0 through the masked path (exact either way), then one tile ahead
@@ -225,7 +230,7 @@ if HAS_GLUON:
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         KEYS_SORTED: gl.constexpr, PROBES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
     ):
-        TOKENS_HALF: gl.constexpr = 64 // GROUP
+        TOKENS_HALF: gl.constexpr = _HALF_M // GROUP
         kv_head = gl.program_id(0)
         tile = num_tiles - 1 - gl.program_id(1)  # the last tiles see the most keys: launch them first
         first = tile * 2 * TOKENS_HALF
@@ -236,8 +241,8 @@ if HAS_GLUON:
                                    KEYS_SORTED, PROBES, search_layout)
         key_tiles = gl.cdiv(gl.maximum(end0, end1), BLOCK_N)
 
-        q_layout: gl.constexpr = _nvmma_layout([64, HEAD_DIM], q.dtype.element_ty)
-        q_smem = gl.allocate_shared_memory(q.dtype.element_ty, [2, 64, HEAD_DIM], q_layout)
+        q_layout: gl.constexpr = _nvmma_layout([_HALF_M, HEAD_DIM], q.dtype.element_ty)
+        q_smem = gl.allocate_shared_memory(q.dtype.element_ty, [2, _HALF_M, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -271,7 +276,7 @@ def gluon_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     group = q.shape[1] // k.shape[1]
     head_dim = q.shape[2]
-    return (q.dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and 64 % group == 0
+    return (q.dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and HALF_M % group == 0
             and k.shape[0] > 0
             and all(t.stride(1) == head_dim and (t.stride(0) * t.element_size()) % 16 == 0
                     and t.data_ptr() % 16 == 0 for t in (k, v)))
