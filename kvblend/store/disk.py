@@ -16,7 +16,17 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from kvblend.store.entry import ChunkKV, EntryError, EntryRefused, FileSource, KVLayout, entry_secret, read_entry, serialize
+from kvblend.store.entry import (
+    ChunkKV,
+    EntryError,
+    EntryRefused,
+    FileSource,
+    KVLayout,
+    entry_secret,
+    read_entry,
+    read_pool,
+    serialize,
+)
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierCounters, TierStats
 
@@ -64,6 +74,18 @@ class DiskTier:
         return total
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
+        """The entry (or `layers` of it), verified; None for a miss, a bad entry (removed) or one refused (kept)."""
+        return self._get(key, layers, expect, parallel=True)
+
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys`, each verified as `get` verifies it, read and verified on `read_pool()`'s
+        threads one entry per task (a load's spans overlap each other's reads and digests)."""
+        if len(keys) < 2:
+            return [self.get(key, None, expect) for key in keys]
+        return list(read_pool().map(lambda key: self._get(key, None, expect, parallel=False), keys))
+
+    def _get(self, key: ChunkKey, layers: Sequence[int] | None, expect: KVLayout | None, parallel: bool) -> ChunkKV | None:
+        """`get`; `parallel`: a large entry's layers are read on several threads (False: on this one)."""
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -75,7 +97,7 @@ class DiskTier:
             self.counts.add("errors", "misses")
             return None
         try:
-            kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret)
+            kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret, parallel)
         except EntryRefused as exc:
             log.warning("disk tier: refusing entry %s (kept): %s", path.name, exc)
             self.counts.add("corrupt", "misses")

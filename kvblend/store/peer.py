@@ -52,9 +52,11 @@ class PeerConfig:
 class PeerTier:
     name = "peer"
     synchronous = False
+    host_shared_prefetch = False  # nothing to warm (see `prefetch`)
 
     def __init__(self, config: PeerConfig, secret: str | bytes | None = None) -> None:
         self.config, self.secret = config, entry_secret(secret)
+        self.max_bytes = config.max_bytes
         self.endpoint = NixlEndpoint(config.instance, config.max_bytes)
         self.directory = PeerDirectory(config.directory_url, config.instance, config.ttl_s, config.timeout_s)
         self.directory.join(self.endpoint.connection_info())
@@ -96,6 +98,11 @@ class PeerTier:
                 return self._hit(kv)
         self.counts.add("misses")
         return None
+
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys`, one `get` each: every key may have other holders, each read is its own
+        bounded transfer."""
+        return [self.get(key, None, expect) for key in keys]
 
     def _skip(self, instance: str) -> None:
         with self._lock:
