@@ -135,6 +135,17 @@ def test_get_many_serves_each_key_its_entry_and_misses_the_rest(tier):
     assert tier.get_many([], chunks[0].layout) == []
 
 
+def test_entry_read_back_serialises_to_the_same_bytes(tmp_path):
+    """A read entry's K and V are views into one [layers, 2, ...] buffer (not contiguous along the layers);
+    storing it again (a promotion into a slower tier) writes exactly the bytes first written."""
+    tier = DiskTier(tmp_path / "kv", 1 << 30)
+    kv = random_chunk(seed=70, dtype=torch.float32)
+    tier.put(kv.key, kv)
+    back = tier.get(kv.key, None, kv.layout)
+    assert not back.k.is_contiguous() and all(back.k[i].is_contiguous() for i in range(len(back.k)))
+    assert serialize(back) == serialize(kv) == tier.path(kv.key).read_bytes()
+
+
 def test_miss_contains_delete_and_prefetch(tier):
     kv, absent = random_chunk(seed=1), random_chunk(seed=2)
     assert tier.get(absent.key) is None and not tier.contains(absent.key)

@@ -160,13 +160,35 @@ def _buffer(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
 
 
+@dataclass(frozen=True)
+class EntryBytes:
+    """A serialised entry as the buffers it is made of (length field and header, then each tensor's bytes, views
+    of the entry's own tensors): tiers write them out without joining them into one copy first."""
+
+    parts: tuple
+    nbytes: int
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
     """safetensors bytes of a whole entry (all layers): metadata, layer digests, header digest or MAC."""
+    return serialize_parts(kv, secret).join()
+
+
+def entry_parts(blob: "bytes | EntryBytes") -> tuple:
+    """The buffers of a serialised entry, whichever form it was handed over in."""
+    return blob.parts if isinstance(blob, EntryBytes) else (blob,)
+
+
+def serialize_parts(kv: ChunkKV, secret: bytes | None = None) -> EntryBytes:
+    """`serialize`'s bytes as buffers (no copy of the tensor data; the tensors must not change meanwhile)."""
     if kv.layers is not None:
         raise ValueError("only whole entries (all layers) can be stored")
     layout, key = kv.layout, kv.key
     ids = _buffer(kv.token_ids.to(torch.int64))
-    k, v = kv.k.contiguous().cpu(), kv.v.contiguous().cpu()
+    k, v = kv.k.cpu(), kv.v.cpu()  # each layer is made contiguous on its own (an entry read has K, V interleaved)
     shape = [key.num_tokens, layout.kv_heads, layout.head_dim]
     tensors = {"token_ids": {"dtype": "I64", "shape": [key.num_tokens], "data_offsets": [0, ids.nbytes]}}
     parts, digests, offset = [ids], [], ids.nbytes
@@ -196,7 +218,8 @@ def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
     meta["header_digest"] = _header_digest(tensors, meta, secret)
     raw = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
-    return b"".join([struct.pack("<Q", len(raw)), raw, *parts])
+    head = struct.pack("<Q", len(raw)) + raw
+    return EntryBytes((head, *parts), len(head) + offset)
 
 
 class EntrySource(Protocol):

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from kvblend.store.entry import (
     BytesSource,
     ChunkKV,
+    EntryBytes,
     EntryError,
     EntryRefused,
     KVLayout,
+    entry_parts,
     entry_secret,
     read_entry,
-    serialize,
+    serialize_parts,
 )
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierCounters, TierStats
@@ -130,12 +132,12 @@ class PeerTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret))
 
-    def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
+    def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Export the entry and announce it; entries evicted to make room are withdrawn."""
         try:
-            record, evicted = self.endpoint.export(key.digest, blob)
+            record, evicted = self.endpoint.export(key.digest, b"".join(entry_parts(blob)))
         except Exception:
             log.exception("peer tier: cannot export %s", key.digest[:12])
             self.counts.add("errors")

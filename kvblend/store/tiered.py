@@ -19,7 +19,7 @@ from kvblend.cpu import unpin_thread
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
-from kvblend.store.entry import SECRET_ENV, ChunkKV, KVLayout, entry_secret, serialize
+from kvblend.store.entry import SECRET_ENV, ChunkKV, EntryBytes, KVLayout, entry_secret, serialize_parts
 from kvblend.store.key import ChunkKey
 from kvblend.store.ledger import COUNTED, FileLedger, Ledger, RedisLedger
 from kvblend.store.load_meter import LoadMeter
@@ -287,10 +287,10 @@ class TieredStore:
                 if item is _STOP:
                     return
                 key, kv, tiers, anchor = item
-                blobs: dict[bytes | None, bytes] = {}  # serialised once per secret (one, in a store from open_store)
+                blobs: dict[bytes | None, EntryBytes] = {}  # serialised once per secret (one, in a store from open_store)
                 for tier in tiers:
                     if tier.secret not in blobs:
-                        blobs[tier.secret] = serialize(kv, tier.secret)
+                        blobs[tier.secret] = serialize_parts(kv, tier.secret)
                     try:
                         tier.put_bytes(key, blobs[tier.secret])
                     except Exception:
