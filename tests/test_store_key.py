@@ -1,6 +1,7 @@
 """ChunkKey: same model + same tokens -> same key in any process; any difference -> another key."""
 
 import hashlib
+import random
 import json
 import struct
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvblend.store.key import ChunkKey, token_ids_hash
+from kvblend.store.key import ChunkKey, prefix_chained_keys, token_ids_hash
 from test_store_helpers import python_env, run_python
 
 FP = "fp-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -84,3 +85,14 @@ def test_key_is_the_same_in_another_process():
 def test_key_rejects_bad_inputs(args):
     with pytest.raises(ValueError):
         ChunkKey.for_tokens(*args)
+
+
+@pytest.mark.parametrize("length", [1, 127, 128, 129, 640, 1000])
+@pytest.mark.parametrize("span", [1, 16, 128])
+def test_prefix_chained_keys_equal_the_per_prefix_keys(length, span):
+    """The running hash gives exactly the keys `ChunkKey.behind` gives each span (stored keys unchanged)."""
+    ids = random.Random(length * 1000 + span).choices(range(50_000), k=length)
+    keys = prefix_chained_keys("fp", ids, span, "ns")
+    want = [ChunkKey.behind("fp", ids[s : s + span], ids[:s], "ns") for s in range(0, length - span + 1, span)]
+    assert keys == want and [k.digest for k in keys] == [k.digest for k in want]
+    assert len(keys) == length // span and (not keys or keys[0].is_alone)

@@ -117,6 +117,35 @@ def test_round_trip_is_bit_exact(tier, dtype):
     assert stats.puts == 3 and stats.hits == 3 and stats.entries == 3 and stats.corrupt == 0
 
 
+def test_get_many_serves_each_key_its_entry_and_misses_the_rest(tier):
+    """The batched read every tier implements (memory: its entries; disk: entries on threads; Redis: one MGET)."""
+    chunks = [random_chunk(seed=30 + s, base_position=s) for s in range(3)]
+    for kv in chunks:
+        assert tier.put(kv.key, kv)
+    order = [chunks[2], None, chunks[0], chunks[1]]
+    keys = [kv.key if kv is not None else random_chunk(seed=39).key for kv in order]
+    got = tier.get_many(keys, chunks[0].layout)
+    for want, out in zip(order, got):
+        if want is None:
+            assert out is None
+        else:
+            assert_same_kv(out, want)
+    counts = tier.counters()
+    assert counts.hits == 3 and counts.misses == 1 and counts.corrupt == 0
+    assert tier.get_many([], chunks[0].layout) == []
+
+
+def test_entry_read_back_serialises_to_the_same_bytes(tmp_path):
+    """A read entry's K and V are views into one [layers, 2, ...] buffer (not contiguous along the layers);
+    storing it again (a promotion into a slower tier) writes exactly the bytes first written."""
+    tier = DiskTier(tmp_path / "kv", 1 << 30)
+    kv = random_chunk(seed=70, dtype=torch.float32)
+    tier.put(kv.key, kv)
+    back = tier.get(kv.key, None, kv.layout)
+    assert not back.k.is_contiguous() and all(back.k[i].is_contiguous() for i in range(len(back.k)))
+    assert serialize(back) == serialize(kv) == tier.path(kv.key).read_bytes()
+
+
 def test_miss_contains_delete_and_prefetch(tier):
     kv, absent = random_chunk(seed=1), random_chunk(seed=2)
     assert tier.get(absent.key) is None and not tier.contains(absent.key)
@@ -312,6 +341,76 @@ def test_bit_flip_is_detected_removed_and_logged(stored, caplog, dtype, where, s
     if sliced and where == "last byte":
         layers = [3]
     _assert_dropped(tier, raw, kv.key, caplog, layers)
+
+
+def test_get_many_drops_a_damaged_entry_and_serves_the_others(stored, caplog):
+    tier, raw = stored
+    chunks = [random_chunk(seed=40 + s) for s in range(3)]
+    for kv in chunks:
+        tier.put(kv.key, kv)
+    raw.flip(chunks[1].key, _offset_in(raw.read(chunks[1].key), "k.1 middle"))
+    with caplog.at_level(logging.WARNING, logger="kvblend.store"):
+        got = tier.get_many([kv.key for kv in chunks], chunks[0].layout)
+    assert got[1] is None and not raw.exists(chunks[1].key)
+    assert_same_kv(got[0], chunks[0])
+    assert_same_kv(got[2], chunks[2])
+    assert tier.counters().corrupt == 1 and any("bad entry" in r.getMessage() for r in caplog.records)
+
+
+LARGE = {"layers": 8, "tokens": 256, "heads": 8, "head_dim": 64, "dtype": torch.float32}  # 8 MiB: read on threads
+
+
+@pytest.mark.parametrize("damage", [None, "first layer", "last layer"])
+def test_large_disk_entry_read_on_threads_is_exact_and_verified(tmp_path, damage):
+    """An entry above the parallel threshold: `get` reads runs of layers on threads, `get_many` one entry per
+    thread; both return it bit for bit, and both reject one flipped bit in any layer."""
+    tier = DiskTier(tmp_path / "kv", 1 << 30)
+    raw = DiskRaw(tier)
+    kvs = [random_chunk(seed=50 + s, **LARGE) for s in range(2)]
+    for kv in kvs:
+        tier.put(kv.key, kv)
+    blob = raw.read(kvs[0].key)
+    if damage is not None:
+        start, end = tensor_span(blob, "v.0" if damage == "first layer" else f"v.{LARGE['layers'] - 1}")
+        bad = bytearray(blob)
+        bad[(start + end) // 2] ^= 0x10
+        raw.write(kvs[0].key, bytes(bad))
+    got = tier.get_many([kv.key for kv in kvs], kvs[0].layout)
+    assert_same_kv(got[1], kvs[1])
+    if damage is None:
+        assert_same_kv(got[0], kvs[0])
+        assert_same_kv(tier.get(kvs[0].key, None, kvs[0].layout), kvs[0])
+        return
+    assert got[0] is None
+    raw.write(kvs[0].key, bytes(bad))
+    assert tier.get(kvs[0].key, None, kvs[0].layout) is None
+    assert tier.counters().corrupt == 2
+
+
+@pytest.mark.parametrize("state", ["empty", "zeros where the data was not yet written", "short"])
+@pytest.mark.parametrize("read", ["get", "get_many"])
+def test_disk_entry_torn_by_a_crash_is_a_removed_miss(tmp_path, caplog, state, read):
+    """Disk entries are renamed into place without fsync (a cache: a lost entry is recomputed). After a crash
+    the file under its final name can be empty, hold zeros where delayed allocation had not written the data,
+    or be short: each is rejected by its size, header digest or layer digests, removed and counted."""
+    tier = DiskTier(tmp_path / "kv", 1 << 30)
+    raw = DiskRaw(tier)
+    kv, other = random_chunk(seed=60), random_chunk(seed=61)
+    tier.put(kv.key, kv)
+    tier.put(other.key, other)
+    blob = raw.read(kv.key)
+    start = tensor_span(blob, "k.0")[0]
+    torn = {"empty": b"", "zeros where the data was not yet written": blob[:start] + bytes(len(blob) - start),
+            "short": blob[: len(blob) * 2 // 3]}[state]
+    raw.write(kv.key, torn)
+    with caplog.at_level(logging.WARNING, logger="kvblend.store"):
+        if read == "get":
+            assert tier.get(kv.key, None, kv.layout) is None
+        else:
+            got = tier.get_many([kv.key, other.key], kv.layout)
+            assert got[0] is None
+            assert_same_kv(got[1], other)
+    assert not raw.exists(kv.key) and tier.counters().corrupt == 1
 
 
 @pytest.mark.parametrize("keep", ["empty", "7 bytes", "header only", "half", "all but one byte"])

@@ -171,6 +171,34 @@ def test_entry_damaged_at_the_peer_is_refused_after_transfer_and_the_next_holder
             t.close()
 
 
+def test_peer_get_many_reads_each_key_and_a_store_with_peers_warms(private_redis):
+    """The peer tier's batched read (one bounded read per key) serves each key its entry and misses the rest;
+    `warm` on a store with a peer tier touches only the disk (the peer tier has nothing to warm)."""
+    held = [random_chunk(seed=111 + s, **SHAPE) for s in range(2)]
+    missing = random_chunk(seed=119, **SHAPE)
+
+    def tier(instance: str) -> PeerTier:
+        return PeerTier(PeerConfig(private_redis.url, instance, 1 << 26, timeout_s=2.0, ttl_s=10.0))
+
+    holder, reader = tier("holder"), tier("reader")
+    try:
+        for kv in held:
+            assert holder.put(kv.key, kv)
+        got = reader.get_many([held[1].key, missing.key, held[0].key], held[0].layout)
+        assert got[1] is None
+        assert_same_kv(got[0], held[1])
+        assert_same_kv(got[2], held[0])
+        assert reader.counters().hits == 2 and reader.counters().misses == 1
+    finally:
+        for t in (holder, reader):
+            t.close()
+    with tempfile.TemporaryDirectory() as disk_dir:
+        config = _reader(private_redis.url, disk_dir=disk_dir, tier_order=("memory", "disk", "peer"))
+        with open_store(config) as store:
+            store.warm([kv.key for kv in held])  # no error, and nothing decoded or read
+            assert all(t.counters().hits == 0 for t in store.tiers)
+
+
 def test_peer_restarted_under_the_same_name_is_read_at_once(private_redis):
     old, new = random_chunk(seed=101, **SHAPE), random_chunk(seed=102, **SHAPE)
     with open_store(_reader(private_redis.url, tier_order=("memory", "peer"))) as store:

@@ -1,6 +1,10 @@
 """Local-disk tier: one safetensors file per entry in a directory shared by the host's processes.
 
-Writes are atomic (temp file + rename), so concurrent writers of one key leave one valid file. The byte
+Writes are atomic (temp file + rename), so concurrent writers of one key leave one valid file. They are not
+fsynced: the tier is a cache, and an fsync added milliseconds of the engine's cores to every saved span. A crash can then leave
+under an entry's name a file whose data never reached the disk (empty, short, or zeros where delayed allocation
+had not written it); its size check, header digest and layer digests reject it as any damaged entry (a counted
+miss, removed; tests/test_store_tiers.py `test_disk_entry_torn_by_a_crash_is_a_removed_miss`). The byte
 budget is enforced by evicting the least recently used files (mtime is bumped on every hit). Every read is
 verified; a corrupt or truncated file is a miss, is removed and is logged. With a deployment secret, entries
 are written with a MAC and files without a valid one are refused (and kept: a later put replaces them).
@@ -16,13 +20,26 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from kvblend.store.entry import ChunkKV, EntryError, EntryRefused, FileSource, KVLayout, entry_secret, read_entry, serialize
+from kvblend.store.entry import (
+    ChunkKV,
+    EntryBytes,
+    EntryError,
+    EntryRefused,
+    FileSource,
+    KVLayout,
+    entry_parts,
+    entry_secret,
+    read_entry,
+    read_pool,
+    serialize_parts,
+)
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kv.safetensors"
 STALE_TMP_S = 3600  # a temp file this old belongs to a writer that died mid-write
+_IOV_MAX = 1024  # Linux's bound on buffers per writev
 
 
 class DiskTier:
@@ -64,6 +81,18 @@ class DiskTier:
         return total
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
+        """The entry (or `layers` of it), verified; None for a miss, a bad entry (removed) or one refused (kept)."""
+        return self._get(key, layers, expect, parallel=True)
+
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys`, each verified as `get` verifies it, read and verified on `read_pool()`'s
+        threads one entry per task (a load's spans overlap each other's reads and digests)."""
+        if len(keys) < 2:
+            return [self.get(key, None, expect) for key in keys]
+        return list(read_pool().map(lambda key: self._get(key, None, expect, parallel=False), keys))
+
+    def _get(self, key: ChunkKey, layers: Sequence[int] | None, expect: KVLayout | None, parallel: bool) -> ChunkKV | None:
+        """`get`; `parallel`: a large entry's layers are read on several threads (False: on this one)."""
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -75,7 +104,7 @@ class DiskTier:
             self.counts.add("errors", "misses")
             return None
         try:
-            kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret)
+            kv = read_entry(FileSource(fd), key, layers, os.fstat(fd).st_size, expect, self.secret, parallel)
         except EntryRefused as exc:
             log.warning("disk tier: refusing entry %s (kept): %s", path.name, exc)
             self.counts.add("corrupt", "misses")
@@ -99,21 +128,24 @@ class DiskTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret))
 
-    def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
-        """Write an already-serialised entry atomically; False (and a log line) if the disk refuses it."""
-        if len(blob) > self.max_bytes:
+    def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
+        """Write an already-serialised entry atomically (its parts in vectored writes to a temporary file, renamed
+        into place); False (and a log line) if the disk refuses it. No fsync: see the module's docstring."""
+        parts = entry_parts(blob)
+        size = sum(memoryview(part).nbytes for part in parts)
+        if size > self.max_bytes:
             return False
         path = self.path(key)
         try:
             path.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(blob)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                try:
+                    _write_all(fd, parts)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
@@ -124,7 +156,7 @@ class DiskTier:
             return False
         self.counts.add("puts")
         with self._lock:
-            self._bytes += len(blob)
+            self._bytes += size
             over = self._bytes > self.max_bytes
         if over:
             self._evict(keep=path)
@@ -199,3 +231,15 @@ class DiskTier:
         with self._lock:
             held = self._bytes
         return self.counts.snapshot(entries, held)
+
+
+def _write_all(fd: int, parts: tuple) -> None:
+    """Write every buffer of `parts` to `fd`, in order (writev, resumed after a short write)."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]

@@ -36,6 +36,8 @@ _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # safeten
 _UNKEYED, _KEYED = "blake3", "blake3-keyed"
 _MAC_CONTEXT = "kvblend store entry header MAC, format 3"
 _PARALLEL_BYTES = 1 << 22  # whole reads at least this large read and verify layers on several threads
+_READ_THREADS = min(4, os.cpu_count() or 1)
+_HEAP_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are always fresh mmaps
 
 
 class EntryError(ValueError):
@@ -158,13 +160,35 @@ def _buffer(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
 
 
+@dataclass(frozen=True)
+class EntryBytes:
+    """A serialised entry as the buffers it is made of (length field and header, then each tensor's bytes, views
+    of the entry's own tensors): tiers write them out without joining them into one copy first."""
+
+    parts: tuple
+    nbytes: int
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
     """safetensors bytes of a whole entry (all layers): metadata, layer digests, header digest or MAC."""
+    return serialize_parts(kv, secret).join()
+
+
+def entry_parts(blob: "bytes | EntryBytes") -> tuple:
+    """The buffers of a serialised entry, whichever form it was handed over in."""
+    return blob.parts if isinstance(blob, EntryBytes) else (blob,)
+
+
+def serialize_parts(kv: ChunkKV, secret: bytes | None = None) -> EntryBytes:
+    """`serialize`'s bytes as buffers (no copy of the tensor data; the tensors must not change meanwhile)."""
     if kv.layers is not None:
         raise ValueError("only whole entries (all layers) can be stored")
     layout, key = kv.layout, kv.key
     ids = _buffer(kv.token_ids.to(torch.int64))
-    k, v = kv.k.contiguous().cpu(), kv.v.contiguous().cpu()
+    k, v = kv.k.cpu(), kv.v.cpu()  # each layer is made contiguous on its own (an entry read has K, V interleaved)
     shape = [key.num_tokens, layout.kv_heads, layout.head_dim]
     tensors = {"token_ids": {"dtype": "I64", "shape": [key.num_tokens], "data_offsets": [0, ids.nbytes]}}
     parts, digests, offset = [ids], [], ids.nbytes
@@ -194,7 +218,8 @@ def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
     meta["header_digest"] = _header_digest(tensors, meta, secret)
     raw = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
-    return b"".join([struct.pack("<Q", len(raw)), raw, *parts])
+    head = struct.pack("<Q", len(raw)) + raw
+    return EntryBytes((head, *parts), len(head) + offset)
 
 
 class EntrySource(Protocol):
@@ -236,15 +261,25 @@ class FileSource:
         return [os.pread(self.fd, n, o) for o, n in ranges]
 
     def read_into(self, targets: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+        """One preadv per target, its buffers as the vector (a whole entry's layers: one system call)."""
         for offset, buffers in targets:
-            for buf in buffers:
-                view, done = memoryview(buf), 0
-                while done < buf.nbytes:
-                    got = os.preadv(self.fd, [view[done:]], offset + done)
-                    if got == 0:
-                        raise EntryError(f"entry ends inside bytes {offset}..{offset + buf.nbytes}: truncated")
-                    done += got
-                offset += buf.nbytes
+            views = [memoryview(buf).cast("B") for buf in buffers]
+            total = sum(view.nbytes for view in views)
+            done = 0
+            while done < total:
+                got = os.preadv(self.fd, _remaining(views, done), offset + done)
+                if got == 0:
+                    raise EntryError(f"entry ends inside bytes {offset}..{offset + total}: truncated")
+                done += got
+
+
+def _remaining(views: list[memoryview], done: int) -> list[memoryview]:
+    """The part of the buffer vector `views` after its first `done` bytes."""
+    for i, view in enumerate(views):
+        if done < view.nbytes:
+            return [view[done:], *views[i + 1 :]]
+        done -= view.nbytes
+    return []
 
 
 @dataclass(frozen=True)
@@ -259,11 +294,12 @@ class _Header:
 
 
 def read_entry(source: EntrySource, key: ChunkKey, layers: Sequence[int] | None = None, size: int | None = None,
-               expect: KVLayout | None = None, secret: bytes | None = None) -> ChunkKV:
+               expect: KVLayout | None = None, secret: bytes | None = None, parallel: bool = True) -> ChunkKV:
     """Parse and verify an entry (or only `layers` of it); EntryError if it is bad, OSError if the source fails.
 
     `expect` is the model's layout: every tensor's dtype and shape must match it and the key. Layer requests
     that are wrong whatever the entry holds (empty, negative, beyond `expect`) are the caller's ValueError.
+    `parallel`: a large whole entry is read and verified on `read_pool()`'s threads (False: on this one).
     """
     wanted = layer_request(layers, expect)
     try:
@@ -274,7 +310,7 @@ def read_entry(source: EntrySource, key: ChunkKey, layers: Sequence[int] | None 
             wanted = list(range(header.layout.num_layers))
         elif max(wanted) >= header.layout.num_layers:
             raise EntryRefused(f"layers {wanted} asked of an entry of {header.layout.num_layers} layers")
-        return _read_tensors(source, key, header, wanted, sliced=layers is not None)
+        return _read_tensors(source, key, header, wanted, sliced=layers is not None, parallel=parallel)
     except (EntryError, OSError):
         raise
     except Exception as exc:  # whatever else a damaged entry provokes is a bad entry, never a crash
@@ -394,24 +430,48 @@ def _check_table(tensors: dict, layout: KVLayout, num_tokens: int, data_start: i
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in numpy-allocated memory: numpy asks Linux for huge pages for large arrays,
-    which makes first touch of a fresh 32 MiB output several times cheaper than torch.empty's 4 KiB pages."""
+    """An uninitialised output tensor. Below glibc's largest mmap threshold (32 MiB) torch.empty, whose freed
+    memory the heap hands out again (no fresh page faults for a span evicted and another read); above it
+    numpy-allocated memory, which numpy asks Linux to back with huge pages (first touch of a fresh 64 MiB entry
+    several times cheaper than torch.empty's 4 KiB pages)."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < _HEAP_BYTES:
+        return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvblend-entry",
-                              initializer=unpin_thread)
+def read_pool() -> ThreadPoolExecutor:
+    """Threads that read and verify entries (preadv, copies and BLAKE3 release the GIL). A task running here must
+    not wait on another task of this pool: reads submitted from it run serially (`parallel=False`)."""
+    return ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="kvblend-entry", initializer=unpin_thread)
 
 
-def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: list[int], sliced: bool) -> ChunkKV:
-    """Read token ids and the `wanted` layers' K and V straight into the output tensors, and verify them."""
+def _coalesced(targets: list[tuple[int, list[np.ndarray]]]) -> list[tuple[int, list[np.ndarray]]]:
+    """`targets` with each one that starts where the previous ends merged into it: one read per byte run."""
+    merged: list[tuple[int, list[np.ndarray]]] = []
+    end = None
+    for offset, buffers in targets:
+        if merged and offset == end:
+            merged[-1][1].extend(buffers)
+        else:
+            merged.append((offset, list(buffers)))
+            end = offset
+        end += sum(buf.nbytes for buf in buffers)
+    return merged
+
+
+def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: list[int], sliced: bool,
+                  parallel: bool) -> ChunkKV:
+    """Read token ids and the `wanted` layers' K and V straight into the output tensors, and verify them.
+
+    K and V share one allocation [layers, 2, tokens, kv_heads, head_dim] (k = [:, 0], v = [:, 1], each layer
+    contiguous): a layer's K then V is one run of bytes, as in the file, so a whole entry is one vectored read
+    and a layer's digest is one BLAKE3 pass over its run."""
     layout = header.layout
     dtype = _TORCH_DTYPES[layout.dtype]
-    shape = (len(wanted), key.num_tokens, layout.kv_heads, layout.head_dim)
-    k, v = _empty(shape, dtype), _empty(shape, dtype)
+    both = _empty((len(wanted), 2, key.num_tokens, layout.kv_heads, layout.head_dim), dtype)
+    k, v = both[:, 0], both[:, 1]
     token_ids = torch.empty(key.num_tokens, dtype=torch.int64)
     ids = _buffer(token_ids)
     source.read_into([(header.spans["token_ids"][0], [ids])])
@@ -421,23 +481,25 @@ def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: l
     def targets(i: int, layer: int) -> list[tuple[int, list[np.ndarray]]]:
         k_start, k_end = header.spans[f"k.{layer}"]
         v_start, _ = header.spans[f"v.{layer}"]
-        kb, vb = _buffer(k[i]), _buffer(v[i])
-        return [(k_start, [kb, vb])] if v_start == k_end else [(k_start, [kb]), (v_start, [vb])]
+        if v_start == k_end:
+            return [(k_start, [_buffer(both[i])])]
+        return [(k_start, [_buffer(k[i])]), (v_start, [_buffer(v[i])])]
 
     def verify(i: int, layer: int) -> None:
         if not hmac.compare_digest(_layer_digest(_buffer(k[i]), _buffer(v[i])), header.digests[layer]):
             raise EntryError(f"digest mismatch in layer {layer}")
 
-    def read_and_verify(item: tuple[int, int]) -> None:
-        source.read_into(targets(*item))
-        verify(*item)
-
-    items = list(enumerate(wanted))
-    if not sliced and k.nbytes + v.nbytes >= _PARALLEL_BYTES and (os.cpu_count() or 1) > 1:
-        list(_pool().map(read_and_verify, items))  # preadv, copies and BLAKE3 release the GIL
-    else:
-        source.read_into([t for item in items for t in targets(*item)])  # one batch: one Redis round trip for a sliced read
+    def read_and_verify(items: list[tuple[int, int]]) -> None:
+        source.read_into(_coalesced([t for item in items for t in targets(*item)]))
         for item in items:
             verify(*item)
+
+    items = list(enumerate(wanted))
+    workers = min(_READ_THREADS, len(items))
+    if parallel and not sliced and both.nbytes >= _PARALLEL_BYTES and workers > 1:  # a run of layers per thread
+        runs = [items[w * len(items) // workers : (w + 1) * len(items) // workers] for w in range(workers)]
+        list(read_pool().map(read_and_verify, runs))
+    else:
+        read_and_verify(items)  # one batch: one vectored read, one Redis round trip for a sliced read
     return ChunkKV(key=key, k=k, v=v, token_ids=token_ids, base_position=header.base_position,
                    layers=tuple(wanted) if sliced else None)

@@ -30,7 +30,12 @@ def token_ids_hash(token_ids: Sequence[int]) -> str:
 
 def chunk_context(prefix_ids: Sequence[int] | None) -> str:
     """The context of KV computed alone (no prefix) or behind the given shared prefix."""
-    return ALONE if not prefix_ids else f"{BEHIND_PREFIX}:{token_ids_hash(prefix_ids)[:16]}"
+    return ALONE if not prefix_ids else _behind(token_ids_hash(prefix_ids))
+
+
+def _behind(prefix_hash: str) -> str:
+    """The context named by the token ids hash of the prefix the KV was computed behind."""
+    return f"{BEHIND_PREFIX}:{prefix_hash[:16]}"
 
 
 def check_namespace_name(name: str) -> str:
@@ -122,3 +127,20 @@ class ChunkKey:
 
     def __str__(self) -> str:
         return self.digest
+
+
+def prefix_chained_keys(fingerprint: str, token_ids: Sequence[int], span_tokens: int,
+                        namespace: str = DEFAULT_NAMESPACE) -> list[ChunkKey]:
+    """The key of each full `span_tokens` span of `token_ids` computed behind every token before it: exactly
+    `ChunkKey.behind(fingerprint, span, token_ids[:start], namespace)` for each span, its prefix hash taken
+    from one running sha256 over the ids (linear in their length, instead of hashing each prefix anew)."""
+    if span_tokens <= 0:
+        raise ValueError(f"span_tokens must be positive, got {span_tokens}")
+    ids = np.asarray(token_ids, dtype="<i8")
+    running, keys = hashlib.sha256(), []
+    for start in range(0, len(ids) - span_tokens + 1, span_tokens):
+        span = ids[start : start + span_tokens].tobytes()
+        context = _behind(running.hexdigest()) if start else ALONE
+        keys.append(ChunkKey(fingerprint, namespace, context, hashlib.sha256(span).hexdigest(), span_tokens))
+        running.update(span)
+    return keys

@@ -51,6 +51,10 @@ class MemoryTier:
             self.counts.add("hits")
         return kv if wanted is None else kv.select_layers(wanted)
 
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys` (held entries are already decoded: one `get` each)."""
+        return [self.get(key, None, expect) for key in keys]
+
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
         if kv.layers is not None:
             raise ValueError("memory tier stores whole entries only")

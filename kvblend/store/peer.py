@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from kvblend.store.entry import (
     BytesSource,
     ChunkKV,
+    EntryBytes,
     EntryError,
     EntryRefused,
     KVLayout,
+    entry_parts,
     entry_secret,
     read_entry,
-    serialize,
+    serialize_parts,
 )
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierCounters, TierStats
@@ -52,9 +54,11 @@ class PeerConfig:
 class PeerTier:
     name = "peer"
     synchronous = False
+    host_shared_prefetch = False  # nothing to warm (see `prefetch`)
 
     def __init__(self, config: PeerConfig, secret: str | bytes | None = None) -> None:
         self.config, self.secret = config, entry_secret(secret)
+        self.max_bytes = config.max_bytes
         self.endpoint = NixlEndpoint(config.instance, config.max_bytes)
         self.directory = PeerDirectory(config.directory_url, config.instance, config.ttl_s, config.timeout_s)
         self.directory.join(self.endpoint.connection_info())
@@ -97,6 +101,11 @@ class PeerTier:
         self.counts.add("misses")
         return None
 
+    def get_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None = None) -> list[ChunkKV | None]:
+        """Whole entries of `keys`, one `get` each: every key may have other holders, each read is its own
+        bounded transfer."""
+        return [self.get(key, None, expect) for key in keys]
+
     def _skip(self, instance: str) -> None:
         with self._lock:
             self._failed[instance] = time.monotonic() + self.config.retry_s
@@ -123,12 +132,12 @@ class PeerTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret))
 
-    def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
+    def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Export the entry and announce it; entries evicted to make room are withdrawn."""
         try:
-            record, evicted = self.endpoint.export(key.digest, blob)
+            record, evicted = self.endpoint.export(key.digest, b"".join(entry_parts(blob)))
         except Exception:
             log.exception("peer tier: cannot export %s", key.digest[:12])
             self.counts.add("errors")

@@ -30,12 +30,14 @@ import numpy as np
 from kvblend.store.entry import (
     BytesSource,
     ChunkKV,
+    EntryBytes,
     EntryError,
     EntryRefused,
     KVLayout,
+    entry_parts,
     entry_secret,
     read_entry,
-    serialize,
+    serialize_parts,
 )
 from kvblend.store.key import ChunkKey
 from kvblend.store.tier import TierCounters, TierStats
@@ -303,23 +305,44 @@ class RedisTier:
             return None
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret))
 
-    def put_bytes(self, key: ChunkKey, blob: bytes) -> bool:
+    def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Store an entry and account it against the budget, evicting least recently used entries (False when
         the entry is larger than the whole budget, or the server refused or failed it)."""
-        if len(blob) > self.config.max_bytes:
+        parts = entry_parts(blob)
+        size = sum(memoryview(part).nbytes for part in parts)
+        if size > self.config.max_bytes:
             return False
         name = self._name(key)
-        if not self.call("set", lambda: self.client.set(name, blob, ex=self.config.ttl_s), False):
+        if not self.call("set", lambda: self._set_parts(name, parts, size), False):
             return False
         ttl_ms = (self.config.ttl_s or 0) * 1000
         result = self.call("account", lambda: self._account(
-            keys=self._index, args=[name, len(blob), _now_ms(), self.config.max_bytes, ttl_ms]), None)
+            keys=self._index, args=[name, size, _now_ms(), self.config.max_bytes, ttl_ms]), None)
         self.counts.add("puts")
         if result is not None:
             self.counts.add("evictions", n=int(result[0]))
         return True
+
+    def _set_parts(self, name: str, parts: tuple, size: int) -> bool:
+        """SET (with the TTL, if any) whose value is written to the socket part by part, never joined into one
+        copy (redis-py would need the value as one buffer); an error reply is raised by redis-py's parser."""
+        expiry = [b"EX", str(self.config.ttl_s).encode()] if self.config.ttl_s else []
+        bulk = lambda arg: b"$%d\r\n%s\r\n" % (len(arg), arg)  # noqa: E731 - RESP bulk string
+        head = b"*%d\r\n" % (3 + len(expiry)) + bulk(b"SET") + bulk(name.encode()) + b"$%d\r\n" % size
+        tail = b"\r\n" + b"".join(bulk(arg) for arg in expiry)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([head, *parts, tail], check_health=False)
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return reply in (b"OK", "OK")
 
     def held_bytes(self) -> int:
         """Bytes of this prefix's entries by the server-side account (0 when unreachable)."""

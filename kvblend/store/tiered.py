@@ -19,7 +19,7 @@ from kvblend.cpu import unpin_thread
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
-from kvblend.store.entry import SECRET_ENV, ChunkKV, KVLayout, entry_secret, serialize
+from kvblend.store.entry import SECRET_ENV, ChunkKV, EntryBytes, KVLayout, entry_secret, serialize_parts
 from kvblend.store.key import ChunkKey
 from kvblend.store.ledger import COUNTED, FileLedger, Ledger, RedisLedger
 from kvblend.store.load_meter import LoadMeter
@@ -202,6 +202,10 @@ class TieredStore:
         Keys being prefetched are waited for first. What a storage-mode load reads for all of a request's spans."""
         for key in keys:
             self._await_prefetch(key)
+        return self._read_many(keys, expect)
+
+    def _read_many(self, keys: Sequence[ChunkKey], expect: KVLayout | None) -> list[ChunkKV | None]:
+        """`get_many` without waiting for prefetches (what a prefetch itself runs)."""
         found: list[ChunkKV | None] = [None] * len(keys)
         for i, tier in enumerate(self.tiers):
             missing = [j for j, kv in enumerate(found) if kv is None]
@@ -209,7 +213,7 @@ class TieredStore:
                 break
             start = time.perf_counter()
             wanted = [keys[j] for j in missing]
-            got = tier.get_many(wanted, expect) if hasattr(tier, "get_many") else [tier.get(k, None, expect) for k in wanted]
+            got = tier.get_many(wanted, expect)
             hits = [(j, kv) for j, kv in zip(missing, got) if kv is not None]
             if hits:
                 self.meter.record(tier.name, time.perf_counter() - start, sum(kv.nbytes for _, kv in hits))
@@ -283,10 +287,10 @@ class TieredStore:
                 if item is _STOP:
                     return
                 key, kv, tiers, anchor = item
-                blobs: dict[bytes | None, bytes] = {}  # serialised once per secret (one, in a store from open_store)
+                blobs: dict[bytes | None, EntryBytes] = {}  # serialised once per secret (one, in a store from open_store)
                 for tier in tiers:
                     if tier.secret not in blobs:
-                        blobs[tier.secret] = serialize(kv, tier.secret)
+                        blobs[tier.secret] = serialize_parts(kv, tier.secret)
                     try:
                         tier.put_bytes(key, blobs[tier.secret])
                     except Exception:
@@ -336,10 +340,10 @@ class TieredStore:
                     del self._inflight[key.digest]
 
     def _load(self, keys: list[ChunkKey], expect: KVLayout | None, resident: int) -> int:
-        """Warm the slow tiers (a Redis MGET, disk readahead) off the caller's thread, then promote each hit."""
-        for tier in self.tiers[1:]:
-            tier.prefetch(keys)
-        return resident + sum(self._get(k, None, expect) is not None for k in keys)
+        """Off the caller's thread: start the disk's readahead of every file, then read the keys as `get_many`
+        does (each tier asked once: disk entries read on threads, one Redis MGET) and promote each hit."""
+        self.warm(keys)
+        return resident + sum(kv is not None for kv in self._read_many(keys, expect))
 
     def warm(self, keys: Iterable[ChunkKey]) -> None:
         """Ask the tiers whose prefetch serves every process of the host (disk: kernel readahead into the page

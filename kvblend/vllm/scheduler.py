@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvblend.store.key import ChunkKey
+from kvblend.store.key import ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
@@ -33,10 +33,8 @@ WORKER_KEYS_KEPT = 100_000  # by then the store's background writer has long mad
 
 def prefix_spans(fingerprint: str, prompt: list[int], span_tokens: int, namespace: str) -> list[Span]:
     """Every full span of the prompt, keyed by its tokens and (as its context) all tokens before it."""
-    return [
-        Span(s, span_tokens, ChunkKey.behind(fingerprint, prompt[s : s + span_tokens], prompt[:s], namespace))
-        for s in range(0, len(prompt) - span_tokens + 1, span_tokens)
-    ]
+    keys = prefix_chained_keys(fingerprint, prompt, span_tokens, namespace)
+    return [Span(i * span_tokens, span_tokens, key) for i, key in enumerate(keys)]
 
 
 @dataclass
