@@ -19,7 +19,7 @@ import torch
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
-from kvblend.blend.gate import GateReport, decide, gate_signals, relative_deviation, reuse_error
+from kvblend.blend.gate import GateReport, decide, decision_signal, gate_signals, relative_deviation, reuse_error
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -145,8 +145,8 @@ class BlendRun:
         self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
         self._n_heads = plan.head_rows.numel()
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
-        gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
-        self.gate = GateReport(plan.config.gate_bound) if gated else None
+        gated = plan.config.policy == "cacheblend" and plan.config.gated and self._n_suffix > 0
+        self.gate = GateReport(plan.config.gate_bound, plan.config.gate_raise) if gated else None
         self.collect: list[torch.Tensor] | None = None  # the question pass: the question's attention per layer
         self.question_attention = question_attention
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
@@ -220,8 +220,8 @@ class BlendRun:
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
             gating = self.gate is not None and layer == min(self.checks)
-            if gating:
-                old = (K[rows[chunk_sel]].clone(), V[rows[chunk_sel]].clone())
+            if gating:  # the reused K/V of the chunk rows (indexing copies them)
+                old = (K[rows[chunk_sel]], V[rows[chunk_sel]])
                 deviation = relative_deviation(k[chunk_sel], v[chunk_sel], *old)
         K[rows], V[rows] = k, v
         if self.collect is not None:
@@ -230,7 +230,9 @@ class BlendRun:
         if check:
             scores = self._weight(rows, chunk_sel, q, scores, K)
             if gating:
+                t = self._tick("select", t)
                 self._gate(layer, rows, chunk_sel, q, scores, K, V, old, deviation)
+                t = self._tick("gate", t)
             keep = self._select(layer, rows, chunk_sel, scores)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
@@ -300,21 +302,27 @@ class BlendRun:
         return self.is_head[chunk_rows] if self._n_heads else None
 
     def _gate(self, layer: int, rows, chunk_sel, q, scores, K, V, old, deviation) -> None:
-        """The quality gate (kvblend.blend.gate) at the first check layer: its signals for the configured ratio's
-        selection, then the request's ratio; a raised ratio replaces this run's schedule before any row is
-        dropped. Reads its signals on the host (one sync)."""
+        """The quality gate (kvblend.blend.gate) at the first check layer: its signal (with `gate_calibration`
+        every signal, for the configured ratio's selection), then the request's ratio; a raised ratio replaces
+        this run's schedule before any row is dropped, a full prefill keeps every row and ends the checks. Reads
+        its signal on the host (one sync)."""
         config = self.plan.config
-        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
-        chunk_rows = rows[chunk_sel]
-        q_pos = self.positions[rows[suffix]]
-        received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
-        forced = self._forced(chunk_rows)
-        count, wider = self._keep_count(self.checks[layer]), self._keep_count(min(1.0, 2 * self.checks[layer]))
-        self.gate.signals = gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
-                                         select_tokens(scores, wider, forced))
-        self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
+        if config.gate_calibration:
+            suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+            chunk_rows = rows[chunk_sel]
+            q_pos = self.positions[rows[suffix]]
+            received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
+            forced = self._forced(chunk_rows)
+            count, wider = self._keep_count(self.checks[layer]), self._keep_count(min(1.0, 2 * self.checks[layer]))
+            self.gate.signals = gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
+                                             select_tokens(scores, wider, forced))
+            self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
+        else:
+            self.gate.signals = decision_signal(deviation)
         ratio = decide(self.gate, config.ratio)
-        if ratio != config.ratio:
+        if ratio >= 1.0:  # every row stays active: no later check reads reused KV
+            self.checks = {layer: 1.0}
+        elif ratio != config.ratio:
             raised = replace(config, ratio=ratio, schedule=None)
             self.checks = dict(zip(raised.check_layers, raised.ratios()))
 
