@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
+from kvblend.blend.gate import DEFAULT_GATE_BOUND, FALLBACK_SIGNAL
 from kvblend.blend.layout import ChunkRef
 from kvblend.blend.prompt import chat_template
 from kvblend.cpu import cpu_record
@@ -47,7 +47,7 @@ from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import encode, load_tokenizer
 from kvblend.model.weights import load_weights
 from kvblend.rag.precompute import chunk_key, compute_chunk_kv
-from kvblend.retrieval.corpus import pydoc_topics
+from kvblend.retrieval.corpus import pydoc_topics, read_corpus
 from kvblend.store.entry import ChunkKV
 from kvblend.store.memory import MemoryTier
 from kvblend.store.tiered import TieredStore
@@ -55,6 +55,8 @@ from kvblend.store.tiered import TieredStore
 KINDS = ("ordinary", "bf16", "fp16", "other_prefix", "finetune_1pct", "finetune_10pct", "other_model",
          "no_rope_shift", "wrong_text_one", "wrong_text_all", "duplicated")
 RATIO = 0.15
+ORDINARY = ("ordinary", "bf16", "fp16", "finetune_1pct", "other_prefix", "duplicated")  # right KV: should pass
+BROKEN = ("finetune_10pct", "other_model", "no_rope_shift", "wrong_text_one", "wrong_text_all")  # should fall back
 OTHER_SYSTEM = "<|im_start|>system\nYou are a pirate. Answer every question in rhyme.<|im_end|>\n"
 
 
@@ -126,7 +128,7 @@ def measure(args) -> None:
         if kind in kinds:
             models[kind] = perturbed_model(model_dir, model, scale, seed=args.seed)
     lo, _, hi = args.chunks.partition("-")
-    docs = pydoc_topics()
+    docs = pydoc_topics() if args.corpus == "pydoc" else read_corpus(args.corpus.split(","))
     cases = make_cases(tokenizer, docs, [], args.cases, args.chunk_tokens, (int(lo), int(hi or lo)), seed=args.seed)
     where = [0] * len(cases)
     if args.task == "facts":
@@ -136,7 +138,7 @@ def measure(args) -> None:
     others = make_cases(tokenizer, docs, [], args.cases, args.chunk_tokens, (int(hi or lo), int(hi or lo)),
                         seed=args.seed + 1000)
     other_prefix = encode(tokenizer, OTHER_SYSTEM) + list(others[0].chunks[0][:64])
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     for n, case in enumerate(cases):
         if n < args.skip:
             continue
@@ -173,7 +175,7 @@ def measure(args) -> None:
                     if case.answer else None
             else:
                 ref_full, ref_greedy = full, full_greedy
-            row = {"case": n, "seed": args.seed, "kind": kind, "chunk_tokens": args.chunk_tokens,
+            row = {"case": n, "seed": args.seed, "corpus": args.corpus, "kind": kind, "chunk_tokens": args.chunk_tokens,
                    "chunks": len(chunks), "tokens": layout.num_tokens, "task": args.task, "git_sha": sha}
             if case.answer is not None:
                 row.update(gold=case.answer, fact_chunk=where[n])
@@ -184,42 +186,60 @@ def measure(args) -> None:
             row["seconds"] = round(time.time() - start, 1)
             with open(args.jsonl, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(json.dumps({k: v for k, v in row.items() if k != "signals"} | {"deviation": row["signals"]["deviation"]}),
+            print(json.dumps({k: v for k, v in row.items() if k != "signals"} | {s: row["signals"][s] for s in ("deviation", FALLBACK_SIGNAL)}),
                   flush=True)
 
 
+def read_rows(paths: str) -> list[dict]:
+    rows = []
+    for path in paths.split(","):
+        if path:
+            with open(path) as fh:
+                rows += [json.loads(line) for line in fh if line.startswith("{")]
+    return rows
+
+
+def setting(r: dict) -> str:
+    """The case family of a row: corpus, chunk size, task."""
+    corpus = "pydoc" if r.get("corpus", "pydoc") == "pydoc" else "licenses+README"
+    return f"{corpus}, {r['chunk_tokens']}-token chunks" + (", facts" if r["task"] == "facts" else "")
+
+
 def analyse(args) -> dict:
-    rows = [json.loads(line) for path in args.jsonl.split(",") for line in open(path) if line.startswith("{")]
-    ordinary = [json.loads(line) for path in args.ordinary.split(",") if path for line in open(path)
-                if line.startswith("{")]
-    signals = args.signals.split(",")
-    report = {"machine": cpu_record(), "git_shas": sorted({r["git_sha"] for r in rows}), "kinds": {}}
-    ref_values = {s: [c["signals"][s] for c in ordinary] for s in signals}
-    report["ordinary_calibration"] = {s: {"n": len(v), "max": max(v), "min": min(v)} for s, v in ref_values.items() if v}
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(f"{r['kind']} ({r['chunk_tokens']}x{r['chunks'] if r['kind'] != 'duplicated' else 'dup'}"
-                          f"{', facts' if r['task'] == 'facts' else ''})", []).append(r)
+    """Per kind and case family: the signal's range, the blend's KL without the gate and with it (a fallback is
+    a full prefill: KL 0, full prefill's answer), task EM; the false-positive rate on ordinary cases."""
+    rows, ordinary = read_rows(args.jsonl), read_rows(args.ordinary)
     bound = args.bound
-    for name, rs in sorted(groups.items()):
-        entry = {"n": len(rs), "kl_mean": sum(r["kl"] for r in rs) / len(rs), "kl_max": max(r["kl"] for r in rs),
-                 "top1": sum(r["top1"] for r in rs) / len(rs)}
-        for s in signals:
-            vals = [r["signals"][s] for r in rs]
-            entry[s] = {"min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals)}
-        if bound is not None:
-            fired = [r["signals"]["deviation"] > bound for r in rs]
-            entry["fired"] = sum(fired) / len(rs)
-            entry["kl_mean_gated"] = sum(0.0 if f else r["kl"] for r, f in zip(rs, fired)) / len(rs)
+    full_em = {(setting(r), r["case"]): r["full_em"] for r in rows if "full_em" in r}
+    report = {"machine": cpu_record(), "git_shas": sorted({r["git_sha"] for r in rows}), "bound": bound, "kinds": []}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], setting(r)), []).append(r)
+    print("| kind | cases | n | deviation min-max | fired | KL no gate (mean / max) | KL with gate | EM no gate | EM with gate |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (kind, family), rs in sorted(groups.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1])):
+        dev = [r["signals"][FALLBACK_SIGNAL] for r in rs]
+        fired = [d > bound for d in dev]
+        kl = [r["kl"] for r in rs]
+        entry = {"kind": kind, "cases": family, "n": len(rs), "deviation_min": min(dev), "deviation_max": max(dev),
+                 "fired": sum(fired) / len(rs), "kl_mean": sum(kl) / len(kl), "kl_max": max(kl),
+                 "kl_mean_gated": sum(0.0 if f else k for k, f in zip(kl, fired)) / len(kl)}
+        em = gated_em = ""
         if "em" in rs[0]:
             entry["em"] = sum(r["em"] for r in rs) / len(rs)
-            if bound is not None:  # a fallback answers as full prefill does
-                full_em = {r["case"]: r.get("full_em") for r in rows if r["kind"] == "ordinary" and r["task"] == "facts"}
-                entry["em_gated"] = sum(full_em.get(r["case"], r["em"]) if f else r["em"] for r, f in zip(rs, fired)) / len(rs)
-        report["kinds"][name] = entry
-    if bound is not None:
-        report["bound"] = bound
-        report["ordinary_calibration_fired"] = sum(v > bound for v in ref_values["deviation"]) / max(1, len(ref_values["deviation"]))
+            entry["em_gated"] = sum(full_em[(family, r["case"])] if f else r["em"] for r, f in zip(rs, fired)) / len(rs)
+            em, gated_em = f"{entry['em']:.2f}", f"{entry['em_gated']:.2f}"
+        report["kinds"].append(entry)
+        print(f"| {kind} | {family} | {len(rs)} | {min(dev):.4f}-{max(dev):.4f} | {sum(fired)}/{len(rs)} | "
+              f"{entry['kl_mean']:.4f} / {entry['kl_max']:.4f} | {entry['kl_mean_gated']:.4f} | {em} | {gated_em} |")
+    calib = [c["signals"][FALLBACK_SIGNAL] for c in ordinary]
+    own = [r["signals"][FALLBACK_SIGNAL] for r in rows if r["kind"] in ORDINARY]
+    report["ordinary"] = {"calibration_n": len(calib), "calibration_max": max(calib, default=None),
+                          "calibration_fired": sum(d > bound for d in calib),
+                          "here_n": len(own), "here_max": max(own, default=None), "here_fired": sum(d > bound for d in own)}
+    broken = [r["signals"][FALLBACK_SIGNAL] for r in rows if r["kind"] in BROKEN]
+    report["broken"] = {"n": len(broken), "min": min(broken, default=None), "fired": sum(d > bound for d in broken)}
+    print(json.dumps({k: report[k] for k in ("ordinary", "broken")}))
     return report
 
 
@@ -229,6 +249,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--skip", type=int, default=0, help="measure: start at this case")
+    parser.add_argument("--corpus", default="pydoc", help="pydoc, or comma-separated files and directories")
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--chunks", default="3-5", help="chunks per case, N or LO-HI")
     parser.add_argument("--kinds", default=None, help=f"comma-separated, of {KINDS} (default: all)")
@@ -237,8 +258,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--jsonl", required=True, help="measure: appended per case and kind; analyse: read (comma-separated)")
     parser.add_argument("--ordinary", default="", help="analyse: calibration JSONL files of ordinary cases")
-    parser.add_argument("--signals", default="deviation,reuse_error,chunk_attention")
-    parser.add_argument("--bound", type=float, default=None, help="analyse: replay a fallback to full prefill above it")
+    parser.add_argument("--bound", type=float, default=DEFAULT_GATE_BOUND,
+                        help="analyse: the fallback bound replayed (a fallback is a full prefill, exactly: the tests)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.mode == "measure":

@@ -31,12 +31,12 @@ class BlendConfig:
       row averaged over all layers (ProphetKV's query-driven first stage; costs those rows' token-layers and a
       second read of the chunk KV from the store); "both" their product.
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
-      The per-request quality gate (kvblend.blend.gate) reads its signal (kvblend.blend.gate.SIGNAL) at the
-      first check layer, before any row is dropped: above `gate_bound` (on by default; None: off) the request
-      becomes a full prefill in place, above `gate_raise` (None by default; kvblend.blend.gate.RAISE_BOUND is
-      the calibrated opt-in) its ratio is doubled in place. `gate_calibration` records every signal the gate
-      knows, not only the one it decides on (for calibration and eval; costs two fp32 attention passes). The
-      request's blend report says what the gate decided and why.
+      The per-request quality gate (kvblend.blend.gate), in place: where the reused KV at layer 0 does not match
+      the fresh KV of the same tokens (kvblend.blend.gate.FALLBACK_SIGNAL above `gate_bound`; on by default,
+      None: off) the request becomes a full prefill; at the first check layer, before any row is dropped, above
+      `gate_raise` on the chunks' mean deviation (None by default; kvblend.blend.gate.RAISE_BOUND is the
+      calibrated opt-in) its ratio is doubled. `gate_calibration` also records the calibration's signals at the
+      first check layer (costs two fp32 attention passes). The blend report says what the gate decided and why.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
@@ -71,9 +71,6 @@ class BlendConfig:
             raise ValueError(f"epic_tokens and head_tokens must be >= 0, got {self.epic_tokens}, {self.head_tokens}")
         check_bound("gate_bound", self.gate_bound)
         check_bound("gate_raise", self.gate_raise)
-        if self.gate_bound is not None and self.gate_raise is not None and not self.gate_raise < self.gate_bound:
-            raise ValueError(f"gate_raise {self.gate_raise} must lie below gate_bound {self.gate_bound} (above the "
-                             "bound a request falls back to a full prefill)")
         if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
             raise ValueError(f"check_layers must be distinct ascending layer indices, got {self.check_layers}")
         schedule = self.ratios()

@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 
 from kvblend.blend.config import DEFAULT_RATIO, BlendConfig
-from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.blend.engine import BlendEngine
+from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.prompt import PromptTemplate
 from kvblend.eval.tasks import answer_text, exact_match, token_f1
@@ -45,8 +45,8 @@ class Setting:
 
 
 def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS,
-                      gate_bounds: Sequence[float] = (DEFAULT_GATE_BOUND,), gated_ratios: Sequence[float] = (DEFAULT_RATIO,),
-                      baselines: bool = True, gate_raise: float | None = None) -> list[Setting]:
+                      gate_bounds: Sequence[float] = (DEFAULT_GATE_BOUND,),
+                      gated_ratios: Sequence[float] = (DEFAULT_RATIO,), baselines: bool = True, gate_raise: float | None = None) -> list[Setting]:
     """full_reuse (r=0), full_prefill (r=1); at each ratio cacheblend (kvblend's default selection) without the
     quality gate (cacheblend_fixed) and with `baselines` the published CacheBlend selection, epic (k = ratio x
     chunk length) and random; at each of `gated_ratios` cacheblend with the gate at each of `gate_bounds` (full
@@ -56,8 +56,8 @@ def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS,
     for r in gated_ratios:
         for bound in gate_bounds:
             raised = "" if gate_raise is None else f", raise {gate_raise:g}"
-            settings.append(Setting("cacheblend", r, BlendConfig("cacheblend", r, gate_bound=bound, gate_raise=gate_raise),
-                                    variant=f"gate {bound:g}{raised}"))
+            config = BlendConfig("cacheblend", r, gate_bound=bound, gate_raise=gate_raise)
+            settings.append(Setting("cacheblend", r, config, variant=f"gate {bound:g}{raised}"))
     for r in ratios:
         settings.append(Setting("cacheblend_fixed", r, BlendConfig("cacheblend", r, gate_bound=None)))
         if baselines:
