@@ -7,7 +7,7 @@ benchmarks/quality_gate.py) this stores each kind of broken KV under the chunks'
 the gate measuring (bound inf: every signal recorded, never acted on), and records the signals beside KL(full
 prefill || blend) and, for planted-fact cases, the greedy answer's exact match. Kinds:
   ordinary         the chunks' own KV, computed alone (the reference)
-  bf16, fp16       the same KV rounded through bf16 / fp16 (a lower-precision tier: should not trip the gate)
+  bf16, fp16, fp8  the same KV rounded through bf16 / fp16 / fp8 e4m3 (a lower-precision tier: should pass)
   other_prefix     KV computed behind another system prompt and another chunk (another context, right positions)
   finetune_1pct    KV of the same architecture with every weight perturbed by 1% of its tensor's std (a new
   finetune_10pct   model version under an unchanged key), and by 10%
@@ -52,10 +52,10 @@ from kvblend.store.entry import ChunkKV
 from kvblend.store.memory import MemoryTier
 from kvblend.store.tiered import TieredStore
 
-KINDS = ("ordinary", "bf16", "fp16", "other_prefix", "finetune_1pct", "finetune_10pct", "other_model",
+KINDS = ("ordinary", "bf16", "fp16", "fp8", "other_prefix", "finetune_1pct", "finetune_10pct", "other_model",
          "no_rope_shift", "wrong_text_one", "wrong_text_all", "duplicated")
 RATIO = 0.15
-ORDINARY = ("ordinary", "bf16", "fp16", "finetune_1pct", "other_prefix", "duplicated")  # right KV: should pass
+ORDINARY = ("ordinary", "bf16", "fp16", "fp8", "finetune_1pct", "other_prefix", "duplicated")  # right KV: should pass
 BROKEN = ("finetune_10pct", "other_model", "no_rope_shift", "wrong_text_one", "wrong_text_all")  # should fall back
 OTHER_SYSTEM = "<|im_start|>system\nYou are a pirate. Answer every question in rhyme.<|im_end|>\n"
 
@@ -82,9 +82,9 @@ def perturbed_model(model_dir, model: LlamaModel, scale: float | None, seed: int
 def broken_entry(kind: str, model: LlamaModel, models: dict, key, ids, position: int, other_ids,
                  other_prefix: list[int]) -> ChunkKV:
     """The entry stored under `key` (chunk `ids`, placed at `position` in the prompt) for a broken kind."""
-    if kind in ("bf16", "fp16"):
+    if kind in ("bf16", "fp16", "fp8"):
         kv = compute_chunk_kv(model, key, ids)
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}[kind]
         return ChunkKV(key, kv.k.to(dtype).float(), kv.v.to(dtype).float(), kv.token_ids, kv.base_position)
     if kind == "other_prefix":
         return compute_chunk_kv(model, key, ids, other_prefix)

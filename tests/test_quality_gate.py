@@ -30,7 +30,7 @@ from kvblend.vllm.params import parse_params
 
 
 def test_gate_is_on_by_default_at_the_documented_bound_and_validated():
-    assert DEFAULT_GATE_BOUND == 0.03 and RAISE_BOUND == 0.0104 < DEFAULT_GATE_BOUND
+    assert (DEFAULT_GATE_BOUND, RAISE_BOUND) == (0.01, 0.0104)
     config = BlendConfig()
     assert config.gate_bound == DEFAULT_GATE_BOUND and config.gate_raise is None and not config.gate_calibration
     assert BlendConfig(gate_raise=RAISE_BOUND).gated and not BlendConfig(gate_bound=None).gated

@@ -85,7 +85,7 @@ FALLBACK_SIGNAL = "kv_mismatch"  # the fallback's signal (kv_mismatch, at layer 
 RAISE_SIGNAL = "deviation"  # the raise's (mean_deviation, at the first check layer: the best-ranked in its calibration)
 # Above it the reused KV is not this prompt's: a full prefill. Right KV stays far below it, broken reuse lies above
 # it: benchmarks/RESULTS.md, "The gate on by default: a fallback for broken reuse".
-DEFAULT_GATE_BOUND = 0.03
+DEFAULT_GATE_BOUND = 0.01
 # The calibrated bound of the opt-in raise to twice the ratio ("Per-request gate, second design"): it raises about a
 # third of ordinary requests and ties a fixed ratio at equal compute, so it is off unless asked for.
 RAISE_BOUND = 0.0104
