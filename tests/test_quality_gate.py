@@ -171,10 +171,10 @@ def test_default_gate_passes_ordinary_reuse_and_falls_back_on_broken_reuse(model
             position += len(ids) if kind == "unshifted" else 0
         position = len(template.prefix)
     ordinary = template.layout(tokenizer, refs["own"], case.question)
-    gated, off = engine.blend(ordinary), engine.blend(ordinary, BlendConfig(gate_bound=None))
+    gated, off = engine.blend(ordinary, BlendConfig()), engine.blend(ordinary, BlendConfig(gate_bound=None))
     assert gated.stats.gate["decision"] == "pass" and gated.stats.gate["signals"][FALLBACK_SIGNAL] < DEFAULT_GATE_BOUND / 10
     assert torch.equal(gated.logits, off.logits) and gated.stats.token_layers_computed == off.stats.token_layers_computed
-    broken = engine.blend(template.layout(tokenizer, refs["unshifted"], case.question))
+    broken = engine.blend(template.layout(tokenizer, refs["unshifted"], case.question), BlendConfig())
     full = engine.blend(ordinary, BlendConfig("full_prefill", 1.0))
     assert broken.stats.gate["decision"] == "full_prefill", broken.stats.gate
     assert torch.equal(broken.logits, full.logits) and broken.stats.tokens_reused == 0
