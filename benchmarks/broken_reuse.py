@@ -237,6 +237,10 @@ def analyse(args) -> dict:
     report["ordinary"] = {"calibration_n": len(calib), "calibration_max": max(calib, default=None),
                           "calibration_fired": sum(d > bound for d in calib),
                           "here_n": len(own), "here_max": max(own, default=None), "here_fired": sum(d > bound for d in own)}
+    if args.earlier:  # the same cases' KL at r = 0.15 from the gate's earlier calibration (ungated there)
+        earlier = {(c["seed"], c["case"]): c["kl_r0.15"] for c in read_rows(args.earlier)}
+        diffs = [abs(c["kl"] - earlier[(c["seed"], c["case"])]) for c in ordinary if (c["seed"], c["case"]) in earlier]
+        report["ordinary"].update(kl_compared=len(diffs), kl_max_abs_diff=max(diffs, default=None))
     broken = [r["signals"][FALLBACK_SIGNAL] for r in rows if r["kind"] in BROKEN]
     report["broken"] = {"n": len(broken), "min": min(broken, default=None), "fired": sum(d > bound for d in broken)}
     print(json.dumps({k: report[k] for k in ("ordinary", "broken")}))
@@ -257,7 +261,8 @@ def main() -> int:
     parser.add_argument("--greedy-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--jsonl", required=True, help="measure: appended per case and kind; analyse: read (comma-separated)")
-    parser.add_argument("--ordinary", default="", help="analyse: calibration JSONL files of ordinary cases")
+    parser.add_argument("--ordinary", default="", help="analyse: JSONL files of ordinary cases (measure --kinds ordinary)")
+    parser.add_argument("--earlier", default="", help="analyse: quality_gate.py calibrate JSONL of the same cases")
     parser.add_argument("--bound", type=float, default=DEFAULT_GATE_BOUND,
                         help="analyse: the fallback bound replayed (a fallback is a full prefill, exactly: the tests)")
     parser.add_argument("--out", default=None)

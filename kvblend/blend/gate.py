@@ -19,13 +19,22 @@ fallback for broken reuse" for the fallback, "Per-request gate, second design" f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
 from kvblend.model.runner import attention
 from kvblend.triton_kernels import kv_deviation
+
+FALLBACK_SIGNAL = "kv_mismatch"  # the fallback's signal (kv_mismatch, at layer 0)
+RAISE_SIGNAL = "deviation"  # the raise's (mean_deviation, at the first check layer: the best-ranked in its calibration)
+# Above it the reused KV is not this prompt's: a full prefill. Right KV stays far below it, broken reuse lies above
+# it: benchmarks/RESULTS.md, "The gate on by default: a fallback for broken reuse".
+DEFAULT_GATE_BOUND = 0.01
+# The calibrated bound of the opt-in raise to twice the ratio ("Per-request gate, second design"): it raises about a
+# third of ordinary requests and ties a fixed ratio at equal compute, so it is off unless asked for.
+RAISE_BOUND = 0.0104
 
 
 def relative_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
@@ -79,16 +88,6 @@ def gate_signals(received: torch.Tensor, deviation: torch.Tensor, scores: torch.
             "unselected_mass": float(1.0 - scores[picked].sum() / total),
             "marginal_mass": float(scores[added].sum() / total),
             "marginal_attention": float(received[added].sum())}
-
-
-FALLBACK_SIGNAL = "kv_mismatch"  # the fallback's signal (kv_mismatch, at layer 0)
-RAISE_SIGNAL = "deviation"  # the raise's (mean_deviation, at the first check layer: the best-ranked in its calibration)
-# Above it the reused KV is not this prompt's: a full prefill. Right KV stays far below it, broken reuse lies above
-# it: benchmarks/RESULTS.md, "The gate on by default: a fallback for broken reuse".
-DEFAULT_GATE_BOUND = 0.01
-# The calibrated bound of the opt-in raise to twice the ratio ("Per-request gate, second design"): it raises about a
-# third of ordinary requests and ties a fixed ratio at equal compute, so it is off unless asked for.
-RAISE_BOUND = 0.0104
 
 
 def check_bound(name: str, value: float | None) -> None:
