@@ -230,7 +230,7 @@ def analyse(args) -> dict:
             entry["em_gated"] = sum(full_em[(family, r["case"])] if f else r["em"] for r, f in zip(rs, fired)) / len(rs)
             em, gated_em = f"{entry['em']:.2f}", f"{entry['em_gated']:.2f}"
         report["kinds"].append(entry)
-        print(f"| {kind} | {family} | {len(rs)} | {min(dev):.4f}-{max(dev):.4f} | {sum(fired)}/{len(rs)} | "
+        print(f"| {kind} | {family} | {len(rs)} | {min(dev):.2g} - {max(dev):.2g} | {sum(fired)}/{len(rs)} | "
               f"{entry['kl_mean']:.4f} / {entry['kl_max']:.4f} | {entry['kl_mean_gated']:.4f} | {em} | {gated_em} |")
     calib = [c["signals"][FALLBACK_SIGNAL] for c in ordinary]
     own = [r["signals"][FALLBACK_SIGNAL] for r in rows if r["kind"] in ORDINARY]
