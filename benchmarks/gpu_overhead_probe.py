@@ -39,7 +39,7 @@ def main() -> int:
     for policy in ("full_reuse", "cacheblend"):
         def once():
             source = TensorLayerSource([c[1] for c in chunks], [c[2] for c in chunks], device)
-            run_blend(engine, layout, BlendConfig(policy, 0.15), source, None, None)
+            run_blend(engine, layout, BlendConfig(policy, 0.15, gate_bound=None), source, None, None)
         for _ in range(2):
             once()
         print(policy, "ttft ms", sorted(timer(once) for _ in range(5))[2])

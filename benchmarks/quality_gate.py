@@ -83,7 +83,8 @@ def calibrate(args) -> None:
         row = {"case": n, "seed": args.seed, "tokens": layout.num_tokens, "chunks": len(case.chunks),
                "question_tokens": len(encode(tokenizer, case.question)), "git_sha": sha}
         configs = [("reuse", BlendConfig("full_reuse", 0.0))]
-        configs += [(f"r{r:g}", BlendConfig(ratio=r, gate_bound=float("inf") if r == 0.15 else None)) for r in FIXED]
+        configs += [(f"r{r:g}", BlendConfig(ratio=r, gate_bound=float("inf") if r == 0.15 else None,
+                                                gate_calibration=r == 0.15)) for r in FIXED]
         for name, config in configs:
             result = engine.blend(layout, config, logits_at="suffix")
             row[f"kl_{name}"] = float(kl_per_token(full.logits, result.logits).mean())

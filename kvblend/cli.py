@@ -306,7 +306,7 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvblend.blend.prompt import chat_template
-    from kvblend.blend.config import GATE_BOUND
+    from kvblend.blend.gate import DEFAULT_GATE_BOUND
     from kvblend.eval.fidelity import RATIOS, evaluate, gap_closed, make_cases, plot, read_questions, standard_settings
     from kvblend.eval.tasks import planted_cases, task_templates
     from kvblend.model.embedded import resolve_model_dir
@@ -336,9 +336,10 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     contexts = (ALONE, BEHIND_PREFIX) if args.context == "both" else (args.context,)
     ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else RATIOS
     bounds = () if args.gate_bounds == "off" else tuple(float(b) for b in args.gate_bounds.split(",")) \
-        if args.gate_bounds else (GATE_BOUND,)
+        if args.gate_bounds else (DEFAULT_GATE_BOUND,)
     gated = tuple(float(r) for r in args.gate_ratios.split(",")) if args.gate_ratios else (DEFAULT_RATIO,)
-    settings = standard_settings(args.chunk_tokens, ratios, bounds, gated, baselines=not args.no_baselines)
+    settings = standard_settings(args.chunk_tokens, ratios, bounds, gated, baselines=not args.no_baselines,
+                                 gate_raise=args.gate_raise)
     with tqdm(total=len(cases), unit="case", desc="fidelity", file=sys.stderr) as bar:
         rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, settings, contexts, args.greedy_steps,
                         progress=lambda: bar.update(1))
@@ -451,8 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --task facts: comma-separated fact kinds to use (default: those full prefill answers)")
     p.add_argument("--ratios", default=None, help="comma-separated recompute ratios (default 0,0.05,0.15,0.3,1)")
     p.add_argument("--gate-bounds", default=None,
-                   help="comma-separated quality gate bounds of the gated cacheblend rows, or 'off' for none "
-                        "(default: BlendConfig's bound)")
+                   help="comma-separated quality gate bounds (full prefill above) of the gated cacheblend rows, or "
+                        "'off' for none (default: kvblend.blend.gate.DEFAULT_GATE_BOUND)")
+    p.add_argument("--gate-raise", type=float, default=None,
+                   help="the gated rows also double their ratio above this bound (opt-in; the calibrated one is "
+                        "kvblend.blend.gate.RAISE_BOUND)")
     p.add_argument("--gate-ratios", default=None, help="ratios of the gated rows (default: BlendConfig's ratio)")
     p.add_argument("--no-baselines", action="store_true", help="leave out the published selection, epic and random")
     p.add_argument("--seed", type=int, default=0)

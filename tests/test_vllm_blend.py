@@ -75,7 +75,7 @@ def test_non_prefix_chunks_found_by_content_hash(engine, stored, template, token
     blended = generate(llm, [prompt], kvblend={}, salt="blend-discovery", logprobs=5)[0]  # asks, names none
     r = report(blended)
     assert r["mode"] == "blend" and r["chunks"] == 3 and r["chunk_tokens"] == 3 * 192, r
-    assert "gate" not in r  # the quality gate is off by default
+    assert r["gate"]["decision"] == "pass", r  # the quality gate is on by default; ordinary reuse passes it
     decision = r["controller"]  # the loading controller's choice for this request
     assert decision["tier"] in ("memory", "disk", "redis") and decision["recompute"] is False
     assert decision["ratio"] >= 0.15, decision
@@ -101,21 +101,26 @@ def test_explicit_layout_and_full_prefill_policy_match_plain_vllm(engine, stored
 
 
 def test_quality_gate_decision_in_the_report(engine, stored, template, tokenizer):
-    """The gate is off by default; per request, at the calibrated bound, its signals and decision are in the
-    report; a tiny bound raises the request's ratio in place (to twice the default); "off" turns it off."""
-    from kvblend.blend.config import DEFAULT_RATIO, GATE_BOUND
-    from kvblend.blend.gate import SIGNAL
+    """The gate is on by default: an ordinary request passes at the default bound, its signal and reason in the
+    report; a tiny bound sends it to a full prefill in place (nothing reused, plain vLLM's answer); the opt-in
+    raise bound doubles its ratio in place; "off" turns the gate off."""
+    from kvblend.blend.config import DEFAULT_RATIO
+    from kvblend.blend.gate import DEFAULT_GATE_BOUND, FALLBACK_SIGNAL
 
     llm, _ = engine
     prompt = rag_prompt(template, tokenizer, [stored[4], stored[0], stored[6]], "What does the lambda form do?")
-    default, strict, off = (generate(llm, [prompt], kvblend=params, salt=f"gate-{i}", logprobs=5)[0]
-                            for i, params in enumerate([{"gate_bound": GATE_BOUND}, {"gate_bound": 1e-9},
-                                                                      {"gate_bound": "off"}]))
-    assert "gate" not in report(generate(llm, [prompt], kvblend={}, salt="gate-default", logprobs=5)[0])
+    plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
+    default, strict, raised, off = (generate(llm, [prompt], kvblend=params, salt=f"gate-{i}", logprobs=5)[0]
+                                    for i, params in enumerate([{}, {"gate_bound": 1e-9},
+                                                                {"gate_bound": "off", "gate_raise": 1e-9},
+                                                                {"gate_bound": "off"}]))
     gate = report(default)["gate"]
-    assert gate["bound"] == GATE_BOUND and gate["decision"] in ("pass", "raised"), gate
-    assert SIGNAL in gate["signals"] and gate["reason"]
+    assert gate["bound"] == DEFAULT_GATE_BOUND and gate["decision"] == "pass", gate
+    assert list(gate["signals"]) == [FALLBACK_SIGNAL] and gate["reason"] and report(default)["tokens_reused"] > 0
     r = report(strict)
+    assert r["gate"]["decision"] == "full_prefill" and r["gate"]["ratio"] == 1.0 and r["tokens_reused"] == 0, r
+    assert agree_up_to_near_tie(plain, strict)
+    r = report(raised)
     assert r["gate"]["decision"] == "raised" and r["gate"]["ratio"] == 2 * DEFAULT_RATIO, r
     assert "raised in place" in r["gate"]["reason"] and r["tokens_recomputed"] > report(off)["tokens_recomputed"]
     assert "gate" not in report(off) and report(off)["tokens_reused"] > 0

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvblend.blend.gate import DEFAULT_GATE_BOUND, check_bound
+
 POLICIES = ("cacheblend", "epic", "full_reuse", "full_prefill", "random")
 DEFAULT_POLICY = "cacheblend"
 DEFAULT_RATIO = 0.15
 DEVIATIONS = ("k", "v", "kv", "none")
 WEIGHTINGS = ("check", "question_pass", "both")
-# The quality gate's calibrated bound (pydoc topics: benchmarks/RESULTS.md, "Per-request gate, second design"), to
-# opt in with. Off by default: at equal average compute it did not beat a fixed ratio, and its host sync keeps the
-# GPU path's check layers out of CUDA graphs.
-GATE_BOUND = 0.0104
-DEFAULT_GATE_BOUND: float | None = None
 
 
 @dataclass(frozen=True)
@@ -34,10 +31,12 @@ class BlendConfig:
       row averaged over all layers (ProphetKV's query-driven first stage; costs those rows' token-layers and a
       second read of the chunk KV from the store); "both" their product.
       `head_tokens` > 0 always keeps the first tokens of every chunk (EPIC's sinks) inside the same budget.
-      `gate_bound` (None: off): the per-request quality gate (kvblend.blend.gate). At the first check layer,
-      before any row is dropped, when its signal (kvblend.blend.gate.SIGNAL) exceeds the bound, the request's
-      ratio is doubled in place (a full prefill at 1). The request's blend report says what the gate decided
-      and why.
+      The per-request quality gate (kvblend.blend.gate), in place: where the reused KV at layer 0 does not match
+      the fresh KV of the same tokens (kvblend.blend.gate.FALLBACK_SIGNAL above `gate_bound`; on by default,
+      None: off) the request becomes a full prefill; at the first check layer, before any row is dropped, above
+      `gate_raise` on the chunks' mean deviation (None by default; kvblend.blend.gate.RAISE_BOUND is the
+      calibrated opt-in) its ratio is doubled. `gate_calibration` also records the calibration's signals at the
+      first check layer (costs two fp32 attention passes). The blend report says what the gate decided and why.
     epic: the first `epic_tokens` tokens of every chunk are recomputed in every layer.
     random: like cacheblend but the kept tokens are drawn at random (a control for the selection).
     full_reuse / full_prefill: nothing / everything recomputed — the two ends of the same engine.
@@ -54,6 +53,8 @@ class BlendConfig:
     head_tokens: int = 0
     seed: int = 0
     gate_bound: float | None = DEFAULT_GATE_BOUND
+    gate_raise: float | None = None
+    gate_calibration: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -68,8 +69,8 @@ class BlendConfig:
             raise ValueError("deviation 'none' selects by attention: set attention_weighted=True")
         if self.epic_tokens < 0 or self.head_tokens < 0:
             raise ValueError(f"epic_tokens and head_tokens must be >= 0, got {self.epic_tokens}, {self.head_tokens}")
-        if self.gate_bound is not None and not self.gate_bound > 0:
-            raise ValueError(f"gate_bound must be > 0 or None (gate off), got {self.gate_bound}")
+        check_bound("gate_bound", self.gate_bound)
+        check_bound("gate_raise", self.gate_raise)
         if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
             raise ValueError(f"check_layers must be distinct ascending layer indices, got {self.check_layers}")
         schedule = self.ratios()
@@ -85,6 +86,11 @@ class BlendConfig:
         """CacheBlend as published: layers 0-1 recomputed, top-ratio by K+V deviation at layer 1, kept after;
         no quality gate."""
         return cls("cacheblend", ratio, check_layers=(1,), attention_weighted=False, gate_bound=None)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the quality gate reads its signal (either bound set)."""
+        return self.gate_bound is not None or self.gate_raise is not None
 
     def ratios(self) -> tuple[float, ...]:
         """Candidate fraction kept at each check layer (the last one is `ratio`)."""

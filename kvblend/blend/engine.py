@@ -19,7 +19,16 @@ import torch
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.cuda_graphs import PostCheckGraphs
-from kvblend.blend.gate import GateReport, decide, gate_signals, relative_deviation, reuse_error
+from kvblend.blend.gate import (
+    GateReport,
+    decide,
+    fall_back,
+    gate_signals,
+    kv_mismatch,
+    mean_deviation,
+    relative_deviation,
+    reuse_error,
+)
 from kvblend.blend.kv_target import DenseKV, KVTarget
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
@@ -82,6 +91,7 @@ class BlendPlan:
     exact_prefix: int
     recomputed_chunks: list[int]
     recomputed_tokens: int
+    cached_lengths: tuple[int, ...] = ()  # the reused rows of each chunk in cached_keys, in prompt order
 
 
 @dataclass
@@ -145,8 +155,14 @@ class BlendRun:
         self._n_suffix = T - max(plan.layout.suffix_start, plan.exact_prefix)
         self._n_heads = plan.head_rows.numel()
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
-        gated = plan.config.policy == "cacheblend" and plan.config.gate_bound is not None and self._n_suffix > 0
-        self.gate = GateReport(plan.config.gate_bound) if gated else None
+        config = plan.config
+        gated = config.policy == "cacheblend" and config.gated and n_chunks > 0
+        self.gate = GateReport(config.gate_bound, config.gate_raise, ratio=config.ratio) if gated else None
+        # The gate's probes (kvblend.blend.gate): the fallback at layer 0, while every chunk row is active; the
+        # raise (and the calibration's signals) at the first check layer, which needs question rows.
+        self._probe = 0 if gated and config.gate_bound is not None else None
+        self._raise_at = min(self.checks) if gated and self.checks and self._n_suffix > 0 and (
+            config.gate_raise is not None or config.gate_calibration) else None
         self.collect: list[torch.Tensor] | None = None  # the question pass: the question's attention per layer
         self.question_attention = question_attention
         # The plan's row ranges, checked on the host copies (no device sync): the source's row count per layer
@@ -154,7 +170,8 @@ class BlendRun:
         check_index_ranges((plan.cached_rows, 0, T, "cached rows"), (plan.cached_src, 0, 1 << 62, "cached src"))
         self._src_rows = int(plan.cached_src.max()) + 1 if n_chunks else 0
         if source is not None:
-            source.start(0 if self._n_chunk_active < n_chunks or not self.checks else min(self.checks))
+            source.start(0 if self._n_chunk_active < n_chunks or not self.checks or self._probe is not None
+                         else min(self.checks))
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -185,7 +202,7 @@ class BlendRun:
         model, plan = self.model, self.plan
         t = time.perf_counter()
         K, V = self.target.layer(layer)
-        if self._n_cached and (self._n_chunk_active < self._n_cached or layer in self.checks):
+        if self._n_cached and (self._n_chunk_active < self._n_cached or layer in self.checks or layer == self._probe):
             ck, cv = self.source.wait(layer)
             if layer + 1 < model.spec.num_layers:
                 self.source.start(layer + 1)
@@ -215,13 +232,16 @@ class BlendRun:
             self._rot = model.rotary(self.positions[rows])
         q, k, v = model.qkv(layer, self.h, self.positions[rows], self._rot)
         t = self._tick("qkv", t)
+        if layer == self._probe:  # before the fresh KV overwrites the reused
+            self._fallback(rows, k, v, K, V)
+            t = self._tick("gate", t)
         check = layer in self.checks
         if check:  # deviation from the reused KV, read before the fresh KV overwrites it
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
             scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
-            gating = self.gate is not None and layer == min(self.checks)
-            if gating:
-                old = (K[rows[chunk_sel]].clone(), V[rows[chunk_sel]].clone())
+            gating = layer == self._raise_at
+            if gating:  # the reused K/V of the chunk rows (indexing copies them)
+                old = (K[rows[chunk_sel]], V[rows[chunk_sel]])
                 deviation = relative_deviation(k[chunk_sel], v[chunk_sel], *old)
         K[rows], V[rows] = k, v
         if self.collect is not None:
@@ -230,7 +250,9 @@ class BlendRun:
         if check:
             scores = self._weight(rows, chunk_sel, q, scores, K)
             if gating:
+                t = self._tick("select", t)
                 self._gate(layer, rows, chunk_sel, q, scores, K, V, old, deviation)
+                t = self._tick("gate", t)
             keep = self._select(layer, rows, chunk_sel, scores)
             t = self._tick("select", t)
             rows, q, self.h = rows[keep], q[keep], self.h[keep]
@@ -299,22 +321,36 @@ class BlendRun:
         """Which of `chunk_rows` are chunk heads the selection always keeps (None when there are none)."""
         return self.is_head[chunk_rows] if self._n_heads else None
 
-    def _gate(self, layer: int, rows, chunk_sel, q, scores, K, V, old, deviation) -> None:
-        """The quality gate (kvblend.blend.gate) at the first check layer: its signals for the configured ratio's
-        selection, then the request's ratio; a raised ratio replaces this run's schedule before any row is
-        dropped. Reads its signals on the host (one sync)."""
-        config = self.plan.config
-        suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+    def _fallback(self, rows, k, v, K, V) -> None:
+        """The gate's fallback probe at layer 0 (every chunk row active): above the bound the request is a full
+        prefill, every row staying active with no check and no reused KV read after. One host read."""
+        chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
         chunk_rows = rows[chunk_sel]
-        q_pos = self.positions[rows[suffix]]
-        received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
-        forced = self._forced(chunk_rows)
-        count, wider = self._keep_count(self.checks[layer]), self._keep_count(min(1.0, 2 * self.checks[layer]))
-        self.gate.signals = gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
-                                         select_tokens(scores, wider, forced))
-        self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
+        deviation = relative_deviation(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows])
+        if fall_back(self.gate, kv_mismatch(deviation, self.plan.cached_lengths)):
+            self.checks, self._raise_at = {}, None
+
+    def _gate(self, layer: int, rows, chunk_sel, q, scores, K, V, old, deviation) -> None:
+        """The gate's raise probe at the first check layer: its signal (with `gate_calibration` every signal, for
+        the configured ratio's selection), then the request's ratio; a raised ratio replaces this run's schedule
+        before any row is dropped, a full prefill keeps every row and ends the checks. One host read."""
+        config = self.plan.config
+        if config.gate_calibration:
+            suffix = slice(rows.numel() - self._n_suffix, rows.numel())
+            chunk_rows = rows[chunk_sel]
+            q_pos = self.positions[rows[suffix]]
+            received = attention_received(q[suffix], q_pos, K, self.positions)[chunk_rows]
+            forced = self._forced(chunk_rows)
+            count, wider = self._keep_count(self.checks[layer]), self._keep_count(min(1.0, 2 * self.checks[layer]))
+            self.gate.signals.update(gate_signals(received, deviation, scores, select_tokens(scores, count, forced),
+                                                  select_tokens(scores, wider, forced)))
+            self.gate.signals["reuse_error"] = reuse_error(q[suffix], q_pos, K, V, chunk_rows, *old, self.positions)
+        else:
+            self.gate.signals.update(mean_deviation(deviation))
         ratio = decide(self.gate, config.ratio)
-        if ratio != config.ratio:
+        if ratio >= 1.0:  # every row stays active: no later check reads reused KV
+            self.checks = {layer: 1.0}
+        elif ratio != config.ratio:
             raised = replace(config, ratio=ratio, schedule=None)
             self.checks = dict(zip(raised.check_layers, raised.ratios()))
 
@@ -433,6 +469,7 @@ class BlendEngine:
             exact_prefix=exact_prefix,
             recomputed_chunks=recomputed,
             recomputed_tokens=recomputed_tokens,
+            cached_lengths=tuple(d.numel() for d in cached_dst),
         )
 
     def _base_position(self, key: ChunkKey, index: int, recompute_keys: Sequence[ChunkKey], on_missing: str) -> int | None:

@@ -1,24 +1,40 @@
-"""The per-request quality gate: at the first check layer, before the selection is fixed, predict what leaving the
-unselected chunk tokens reused will cost, and above the configured bound raise the request's ratio in place (every
-chunk row is still active there, so nothing computed is wasted).
+"""The per-request quality gate. Two probes of what the blend already has, each deciding in place (no computed row
+is wasted):
 
-The signals, read at the first check layer from the fresh Q/K/V and the reused K/V that layer already has:
-the share of the question's attention on the chunk tokens the configured ratio would leave reused, that share
-weighted by each token's relative K+V deviation, the question's attention on all chunk tokens, the chunks' mean
-relative deviation, the unselected share of the selection scores, the share of the scores and of the question's
-attention on the tokens a raise would add (ranked between the configured and the raised count), and the relative
-change of the question's attention output if every chunk token kept its reused K/V. The calibration against the blended
-answer's KL is in benchmarks/RESULTS.md ("Per-request gate, second design").
+- at layer 0, where a token's K/V depends only on the token, its position and the model, the fresh K/V of every
+  chunk token against its reused K/V: right KV matches up to rounding, KV that does not belong to the prompt
+  (another text's or another model's KV under the key, positions not re-rotated) does not. Above `gate_bound` (on
+  by default at DEFAULT_GATE_BOUND) the request becomes a full prefill: every row simply stays active.
+- at the first check layer, the chunks' mean relative K+V deviation: above `gate_raise` (opt-in, calibrated at
+  RAISE_BOUND) the request's ratio is doubled before any row is dropped.
+
+Serving computes only the signals that decide (one host read each). Calibration (`gate_calibration`) also records,
+at the first check layer: the share of the question's attention on the chunk tokens the configured ratio would
+leave reused, that share weighted by each token's relative deviation, the question's attention on all chunk
+tokens, the unselected share of the selection scores, the share of the scores and of the question's attention on
+the tokens a raise would add, and the relative change of the question's attention output if every chunk token kept
+its reused K/V. The measurements behind both bounds are in benchmarks/RESULTS.md ("The gate on by default: a
+fallback for broken reuse" for the fallback, "Per-request gate, second design" for the raise).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kvblend.model.runner import attention
 from kvblend.triton_kernels import kv_deviation
+
+FALLBACK_SIGNAL = "kv_mismatch"  # the fallback's signal (kv_mismatch, at layer 0)
+RAISE_SIGNAL = "deviation"  # the raise's (mean_deviation, at the first check layer: the best-ranked in its calibration)
+# Above it the reused KV is not this prompt's: a full prefill. Right KV stays far below it, broken reuse lies above
+# it: benchmarks/RESULTS.md, "The gate on by default: a fallback for broken reuse".
+DEFAULT_GATE_BOUND = 0.01
+# The calibrated bound of the opt-in raise to twice the ratio ("Per-request gate, second design"): it raises about a
+# third of ordinary requests and ties a fixed ratio at equal compute, so it is off unless asked for.
+RAISE_BOUND = 0.0104
 
 
 def relative_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
@@ -42,11 +58,23 @@ def reuse_error(q: torch.Tensor, q_pos: torch.Tensor, fresh_k: torch.Tensor, fre
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def kv_mismatch(deviation: torch.Tensor, lengths: Sequence[int]) -> float:
+    """FALLBACK_SIGNAL from the chunk tokens' relative deviation at layer 0 (`lengths`: tokens per chunk, in
+    order): the largest of the chunks' mean deviations, so one wrong chunk among many shows whole. One host read."""
+    return float(torch.stack([d.mean() for d in deviation.split(list(lengths))]).max())
+
+
+def mean_deviation(deviation: torch.Tensor) -> dict[str, float]:
+    """RAISE_SIGNAL: the chunk tokens' mean relative deviation at the first check layer."""
+    return {RAISE_SIGNAL: float(deviation.mean())}
+
+
 def gate_signals(received: torch.Tensor, deviation: torch.Tensor, scores: torch.Tensor, picked: torch.Tensor,
                  extended: torch.Tensor) -> dict[str, float]:
-    """The gate's signals for one request. `received` [chunk tokens]: the question's attention on each chunk
-    token (a share of all its attention); `deviation`: their relative deviation; `scores`: the selection's scores;
-    `picked`: indices of the tokens the configured ratio keeps, `extended` those the raised ratio would."""
+    """The calibration's signals at the first check layer. `received` [chunk tokens]: the question's attention on
+    each chunk token (a share of all its attention); `deviation`: their relative deviation; `scores`: the
+    selection's scores; `picked`: indices of the tokens the configured ratio keeps, `extended` those the raised
+    ratio would."""
     reused = torch.ones_like(received, dtype=torch.bool)
     reused[picked] = False
     added = torch.zeros_like(reused)
@@ -56,40 +84,57 @@ def gate_signals(received: torch.Tensor, deviation: torch.Tensor, scores: torch.
     return {"reused_attention": float(received[reused].sum()),
             "reused_deviation_attention": float((received * deviation)[reused].sum()),
             "chunk_attention": float(received.sum()),
-            "deviation": float(deviation.mean()),
+            **mean_deviation(deviation),
             "unselected_mass": float(1.0 - scores[picked].sum() / total),
             "marginal_mass": float(scores[added].sum() / total),
             "marginal_attention": float(received[added].sum())}
 
 
+def check_bound(name: str, value: float | None) -> None:
+    """A gate bound is a number > 0 (inf: measure, never act) or None (off)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"{name} must be a number > 0 or None (off), got {value!r}")
+
+
 @dataclass
 class GateReport:
-    """The gate's signals and its decision for the request (into the blend report)."""
+    """The gate's bounds, signals and decision for the request (into the blend report)."""
 
-    bound: float
+    bound: float | None
+    raise_bound: float | None = None
     signals: dict[str, float] = field(default_factory=dict)
     decision: str = "pass"
     ratio: float | None = None
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"bound": self.bound, "decision": self.decision, "ratio": self.ratio, "reason": self.reason,
-                "signals": {k: round(v, 6) for k, v in self.signals.items()}}
+        return {"bound": self.bound, "raise_bound": self.raise_bound, "decision": self.decision, "ratio": self.ratio,
+                "reason": self.reason, "signals": {k: float(f"{v:.4g}") for k, v in self.signals.items()}}
 
 
-SIGNAL = "deviation"  # the signal the gate decides on (the best-ranked in the calibration)
+def fall_back(report: GateReport, mismatch: float) -> bool:
+    """Whether the request falls back to a full prefill, from its FALLBACK_SIGNAL; records it, the decision and
+    the reason in `report`."""
+    report.signals[FALLBACK_SIGNAL] = mismatch
+    if report.bound is None or mismatch <= report.bound:
+        report.reason = f"{FALLBACK_SIGNAL} {mismatch:.3g} <= bound {report.bound:g}" if report.bound is not None else ""
+        return False
+    report.decision, report.ratio = "full_prefill", 1.0
+    report.reason = f"{FALLBACK_SIGNAL} {mismatch:.3g} > bound {report.bound:g}: the reused KV is not this prompt's, full prefill"
+    return True
 
 
 def decide(report: GateReport, ratio: float) -> float:
-    """The request's ratio from its signals: the configured one, or twice it (a full prefill at 1) above the bound;
-    records the decision and its reason in `report`."""
-    value = report.signals[SIGNAL]
-    if value <= report.bound:
-        report.decision, report.ratio = "pass", ratio
-        report.reason = f"{SIGNAL} {value:.4f} <= bound {report.bound:g}"
+    """The request's ratio from its RAISE_SIGNAL: twice the configured one above the raise bound (a full prefill
+    at 1), else the configured one; records the decision and its reason in `report`."""
+    mean = report.signals[RAISE_SIGNAL]
+    if report.raise_bound is None or mean <= report.raise_bound:
+        within = "" if report.raise_bound is None else f"{RAISE_SIGNAL} {mean:.4f} <= raise bound {report.raise_bound:g}"
+        report.reason = ", ".join(r for r in (report.reason, within) if r)
         return ratio
     raised = min(1.0, 2 * ratio)
     report.decision, report.ratio = ("full_prefill" if raised >= 1.0 else "raised"), raised
-    report.reason = (f"{SIGNAL} {value:.4f} > bound {report.bound:g}: ratio raised in place to {raised:g}"
-                     + (" (a full prefill)" if raised >= 1.0 else ""))
+    why = (f"{RAISE_SIGNAL} {mean:.4f} > raise bound {report.raise_bound:g}: ratio raised in place to {raised:g}"
+           + (" (a full prefill)" if raised >= 1.0 else ""))
+    report.reason = ", ".join(r for r in (report.reason, why) if r)
     return raised

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import torch
 
-from kvblend.blend.config import DEFAULT_RATIO, GATE_BOUND, BlendConfig
+from kvblend.blend.config import DEFAULT_RATIO, BlendConfig
 from kvblend.blend.engine import BlendEngine
+from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.prompt import PromptTemplate
 from kvblend.eval.tasks import answer_text, exact_match, token_f1
@@ -44,17 +45,19 @@ class Setting:
 
 
 def standard_settings(chunk_tokens: int, ratios: Sequence[float] = RATIOS,
-                      gate_bounds: Sequence[float] = (GATE_BOUND,), gated_ratios: Sequence[float] = (DEFAULT_RATIO,),
-                      baselines: bool = True) -> list[Setting]:
+                      gate_bounds: Sequence[float] = (DEFAULT_GATE_BOUND,),
+                      gated_ratios: Sequence[float] = (DEFAULT_RATIO,), baselines: bool = True, gate_raise: float | None = None) -> list[Setting]:
     """full_reuse (r=0), full_prefill (r=1); at each ratio cacheblend (kvblend's default selection) without the
     quality gate (cacheblend_fixed) and with `baselines` the published CacheBlend selection, epic (k = ratio x
-    chunk length) and random; at each of `gated_ratios` cacheblend with the gate at each of `gate_bounds`."""
+    chunk length) and random; at each of `gated_ratios` cacheblend with the gate at each of `gate_bounds` (full
+    prefill above it) and, with `gate_raise`, the raise to twice the ratio above that."""
     settings = [Setting("full_reuse", 0.0, BlendConfig("full_reuse", 0.0)),
                 Setting("full_prefill", 1.0, BlendConfig("full_prefill", 1.0))]
     for r in gated_ratios:
         for bound in gate_bounds:
-            settings.append(Setting("cacheblend", r, BlendConfig("cacheblend", r, gate_bound=bound),
-                                    variant=f"gate {bound:g}"))
+            raised = "" if gate_raise is None else f", raise {gate_raise:g}"
+            config = BlendConfig("cacheblend", r, gate_bound=bound, gate_raise=gate_raise)
+            settings.append(Setting("cacheblend", r, config, variant=f"gate {bound:g}{raised}"))
     for r in ratios:
         settings.append(Setting("cacheblend_fixed", r, BlendConfig("cacheblend", r, gate_bound=None)))
         if baselines:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvblend.blend.config import DEFAULT_GATE_BOUND, DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.blend.prompt import DEFAULT_SEPARATOR, DEFAULT_SYSTEM
 from kvblend.cpu import cpu_compute_dtype
 from kvblend.paths import cache_dir
@@ -50,7 +51,7 @@ class PipelineConfig:
     (DEFAULT_SAMPLING; a query's own keywords win); index_dir and store_dir default to `default_index_dir()` and
     `default_store_dir()`; `engine_args` are merged over DEFAULT_ENGINE_ARGS and passed to `vllm.LLM` (the KV
     space is sized by kvblend.rag.kv_space unless they set it). The store and blend settings default to
-    StoreConfig's and BlendConfig's, and are validated by them (`gate_bound` None: the quality gate off). `tenant_secret` (default: KVBLEND_TENANT_SECRET)
+    StoreConfig's and BlendConfig's, and are validated by them (`gate_bound` None: the quality gate's fallback to full prefill off; `gate_raise`: its opt-in raise). `tenant_secret` (default: KVBLEND_TENANT_SECRET)
     keeps this pipeline's chunk KV in its tenant's own namespace, reachable only with the same secret.
     """
 
@@ -65,6 +66,7 @@ class PipelineConfig:
     policy: str = DEFAULT_POLICY
     ratio: float = DEFAULT_RATIO
     gate_bound: float | None = DEFAULT_GATE_BOUND
+    gate_raise: float | None = None
     top_k: int = 4
     chunk_tokens: int = ChunkerConfig.chunk_tokens
     namespace: str = DEFAULT_NAMESPACE
@@ -80,7 +82,7 @@ class PipelineConfig:
         object.__setattr__(self, "store_dir", Path(self.store_dir or default_store_dir()))
         StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, self.redis_url,
                                   redis_gb=self.redis_gb, redis_ttl_s=self.redis_ttl_s)
-        BlendConfig(policy=self.policy, ratio=self.ratio, gate_bound=self.gate_bound)
+        BlendConfig(policy=self.policy, ratio=self.ratio, gate_bound=self.gate_bound, gate_raise=self.gate_raise)
         key_namespace(self.namespace)
         if self.tenant_secret is not None:
             check_tenant_secret(self.tenant_secret)
@@ -118,7 +120,8 @@ class PipelineConfig:
         Redis URL goes through ENGINE_REDIS_URL_ENV (set by `start_llm`), never into vLLM's logged config."""
         redis = {"redis_url_env": ENGINE_REDIS_URL_ENV} if self.redis_url else {}
         return {"mode": "blend", "store_dir": str(self.store_dir), **redis, "namespace": self.namespace,
-                "policy": self.policy, "ratio": self.ratio, "gate_bound": self.gate_bound, "memory_gb": self.memory_gb, "disk_gb": self.disk_gb,
+                "policy": self.policy, "ratio": self.ratio, "gate_bound": self.gate_bound,
+                "gate_raise": self.gate_raise, "memory_gb": self.memory_gb, "disk_gb": self.disk_gb,
                 "redis_gb": self.redis_gb, "redis_ttl_s": self.redis_ttl_s}
 
     def store_config(self) -> StoreConfig:

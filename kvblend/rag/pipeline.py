@@ -300,7 +300,8 @@ class RAGPipeline:
         if blend:
             kv = blend_params(prompt.spans, self.config.namespace, self.config.tenant_secret,
                               policy=self.config.policy, ratio=self.config.ratio,
-                              gate_bound="off" if self.config.gate_bound is None else self.config.gate_bound)
+                              gate_bound="off" if self.config.gate_bound is None else self.config.gate_bound,
+                              gate_raise="off" if self.config.gate_raise is None else self.config.gate_raise)
         else:
             kv = {"kvblend": {"mode": "off"}}
         return SamplingParams(**values, extra_args={"kv_transfer_params": kv})

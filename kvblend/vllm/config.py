@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from kvblend.blend.config import DEFAULT_GATE_BOUND, DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.store.key import DEFAULT_NAMESPACE, check_namespace_name
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig
@@ -27,7 +28,8 @@ class ConnectorConfig:
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
-    check_layers means BlendConfig's; gate_bound None turns the quality gate off. `redis_url_env` names an environment variable holding the Redis URL, so a
+    check_layers means BlendConfig's; gate_bound None turns the quality gate's fallback to full prefill off,
+    gate_raise (None by default) opts in to its raise to twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so a
     password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
     nor write the store."""
 
@@ -53,6 +55,7 @@ class ConnectorConfig:
     ratio: float = DEFAULT_RATIO
     check_layers: tuple[int, ...] | None = None
     gate_bound: float | None = DEFAULT_GATE_BOUND
+    gate_raise: float | None = None
     self_check: bool = True
     cpu_ops: str = "vllm"
     prefetch: bool = True
@@ -98,13 +101,18 @@ class ConnectorConfig:
                                          self.redis_gb, self.redis_ttl_s, self.disk, self.directory_url)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None,
-                     gate_bound: float | str | None = None) -> BlendConfig:
+                     gate_bound: float | str | None = None, gate_raise: float | str | None = None) -> BlendConfig:
         """BlendConfig's defaults, with this connector's (and the request's) policy, ratio, check layers and
-        quality gate bound (the request's "off": no gate)."""
+        quality gate bounds (a request's "off": that bound off)."""
         extra = {} if self.check_layers is None else {"check_layers": self.check_layers}
-        gate = self.gate_bound if gate_bound is None else None if gate_bound == "off" else gate_bound
         return BlendConfig(policy=policy or self.policy, ratio=self.ratio if ratio is None else ratio,
-                           gate_bound=gate, **extra)
+                           gate_bound=_asked(self.gate_bound, gate_bound),
+                           gate_raise=_asked(self.gate_raise, gate_raise), **extra)
 
     def __repr__(self) -> str:
         return redacted_repr(self)
+
+
+def _asked(own: float | None, asked: float | str | None) -> float | None:
+    """A request's gate bound over the connector's: None keeps the connector's, "off" turns it off."""
+    return own if asked is None else None if asked == "off" else asked

@@ -15,8 +15,11 @@ deployment sets discover_blend (ConnectorConfig.request_mode):
                key_namespace); without it, in the plain namespace, which every request without a secret shares
   store_prompt true: store the whole prompt's KV as one chunk computed alone (precompute through vLLM)
   policy, ratio  override the connector's blend policy and recompute ratio for this request
-  gate_bound   the quality gate's bound for this request (a number > 0), or "off" (default: the connector's,
-               itself BlendConfig's unless configured); the gate's decision and reason are in the blend report
+  gate_bound   the quality gate's bound for this request: above it the request falls back to a full prefill
+               (a number > 0, or "off"; default: the connector's, itself kvblend.blend.gate.DEFAULT_GATE_BOUND
+               unless configured); the gate's decision, reason and signal are in the blend report
+  gate_raise   the opt-in bound above which the request's ratio is doubled (a number > 0 below gate_bound, or
+               "off"; default: the connector's, off unless configured; kvblend.blend.gate.RAISE_BOUND calibrated)
   prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
                (default: the connector's `prefetch`; for measuring what prefetch saves)
 """
@@ -27,11 +30,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
+from kvblend.blend.gate import check_bound
 from kvblend.store.key import check_namespace_name, check_tenant_secret, key_namespace
 
 KEY = "kvblend"
 FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio", "prefetch",
-          "gate_bound")
+          "gate_bound", "gate_raise")
 BLEND_SALT = "kvblend-blend"
 
 
@@ -53,6 +57,7 @@ class RequestParams:
     ratio: float | None = None
     prefetch: bool | None = None
     gate_bound: float | str | None = None  # a bound, "off", or None: the connector's
+    gate_raise: float | str | None = None  # likewise
 
     def key_namespace(self, default: str, server_key: str | None) -> str:
         """The namespace this request's keys are made in (its tenant's, if it carries a tenant secret)."""
@@ -89,18 +94,26 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     prefetch = raw.get("prefetch")
     if prefetch not in (None, True, False):
         raise ValueError(f"kvblend prefetch must be true or false, got {prefetch!r}")
-    policy, ratio, gate = raw.get("policy"), raw.get("ratio"), raw.get("gate_bound")
-    if gate is not None and gate != "off":
-        if isinstance(gate, bool) or not isinstance(gate, (int, float)):
-            raise ValueError(f'kvblend gate_bound must be a number > 0 or "off", got {gate!r}')
-        gate = float(gate)
-    if policy is not None or ratio is not None or gate is not None:  # BlendConfig validates them
+    policy, ratio = raw.get("policy"), raw.get("ratio")
+    gate, lift = (gate_param(name, raw.get(name)) for name in ("gate_bound", "gate_raise"))
+    if policy is not None or ratio is not None:  # BlendConfig validates them (the bounds: gate_param)
         BlendConfig(policy=DEFAULT_POLICY if policy is None else policy,
-                    ratio=DEFAULT_RATIO if ratio is None else float(ratio),
-                    gate_bound=None if gate in (None, "off") else gate)
+                    ratio=DEFAULT_RATIO if ratio is None else float(ratio))
     return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=namespace, tenant_secret=secret,
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
-                         ratio=None if ratio is None else float(ratio), prefetch=prefetch, gate_bound=gate)
+                         ratio=None if ratio is None else float(ratio), prefetch=prefetch, gate_bound=gate,
+                         gate_raise=lift)
+
+
+def gate_param(name: str, value) -> float | str | None:
+    """A request's gate bound: None (the connector's), "off", or a number > 0; raise ValueError naming it."""
+    if value is None or value == "off":
+        return value
+    try:
+        check_bound(name, value)
+    except ValueError as exc:
+        raise ValueError(f'kvblend {exc} (or "off")') from None
+    return float(value)
 
 
 def parse_documents(raw) -> tuple[str | tuple[int, ...], ...] | None:

@@ -105,7 +105,7 @@ class SchedulerSide:
         if mode == "blend" and self.blend_ready:
             chunks = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
             if chunks:
-                config = self.config.blend_config(params.policy, params.ratio, params.gate_bound)
+                config = self.config.blend_config(params.policy, params.ratio, params.gate_bound, params.gate_raise)
                 self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch)
                 return limit - num_computed
         if exact_end > num_computed:
