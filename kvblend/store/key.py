@@ -22,10 +22,15 @@ _TENANT_PERSON = b"kvblend-tenant"
 
 
 def token_ids_hash(token_ids: Sequence[int]) -> str:
-    """sha256 over the token ids as little-endian int64 (platform independent)."""
+    """sha256 over the token ids' bytes (`token_bytes`)."""
     if len(token_ids) == 0:
         raise ValueError("a chunk needs at least one token")
-    return hashlib.sha256(np.asarray(token_ids, dtype="<i8").tobytes()).hexdigest()
+    return hashlib.sha256(token_bytes(token_ids)).hexdigest()
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """The token ids as little-endian int64 (platform independent): what every key hash reads."""
+    return np.asarray(token_ids, dtype="<i8").tobytes()
 
 
 def chunk_context(prefix_ids: Sequence[int] | None) -> str:
@@ -136,11 +141,9 @@ def prefix_chained_keys(fingerprint: str, token_ids: Sequence[int], span_tokens:
     from one running sha256 over the ids (linear in their length, instead of hashing each prefix anew)."""
     if span_tokens <= 0:
         raise ValueError(f"span_tokens must be positive, got {span_tokens}")
-    ids = np.asarray(token_ids, dtype="<i8")
     running, keys = hashlib.sha256(), []
-    for start in range(0, len(ids) - span_tokens + 1, span_tokens):
-        span = ids[start : start + span_tokens].tobytes()
-        context = _behind(running.hexdigest()) if start else ALONE
-        keys.append(ChunkKey(fingerprint, namespace, context, hashlib.sha256(span).hexdigest(), span_tokens))
-        running.update(span)
+    for start in range(0, len(token_ids) - span_tokens + 1, span_tokens):
+        span = token_ids[start : start + span_tokens]
+        keys.append(ChunkKey.for_tokens(fingerprint, span, namespace, _behind(running.hexdigest()) if start else ALONE))
+        running.update(token_bytes(span))
     return keys
