@@ -24,8 +24,9 @@ as soon as a step is measured, and a system whose file is complete is skipped (a
   quality gate off, random weights give it no meaning) with chunk KV from the memory tier; long documents asked
   again after vLLM evicted them (storage mode, spans from the memory tier).
 - kvblend_restart: a fresh engine on the same store with a memory tier too small for any entry, so every read is
-  from disk: the blend with the store's files dropped from the page cache before each request (cold disk) and
-  with them cached (warm page cache); the long documents after the restart (cold disk).
+  from disk (prefetch off: the memory tier could not take what it moves): the blend with the store's files
+  dropped from the page cache before each request (cold disk) and with them cached (warm page cache); the long
+  documents after the restart (cold disk).
 - vllm_offloading: vLLM's OffloadingConnector (CPU, cpu_bytes_to_use = the documents' KV): long documents asked
   again after eviction. After a restart its CPU copy is gone (it lives in the engine process): that row is the
   first asks' cold prefill, marked measured_as.
@@ -321,13 +322,14 @@ def run_kvblend_restart(ctx, workload, rec):
         raise RuntimeError(f"no kvblend store at {ctx['store_dir']}: run the kvblend system first")
     tiny_memory = 0.01  # GiB: smaller than any entry, so every read comes from the disk tier
     llm, started = start(ctx, kvblend_transfer(ctx, tiny_memory), load_format="kvblend")
-    rec.note(engine_start_s=started, memory_gb=tiny_memory, request=BLEND)
+    rec.note(engine_start_s=started, memory_gb=tiny_memory, request={**BLEND, "prefetch": False})
 
     def drop():
         drop_page_cache(ctx["store_dir"])
 
-    rag_rows(rec, llm, workload, "kvblend_blend_disk", BLEND, before=drop)
-    rag_rows(rec, llm, workload, "kvblend_blend_disk_page_cache", BLEND)
+    from_disk = {**BLEND, "prefetch": False}  # the memory tier cannot take the entries a prefetch would move there
+    rag_rows(rec, llm, workload, "kvblend_blend_disk", from_disk, before=drop)
+    rag_rows(rec, llm, workload, "kvblend_blend_disk_page_cache", from_disk)
     results = []
     for d in workload["documents"]:
         drop()
