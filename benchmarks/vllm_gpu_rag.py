@@ -354,6 +354,12 @@ def run_lmcache(ctx, workload, rec):
     """LMCache's CacheBlend as its vLLM v1 example configures it; the engine runs in this process
     (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the loaded model can be registered with LMCache (its example's edit of
     vLLM's gpu_worker.load_model, applied here as a wrapper)."""
+    settings = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_ENABLE_BLENDING": "True",
+                "LMCACHE_BLEND_SPECIAL_STR": LMCACHE_SEPARATOR, "LMCACHE_USE_LAYERWISE": "True",
+                "LMCACHE_BLEND_CHECK_LAYERS": "1", "LMCACHE_BLEND_RECOMPUTE_RATIOS": str(RATIO),
+                "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(ctx["memory_gb"]),
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "LMCACHE_TRACK_USAGE": "false"}  # no network there
+    os.environ.update(settings)
     try:
         import lmcache
         from lmcache.integration.vllm.utils import ENGINE_NAME
@@ -363,12 +369,6 @@ def run_lmcache(ctx, workload, rec):
         return None
     from vllm.v1.worker import gpu_worker
 
-    settings = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_ENABLE_BLENDING": "True",
-                "LMCACHE_BLEND_SPECIAL_STR": LMCACHE_SEPARATOR, "LMCACHE_USE_LAYERWISE": "True",
-                "LMCACHE_BLEND_CHECK_LAYERS": "1", "LMCACHE_BLEND_RECOMPUTE_RATIOS": str(RATIO),
-                "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(ctx["memory_gb"]),
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    os.environ.update(settings)
     load_model = gpu_worker.Worker.load_model
 
     def load_and_register(self, *args, **kwargs):
