@@ -105,6 +105,15 @@ end
 return {evicted, tonumber(redis.call('GET', total) or '0')}
 """
 
+# KEYS: entry, lru, size, bytes. Delete the entry and its row of the account. Returns the number deleted.
+_FORGET = """
+local s = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+redis.call('HDEL', KEYS[3], KEYS[1])
+redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('DECRBY', KEYS[4], s)
+return redis.call('DEL', KEYS[1])
+"""
+
 
 @dataclass(frozen=True)
 class RedisConfig:
@@ -146,6 +155,7 @@ class RedisTier:
         self.where = redact_url(self.config.url)
         self._errors = (redis.exceptions.RedisError, OSError)
         self._refused = redis.exceptions.ResponseError  # the server is up and said no (e.g. OOM): not an outage
+        self._watch_error = redis.exceptions.WatchError
         self.client = redis.Redis.from_url(
             self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
         )
@@ -154,6 +164,7 @@ class RedisTier:
         self._lock = threading.Lock()
         self._readahead: OrderedDict[str, bytes] = OrderedDict()
         self._account = self.client.register_script(_ACCOUNT)
+        self._forget = self.client.register_script(_FORGET)
         self._index = [self.config.prefix + part for part in ("lru", "size", "bytes")]
         self._full_logged = 0.0
         self.max_bytes = self.config.max_bytes
@@ -197,13 +208,13 @@ class RedisTier:
         with self._lock:
             blob = self._readahead.pop(name, None)
         if blob is not None:
-            kv = self._decode(key, lambda: read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret))
+            kv = self._decode(key, expect, lambda: read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret))
         elif layers is None:
             blob = self.call("get", lambda: self._get_buffer(name), None)
             kv = None if blob is None else self._decode(
-                key, lambda: read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret))
+                key, expect, lambda: read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret))
         else:
-            kv = self._decode(key, lambda: self._read_layers(name, key, layers, expect))
+            kv = self._decode(key, expect, lambda: self._read_layers(name, key, layers, expect))
         self.counts.add("hits" if kv is not None else "misses")
         if kv is not None and (layers is None or 0 in layers):  # once per use, not once per layer-sliced read
             self._touch([name])
@@ -223,7 +234,7 @@ class RedisTier:
         out = []
         for key, blob in zip(keys, blobs):
             kv = None if blob is None else self._decode(
-                key, partial(read_entry, BytesSource(blob), key, None, len(blob), expect, self.secret))
+                key, expect, partial(read_entry, BytesSource(blob), key, None, len(blob), expect, self.secret))
             self.counts.add("hits" if kv is not None else "misses")
             out.append(kv)
         found = [name for name, kv in zip(names, out) if kv is not None]
@@ -231,18 +242,52 @@ class RedisTier:
             self._touch(found)
         return out
 
-    def _decode(self, key: ChunkKey, read) -> ChunkKV | None:
-        """`read()`'s entry, or None for a bad one (dropped) or one refused (kept), counted as corrupt."""
+    def _decode(self, key: ChunkKey, expect: KVLayout | None, read) -> ChunkKV | None:
+        """`read()`'s entry, or None: for one refused (kept) or bad (dropped if bad on its own), counted as corrupt."""
         try:
             return read()
         except EntryRefused as exc:
             log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
             self.counts.add("corrupt")
         except EntryError as exc:
-            log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
-            self.counts.add("corrupt")
-            self.delete(key)
+            self._drop_if_corrupt(key, expect, exc)
         return None
+
+    def _drop_if_corrupt(self, key: ChunkKey, expect: KVLayout | None, failure: EntryError) -> None:
+        """Delete the entry only if its current value, read whole in one GET under WATCH, is bad on its own and
+        nobody rewrites it before the delete: a read that failed because a writer replaced the entry meanwhile (a
+        sliced read takes several requests; a read-ahead value may be stale) is a plain miss, never a deletion."""
+        name = self._name(key)
+        watch_error = self._watch_error
+
+        def run() -> EntryError | None:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(name)
+                blob = pipe.get(name)
+                if blob is None:
+                    return None
+                try:
+                    read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret, parallel=False)
+                    return None
+                except EntryRefused:
+                    return None
+                except EntryError as exc:
+                    pipe.multi()
+                    self._forget(keys=[name, *self._index], client=pipe)
+                    try:
+                        pipe.execute()
+                    except watch_error:
+                        return None
+                    return exc
+
+        bad = self.call("drop", run, None)
+        if bad is None:
+            log.info("redis tier: entry %s changed while read (%s): a miss, kept", key.digest[:12], failure)
+            return
+        log.warning("redis tier: dropped bad entry %s: %s", key.digest, bad)
+        self.counts.add("corrupt")
+        with self._lock:
+            self._readahead.pop(name, None)
 
     def _touch(self, names: Sequence[str]) -> None:
         """Mark entries just used: most recently used in the LRU index, their TTL renewed."""
@@ -362,19 +407,7 @@ class RedisTier:
         name = self._name(key)
         with self._lock:
             self._readahead.pop(name, None)
-
-        def run():
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(name)
-            pipe.hget(self._index[1], name)
-            pipe.hdel(self._index[1], name)
-            pipe.zrem(self._index[0], name)
-            deleted, size, *_ = pipe.execute()
-            if size is not None:
-                self.client.decrby(self._index[2], int(size))
-            return deleted
-
-        self.call("delete", run, 0)
+        self.call("delete", lambda: self._forget(keys=[name, *self._index]), 0)
 
     def prefetch(self, keys: Iterable[ChunkKey]) -> None:
         """Fetch the values in one MGET into a small read-ahead buffer that the next `get` consumes."""
