@@ -1,0 +1,114 @@
+"""A private, real Redis Cluster for tests (and the store benchmark): 3 masters and 3 replicas on free loopback
+ports (redis-server --cluster-enabled, then redis-cli --cluster create), a 1 s node timeout so a replica takes
+over a killed master within seconds. Whole-slot coverage is not required, so the other shards keep serving while
+one has no master. No persistence, no mocks."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import time
+
+from redis_server import RedisServer
+
+NODE_TIMEOUT_MS = 1000
+CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync-delay", "0")
+
+
+def cluster_port() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free too, both below the ephemeral range."""
+    while True:
+        port = random.randrange(20000, 30000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+class RedisCluster:
+    """`masters` masters, each with `replicas` replicas, on 127.0.0.1."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+        self.nodes = [RedisServer(cluster_port(), extra_args=CLUSTER_ARGS) for _ in range(masters * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """The cluster URL kvblend takes: every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self, wait_s: float = 30.0) -> "RedisCluster":
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        self.wait_ok(wait_s)
+        return self
+
+    def wait_ok(self, wait_s: float = 30.0) -> None:
+        """Wait until every running node reports cluster_state:ok and agrees on the masters."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if all(self._state(node) == "ok" for node in self.nodes if node.running):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"cluster not ok after {wait_s}s: {[self._state(n) for n in self.nodes]}")
+
+    def _state(self, node: RedisServer) -> str:
+        client = node.client(timeout_s=1.0)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            info = info.decode() if isinstance(info, bytes) else info
+            return dict(line.split(":", 1) for line in info.split() if ":" in line).get("cluster_state", "?")
+        except Exception:  # noqa: BLE001 - a node that does not answer is simply not ok yet
+            return "down"
+        finally:
+            client.close()
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node serving `key`'s slot now."""
+        client = next(node for node in self.nodes if node.running).client()
+        try:
+            slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(node for node in self.nodes if node.port == master[1])
+        finally:
+            client.close()
+        raise RuntimeError(f"no master serves {key!r}")
+
+    def masters(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.running and self._role(node) == "master"]
+
+    def _role(self, node: RedisServer) -> str:
+        client = node.client(timeout_s=1.0)
+        try:
+            return client.execute_command("ROLE")[0].decode()
+        finally:
+            client.close()
+
+    def wait_failover(self, dead: RedisServer, wait_s: float = 30.0) -> None:
+        """Wait until a replica has taken over the slots of the stopped master `dead` and the cluster is ok."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if len(self.masters()) == len(self.nodes) // (1 + self.replicas):
+                break
+            time.sleep(0.1)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> "RedisCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
