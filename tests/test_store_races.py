@@ -8,6 +8,7 @@ import threading
 import time
 from functools import partial
 
+import pytest
 import torch
 
 import kvblend.store.redis_tier as redis_tier
@@ -21,12 +22,27 @@ KEYS = 3  # token seeds of the keys every writer rewrites
 SECRET = "race-test-deployment-secret-0001"
 
 
+@pytest.fixture(params=["server", "cluster"])
+def shared(request, redis_prefix):
+    """(URL, key prefix) on the session's Redis server, or on its Redis Cluster (whose keys are removed after)."""
+    if request.param == "server":
+        yield request.getfixturevalue("redis_url"), redis_prefix
+        return
+    url = request.getfixturevalue("redis_cluster_url")
+    yield url, redis_prefix
+    tier = RedisTier(RedisConfig(url, prefix=redis_prefix))
+    for node in tier._masters():
+        for name in node.scan_iter(redis_prefix + "*"):
+            node.delete(name)
+
+
 def version(writer: int, key: int):
     """Writer `writer`'s KV for key `key`: same key (token ids) for every writer, different bytes and base position."""
     return random_chunk(seed=100 * writer + key, token_seed=500 + key, base_position=writer, layers=LAYERS, tokens=64)
 
 
-def test_sliced_read_straddling_a_rewrite_is_a_miss_and_keeps_the_entry(redis_url, redis_prefix, monkeypatch, caplog):
+def test_sliced_read_straddling_a_rewrite_is_a_miss_and_keeps_the_entry(shared, monkeypatch, caplog):
+    redis_url, redis_prefix = shared
     reader = RedisTier(RedisConfig(redis_url, prefix=redis_prefix, timeout_s=5.0))
     writer = RedisTier(RedisConfig(redis_url, prefix=redis_prefix, timeout_s=5.0))
     old, new = version(0, 0), version(1, 0)
@@ -46,7 +62,8 @@ def test_sliced_read_straddling_a_rewrite_is_a_miss_and_keeps_the_entry(redis_ur
     assert reader.held_bytes() == len(serialize(new))
 
 
-def test_stale_read_ahead_of_a_bad_value_does_not_delete_its_valid_rewrite(redis_url, redis_prefix):
+def test_stale_read_ahead_of_a_bad_value_does_not_delete_its_valid_rewrite(shared):
+    redis_url, redis_prefix = shared
     tier = RedisTier(RedisConfig(redis_url, prefix=redis_prefix, timeout_s=5.0))
     kv, rewrite = version(0, 1), version(1, 1)
     blob = serialize(kv)
@@ -101,10 +118,11 @@ def count_hits(got, versions: dict) -> int:
     return hits
 
 
-def test_writers_and_readers_on_the_same_keys_delete_no_valid_entry(redis_url, redis_prefix, caplog):
+def test_writers_and_readers_on_the_same_keys_delete_no_valid_entry(shared, caplog):
     """3 writer threads rewrite 3 keys for 3 s while 2 reader threads read them (layer-sliced, whole, batched,
     read ahead), each through its own tier (as separate hosts would): every hit is one writer's version bit for bit,
     and no reader deletes an entry."""
+    redis_url, redis_prefix = shared
     writers = 3
     versions = {(w, k): version(w, k) for w in range(writers) for k in range(KEYS)}
     keys = [versions[0, k].key for k in range(KEYS)]

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 import numpy as np
 
-from kvblend.transport.redis_client import SCHEMES, RedisConnection, is_cluster_url, redis_errors
+from kvblend.transport.redis_client import SCHEMES, RedisConnection, cluster_seeds, is_cluster_url, redis_errors
 from kvblend.store.entry import (
     BytesSource,
     ChunkKV,
@@ -136,8 +136,10 @@ class RedisConfig:
                              f"got {redact_url(self.url)!r}")
         if not 1 <= self.buckets <= SLOTS:
             raise ValueError(f"redis buckets must be in 1..{SLOTS}, got {self.buckets}")
-        if is_cluster_url(self.url) and ("{" in self.prefix or "}" in self.prefix):
-            raise ValueError(f"on a Redis Cluster the key prefix may not contain braces (hash tags), got {self.prefix!r}")
+        if is_cluster_url(self.url):
+            cluster_seeds(self.url)
+            if "{" in self.prefix or "}" in self.prefix:
+                raise ValueError(f"on a Redis Cluster the key prefix may not contain braces (hash tags), got {self.prefix!r}")
         if self.timeout_s <= 0 or self.retry_s < 0:
             raise ValueError("Redis timeout must be positive and retry interval non-negative")
         if self.max_bytes <= 0:

@@ -24,6 +24,20 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError
 
 
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """The (host, port) seeds of a cluster URL; ValueError for one a cluster cannot have (a database other than 0)."""
+    parsed = urlparse(url)
+    if parsed.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster URL names no database but 0 (redis+cluster://host:port,host:port)")
+    seeds = []
+    for seed in parsed.netloc.rpartition("@")[2].split(","):
+        host, _, port = seed.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("a Redis Cluster URL lists its seeds as host:port,host:port")
+        seeds.append((host, int(port)))
+    return seeds
+
+
 def _cluster(url: str, timeout_s: float):
     """A RedisCluster on `url`'s seeds; no retries inside a command (a dead shard is a miss, not a wait)."""
     from redis.backoff import NoBackoff
@@ -31,15 +45,9 @@ def _cluster(url: str, timeout_s: float):
     from redis.retry import Retry
 
     parsed = urlparse(url)
-    if parsed.path not in ("", "/", "/0"):
-        raise ValueError("a Redis Cluster has only database 0")
-    userinfo, _, hosts = parsed.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":")
-    seeds = []
-    for seed in hosts.split(","):
-        host, _, port = seed.rpartition(":")
-        seeds.append(ClusterNode(host or seed, int(port) if port else 6379))
-    return RedisCluster(startup_nodes=seeds, username=unquote(username) or None, password=unquote(password) or None,
+    username, _, password = parsed.netloc.rpartition("@")[0].partition(":")
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in cluster_seeds(url)],
+                        username=unquote(username) or None, password=unquote(password) or None,
                         ssl=CLUSTER_SCHEMES[parsed.scheme] == "rediss", socket_timeout=timeout_s,
                         socket_connect_timeout=timeout_s, require_full_coverage=False, retry=Retry(NoBackoff(), 0))
 
