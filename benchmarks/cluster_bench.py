@@ -1,7 +1,7 @@
 """Redis tier on one server vs on a Redis Cluster: put / get throughput at 1 and 8 concurrent clients, and a
 shard killed mid-run (errors seen by requests, requests served, worst latency, time until the failover serves).
 
-    .venv/bin/python benchmarks/cluster_bench.py [--seconds S] [--json OUT]
+    .venv/bin/python benchmarks/cluster_bench.py [--seconds S] [--rounds N] [--json OUT]
 
 Private servers on loopback (tests/redis_server.py, tests/redis_cluster.py: 3 masters + 3 replicas). Entries are
 random bf16 SmolLM2-135M chunks of 256 tokens (30 layers, 3 kv heads, head_dim 64: 5.9 MB serialised). Each client
@@ -147,6 +147,7 @@ def shard_kill(cluster: RedisCluster, seconds: float, kvs, entry_bytes: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the throughput runs, each side in turn")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     kvs = [random_chunk(seed=i, **SHAPE) for i in range(KEYS)]
@@ -156,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": cpu_record(), "python": platform.python_version(), "entry_bytes": entry_bytes,
                "timeout_s": TIMEOUT_S, "throughput": {}}
     with RedisServer() as server, RedisCluster() as cluster:
-        for name, url in (("single server", server.url), ("cluster 3+3", cluster.url)):
-            for clients in (1, 8):
-                got = throughput(url, clients, args.seconds, kvs, entry_bytes)
-                results["throughput"][f"{name}, {clients} clients"] = got
-                print(f"{name:14s} {clients} clients: put {got['put']['ops_per_s']:6.1f}/s "
-                      f"{got['put']['MB_per_s']:6.0f} MB/s  get {got['get']['ops_per_s']:6.1f}/s "
-                      f"{got['get']['MB_per_s']:6.0f} MB/s  (p99 put {got['put']['p99_ms']:.0f} ms, "
-                      f"get {got['get']['p99_ms']:.0f} ms)", flush=True)
+        for round_ in range(args.rounds):  # alternated, so a load change on a shared machine hits both sides
+            for name, url in (("single server", server.url), ("cluster 3+3", cluster.url)):
+                for clients in (1, 8):
+                    got = throughput(url, clients, args.seconds, kvs, entry_bytes)
+                    results["throughput"][f"round {round_ + 1}, {name}, {clients} clients"] = got
+                    print(f"round {round_ + 1} {name:14s} {clients} clients: put {got['put']['ops_per_s']:6.1f}/s "
+                          f"{got['put']['MB_per_s']:6.0f} MB/s  get {got['get']['ops_per_s']:6.1f}/s "
+                          f"{got['get']['MB_per_s']:6.0f} MB/s  (p99 put {got['put']['p99_ms']:.0f} ms, "
+                          f"get {got['get']['p99_ms']:.0f} ms)", flush=True)
         results["shard_kill"] = shard_kill(cluster, 3 * args.seconds, kvs, entry_bytes)
         print(json.dumps(results["shard_kill"], indent=1))
     if args.json:

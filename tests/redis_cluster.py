@@ -52,7 +52,8 @@ class RedisCluster:
         """Wait until every running node reports cluster_state:ok and agrees on the masters."""
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if all(self._state(node) == "ok" for node in self.nodes if node.running):
+            states = [self._state(node) for node in self.nodes if node.running]
+            if all(state in ("ok", "no answer") for state in states) and "ok" in states:  # a hung node answers nothing
                 return
             time.sleep(0.1)
         raise RuntimeError(f"cluster not ok after {wait_s}s: {[self._state(n) for n in self.nodes]}")
@@ -63,14 +64,14 @@ class RedisCluster:
             info = client.execute_command("CLUSTER", "INFO")
             info = info.decode() if isinstance(info, bytes) else info
             return dict(line.split(":", 1) for line in info.split() if ":" in line).get("cluster_state", "?")
-        except Exception:  # noqa: BLE001 - a node that does not answer is simply not ok yet
-            return "down"
+        except Exception:  # noqa: BLE001 - a node that does not answer (hung, or not listening yet)
+            return "no answer"
         finally:
             client.close()
 
     def master_of(self, key: str) -> RedisServer:
         """The node serving `key`'s slot now."""
-        client = next(node for node in self.nodes if node.running).client()
+        client = self.masters()[0].client()
         try:
             slot = client.execute_command("CLUSTER", "KEYSLOT", key)
             for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
@@ -83,10 +84,20 @@ class RedisCluster:
     def masters(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.running and self._role(node) == "master"]
 
+    def has_replica(self, node: RedisServer) -> bool:
+        """Whether the master `node` has a replica connected."""
+        client = node.client(timeout_s=1.0)
+        try:
+            return bool(client.execute_command("ROLE")[2])
+        finally:
+            client.close()
+
     def _role(self, node: RedisServer) -> str:
         client = node.client(timeout_s=1.0)
         try:
             return client.execute_command("ROLE")[0].decode()
+        except Exception:  # noqa: BLE001 - a hung node has no role anyone can use
+            return "unreachable"
         finally:
             client.close()
 
@@ -109,9 +120,11 @@ class RedisCluster:
     def replicate(self) -> None:
         """Wait until every master's writes so far have reached its replicas (replication is asynchronous)."""
         for node in self.masters():
-            client = node.client()
+            client = node.client(timeout_s=10.0)
             try:
-                client.execute_command("WAIT", self.replicas, 5000)
+                replicas = len(client.execute_command("ROLE")[2])
+                if replicas:
+                    client.execute_command("WAIT", replicas, 5000)
             finally:
                 client.close()
 

@@ -138,3 +138,60 @@ def test_killed_shard_gives_misses_and_the_failover_serves_them_again(private_re
     directory.leave([kv.key.digest for kv in kvs])
     assert all(reader.holders(kv.key.digest) == [] for kv in kvs)
     reader.leave([])
+
+
+def test_hung_shard_costs_its_timeout_then_the_failover_serves(private_redis_cluster):
+    """A master that stops answering (SIGSTOP) costs a read at most about `redis_timeout_s`, then is skipped; once
+    its replica takes over, its entries are hits again."""
+    cluster = private_redis_cluster
+    tier = cluster_tier(cluster.url, timeout_s=0.5, retry_s=0.5)
+    kvs = [random_chunk(seed=200 + i) for i in range(24)]
+    for kv in kvs:
+        assert tier.put(kv.key, kv)
+    cluster.replicate()
+    hung = next(node for node in cluster.masters() if cluster.has_replica(node))
+    on_hung = [cluster.master_of(tier._name(kv.key)) is hung for kv in kvs]
+    assert any(on_hung)
+    hung.pause()
+    slowest = 0.0
+    for kv, gone in zip(kvs, on_hung):
+        start = time.monotonic()
+        got = tier.get(kv.key)
+        slowest = max(slowest, time.monotonic() - start)
+        assert (got is None) if gone else (got is not None)
+    assert slowest < 3.0, f"a read of a hung shard waited {slowest:.1f}s (timeout 0.5s)"
+    cluster.wait_failover(hung)
+    deadline = time.monotonic() + 30
+    while not all(tier.get(kv.key) is not None for kv in kvs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for kv in kvs:
+        assert_same_kv(tier.get(kv.key), kv)
+    hung.resume()
+
+
+def test_a_store_opened_on_a_cluster_url_serves_counts_and_indexes_there(redis_cluster_url):
+    from kvblend.rag.config import RedisUnreachable, require_redis
+    from kvblend.store import StoreConfig, open_store
+    from kvblend.store.anchors import ChunkAnchorIndex
+
+    require_redis(redis_cluster_url)
+    with pytest.raises(RedisUnreachable, match=r"redis\+cluster://u:\*\*\*@127.0.0.1:1 is unreachable"):
+        require_redis("redis+cluster://u:secret@127.0.0.1:1", timeout_s=0.5)
+    kvs = [random_chunk(seed=300 + i) for i in range(4)]
+    store = open_store(StoreConfig(redis_url=redis_cluster_url, tier_order=("memory", "redis")))
+    tier = store.tiers[1]
+    try:
+        for kv in kvs:
+            store.put(kv.key, kv)
+        store.flush()
+        for kv in kvs:
+            store.tiers[0].delete(kv.key)
+            assert_same_kv(store.get(kv.key), kv)  # from the cluster
+        fresh = ChunkAnchorIndex(None, tier)  # another process's view: the chunk index on the cluster
+        assert fresh.find(kvs[0].token_ids.tolist(), kvs[0].key.namespace) == [(0, kvs[0].key.num_tokens)]
+        totals = store.totals()  # the counter ledger is a hash on the cluster
+        assert totals["redis"].hits >= 4 and totals["redis"].entries >= 4
+    finally:
+        store.close()
+        for kv in kvs:
+            tier.delete(kv.key)

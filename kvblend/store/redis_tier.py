@@ -74,6 +74,7 @@ DEFAULT_TIMEOUT_S = 0.5
 DEFAULT_MAX_BYTES = 20 << 30
 DEFAULT_BUCKETS = 16
 SLOTS = 16384  # hash slots of a Redis Cluster
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")  # error replies of a cluster whose slots are moving
 
 # KEYS: lru, size, bytes. ARGV: entry name, its size, now (ms), budget (bytes), ttl (ms, 0: none).
 # Forget index rows of entries the TTL has expired, account the entry, then evict least recently used
@@ -169,6 +170,7 @@ class RedisTier:
         self._refused = redis.exceptions.ResponseError  # the server is up and said no (e.g. OOM): not an outage
         self._moved = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterError,
                        redis.exceptions.SlotNotCoveredError)  # a cluster whose slots moved: refresh, no outage
+        self._redirect = redis.exceptions.ClusterError  # what the tier's own GET raises for such a reply
         self._watch_error = redis.exceptions.WatchError
         self._connection = RedisConnection(self.config.url, self.config.timeout_s, self.config.retry_s)
         self.cluster = self._connection.cluster
@@ -268,24 +270,24 @@ class RedisTier:
 
     def _refresh_loop(self) -> None:
         try:
-            while True:
-                try:
-                    self.client.nodes_manager.initialize()
-                    masters = {node.name for node in self.client.get_primaries()}
-                except self._errors as exc:
-                    log.debug("redis tier %s: slot refresh failed: %s", self.where, exc)
-                    masters = None
-                now = time.monotonic()
-                with self._lock:
-                    waiting = {node for node, until in self._down_until.items() if until > now}
-                    if masters is not None and not waiting & (masters | {""}):
-                        self._refreshing = False
-                        return
+            while not self._slots_refreshed():
                 time.sleep(min(0.25, self.config.timeout_s))
-        except BaseException:
+        finally:
             with self._lock:
                 self._refreshing = False
-            raise
+
+    def _slots_refreshed(self) -> bool:
+        """Re-read the slot map once: whether that is enough (no node still skipped is a master in it)."""
+        try:
+            self.client.nodes_manager.initialize()
+            masters = {node.name for node in self.client.get_primaries()} | {""}
+        except self._errors as exc:
+            log.debug("redis tier %s: slot refresh failed: %s", self.where, exc)
+            masters = None
+        now = time.monotonic()
+        with self._lock:
+            waiting = {node for node, until in self._down_until.items() if until > now}
+        return not waiting or (masters is not None and not waiting & masters)
 
     @property
     def available(self) -> bool:
@@ -421,8 +423,9 @@ class RedisTier:
             line, _, rest = head.partition(b"\r\n")
             if line in (b"$-1", b"_"):
                 return None
-            if line[:1] == b"-":  # an error reply (MOVED: the slot has another master now)
-                raise self._refused(line[1:].decode(errors="replace"))
+            if line[:1] == b"-":  # an error reply; MOVED, ASK...: the slot has another master now
+                text = line[1:].decode(errors="replace")
+                raise (self._redirect if text.startswith(_REDIRECTS) else self._refused)(text)
             if line[:1] != b"$" or not line[1:].isdigit():
                 raise ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
             size = int(line[1:]) + 2  # the value, then CRLF
@@ -500,11 +503,13 @@ class RedisTier:
         return sum(int(self.call("bytes", lambda t=t: self._node(t).get(t), None, key=t) or 0) for t in totals)
 
     def server_limits(self) -> dict:
-        """The server's memory limit and eviction policy, and its memory in use (empty if it will not say)."""
-        config = self.call("config get", lambda: self.client.config_get("maxmemory*"), {}) or {}
-        info = self.call("info memory", lambda: self.client.info("memory"), {}) or {}
-        return {"maxmemory": int(config.get("maxmemory", 0) or 0), "maxmemory_policy": config.get("maxmemory-policy"),
-                "used_memory": int(info.get("used_memory", 0) or 0)}
+        """The server's memory limit and eviction policy, and its memory in use (on a cluster: summed over the
+        masters; 0 and None where it will not say)."""
+        configs = self.call("config get", lambda: [node.config_get("maxmemory*") for node in self._masters()], [])
+        infos = self.call("info memory", lambda: [node.info("memory") for node in self._masters()], [])
+        return {"maxmemory": sum(int(c.get("maxmemory", 0) or 0) for c in configs or []),
+                "maxmemory_policy": configs[0].get("maxmemory-policy") if configs else None,
+                "used_memory": sum(int(i.get("used_memory", 0) or 0) for i in infos or [])}
 
     def contains(self, key: ChunkKey) -> bool:
         name = self._name(key)
