@@ -195,3 +195,25 @@ def test_a_store_opened_on_a_cluster_url_serves_counts_and_indexes_there(redis_c
         store.close()
         for kv in kvs:
             tier.delete(kv.key)
+
+
+def test_peers_find_each_other_through_a_directory_on_a_cluster(redis_cluster_url):
+    from kvblend.store import PeerConfig, PeerTier
+
+    prefix = f"kvblend-test-{uuid.uuid4().hex[:8]}-"
+    holder, reader = (PeerTier(PeerConfig(redis_cluster_url, prefix + name, 1 << 26, timeout_s=10.0, ttl_s=30.0))
+                      for name in ("holder", "reader"))
+    kvs = [random_chunk(seed=400 + i) for i in range(6)]  # their directory keys are on several shards
+    try:
+        for kv in kvs:
+            assert holder.put(kv.key, kv)
+        for kv in kvs:
+            assert_same_kv(reader.get(kv.key), kv)
+        assert reader.counters().hits == len(kvs) and reader.counters().errors == 0
+        holder.close()
+        holder = None
+        assert all(reader.get(kv.key) is None for kv in kvs)  # the holder left: withdrawn on every shard
+    finally:
+        for tier in (holder, reader):
+            if tier is not None:
+                tier.close()
