@@ -11,6 +11,15 @@ entries not used for that long (every hit renews it). Keep the budget below the 
 the server refuses (OOM under maxmemory-policy noeviction) is logged and counted as an error, never silent.
 Every writer to a shared Redis must be trusted unless the tier has a deployment secret (then entries carry a
 MAC and those without a valid one are refused). A URL is only ever shown through `redact_url`.
+
+A read that fails verification deletes the entry only if it is bad on its own: the value is read again whole
+(one GET under WATCH) and deleted only if that copy fails too and nobody rewrote it meanwhile. A layer-sliced
+read takes several requests, so one that straddles another writer's rewrite is a plain miss.
+
+Redis Cluster (`redis+cluster://` URLs): a Lua script may only touch one hash slot's keys, so entries are spread
+over `buckets` hash tags, each bucket with its own account (`<prefix>{tag}lru`, ...) in its own slot and
+`max_bytes / buckets` of the budget. A node that fails is skipped for `retry_s` (its entries are misses, the
+other shards serve) while the slot map is refreshed in the background until a replica has taken over.
 """
 
 from __future__ import annotations
