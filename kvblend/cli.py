@@ -45,7 +45,7 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None, help="disk tier directory (default: ~/.cache/kvblend/store)")
     p.add_argument("--disk-gb", type=float, default=None, help="disk tier budget in GiB (default 20)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory tier budget in GiB (default 2)")
-    p.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="Redis tier URL, redis://host:port/db")
+    p.add_argument("--redis", default=os.environ.get("KVBLEND_REDIS_URL"), help="Redis tier URL, redis://host:port/db or redis+cluster://host:port,host:port")
     p.add_argument("--redis-gb", type=float, default=None,
                    help="Redis tier budget in GiB, LRU-evicted (default 20; keep it below the server's maxmemory)")
     p.add_argument("--redis-ttl-s", type=int, default=None, help="expire Redis entries unused this long (default: never)")

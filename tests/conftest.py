@@ -1,5 +1,6 @@
 """Shared fixtures. TRITON_INTERPRET must be set before any Triton kernel is defined (CI has no GPU)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -35,10 +36,25 @@ def tokenizer(model_dir):
 # --- Chunk KV store: a real Redis server (shared, or private per test) -------------------------------------
 
 
+@contextlib.contextmanager
+def _running(start):
+    """The server or cluster `start()` returns, closed afterwards; a missing redis-server fails the test."""
+    from redis_server import RedisServerMissing
+
+    try:
+        running = start()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """URL of a real Redis server shared by the session: KVBLEND_TEST_REDIS_URL (CI), else a private one."""
-    from redis_server import RedisServer, RedisServerMissing, ping
+    from redis_server import RedisServer, ping
 
     url = os.environ.get("KVBLEND_TEST_REDIS_URL")
     if url:
@@ -46,14 +62,31 @@ def redis_url():
             pytest.fail(f"KVBLEND_TEST_REDIS_URL={url} does not answer PING")
         yield url
         return
-    try:
-        server = RedisServer().start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc))
-    try:
+    with _running(lambda: RedisServer().start()) as server:
         yield server.url
-    finally:
-        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url():
+    """URL of a real Redis Cluster shared by the session: KVBLEND_TEST_REDIS_CLUSTER_URL (CI), else a private one
+    (3 masters, 3 replicas). Tests that kill nodes start their own (`private_redis_cluster`)."""
+    from redis_cluster import RedisCluster
+
+    url = os.environ.get("KVBLEND_TEST_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    with _running(lambda: RedisCluster().start()) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(scope="module")
+def private_redis_cluster():
+    """A Redis Cluster of this test module alone (3 masters, 3 replicas), for tests that kill its nodes."""
+    from redis_cluster import RedisCluster
+
+    with _running(lambda: RedisCluster().start()) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -78,16 +111,10 @@ def redis_prefix(redis_url, request):
 @pytest.fixture
 def private_redis():
     """A redis-server of this test alone (free port), for tests that stop, restart or pause it."""
-    from redis_server import RedisServer, RedisServerMissing
+    from redis_server import RedisServer
 
-    try:
-        server = RedisServer().start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc))
-    try:
+    with _running(lambda: RedisServer().start()) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

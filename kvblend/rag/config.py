@@ -16,6 +16,7 @@ from kvblend.retrieval.chunker import ChunkerConfig
 from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant_secret, key_namespace
 from kvblend.store.redis_tier import redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
+from kvblend.transport.redis_client import RedisConnection, redis_errors
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics. The
 # dtype is this CPU's compute dtype (bf16 only with native bf16, else fp32: kvblend.cpu); every kvblend precompute
@@ -139,14 +140,15 @@ class PipelineConfig:
 
 
 def require_redis(url: str, timeout_s: float = 2.0) -> None:
-    """Raise RedisUnreachable unless the Redis server at `url` answers PING within `timeout_s`."""
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    """Raise RedisUnreachable unless the Redis server at `url` answers PING within `timeout_s` (a cluster: unless
+    one of its nodes tells its slots)."""
+    connection = RedisConnection(url, timeout_s, retry_s=0.0)
     try:
-        client.ping()
-    except (redis.exceptions.RedisError, OSError) as exc:
+        client = connection.get()
+        if not connection.cluster:
+            client.ping()
+    except redis_errors() as exc:
         raise RedisUnreachable(f"Redis at {redact_url(url)} is unreachable ({exc}); start it or leave out the Redis "
                                "URL") from exc
     finally:
-        client.close()
+        connection.close()

@@ -5,6 +5,8 @@ Every entry this instance stores is exported (its serialised, digest- or MAC-car
 host memory under `peer_bytes`) and announced. On a miss in the faster tiers the directory names the live
 holders; each is read with a bounded timeout and the entry verified exactly as a Redis or disk entry is. A dead,
 slow or lying peer costs at most its timeout and is skipped for `retry_s`; the next holder, then the next tier.
+An export is never changed in place (a rewrite is a new buffer; the old one stays readable for the endpoint's
+`retire_s`), so a read racing a rewrite gets the old or the new entry whole: a bad entry is bad on its own.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class PeerTier:
             except EntryError as exc:
                 log.warning("peer tier: own export of %s is bad (%s); withdrawing it", key.digest[:12], exc)
                 self.counts.add("corrupt")
-                self.delete(key)
+                if self.endpoint.withdraw(key.digest, own):  # an export is never rewritten in place: a newer one stays
+                    self.directory.withdraw([key.digest])
                 kv = None
             if kv is not None:
                 return self._hit(kv)

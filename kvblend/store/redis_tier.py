@@ -11,6 +11,15 @@ entries not used for that long (every hit renews it). Keep the budget below the 
 the server refuses (OOM under maxmemory-policy noeviction) is logged and counted as an error, never silent.
 Every writer to a shared Redis must be trusted unless the tier has a deployment secret (then entries carry a
 MAC and those without a valid one are refused). A URL is only ever shown through `redact_url`.
+
+A read that fails verification deletes the entry only if it is bad on its own: the value is read again whole
+(one GET under WATCH) and deleted only if that copy fails too and nobody rewrote it meanwhile. A layer-sliced
+read takes several requests, so one that straddles another writer's rewrite is a plain miss.
+
+Redis Cluster (`redis+cluster://` URLs): a Lua script may only touch one hash slot's keys, so entries are spread
+over `buckets` hash tags, each bucket with its own account (`<prefix>{tag}lru`, ...) in its own slot and
+`max_bytes / buckets` of the budget. A node that fails is skipped for `retry_s` (its entries are misses, the
+other shards serve) while the slot map is refreshed in the background until a replica has taken over.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 import numpy as np
 
+from kvblend.transport.redis_client import SCHEMES, RedisConnection, cluster_seeds, is_cluster_url, redis_errors
 from kvblend.store.entry import (
     BytesSource,
     ChunkKV,
@@ -71,6 +81,9 @@ def redacted_repr(config) -> str:
 
 DEFAULT_TIMEOUT_S = 0.5
 DEFAULT_MAX_BYTES = 20 << 30
+DEFAULT_BUCKETS = 16
+SLOTS = 16384  # hash slots of a Redis Cluster
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")  # error replies of a cluster whose slots are moving
 
 # KEYS: lru, size, bytes. ARGV: entry name, its size, now (ms), budget (bytes), ttl (ms, 0: none).
 # Forget index rows of entries the TTL has expired, account the entry, then evict least recently used
@@ -105,6 +118,15 @@ end
 return {evicted, tonumber(redis.call('GET', total) or '0')}
 """
 
+# KEYS: entry, lru, size, bytes. Delete the entry and its row of the account. Returns the number deleted.
+_FORGET = """
+local s = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+redis.call('HDEL', KEYS[3], KEYS[1])
+redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('DECRBY', KEYS[4], s)
+return redis.call('DEL', KEYS[1])
+"""
+
 
 @dataclass(frozen=True)
 class RedisConfig:
@@ -115,11 +137,19 @@ class RedisConfig:
     ttl_s: int | None = None
     readahead_entries: int = 16
     max_bytes: int = DEFAULT_MAX_BYTES
+    buckets: int = DEFAULT_BUCKETS  # on a cluster: hash-tagged groups of entries, each with max_bytes / buckets
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"Redis URL must look like redis://host:port/db, got {redact_url(self.url)!r}")
+        if parsed.scheme not in SCHEMES:
+            raise ValueError(f"Redis URL must look like redis://host:port/db or redis+cluster://host:port,host:port, "
+                             f"got {redact_url(self.url)!r}")
+        if not 1 <= self.buckets <= SLOTS:
+            raise ValueError(f"redis buckets must be in 1..{SLOTS}, got {self.buckets}")
+        if is_cluster_url(self.url):
+            cluster_seeds(self.url)
+            if "{" in self.prefix or "}" in self.prefix:
+                raise ValueError(f"on a Redis Cluster the key prefix may not contain braces (hash tags), got {self.prefix!r}")
         if self.timeout_s <= 0 or self.retry_s < 0:
             raise ValueError("Redis timeout must be positive and retry interval non-negative")
         if self.max_bytes <= 0:
@@ -130,7 +160,7 @@ class RedisConfig:
     def __repr__(self) -> str:
         return (f"RedisConfig(url={redact_url(self.url)!r}, timeout_s={self.timeout_s}, retry_s={self.retry_s}, "
                 f"prefix={self.prefix!r}, ttl_s={self.ttl_s}, readahead_entries={self.readahead_entries}, "
-                f"max_bytes={self.max_bytes})")
+                f"max_bytes={self.max_bytes}, buckets={self.buckets})")
 
 
 class RedisTier:
@@ -140,33 +170,74 @@ class RedisTier:
 
     def __init__(self, config: RedisConfig | str, secret: str | bytes | None = None) -> None:
         import redis
+        from redis.commands.core import Script
 
         self.config = RedisConfig(config) if isinstance(config, str) else config
         self.secret = entry_secret(secret)
         self.where = redact_url(self.config.url)
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._errors = redis_errors()
         self._refused = redis.exceptions.ResponseError  # the server is up and said no (e.g. OOM): not an outage
-        self.client = redis.Redis.from_url(
-            self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
-        )
-        self._down_until = 0.0
+        self._moved = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterError,
+                       redis.exceptions.SlotNotCoveredError)  # a cluster whose slots moved: refresh, no outage
+        self._redirect = redis.exceptions.ClusterError  # what the tier's own GET raises for such a reply
+        self._watch_error = redis.exceptions.WatchError
+        self._connection = RedisConnection(self.config.url, self.config.timeout_s, self.config.retry_s)
+        self.cluster = self._connection.cluster
+        self._tags = _bucket_tags(self.config.buckets) if self.cluster else [""]
+        self._bucket_bytes = self.config.max_bytes // len(self._tags)
+        self._down_until: dict[str, float] = {}  # "" (the server, or the cluster as a whole), else a cluster node
+        self._refreshing = False
         self.counts = TierCounters()
         self._lock = threading.Lock()
         self._readahead: OrderedDict[str, bytes] = OrderedDict()
-        self._account = self.client.register_script(_ACCOUNT)
-        self._index = [self.config.prefix + part for part in ("lru", "size", "bytes")]
+        self._account = Script(None, _ACCOUNT.encode())  # run on the node of the entry's slot
+        self._forget = Script(None, _FORGET.encode())
         self._full_logged = 0.0
         self.max_bytes = self.config.max_bytes
 
-    def _name(self, key: ChunkKey) -> str:
-        return self.config.prefix + key.digest
+    @property
+    def client(self):
+        """redis.Redis, or redis.cluster.RedisCluster for a cluster URL (commands routed by key)."""
+        return self._connection.get()
 
-    def call(self, what: str, fn, default):
-        """Run a Redis command; on failure log the outage once, count it, and return `default`."""
-        if time.monotonic() < self._down_until:
+    def _name(self, key: ChunkKey) -> str:
+        """The entry's Redis key: prefix, on a cluster the hash tag of the key's bucket, then the digest."""
+        return self.config.prefix + self._tags[int(key.digest[:8], 16) % len(self._tags)] + key.digest
+
+    def _index(self, name: str) -> list[str]:
+        """The account of the bucket entry `name` is in (on a cluster, in the entry's slot)."""
+        return self._bucket_index(name[len(self.config.prefix) : -64])
+
+    def _bucket_index(self, tag: str) -> list[str]:
+        """The keys of a bucket's account: entries by last use, their sizes, their total."""
+        return [self.config.prefix + tag + part for part in ("lru", "size", "bytes")]
+
+    def _node(self, name: str):
+        """The client of the server holding `name`: the one server, or the master of its slot."""
+        if not self.cluster:
+            return self.client
+        return self.client.get_redis_connection(self.client.get_node_from_key(name))
+
+    def call(self, what: str, fn, default, key: str | None = None):
+        """Run a Redis command (on a cluster, one routed by `key`); on failure log the outage once, count it, and
+        return `default`. A cluster node that fails is skipped for `retry_s` (its entries are misses, the
+        other shards serve) while the slot map is refreshed in the background, so a replica taking over is used
+        as soon as the cluster has promoted it."""
+        node = ""
+        try:
+            if self.cluster and key is not None:
+                node = self.client.get_node_from_key(key).name
+        except self._errors as exc:
+            return self._failed(what, "", exc, default)
+        if time.monotonic() < self._down_until.get(node, 0.0):
             return default
         try:
             result = fn()
+        except self._moved as exc:
+            self.counts.add("errors")
+            log.info("redis tier %s: cluster slots moved during %s (%s); refreshing them", self.where, what, exc)
+            self._refresh_slots()
+            return default
         except self._refused as exc:
             self.counts.add("errors")
             if time.monotonic() - self._full_logged > self.config.retry_s:
@@ -175,35 +246,74 @@ class RedisTier:
                             "%d bytes?)", self.where, what, exc, self.config.max_bytes)
             return default
         except self._errors as exc:
-            self.counts.add("errors")
+            return self._failed(what, node, exc, default)
+        if node in self._down_until:
             with self._lock:
-                first = self._down_until == 0.0
-                self._down_until = time.monotonic() + self.config.retry_s
-            if first:
-                log.warning("redis tier %s unavailable during %s (%s); reporting misses, retrying every %.1fs",
-                            self.where, what, exc, self.config.retry_s)
-            return default
-        if self._down_until:
-            log.warning("redis tier %s is reachable again", self.where)
-            self._down_until = 0.0
+                back = self._down_until.pop(node, None) is not None
+            if back:
+                log.warning("redis tier %s%s is reachable again", self.where, f" node {node}" if node else "")
         return result
+
+    def _failed(self, what: str, node: str, exc: BaseException, default):
+        """Count and log (once per outage) a failed command, and skip `node` for `retry_s`."""
+        self.counts.add("errors")
+        with self._lock:
+            first = node not in self._down_until
+            self._down_until[node] = time.monotonic() + self.config.retry_s
+        if first:
+            log.warning("redis tier %s%s unavailable during %s (%s); reporting misses, retrying every %.1fs",
+                        self.where, f" node {node}" if node else "", what, exc, self.config.retry_s)
+        self._refresh_slots()
+        return default
+
+    def _refresh_slots(self) -> None:
+        """On a cluster, re-read the slot map in the background until no failed node is a master any more (a
+        replica took over) or every failed node's retry time has come (nothing on a single server)."""
+        if not self.cluster:
+            return
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        threading.Thread(target=self._refresh_loop, name="kvblend-redis-slots", daemon=True).start()
+
+    def _refresh_loop(self) -> None:
+        try:
+            while not self._slots_refreshed():
+                time.sleep(min(0.25, self.config.timeout_s))
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _slots_refreshed(self) -> bool:
+        """Re-read the slot map once: whether that is enough (no node still skipped is a master in it)."""
+        try:
+            self.client.nodes_manager.initialize()
+            masters = {node.name for node in self.client.get_primaries()} | {""}
+        except self._errors as exc:
+            log.debug("redis tier %s: slot refresh failed: %s", self.where, exc)
+            masters = None
+        now = time.monotonic()
+        with self._lock:
+            waiting = {node for node, until in self._down_until.items() if until > now}
+        return not waiting or (masters is not None and not waiting & masters)
 
     @property
     def available(self) -> bool:
-        return self.call("ping", self.client.ping, False)
+        return self.call("ping", lambda: self.client.ping(), False)
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None:
         name = self._name(key)
         with self._lock:
             blob = self._readahead.pop(name, None)
         if blob is not None:
-            kv = self._decode(key, lambda: read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret))
+            kv = self._decode(key, expect, lambda: read_entry(BytesSource(blob), key, layers, len(blob), expect, self.secret))
         elif layers is None:
-            blob = self.call("get", lambda: self._get_buffer(name), None)
+            blob = self.call("get", lambda: self._get_buffer(name), None, key=name)
             kv = None if blob is None else self._decode(
-                key, lambda: read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret))
+                key, expect, lambda: read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret))
         else:
-            kv = self._decode(key, lambda: self._read_layers(name, key, layers, expect))
+            kv = self._decode(key, expect, lambda: self._read_layers(name, key, layers, expect))
         self.counts.add("hits" if kv is not None else "misses")
         if kv is not None and (layers is None or 0 in layers):  # once per use, not once per layer-sliced read
             self._touch([name])
@@ -216,14 +326,12 @@ class RedisTier:
         with self._lock:
             blobs = [self._readahead.pop(n, None) for n in names]
         fetch = [i for i, blob in enumerate(blobs) if blob is None]
-        if fetch:
-            values = self.call("mget", lambda: self.client.mget([names[i] for i in fetch]), None)
-            for i, value in zip(fetch, values or []):
-                blobs[i] = value
+        for i, value in zip(fetch, self._mget([names[i] for i in fetch])):
+            blobs[i] = value
         out = []
         for key, blob in zip(keys, blobs):
             kv = None if blob is None else self._decode(
-                key, partial(read_entry, BytesSource(blob), key, None, len(blob), expect, self.secret))
+                key, expect, partial(read_entry, BytesSource(blob), key, None, len(blob), expect, self.secret))
             self.counts.add("hits" if kv is not None else "misses")
             out.append(kv)
         found = [name for name, kv in zip(names, out) if kv is not None]
@@ -231,37 +339,87 @@ class RedisTier:
             self._touch(found)
         return out
 
-    def _decode(self, key: ChunkKey, read) -> ChunkKV | None:
-        """`read()`'s entry, or None for a bad one (dropped) or one refused (kept), counted as corrupt."""
+    def _decode(self, key: ChunkKey, expect: KVLayout | None, read) -> ChunkKV | None:
+        """`read()`'s entry, or None: for one refused (kept) or bad (dropped if bad on its own), counted as corrupt."""
         try:
             return read()
         except EntryRefused as exc:
             log.warning("redis tier: refusing entry %s (kept): %s", key.digest, exc)
             self.counts.add("corrupt")
         except EntryError as exc:
-            log.warning("redis tier: dropping bad entry %s: %s", key.digest, exc)
-            self.counts.add("corrupt")
-            self.delete(key)
+            self._drop_if_corrupt(key, expect, exc)
         return None
+
+    def _drop_if_corrupt(self, key: ChunkKey, expect: KVLayout | None, failure: EntryError) -> None:
+        """Delete the entry only if its current value, read whole in one GET under WATCH, is bad on its own and
+        nobody rewrites it before the delete: a read that failed because a writer replaced the entry meanwhile (a
+        sliced read takes several requests; a read-ahead value may be stale) is a plain miss, never a deletion."""
+        name = self._name(key)
+        watch_error = self._watch_error
+
+        def run() -> EntryError | None:
+            with self._node(name).pipeline(transaction=True) as pipe:
+                pipe.watch(name)
+                blob = pipe.get(name)
+                if blob is None:
+                    return None
+                try:
+                    read_entry(BytesSource(blob), key, None, len(blob), expect, self.secret, parallel=False)
+                    return None
+                except EntryRefused:
+                    return None
+                except EntryError as exc:
+                    pipe.multi()
+                    self._forget(keys=[name, *self._index(name)], client=pipe)
+                    try:
+                        pipe.execute()
+                    except watch_error:
+                        return None
+                    return exc
+
+        bad = self.call("drop", run, None, key=name)
+        if bad is None:
+            log.info("redis tier: entry %s changed while read (%s): a miss, kept", key.digest[:12], failure)
+            return
+        log.warning("redis tier: dropped bad entry %s: %s", key.digest, bad)
+        self.counts.add("corrupt")
+        with self._lock:
+            self._readahead.pop(name, None)
+
+    def _buckets(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """`names` grouped by bucket (on a cluster, one slot each: a group is one multi-key command)."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(name[: -64], []).append(name)
+        return groups
+
+    def _mget(self, names: Sequence[str]) -> list:
+        """The values of `names` (None for each missing or unreachable one): one MGET per bucket."""
+        values = {}
+        for group in self._buckets(names).values():
+            got = self.call("mget", lambda group=group: self._node(group[0]).mget(group), None, key=group[0])
+            values.update(zip(group, got or [None] * len(group)))
+        return [values[name] for name in names]
 
     def _touch(self, names: Sequence[str]) -> None:
         """Mark entries just used: most recently used in the LRU index, their TTL renewed."""
-        def run():
-            pipe = self.client.pipeline(transaction=False)
+        def run(group: list[str]):
+            pipe = self._node(group[0]).pipeline(transaction=False)
             now = _now_ms()
-            pipe.zadd(self._index[0], {n: now for n in names}, xx=True)
+            pipe.zadd(self._index(group[0])[0], {n: now for n in group}, xx=True)
             if self.config.ttl_s:
-                for n in names:
+                for n in group:
                     pipe.expire(n, self.config.ttl_s)
             return pipe.execute()
 
-        self.call("touch", run, None)
+        for group in self._buckets(names).values():
+            self.call("touch", partial(run, group), None, key=group[0])
 
     def _get_buffer(self, name: str) -> np.ndarray | None:
         """GET with the reply read from the connection's socket straight into one buffer: redis-py's parsers
         copy a 64 MiB value several times over, which halves the throughput loopback allows. Any surprise
         drops the connection (the pool opens a fresh one) and raises."""
-        pool = self.client.connection_pool
+        pool = self._node(name).connection_pool
         conn = pool.get_connection()
         try:
             conn.send_command("GET", name)
@@ -274,6 +432,9 @@ class RedisTier:
             line, _, rest = head.partition(b"\r\n")
             if line in (b"$-1", b"_"):
                 return None
+            if line[:1] == b"-":  # an error reply; MOVED, ASK...: the slot has another master now
+                text = line[1:].decode(errors="replace")
+                raise (self._redirect if text.startswith(_REDIRECTS) else self._refused)(text)
             if line[:1] != b"$" or not line[1:].isdigit():
                 raise ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
             size = int(line[1:]) + 2  # the value, then CRLF
@@ -296,7 +457,7 @@ class RedisTier:
 
     def _read_layers(self, name: str, key: ChunkKey, layers: Sequence[int], expect: KVLayout | None) -> ChunkKV | None:
         """Layer-sliced read: header first, then the wanted tensors in one pipelined GETRANGE batch."""
-        size = self.call("strlen", lambda: self.client.strlen(name), 0)  # 0: no such key
+        size = self.call("strlen", lambda: self._node(name).strlen(name), 0, key=name)  # 0: no such key
         if not size:
             return None
         try:
@@ -312,14 +473,15 @@ class RedisTier:
         the entry is larger than the whole budget, or the server refused or failed it)."""
         parts = entry_parts(blob)
         size = sum(memoryview(part).nbytes for part in parts)
-        if size > self.config.max_bytes:
+        if size > self._bucket_bytes:
             return False
         name = self._name(key)
-        if not self.call("set", lambda: self._set_parts(name, parts, size), False):
+        if not self.call("set", lambda: self._set_parts(name, parts, size), False, key=name):
             return False
         ttl_ms = (self.config.ttl_s or 0) * 1000
         result = self.call("account", lambda: self._account(
-            keys=self._index, args=[name, size, _now_ms(), self.config.max_bytes, ttl_ms]), None)
+            keys=self._index(name), args=[name, size, _now_ms(), self._bucket_bytes, ttl_ms], client=self._node(name)),
+            None, key=name)
         self.counts.add("puts")
         if result is not None:
             self.counts.add("evictions", n=int(result[0]))
@@ -332,7 +494,7 @@ class RedisTier:
         bulk = lambda arg: b"$%d\r\n%s\r\n" % (len(arg), arg)  # noqa: E731 - RESP bulk string
         head = b"*%d\r\n" % (3 + len(expiry)) + bulk(b"SET") + bulk(name.encode()) + b"$%d\r\n" % size
         tail = b"\r\n" + b"".join(bulk(arg) for arg in expiry)
-        pool = self.client.connection_pool
+        pool = self._node(name).connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([head, *parts, tail], check_health=False)
@@ -346,42 +508,34 @@ class RedisTier:
 
     def held_bytes(self) -> int:
         """Bytes of this prefix's entries by the server-side account (0 when unreachable)."""
-        return int(self.call("bytes", lambda: self.client.get(self._index[2]), None) or 0)
+        totals = [self._bucket_index(tag)[2] for tag in self._tags]
+        return sum(int(self.call("bytes", lambda t=t: self._node(t).get(t), None, key=t) or 0) for t in totals)
 
     def server_limits(self) -> dict:
-        """The server's memory limit and eviction policy, and its memory in use (empty if it will not say)."""
-        config = self.call("config get", lambda: self.client.config_get("maxmemory*"), {}) or {}
-        info = self.call("info memory", lambda: self.client.info("memory"), {}) or {}
-        return {"maxmemory": int(config.get("maxmemory", 0) or 0), "maxmemory_policy": config.get("maxmemory-policy"),
-                "used_memory": int(info.get("used_memory", 0) or 0)}
+        """The server's memory limit and eviction policy, and its memory in use (on a cluster: summed over the
+        masters; 0 and None where it will not say)."""
+        configs = self.call("config get", lambda: [node.config_get("maxmemory*") for node in self._masters()], [])
+        infos = self.call("info memory", lambda: [node.info("memory") for node in self._masters()], [])
+        return {"maxmemory": sum(int(c.get("maxmemory", 0) or 0) for c in configs or []),
+                "maxmemory_policy": configs[0].get("maxmemory-policy") if configs else None,
+                "used_memory": sum(int(i.get("used_memory", 0) or 0) for i in infos or [])}
 
     def contains(self, key: ChunkKey) -> bool:
-        return bool(self.call("exists", lambda: self.client.exists(self._name(key)), 0))
+        name = self._name(key)
+        return bool(self.call("exists", lambda: self._node(name).exists(name), 0, key=name))
 
     def delete(self, key: ChunkKey) -> None:
         name = self._name(key)
         with self._lock:
             self._readahead.pop(name, None)
-
-        def run():
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(name)
-            pipe.hget(self._index[1], name)
-            pipe.hdel(self._index[1], name)
-            pipe.zrem(self._index[0], name)
-            deleted, size, *_ = pipe.execute()
-            if size is not None:
-                self.client.decrby(self._index[2], int(size))
-            return deleted
-
-        self.call("delete", run, 0)
+        self.call("delete", lambda: self._forget(keys=[name, *self._index(name)], client=self._node(name)), 0, key=name)
 
     def prefetch(self, keys: Iterable[ChunkKey]) -> None:
         """Fetch the values in one MGET into a small read-ahead buffer that the next `get` consumes."""
         names = [self._name(k) for k in keys][: self.config.readahead_entries]
         if not names:
             return
-        values = self.call("mget", lambda: self.client.mget(names), None) or []
+        values = self._mget(names)
         with self._lock:
             for name, value in zip(names, values):
                 if value is not None:
@@ -393,16 +547,38 @@ class RedisTier:
             self._touch(found)
 
     def _pattern(self) -> str:
-        """SCAN MATCH pattern of this tier's entries: the escaped prefix, then a 64-hex-char digest."""
-        return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + "?" * 64
+        """SCAN MATCH pattern of this tier's entries: the escaped prefix, a bucket's hash tag on a cluster, then a
+        64-hex-char digest."""
+        tag = "{*}" if self.cluster else ""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.config.prefix) + tag + "?" * 64
+
+    def _masters(self) -> list:
+        """A client per master: the one server, or every master of the cluster."""
+        if not self.cluster:
+            return [self.client]
+        return [self.client.get_redis_connection(node) for node in self.client.get_primaries()]
 
     def counters(self) -> TierStats:
         """Hit/miss/put counters only (cheap: no scan of the stored entries)."""
         return self.counts.snapshot()
 
     def stats(self) -> TierStats:
-        count = self.call("scan", lambda: sum(1 for _ in self.client.scan_iter(self._pattern())), 0)
+        count = self.call("scan", lambda: sum(1 for node in self._masters() for _ in node.scan_iter(self._pattern())), 0)
         return self.counts.snapshot(count, self.held_bytes())
+
+
+def _bucket_tags(count: int) -> list[str]:
+    """`count` hash tags, the i-th hashing into the i-th of `count` equal slot ranges: a cluster whose masters own
+    equal runs of slots (what `redis-cli --cluster create` makes) holds an equal share of the buckets on each."""
+    from redis.crc import key_slot
+
+    tags = []
+    for i in range(count):
+        low, high, j = i * SLOTS // count, (i + 1) * SLOTS // count, 0
+        while not low <= key_slot(f"kvblend{i}.{j}".encode()) < high:
+            j += 1
+        tags.append(f"{{kvblend{i}.{j}}}")
+    return tags
 
 
 def _now_ms() -> int:
@@ -417,13 +593,13 @@ class _RangeSource:
 
     def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         def run():
-            pipe = self.tier.client.pipeline(transaction=False)
+            pipe = self.tier._node(self.name).pipeline(transaction=False)
             for offset, length in ranges:
                 pipe.getrange(self.name, offset, offset + length - 1)
             return pipe.execute()
 
         failed = object()
-        out = self.tier.call("getrange", run, failed)
+        out = self.tier.call("getrange", run, failed, key=self.name)
         if out is failed:
             raise ConnectionError("redis unavailable")
         return out

@@ -167,6 +167,10 @@ class TieredStore:
         self._recorded = {tier.name: TierStats() for tier in self.tiers}
         self._record_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
+        self._queued = 0  # background writes queued so far; they finish in this order
+        self._enqueue = threading.Lock()
+        self._written = 0
+        self._written_cond = threading.Condition()
         self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
         self._writer.start()
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblend-prefetch",
@@ -271,7 +275,9 @@ class TieredStore:
             else:
                 slow.append(tier)
         if slow:
-            self._queue.put((key, kv, slow, anchor))
+            with self._enqueue:  # numbered in queue order, so `flush` knows when the ones before it are done
+                self._queued += 1
+                self._queue.put((key, kv, slow, anchor))
         elif anchor:
             self.anchors.add(kv.token_ids.tolist(), key.namespace)
 
@@ -300,11 +306,16 @@ class TieredStore:
             except Exception:
                 log.exception("store: cannot serialise an entry for the slow tiers")
             finally:
-                self._queue.task_done()
+                with self._written_cond:
+                    self._written += 1
+                    self._written_cond.notify_all()
 
     def flush(self) -> None:
-        """Wait until every queued background write has finished."""
-        self._queue.join()
+        """Wait until the background writes queued before this call have finished (not those queued meanwhile,
+        which another thread may keep adding)."""
+        target = self._queued
+        with self._written_cond:
+            self._written_cond.wait_for(lambda: self._written >= target)
 
     def contains(self, key: ChunkKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)

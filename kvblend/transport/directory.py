@@ -5,6 +5,8 @@ every ttl/3; an instance that stops renewing (killed, hung, partitioned) drops o
 `<prefix>holders:<name>` is a hash from instance to that instance's blob record. A lookup returns only the
 holders whose peer key is alive and deletes the fields of the dead ones, so the directory forgets a dead peer.
 Redis being down makes every lookup empty and every announcement a no-op (logged once), never an error.
+On a Redis Cluster (`redis+cluster://` URL) every key is one slot's; a lookup reads the holders' peer keys slot
+by slot, and a dead shard makes the lookups of its keys empty while the other shards answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from kvblend.transport.redis_client import RedisConnection, redis_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,17 +36,20 @@ class PeerDirectory:
     """One instance's view of the directory: its own heartbeat, its announcements, lookups of the others."""
 
     def __init__(self, url: str, instance: str, ttl_s: float, timeout_s: float, prefix: str = "kvblend:") -> None:
-        import redis
-
         if ttl_s <= 0 or timeout_s <= 0:
             raise ValueError(f"directory TTL and timeout must be positive, got {ttl_s} and {timeout_s}")
         self.instance, self.ttl_s, self.prefix = instance, ttl_s, prefix
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._connection = RedisConnection(url, timeout_s, retry_s=ttl_s / 3)
+        self._errors = redis_errors()
         self._down = False
         self._connection_info: bytes | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+
+    @property
+    def client(self):
+        """redis.Redis, or redis.cluster.RedisCluster for a cluster URL."""
+        return self._connection.get()
 
     def _peer(self, instance: str) -> str:
         return f"{self.prefix}peer:{instance}"
@@ -85,10 +92,13 @@ class PeerDirectory:
     def withdraw(self, names: list[str]) -> None:
         if not names:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            pipe.hdel(self._holders(name), self.instance)
-        self._call("withdraw", pipe.execute, None)
+        def run():
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.hdel(self._holders(name), self.instance)
+            return pipe.execute()
+
+        self._call("withdraw", run, None)
 
     def holders(self, name: str) -> list[Holder]:
         """The live instances other than this one that hold `name` (dead ones are removed on the way)."""
@@ -96,7 +106,8 @@ class PeerDirectory:
         others = [(inst.decode(), rec) for inst, rec in fields.items() if inst.decode() != self.instance]
         if not others:
             return []
-        infos = self._call("lookup", lambda: self.client.mget([self._peer(inst) for inst, _ in others]), None)
+        peers = [self._peer(inst) for inst, _ in others]
+        infos = self._call("lookup", lambda: self._mget(peers), None)
         if infos is None:
             return []
         dead = [inst for (inst, _), info in zip(others, infos) if info is None]
@@ -105,6 +116,12 @@ class PeerDirectory:
             log.info("peer directory: %s no longer alive, dropped as holder of %s", dead, name[:12])
         return [Holder(inst, info, rec) for (inst, rec), info in zip(others, infos) if info is not None]
 
+    def _mget(self, keys: list[str]) -> list:
+        """MGET, on a cluster one per slot (the peer keys of several instances are in several slots)."""
+        if self._connection.cluster:
+            return self.client.mget_nonatomic(keys)
+        return self.client.mget(keys)
+
     def holds(self, name: str) -> bool:
         return bool(self.holders(name))
 
@@ -112,7 +129,7 @@ class PeerDirectory:
         """Every instance whose heartbeat is current, this one included."""
         start = len(self._peer(""))
         keys = self._call("scan", lambda: list(self.client.scan_iter(self._peer("*"))), [])
-        return sorted(key.decode()[start:] for key in keys)
+        return sorted({key.decode()[start:] for key in keys})
 
     def leave(self, withdrawn: list[str]) -> None:
         """Stop the heartbeat, withdraw `withdrawn` and remove this instance's peer key."""
@@ -121,4 +138,4 @@ class PeerDirectory:
             self._heartbeat.join(timeout=self.ttl_s)
         self.withdraw(withdrawn)
         self._call("leave", lambda: self.client.delete(self._peer(self.instance)), 0)
-        self.client.close()
+        self._connection.close()

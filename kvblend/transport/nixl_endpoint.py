@@ -124,10 +124,16 @@ class NixlEndpoint:
                 evicted.append(oldest)
         return record, evicted
 
-    def withdraw(self, name: str) -> None:
+    def withdraw(self, name: str, exported: memoryview | None = None) -> bool:
+        """Stop exporting `name` (when `exported` is given: only if that is still the blob exported under it, not
+        a newer export of the same name); whether it was withdrawn."""
         with self._lock:
-            self._drop(name)
+            current = self._exports.get(name)
+            mine = current is not None and (exported is None or exported.obj is current.buffer)
+            if mine:
+                self._drop(name)
             self._sweep()
+        return mine
 
     def _drop(self, name: str) -> None:
         """Stop exporting `name`; its memory stays registered for retire_s."""
