@@ -57,7 +57,7 @@ def cpu_attention_layers(num_layers: int, num_blocks: int, block_size: int, kv_h
     for i in range(num_layers):
         layer = torch.nn.Module()
         layer.attn_backend, layer.impl = CPUAttentionBackend, impl
-        layer.isa = _get_attn_isa(dtype, block_size, head_dim, "auto")
+        layer.isa = impl.isa = _get_attn_isa(dtype, block_size, head_dim, "auto")  # see compat.cpu_attention_isa
         layer._k_scale_float = layer._v_scale_float = 1.0
         name = f"model.layers.{i}.self_attn.attn"
         layers[name] = layer

@@ -51,3 +51,10 @@ def blend_metadata_builder(attn_backend, kv_cache_spec, layer_names: list[str], 
     config.compilation_config = copy.copy(vllm_config.compilation_config)
     config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
     return attn_backend.get_builder_cls()(kv_cache_spec, layer_names, config, device)
+
+
+def cpu_attention_isa(layer) -> str:
+    """The CPU attention layer's kernel ISA (vec, amx, ...): vLLM 0.26 keeps it on the layer's backend impl, later
+    releases (0.32) on the layer itself, set there by the metadata builder."""
+    isa = getattr(layer, "isa", None)
+    return isa if isa is not None else layer.impl.isa

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvblend.vllm.compat import cpu_attention_isa
 
 
 # vLLM's GPU backends whose per-layer cache is [num_blocks, kv_heads, block_size, 2 * head_dim], K then V.
@@ -35,7 +36,7 @@ _PERMUTATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _cpu_permutation(layer, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """[block_size, head_dim] -> flat offset inside the K half and the V half of one (block, head)."""
-    key = (getattr(layer, "isa", None), block_size, head_dim, dtype)
+    key = (cpu_attention_isa(layer), block_size, head_dim, dtype)
     if key not in _PERMUTATIONS:
         _PERMUTATIONS[key] = _probe_cpu_layout(layer, block_size, head_dim, dtype)
     return _PERMUTATIONS[key]
@@ -57,7 +58,7 @@ def _probe_cpu_layout(layer, block_size: int, head_dim: int, dtype: torch.dtype)
         perm = torch.full((block_size, head_dim), -1, dtype=torch.int64)
         perm[offsets[half], dims[half]] = torch.arange(block_size * head_dim)
         if (perm < 0).any():
-            raise ValueError(f"unrecognised CPU KV layout for ISA {getattr(layer, 'isa', None)}")
+            raise ValueError(f"unrecognised CPU KV layout for ISA {cpu_attention_isa(layer)}")
         result.append(perm)
     return result[0], result[1]
 
