@@ -8,8 +8,16 @@ vLLM."""
 
 import pytest
 from tiny_models import save_tiny_model
-from vllm_helpers import BLENDABLE, check_blend_on_vllm_modules, generate, prompt_with, report, start_llm, stop_llm, \
-    text_chunks
+from vllm_helpers import (
+    BLENDABLE,
+    check_blend_on_vllm_modules,
+    generate,
+    prompt_with,
+    report,
+    start_llm,
+    stop_llm,
+    text_chunks,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -58,3 +58,38 @@ def cpu_attention_isa(layer) -> str:
     releases (0.32) on the layer itself, set there by the metadata builder."""
     isa = getattr(layer, "isa", None)
     return isa if isa is not None else layer.impl.isa
+
+
+# vLLM's OpenAI-server parts `kvblend serve` runs, by where each release keeps them: (vLLM 0.26, 0.32).
+_SERVER_MODULES = {
+    "cli_args": ("vllm.entrypoints.openai.cli_args", "vllm.entrypoints.launchers.cli_args"),
+    "api_server": ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.launchers.api_server.entry"),
+    "launcher": ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.launchers.launcher"),
+}
+
+
+def server_module_name(part: str) -> str:
+    """The module holding `part` of vLLM's OpenAI server: "cli_args" (make_arg_parser,
+    validate_parsed_serve_args), "api_server" (build_async_engine_client, build_and_serve; `python -m` runs the
+    server) or "launcher" (setup_server). vLLM 0.32 moved them from entrypoints.openai to entrypoints.launchers."""
+    import importlib.util
+
+    old, new = _SERVER_MODULES[part]
+    return new if importlib.util.find_spec("vllm.entrypoints.launchers") is not None else old
+
+
+def server_module(part: str):
+    """`server_module_name(part)`, imported."""
+    import importlib
+
+    return importlib.import_module(server_module_name(part))
+
+
+def configure_server_logging(args) -> None:
+    """Apply the server's parsed logging flags as `vllm serve` does: vLLM 0.32's `configure_logging_from_args`;
+    0.26 has no logging flags (its logging is set from VLLM_LOGGING_* variables when vLLM is imported)."""
+    import vllm.logger
+
+    configure = getattr(vllm.logger, "configure_logging_from_args", None)
+    if configure is not None:
+        configure(args)

@@ -17,7 +17,6 @@ import torch
 
 from kvblend.vllm.compat import cpu_attention_isa
 
-
 # vLLM's GPU backends whose per-layer cache is [num_blocks, kv_heads, block_size, 2 * head_dim], K then V.
 PACKED_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 
