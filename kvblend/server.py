@@ -21,16 +21,15 @@ from kvblend.rag.engine import CONNECTOR, warm_up_params, warm_up_prompt
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# What `python -m` runs for plain vLLM's server without the `vllm` command (the same launcher functions).
-VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def vllm_server_parser():
     """vLLM's own OpenAI-server argument parser (what `vllm serve` parses)."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser(FlexibleArgumentParser(prog="kvblend serve"))
+    from kvblend.vllm.compat import server_module
+
+    return server_module("cli_args").make_arg_parser(FlexibleArgumentParser(prog="kvblend serve"))
 
 
 def engine_flags(engine_kwargs: dict, parser) -> list[str]:
@@ -75,23 +74,25 @@ def server_args(model_dir: str | os.PathLike, config: PipelineConfig, host: str 
 
 def plain_vllm_command(args: Sequence[str]) -> str:
     """The shell command that runs vLLM's own server with these flags (what `vllm serve` would, minus the CLI)."""
-    return shlex.join([sys.executable, "-m", VLLM_SERVER_MODULE, *args])
+    from kvblend.vllm.compat import server_module_name
+
+    # plain vLLM's server without the `vllm` command: `python -m` on the module of the same launcher functions
+    return shlex.join([sys.executable, "-m", server_module_name("api_server"), *args])
 
 
 def serve(model_dir: str | os.PathLike, config: PipelineConfig, args: Sequence[str]) -> None:
     """Parse `args` with vLLM's server parser, start the engine, warm it up, and serve until interrupted."""
     import uvloop
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
 
     from kvblend.blend.prompt import chat_template
     from kvblend.model.tokenizer import load_tokenizer
+    from kvblend.vllm.compat import configure_server_logging, server_module
 
     cli_env_setup()
     parsed = vllm_server_parser().parse_args(list(args))
-    configure_logging_from_args(parsed)
-    validate_parsed_serve_args(parsed)
+    configure_server_logging(parsed)
+    server_module("cli_args").validate_parsed_serve_args(parsed)
     tokenizer = load_tokenizer(model_dir)
     warm_ids = warm_up_prompt(tokenizer, chat_template(tokenizer, system=config.system_prompt))
     uvloop.run(_run(parsed, warm_ids))
@@ -99,20 +100,21 @@ def serve(model_dir: str | os.PathLike, config: PipelineConfig, args: Sequence[s
 
 async def _run(args, warm_ids: list[int]) -> None:
     """vLLM's single-process API server (its `run_server`), with the warm-up between engine start and serving."""
-    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
-    from vllm.entrypoints.launchers.launcher import setup_server
+    from kvblend.vllm.compat import server_module
+
+    api_server = server_module("api_server")
 
     def interrupt(*_) -> None:  # until uvicorn installs its own handlers, as vLLM's run_server does
         raise KeyboardInterrupt("terminated")
 
     signal.signal(signal.SIGTERM, interrupt)
-    listen_address, sock = setup_server(args, reuse_port=False)
+    listen_address, sock = server_module("launcher").setup_server(args, reuse_port=False)
     try:
-        async with build_async_engine_client(args) as engine:
+        async with api_server.build_async_engine_client(args) as engine:
             async for _ in engine.generate({"prompt_token_ids": warm_ids}, warm_up_params(),
                                            f"kvblend-warm-up-{uuid.uuid4().hex[:8]}"):
                 pass
-            shutdown = await build_and_serve(engine, listen_address, sock, args)
+            shutdown = await api_server.build_and_serve(engine, listen_address, sock, args)
         await shutdown
     finally:
         sock.close()

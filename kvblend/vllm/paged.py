@@ -4,16 +4,21 @@ Writes go through the backend's own cache-update op (`impl.do_kv_cache_update`),
 (vec, AMX, ...) is handled by the code that defines it. Reads on CPU use the layout's permutation, measured
 once per (ISA, block size, head dim) by writing index codes through that same op. Where that permutation is a
 plain row-major or transposed tile (vLLM's "vec" layout), whole blocks are copied in and out through strided
-views instead (`write_rows`, `read_rows_into`): the op and the gathers cost 5-20x more per row. On GPU the FlashAttention
-layout `[2, num_blocks, block_size, kv_heads, head_dim]` is read and written with kvblend's Triton kernels.
-Anything else is refused.
+views instead (`write_rows`, `read_rows_into`): the op and the gathers cost 5-20x more per row. vLLM's GPU backends
+(FLASH_ATTN, TRITON_ATTN, FlashInfer; vLLM 0.26 to 0.32) give each layer a `[num_blocks, kv_heads, block_size,
+2 * head_dim]` view, K in the first half of the last dim and V in the second, in whatever stride order vLLM allocated
+(NHD or HND): rows are read and written through strided views of the two halves (`packed_halves`), which needs the
+cache in the model's dtype (no fp8 scales). Anything else is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvblend.triton_kernels import paged_kv_read, paged_kv_write
+from kvblend.vllm.compat import cpu_attention_isa
+
+# vLLM's GPU backends whose per-layer cache is [num_blocks, kv_heads, block_size, 2 * head_dim], K then V.
+PACKED_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 
 
 def slots_for(block_ids: list[int] | torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
@@ -30,7 +35,7 @@ _PERMUTATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _cpu_permutation(layer, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """[block_size, head_dim] -> flat offset inside the K half and the V half of one (block, head)."""
-    key = (getattr(layer, "isa", None), block_size, head_dim, dtype)
+    key = (cpu_attention_isa(layer), block_size, head_dim, dtype)
     if key not in _PERMUTATIONS:
         _PERMUTATIONS[key] = _probe_cpu_layout(layer, block_size, head_dim, dtype)
     return _PERMUTATIONS[key]
@@ -52,9 +57,14 @@ def _probe_cpu_layout(layer, block_size: int, head_dim: int, dtype: torch.dtype)
         perm = torch.full((block_size, head_dim), -1, dtype=torch.int64)
         perm[offsets[half], dims[half]] = torch.arange(block_size * head_dim)
         if (perm < 0).any():
-            raise ValueError(f"unrecognised CPU KV layout for ISA {getattr(layer, 'isa', None)}")
+            raise ValueError(f"unrecognised CPU KV layout for ISA {cpu_attention_isa(layer)}")
         result.append(perm)
     return result[0], result[1]
+
+
+def packed_halves(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views [num_blocks, kv_heads, block_size, head_dim] of a GPU backend's packed cache (any strides)."""
+    return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
 
 
 def _tile_view(half: torch.Tensor, perm: torch.Tensor, block_size: int, head_dim: int) -> torch.Tensor | None:
@@ -74,16 +84,20 @@ class PagedCache:
     def __init__(self, layer, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int) -> None:
         self.layer, self.kv = layer, kv_cache
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
-        if kv_cache.device.type == "cpu" and kv_cache.shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
+        backend = layer.attn_backend.get_name()
+        packed_shape = kv_cache.dim() == 4 and kv_cache.shape[1:] == (num_kv_heads, block_size, 2 * head_dim)
+        if backend == "CPU_ATTN" and packed_shape:
             self.kind = "cpu_attn"
             self.k_perm, self.v_perm = _cpu_permutation(layer, block_size, head_dim, kv_cache.dtype)
             self.k_tiles, self.v_tiles = self._tiles()
-        elif kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[2:] == (block_size, num_kv_heads, head_dim):
-            self.kind = "flash"
+        elif backend in PACKED_BACKENDS and packed_shape:
+            self.kind = "packed"
             self.k_tiles = self.v_tiles = None
+            self.k_half, self.v_half = packed_halves(kv_cache, head_dim)
         else:
-            raise ValueError(f"unknown paged KV layout {tuple(kv_cache.shape)} on {kv_cache.device} "
-                             f"(block_size {block_size}, {num_kv_heads} kv heads, head_dim {head_dim})")
+            raise ValueError(f"unknown paged KV layout {tuple(kv_cache.shape)} of vLLM's {backend} backend on "
+                             f"{kv_cache.device} (block_size {block_size}, {num_kv_heads} kv heads, head_dim {head_dim}); "
+                             f"kvblend reads and writes the layouts of {', '.join(('CPU_ATTN',) + PACKED_BACKENDS)}")
 
     def _tiles(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Strided [blocks, kv_heads, block_size, head_dim] views of the K and V halves, (None, None) if the
@@ -140,13 +154,16 @@ class PagedCache:
         if self.kind == "cpu_attn":
             self.layer.impl.do_kv_cache_update(self.layer, k, v, self.kv, slots)
         else:
-            paged_kv_write(k, v, self.kv, slots, "flash")
+            block, offset = slots // self.block_size, slots % self.block_size
+            self.k_half[block, :, offset] = k
+            self.v_half[block, :, offset] = v
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [tokens, kv_heads, head_dim] stored at `slots` (a copy)."""
         slots = slots.to(self.kv.device)
-        if self.kind == "flash":
-            return paged_kv_read(self.kv, slots, "flash", self.num_kv_heads, self.head_dim)
+        if self.kind == "packed":
+            block, offset = slots // self.block_size, slots % self.block_size
+            return self.k_half[block, :, offset], self.v_half[block, :, offset]
         n, d = self.block_size, self.head_dim
         flat = self.kv.view(-1)
         block, offset = slots // n, slots % n

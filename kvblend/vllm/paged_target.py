@@ -12,6 +12,10 @@ import torch
 
 from kvblend.vllm.paged import PagedCache, slots_for
 
+# Backends whose metadata builder takes the runs in any order. FlashInfer's splits a batch into decodes (query
+# length 1) and prefills assuming the decodes come first, which a blend's isolated active rows break.
+BLEND_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+
 
 def row_runs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lengths and ends (exclusive) of the runs of consecutive values in sorted `rows`."""

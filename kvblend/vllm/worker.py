@@ -24,11 +24,12 @@ from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
 from kvblend.store.key import ChunkKey
 from kvblend.store.tiered import TieredStore
+from kvblend.vllm.compat import blend_metadata_builder
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache
-from kvblend.vllm.paged_target import PagedKV
+from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV
 from kvblend.vllm.self_check import self_check
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ class _SpanLoad:
 
 class WorkerSide:
     def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
-                 blend: bool, cpu_ops: str = "vllm", controller: bool = True) -> None:
+                 blend: bool, cpu_ops: str = "vllm", controller: bool = True, layerwise_loads: bool = True) -> None:
+        """`layerwise_loads`: write a storage-mode load's rows layer by layer as vLLM's forward reaches each layer
+        (`wait_layer`); off (vLLM may replay whole-model CUDA graphs, where no layer hook runs), all layers are
+        written before the forward (`start_load`)."""
         self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
         self.block_size = vllm_config.cache_config.block_size
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
@@ -68,6 +72,7 @@ class WorkerSide:
         self.failed_blocks: set[int] = set()
         self._engine: BlendEngine | None = None
         self.controller_wanted = controller
+        self.layerwise_loads = layerwise_loads
         self.controller: LoadController | None = None
         self._builder = None
         self._loads: list[_SpanLoad] = []
@@ -101,8 +106,11 @@ class WorkerSide:
         if len(groups) != 1 or len(groups[0].layer_names) != len(self.caches):
             raise ValueError(f"blend needs one KV cache group holding every layer, got {len(groups)} groups")
         first = self.caches[0].layer
-        self._builder = first.attn_backend.get_builder_cls()(groups[0].kv_cache_spec, groups[0].layer_names,
-                                                             self.vllm_config, self.caches[0].kv.device)
+        if first.attn_backend.get_name() not in BLEND_BACKENDS:
+            raise ValueError(f"the blend attends through vLLM's {', '.join(BLEND_BACKENDS)} backends, not "
+                             f"{first.attn_backend.get_name()} (start vLLM with attention_backend='FLASH_ATTN' on a GPU)")
+        self._builder = blend_metadata_builder(first.attn_backend, groups[0].kv_cache_spec, groups[0].layer_names,
+                                               self.vllm_config, self.caches[0].kv.device)
         ops = DEFAULT_OPS
         if self.caches[0].kv.device.type == "cpu" and self.cpu_ops == "vllm":
             ops = self._vllm_cpu_ops()
@@ -142,13 +150,17 @@ class WorkerSide:
         for job in meta.blends:
             self._blend(job)
         self._loads += [_SpanLoad(job) for job in meta.loads]
+        if not self.layerwise_loads:
+            for layer in range(len(self.caches)):
+                self._write_layer(layer)
 
     def wait_layer(self, layer_name: str) -> None:
+        if self.layerwise_loads and self._loads:
+            self._write_layer(layer_index(layer_name))
+
+    def _write_layer(self, layer: int) -> None:
         """Write this layer's rows of every pending span load, straight from its spans' entries (read whole, for
         all of a load's spans at once, at the first layer: the prefetch started above has had until then)."""
-        if not self._loads:
-            return
-        layer = layer_index(layer_name)
         for load in self._loads:
             if load.entries is None and not load.failed:
                 self._read_entries(load)

@@ -1,0 +1,37 @@
+"""The blend inside vLLM on a GPU, in vLLM's default GPU mode (torch.compile and CUDA graphs on, not enforce_eager;
+async scheduling off, which the connector requires): for tiny random Llama / Qwen2 / Qwen3 / Mistral checkpoints,
+the checks the CPU tests run (vllm_helpers.check_blend_on_vllm_modules): the start-up self-check passes with
+FLASH_ATTN (Hopper's default backend), the blend at r=1 reproduces vLLM's own KV and first-token logprobs, full
+reuse matches the torch runner, and a storage-mode load lands before a whole-model CUDA graph replays. One engine
+per architecture. Skipped without CUDA and vLLM."""
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from vllm_helpers import BLENDABLE, GPU_ENGINE_ARGS, check_blend_on_vllm_modules, start_llm, stop_llm, text_chunks
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+                                 reason="needs a CUDA GPU and vLLM")]
+
+
+@pytest.fixture(scope="module")
+def chunks(tokenizer):
+    return text_chunks(tokenizer)
+
+
+@pytest.fixture(scope="module", params=BLENDABLE)
+def engine(request, model_dir, tmp_path_factory):
+    tiny = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param), model_dir)
+    store_dir = tmp_path_factory.mktemp(f"{request.param}-store")
+    llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir)}, engine_args=GPU_ENGINE_ARGS)
+    yield tiny, store_dir, llm
+    stop_llm(llm)
+
+
+def test_blend_in_vllm_default_gpu_mode(engine, chunks, tokenizer):
+    tiny, store_dir, llm = engine
+    check = check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend="FLASH_ATTN")
+    assert not check["layerwise_loads"]  # whole-model CUDA graphs on: loads land before the forward
