@@ -9,8 +9,9 @@ the system turn, 6 of the documents' texts in a new random order, a question. Pe
   chat_plain       rag_messages(question, texts), kv_transfer_params mode "off": plain vLLM (prefix cache on)
   chat_named       the same messages, the texts listed in kv_transfer_params (blend_body(texts)), own cache salt
   chat_discovered  the same messages, no list (blend_body()): stored chunks found by content hash
-  ids_plain        the pipeline's layout as token ids (chat template around the chunks' ids) on /v1/completions
-  ids_named        the same ids, the documents named as token-id lists
+  ids_named        the pipeline's layout as token ids (chat template around the chunks' ids) on /v1/completions,
+                   the documents named as token-id lists (its plain counterpart is chat_plain: the same documents
+                   and question, a prompt of the same length, so the plain prefill is not paid twice per prompt)
 TTFT = the latency of a non-streamed request for one token, on the client (HTTP, tokenization and the chat
 template included): the prefill plus one sampled token; the kvblend report of each request gives documents
 found and chunks blended. One warm-up prompt is not counted.
@@ -34,7 +35,7 @@ DOCS, DOCS_PER_PROMPT, CHUNK_TOKENS = 12, 6, 512
 QUESTIONS = ["What does this say about exceptions?", "Summarize the statements described.",
              "Which syntax is defined here?", "What happens at run time?", "Give an example from the text.",
              "What are the rules for names?", "How is this evaluated?", "What is the main point?"]
-MODES = ("chat_plain", "chat_named", "chat_discovered", "ids_plain", "ids_named")
+MODES = ("chat_plain", "chat_named", "chat_discovered", "ids_named")
 
 
 def documents(tokenizer, seed: int) -> tuple[list, list]:
@@ -149,7 +150,6 @@ def main() -> int:
                     "chat_plain": (chat, dict(messages=messages, extra_body=plain_body())),
                     "chat_named": (chat, dict(messages=messages, extra_body=blend_body(texts))),
                     "chat_discovered": (chat, dict(messages=messages, extra_body=blend_body())),
-                    "ids_plain": (complete, dict(prompt=ids, extra_body=plain_body())),
                     "ids_named": (complete, dict(prompt=ids, extra_body=blend_body([c.token_ids for c in parts]))),
                 }
                 for mode, (create, request) in requests.items():

@@ -9,7 +9,7 @@ from text_corpus import CHUNK_TOKENS, DOCUMENTS
 
 from kvblend.blend.prompt import chunk_token_ids
 from kvblend.client import rag_messages
-from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
+from kvblend.retrieval.chunker import ChunkerConfig, chunk_document, iter_chunks
 from kvblend.retrieval.corpus import Document, pydoc_topics
 from kvblend.vllm.params import locate_documents
 
@@ -62,3 +62,28 @@ def test_corpus_chunks_end_at_paragraph_breaks_and_keep_their_texts_ids(tokenize
         assert chunk.text == chunk.text.strip() and list(chunk.token_ids) == chunk_token_ids(tokenizer, chunk.text)
         assert doc.text[chunk.start_char : chunk.end_char] == chunk.text
     assert any(doc.text[c.end_char : c.end_char + 2] == "\n\n" for c in chunks[:-1]), "cut at a paragraph"
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the characters it is given."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __call__(self, text: str, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_precompute_chunks_a_large_file_lazily(tokenizer):
+    """`kvblend precompute --max-chunks 2` on a large text tokenizes a few windows, not the file (which peaked
+    at 7.8 GB on a 50 MB text when it was tokenized whole)."""
+    from kvblend.rag.precompute import PrecomputeConfig, text_chunks
+
+    big = Document("big.txt", "\n\n".join(d.text for d in pydoc_topics()[:60]) * 5)
+    assert len(big.text) > 1_000_000
+    counting = CountingTokenizer(tokenizer)
+    chunks = list(text_chunks(counting, [big], PrecomputeConfig(chunk_tokens=256, max_chunks=2)))
+    assert [index for _, index, _ in chunks] == [0, 1]
+    assert chunks[0][2] == next(iter_chunks(tokenizer, big, ChunkerConfig(256))).token_ids
+    assert counting.chars < 40_000
