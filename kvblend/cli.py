@@ -89,7 +89,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def precompute_windows(args: argparse.Namespace, docs) -> int:
-    """Without an index: fixed token windows of every document, KV stored only."""
+    """Without an index: every document's chunks (the chunker's, cut lazily), KV stored only."""
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import load_tokenizer
@@ -155,7 +155,8 @@ def run_with_progress(model, store, chunks, namespace: str | None = None):
     from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, key_namespace
 
     where = key_namespace(namespace or DEFAULT_NAMESPACE, os.environ.get(TENANT_SECRET_ENV), StoreConfig().secret)
-    with tqdm(total=len(chunks), unit="chunk", desc="precompute", file=sys.stderr) as bar:
+    total = len(chunks) if isinstance(chunks, list) else None
+    with tqdm(total=total, unit="chunk", desc="precompute", file=sys.stderr) as bar:
         def tick(record):
             bar.update(1)
             bar.set_postfix(computed=record.computed)
@@ -387,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="index documents (with --index) and store every chunk's KV cache",
                        description="Compute and store the KV cache of every chunk of some texts with the torch "
                                    "runner. With --index, chunk them as RAGPipeline does, embed them into that "
-                                   "index and precompute the KV `kvblend query` reuses; without, cut fixed token "
-                                   "windows and only store their KV. Resumable: indexed documents and stored "
+                                   "index and precompute the KV `kvblend query` reuses; without, cut the same "
+                                   "chunks and only store their KV. Resumable: indexed documents and stored "
                                    "chunks are skipped.")
     p.add_argument("paths", nargs="*", type=Path, help=".txt/.md files or directories of them")
     p.add_argument("--pydoc-topics", action="store_true", help="add the stdlib's language reference topics")

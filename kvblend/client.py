@@ -7,10 +7,11 @@ documents' KV through the server, and reading the connector's report.
                                            extra_body=blend_body(docs))
     kvblend_report(reply)                                     # {"mode": "blend", "tokens_reused": ..., ...}
 
-The convention: the documents sit in the last user turn, each followed by a blank line, then "Question: ...", the
-layout RAGPipeline uses, and `kv_transfer_params.kvblend.documents` lists them in the same order so the connector
-finds their token ids in the rendered prompt. Without that list the connector still finds stored chunks by
-content hash.
+The convention: the documents sit in the last user turn without boundary whitespace, each followed by a blank
+line, then "Question: ..." (kvblend.blend.prompt.user_message), and `kv_transfer_params.kvblend.documents` lists
+them in the same order so the connector finds their token ids (the ids of each text alone, stripped: the chunk
+recipe of kvblend.blend.prompt.chunk_token_ids) in the rendered prompt. Without that list the connector still
+finds stored chunks by content hash.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvblend.blend.prompt import DEFAULT_QUESTION_PREFIX, DEFAULT_SEPARATOR, DEFAULT_SYSTEM
+from kvblend.blend.prompt import DEFAULT_SYSTEM, chunk_text, user_message
 from kvblend.vllm.params import KEY, blend_salt
 
 
 def rag_user_message(question: str, documents: Sequence[str]) -> str:
-    """The user turn's text: every document followed by a blank line, then the question (RAGPipeline's layout)."""
-    if not question.strip():
-        raise ValueError("the question is empty")
-    return "".join(doc + DEFAULT_SEPARATOR for doc in documents) + DEFAULT_QUESTION_PREFIX + question
+    """The user turn's text: every document (stripped) followed by a blank line, then the question."""
+    return user_message(question, documents)
 
 
 def rag_messages(question: str, documents: Sequence[str], system: str = DEFAULT_SYSTEM) -> list[dict[str, str]]:
@@ -51,11 +50,11 @@ def plain_body() -> dict[str, Any]:
 
 def store_documents(client, model: str, documents: Sequence[str]) -> None:
     """Compute and store each document's KV alone through the server (one batched completion request; documents
-    already stored are not stored again). Their token ids are the texts' without special tokens, as the
-    connector tokenizes named documents."""
+    already stored are not stored again). Each is sent as its `chunk_text` without special tokens, so its key is
+    the one the connector makes for a named document and the chunker for an indexed chunk."""
     if not documents:
         return
-    client.completions.create(model=model, prompt=list(documents), max_tokens=1, temperature=0.0,
+    client.completions.create(model=model, prompt=[chunk_text(d) for d in documents], max_tokens=1, temperature=0.0,
                               extra_body={"kv_transfer_params": {KEY: {"store_prompt": True}},
                                           "add_special_tokens": False})
 

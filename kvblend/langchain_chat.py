@@ -23,14 +23,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import Field, PrivateAttr
 
-from kvblend.blend.prompt import DEFAULT_QUESTION_PREFIX, DEFAULT_SEPARATOR, DEFAULT_SYSTEM
+from kvblend.blend.prompt import DEFAULT_QUESTION_PREFIX, DEFAULT_SEPARATOR, DEFAULT_SYSTEM, chunk_text
 from kvblend.client import blend_body, cached_tokens, kvblend_report
 
 
 def format_documents(documents: Sequence[Any]) -> str:
-    """Retrieved Documents as the prompt's context: each page_content followed by a blank line (the layout
-    `kvblend.client.rag_user_message` and RAGPipeline use, so their stored chunks are found in it)."""
-    return "".join(doc.page_content + DEFAULT_SEPARATOR for doc in documents)
+    """Retrieved Documents as the prompt's context: each page_content without boundary whitespace followed by a
+    blank line (the layout of `kvblend.client.rag_user_message`, so their stored chunks are found in it)."""
+    return "".join(chunk_text(doc.page_content) + DEFAULT_SEPARATOR for doc in documents)
 
 
 def rag_prompt(system: str = DEFAULT_SYSTEM) -> ChatPromptTemplate:

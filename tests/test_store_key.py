@@ -96,3 +96,21 @@ def test_prefix_chained_keys_equal_the_per_prefix_keys(length, span):
     want = [ChunkKey.behind("fp", ids[s : s + span], ids[:s], "ns") for s in range(0, length - span + 1, span)]
     assert keys == want and [k.digest for k in keys] == [k.digest for k in want]
     assert len(keys) == length // span and (not keys or keys[0].is_alone)
+
+
+def test_entries_stored_under_the_previous_key_version_are_misses_not_errors(tmp_path, monkeypatch):
+    """Chunks are keyed by their own text's ids since key version 2: what a v1 store holds is never read."""
+    from kvblend.store import DiskTier
+    from kvblend.store import key as key_module
+    from test_store_helpers import random_chunk
+
+    chunk = random_chunk()
+    monkeypatch.setattr(key_module, "KEY_VERSION", "kvblend-chunk-v1")
+    old_digest = chunk.key.digest
+    assert DiskTier(tmp_path, 1 << 30).put(chunk.key, chunk)
+    monkeypatch.undo()
+    tier = DiskTier(tmp_path, 1 << 30)
+    assert chunk.key.digest != old_digest and key_module.KEY_VERSION == "kvblend-chunk-v2"
+    assert tier.get(chunk.key) is None and not tier.contains(chunk.key)
+    stats = tier.counts.snapshot()
+    assert stats.errors == stats.corrupt == 0 and stats.misses == 1

@@ -1,6 +1,9 @@
-"""Assemble a RAG prompt from token ids with the model's chat template, never re-tokenising chunk text.
+"""The RAG prompt's one layout and the chunk text recipe every path shares, and prompt assembly from token ids.
 
-The template is rendered once around a placeholder; the text before it (system turn, user-turn opening, and
+A chunk is keyed by the ids of its own text without boundary whitespace (`chunk_token_ids`): in a prompt the
+whitespace around a chunk belongs to the separators (`user_message`: each document followed by a blank line, then
+the question), where byte-level BPE tokenizers merge it with them, so a chunk's text keeps the ids it has alone.
+The chat template is rendered once around a placeholder; the text before it (system turn, user-turn opening, and
 any BOS the template writes) becomes the prefix, the question plus the text after it the suffix.
 """
 
@@ -16,6 +19,27 @@ PLACEHOLDER = "\x00KVBLEND_DOCUMENTS\x00"
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the documents."
 DEFAULT_SEPARATOR = "\n\n"  # after every chunk
 DEFAULT_QUESTION_PREFIX = "\n\nQuestion: "  # between the chunks and the question
+
+
+def chunk_text(text: str) -> str:
+    """A document's text as it sits in a prompt and is keyed: without leading or trailing whitespace."""
+    return text.strip()
+
+
+def chunk_token_ids(tokenizer, text: str) -> list[int]:
+    """The ids a chunk's KV is keyed by: its `chunk_text`, no special tokens (the chunker, `kvblend precompute`,
+    the connector's named documents and `store_documents` all key chunks this way)."""
+    stripped = chunk_text(text)
+    if not stripped:
+        raise ValueError("a chunk's text is empty (whitespace only)")
+    return encode(tokenizer, stripped)
+
+
+def user_message(question: str, documents: Sequence[str]) -> str:
+    """The user turn of a RAG prompt: every document's `chunk_text` followed by a blank line, then the question."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    return "".join(chunk_text(doc) + DEFAULT_SEPARATOR for doc in documents) + DEFAULT_QUESTION_PREFIX + question
 
 
 @dataclass(frozen=True)

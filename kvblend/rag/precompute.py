@@ -1,13 +1,14 @@
-"""The precompute job: split texts into token windows, compute each chunk's KV once, store it by ChunkKey.
+"""The precompute job: cut texts into chunks, compute each chunk's KV once, store it by ChunkKey.
 
 Resumable: chunks whose key is already stored are skipped, so an interrupted run simply starts again.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -116,14 +117,11 @@ def precompute_chunks(
     return report
 
 
-def text_chunks(tokenizer, docs: Iterable, config: PrecomputeConfig) -> list[tuple[str, int, list[int]]]:
-    """(source, index, token_ids) windows over documents, at most `config.max_chunks` of them."""
-    from kvblend.model.tokenizer import encode
+def text_chunks(tokenizer, docs: Iterable, config: PrecomputeConfig) -> Iterator[tuple[str, int, tuple[int, ...]]]:
+    """(source, index, token_ids) of the documents' chunks as the chunker cuts them (the keys a client sending
+    their texts hits), at most `config.max_chunks` of them, cut lazily (a large file is never tokenized whole)."""
+    from kvblend.retrieval.chunker import ChunkerConfig, iter_chunks
 
-    out = []
-    for doc in docs:
-        for i, ids in enumerate(token_windows(encode(tokenizer, doc.text), config.chunk_tokens)):
-            out.append((doc.source, i, ids))
-            if config.max_chunks and len(out) >= config.max_chunks:
-                return out
-    return out
+    chunker = ChunkerConfig(chunk_tokens=config.chunk_tokens)
+    chunks = ((c.source, c.index, c.token_ids) for doc in docs for c in iter_chunks(tokenizer, doc, chunker))
+    return itertools.islice(chunks, config.max_chunks)

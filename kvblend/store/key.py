@@ -19,6 +19,9 @@ MIN_TENANT_SECRET = 16
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # a namespace as configured or requested
 _KEY_NAMESPACE = re.compile(r"^[A-Za-z0-9._:-]{1,128}(~[0-9a-f]{32})?$")  # a name, or a name~tenant tag
 _TENANT_PERSON = b"kvblend-tenant"
+# v2: chunks are keyed by the ids of their own stripped text (kvblend.blend.prompt.chunk_token_ids), no longer
+# by windows of a document's ids; v1 entries are misses (never read, evicted by their tier's LRU)
+KEY_VERSION = "kvblend-chunk-v2"
 
 
 def token_ids_hash(token_ids: Sequence[int]) -> str:
@@ -126,7 +129,7 @@ class ChunkKey:
     def digest(self) -> str:
         """64 hex chars naming the entry in every tier."""
         blob = "\0".join(
-            ("kvblend-chunk-v1", self.fingerprint, self.namespace, self.context, self.tokens_hash, str(self.num_tokens))
+            (KEY_VERSION, self.fingerprint, self.namespace, self.context, self.tokens_hash, str(self.num_tokens))
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 

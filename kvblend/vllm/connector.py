@@ -22,8 +22,9 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
+from kvblend.blend.prompt import chunk_token_ids
 from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
-from kvblend.model.tokenizer import encode, load_tokenizer
+from kvblend.model.tokenizer import load_tokenizer
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 from kvblend.vllm.compat import full_cuda_graphs, unsupported_version
 from kvblend.vllm.config import ConnectorConfig
@@ -73,13 +74,13 @@ def refused_combination(vllm_config) -> str | None:
 
 
 def text_encoder(tokenizer_dir: str) -> Callable[[str], list[int]]:
-    """A document text's token ids as its chunk is keyed (no special tokens); the tokenizer loads on first use."""
+    """A document text's token ids as its chunk is keyed (`chunk_token_ids`); the tokenizer loads on first use."""
     loaded = []
 
     def encode_text(text: str) -> list[int]:
         if not loaded:
             loaded.append(load_tokenizer(tokenizer_dir))
-        return encode(loaded[0], text)
+        return chunk_token_ids(loaded[0], text)
 
     return encode_text
 

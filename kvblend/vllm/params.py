@@ -6,7 +6,8 @@ deployment sets discover_blend (ConnectorConfig.request_mode):
   chunks       [[start, length], ...] spans of the prompt that are cached chunks (the explicit layout);
                without it (and without documents) the connector discovers cached chunks by content hash
   documents    [text or [token ids], ...] the retrieved documents the prompt contains, in prompt order: the
-               connector tokenizes each text alone (no special tokens) and finds its ids in the prompt, which
+               connector tokenizes each text alone, stripped (kvblend.blend.prompt.chunk_token_ids, the key
+               recipe of every chunk) and finds its ids in the prompt, which
                gives the layout when the client sends text (an OpenAI chat request); not with `chunks`
   mode         "blend" | "storage" | "off" (default: the connector's mode)
   namespace    the chunks' store namespace, a plain name (default: the connector's)
