@@ -105,6 +105,10 @@ def test_print_command_in_a_fresh_home_converts_nothing_and_names_the_redis_vari
     assert out.startswith(f"{ENGINE_REDIS_URL_ENV}={redis_url} ") and "--kv-cache-memory-bytes" in out
     assert f'"redis_url_env": "{ENGINE_REDIS_URL_ENV}"' in out and out.count(redis_url) == 1
     assert str(tmp_path / "cache" / "models") in out and "not converted yet" in err
+    for help_argv in (["--help"], ["serve", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(help_argv)
+        assert done.value.code == 0
     assert not (tmp_path / "cache" / "models").exists(), "the embedded model was converted"
 
 
