@@ -93,7 +93,6 @@ def test_every_request_that_asked_is_told_why_nothing_was_reused(stored_chunk):
     scheduler, store = scheduler_for(store_dir)
     with store:
         cases = [  # (kvblend parameters, prompt, reason, mode)
-            ({"mode": "off"}, prompt, "off", "off"),
             ({"mode": "sideways"}, prompt, "bad_params", "off"),
             ({"store_prompt": True}, prompt, "store_prompt", "blend"),
             ({}, prompt[:1], "short_prompt", "blend"),
@@ -115,6 +114,7 @@ def test_every_request_that_asked_is_told_why_nothing_was_reused(stored_chunk):
         computed = report_of(scheduler, prompt, {"chunks": [[9, 48]]}, "cached", num_computed=len(prompt) - 2)
         assert computed["reason"] == "prefix_cached", computed
         assert report_of(scheduler, unstored, None, "plain-client") is None, "no kvblend key, no report"
+        assert report_of(scheduler, prompt, {"mode": "off"}, "plain-comparison") is None, "kvblend asked to stay out"
         scheduler.blend_ready, scheduler.blend_off_reason = None, ""
         assert report_of(scheduler, prompt, {}, "early")["reason"] == "blend_not_ready"
         scheduler.blend_ready, scheduler.blend_off_reason = False, "the self-check failed"

@@ -1,14 +1,13 @@
 """Why a request that carried kvblend parameters reused nothing: the `reason` of its `kvblend` report.
 
 The report is `RequestOutput.kv_transfer_params["kvblend"]` (in an OpenAI response: `kv_transfer_params`); every
-request that carried the "kvblend" key gets one. `reason` (a code of REASONS) and `detail` (its sentence) are there
+request that carried the "kvblend" key gets one, but for one that asked for mode "off" (kvblend stays out of it). `reason` (a code of REASONS) and `detail` (its sentence) are there
 exactly when nothing stored was reused.
 """
 
 from __future__ import annotations
 
 REASONS = {
-    "off": "the request asked for mode off",
     "bad_params": "its kvblend parameters are invalid (the server log says why); it ran as plain vLLM",
     "tenant_required": "this server requires a tenant_secret to use the store",
     "store_prompt": "store_prompt: vLLM computes the prompt and the connector stores it",
@@ -22,6 +21,8 @@ REASONS = {
     "tenant": "the chunks are stored in the shared namespace, not in this tenant's: store them with its tenant_secret",
     "prefix_cached": "vLLM's own prefix cache already held the reusable part of the prompt",
     "gate": "the quality gate sent the request to a full prefill (gate says why)",
+    "controller": "the loading controller measured recomputing the chunks as faster than loading them (controller "
+                  "says why)",
     "error": "loading or blending the stored KV failed (load_error or blend_error says why); vLLM recomputed it",
 }
 

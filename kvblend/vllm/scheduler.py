@@ -94,8 +94,10 @@ class SchedulerSide:
             return self._nothing(req_id, True, "off", "tenant_required")  # told even to a plain client
         self._params[req_id] = params
         mode = params.mode or self.config.request_mode(asked=asked)
+        if mode == "off" and why is None:
+            return 0  # the request asked kvblend to stay out of it (a plain comparison, the warm-up): no report
         if mode == "off" or len(prompt) < 2 or params.store_prompt:
-            why = why or ("off" if mode == "off" else "store_prompt" if params.store_prompt else "short_prompt")
+            why = why or ("store_prompt" if params.store_prompt else "short_prompt")
             return self._nothing(req_id, asked, mode, why)
         namespace = params.key_namespace(self.config.namespace, self.server_key)
         limit = len(prompt) - 1
@@ -277,6 +279,8 @@ class SchedulerSide:
         report = self._reports.pop(req_id, None)
         if report and (report.get("gate") or {}).get("decision") == "full_prefill":
             nothing_reused(report, "gate")
+        elif report and (report.get("controller") or {}).get("recompute"):
+            nothing_reused(report, "controller")
         elif report and ("blend_error" in report or "load_error" in report):
             nothing_reused(report, "error")
         return {"kvblend": report} if report else None
