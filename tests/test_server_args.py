@@ -134,3 +134,14 @@ def test_serve_refuses_a_kv_space_the_machine_cannot_hold_before_vllm_starts(mod
     assert main(argv) == EXIT_FAILURE  # 4096 sequences of 4096 tokens: hundreds of GiB of KV space
     err = capsys.readouterr().err
     assert "max_num_seqs 4096" in err and "lower max_model_len or max_num_seqs" in err, err
+
+
+def test_the_gguf_header_gives_the_converted_models_config(model_dir):
+    """What `--print-command` sizes the KV space from before the embedded model is converted."""
+    import json
+
+    from kvblend.model.embedded import gguf_config, gguf_path
+
+    header, converted = gguf_config(gguf_path()), json.loads((model_dir / "config.json").read_text())
+    assert header and header == pytest.approx({name: converted[name] for name in header})
+    assert spec_from_config(header, "float32").num_kv_heads == spec_from_config(converted, "float32").num_kv_heads

@@ -103,24 +103,29 @@ def resolve_model_dir(model_dir: str | os.PathLike | None, convert: bool = True)
 
 
 def model_config(model_dir: str | os.PathLike) -> dict:
-    """The HF config of `model_dir`; for the embedded model's directory before its conversion, the fields a
-    ModelSpec needs, read from the GGUF's metadata (a fraction of a second instead of a minute's conversion)."""
+    """The HF config of `model_dir`; for the embedded model's directory before its conversion, its shape fields,
+    read from the GGUF's metadata (enough to size the KV space; a fraction of a second, not a minute's conversion)."""
     path = Path(model_dir)
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
     if path != embedded_model_dir(convert=False):
         raise FileNotFoundError(f"{path} is not an HF model directory (no config.json)")
-    meta = gguf_metadata(gguf_path())
+    return gguf_config(gguf_path())
+
+
+def gguf_config(path: str | os.PathLike) -> dict:
+    """The HF config's shape fields (GGUF_CONFIG_KEYS) of a llama-family GGUF, from its metadata."""
+    meta = gguf_metadata(path)
     arch = meta["general.architecture"]
     return {name: meta[f"{arch}.{key}"] for name, key in GGUF_CONFIG_KEYS.items() if f"{arch}.{key}" in meta}
 
 
-# HF config fields of a llama-family GGUF's metadata (key after the "<architecture>." prefix).
+# The shape fields of an HF config (what sizes the KV space; not rope or norm settings) in a llama-family GGUF's
+# metadata (key after the "<architecture>." prefix).
 GGUF_CONFIG_KEYS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
                     "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
                     "intermediate_size": "feed_forward_length", "vocab_size": "vocab_size",
-                    "max_position_embeddings": "context_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
-                    "rope_theta": "rope.freq_base"}
+                    "max_position_embeddings": "context_length"}
 GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
