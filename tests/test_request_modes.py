@@ -92,21 +92,21 @@ def test_every_request_that_asked_is_told_why_nothing_was_reused(stored_chunk):
     tenant = "tenant-secret-0123456789"
     scheduler, store = scheduler_for(store_dir)
     with store:
-        cases = [  # (kvblend parameters, prompt, reason, mode)
-            ({"mode": "sideways"}, prompt, "bad_params", "off"),
-            ({"store_prompt": True}, prompt, "store_prompt", "blend"),
-            ({}, prompt[:1], "short_prompt", "blend"),
-            ({"documents": [stranger]}, prompt, "not_located", "blend"),
-            ({"documents": [stranger]}, unstored, "not_stored", "blend"),
-            ({"chunks": [[7, 40]]}, unstored, "not_stored", "blend"),
-            ({}, unstored, "not_found", "blend"),
-            ({"mode": "storage"}, prompt, "not_stored", "storage"),
-            ({"tenant_secret": tenant}, prompt, "not_found", "blend"),  # discovery looks in the tenant's namespace
-            ({"tenant_secret": tenant, "documents": [ids]}, prompt, "tenant", "blend"),
+        cases = [  # (kvblend parameters, prompt, reason)
+            ({"mode": "sideways"}, prompt, "bad_params"),
+            ({"store_prompt": True}, prompt, "store_prompt"),
+            ({}, prompt[:1], "short_prompt"),
+            ({"documents": [stranger]}, prompt, "not_located"),
+            ({"documents": [stranger]}, unstored, "not_stored"),
+            ({"chunks": [[7, 40]]}, unstored, "not_stored"),
+            ({}, unstored, "not_found"),
+            ({"mode": "storage"}, prompt, "not_stored"),
+            ({"tenant_secret": tenant}, prompt, "not_found"),  # discovery looks in the tenant's namespace
+            ({"tenant_secret": tenant, "documents": [ids]}, prompt, "tenant"),
         ]
-        for i, (kvblend, text, reason, mode) in enumerate(cases):
+        for i, (kvblend, text, reason) in enumerate(cases):
             report = report_of(scheduler, text, kvblend, f"r{i}")
-            assert report is not None and (report["reason"], report["mode"]) == (reason, mode), (kvblend, report)
+            assert report is not None and (report["reason"], report["mode"]) == (reason, "none"), (kvblend, report)
             assert report["matched_tokens"] == 0 and report["detail"], report
         named = report_of(scheduler, prompt, {"documents": [stranger, ids]}, "named")
         assert named["mode"] == "blend" and (named["documents"], named["documents_found"]) == (2, 1), named

@@ -91,14 +91,14 @@ class SchedulerSide:
         self._matched.pop(req_id, None)
         if self.config.require_tenant and params.tenant_secret is None and params.mode != "off":
             self._params[req_id] = RequestParams(mode="off")
-            return self._nothing(req_id, True, "off", "tenant_required")  # told even to a plain client
+            return self._nothing(req_id, True, "tenant_required")  # told even to a plain client
         self._params[req_id] = params
         mode = params.mode or self.config.request_mode(asked=asked)
         if mode == "off" and why is None:
             return 0  # the request asked kvblend to stay out of it (a plain comparison, the warm-up): no report
         if mode == "off" or len(prompt) < 2 or params.store_prompt:
             why = why or ("store_prompt" if params.store_prompt else "short_prompt")
-            return self._nothing(req_id, asked, mode, why)
+            return self._nothing(req_id, asked, why)
         namespace = params.key_namespace(self.config.namespace, self.server_key)
         limit = len(prompt) - 1
         stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
@@ -119,12 +119,13 @@ class SchedulerSide:
         if exact_end > num_computed:
             self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed, prefetch)
             return exact_end - num_computed
-        return self._nothing(req_id, asked, mode, why or ("prefix_cached" if num_computed else "not_stored"))
+        return self._nothing(req_id, asked, why or ("prefix_cached" if num_computed else "not_stored"))
 
-    def _nothing(self, req_id: str, asked: bool, mode: str, reason: str) -> int:
-        """No tokens from the store; a request that carried kvblend parameters gets a report saying why."""
+    def _nothing(self, req_id: str, asked: bool, reason: str) -> int:
+        """No tokens from the store; a request that carried kvblend parameters gets a report saying why (mode
+        "none": neither blended nor loaded)."""
         if asked:
-            nothing_reused(self._reports.setdefault(req_id, {}), reason).update(mode=mode, matched_tokens=0)
+            nothing_reused(self._reports.setdefault(req_id, {}), reason).update(mode="none", matched_tokens=0)
         return 0
 
     def _cached_chunks(self, req_id: str, prompt: list[int], params: RequestParams, namespace: str,
