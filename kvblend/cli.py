@@ -61,6 +61,19 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_dtype_arg(p, "the vLLM engine's dtype")
 
 
+def check_store_dir(path: Path) -> None:
+    """Raise ValueError naming `path` and the problem unless a store can live there: a directory, or one that can be
+    created (main checks every command's store before the command starts, so none fails half-way with a traceback)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        problem = "is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
+    else:
+        return
+    raise ValueError(f"cannot use {path} as the store directory: {existing} {problem}")
+
+
 def open_cli_store(args: argparse.Namespace):
     from kvblend.store import StoreConfig, open_store
 
@@ -261,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kvblend.model.embedded import resolve_model_dir
     from kvblend.rag.config import DEFAULT_SAMPLING, PipelineConfig, require_redis
+    from kvblend.rag.engine import engine_env
     from kvblend.server import plain_vllm_command, serve, server_args
 
     sampling = dict(DEFAULT_SAMPLING)
@@ -276,11 +290,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.redis_url:
         require_redis(config.redis_url)
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    model_dir = resolve_model_dir(config.model_dir)
+    model_dir = resolve_model_dir(config.model_dir, convert=not args.print_command)
     flags = server_args(model_dir, config, vllm_args=vllm_args, disagg=args.disagg, discover_blend=args.discover_blend,
                         **given(args, host="host", port="port"))
     if args.print_command:
-        print(plain_vllm_command(flags))
+        print(plain_vllm_command(flags, engine_env(config)))
+        if not (model_dir / "config.json").is_file():
+            print(f"kvblend serve: the embedded model is not converted yet; `kvblend model-dir` converts it to "
+                  f"{model_dir} (once, about a minute)", file=sys.stderr)
         return EXIT_OK
     serve(model_dir, config, flags)
     return EXIT_OK
@@ -507,16 +524,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from kvblend.rag.config import RedisUnreachable
     from kvblend.rag.engine import configure_vllm_logging
+    from kvblend.rag.kv_space import NotEnoughMemory
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     configure_vllm_logging("INFO" if args.verbose or args.command == "serve" else "ERROR")
     try:
+        if hasattr(args, "store"):
+            from kvblend.store.tiered import default_store_dir
+
+            check_store_dir(args.store or default_store_dir())
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # CorpusError is a ValueError
         print(f"kvblend {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RedisUnreachable as exc:
+    except (RedisUnreachable, NotEnoughMemory) as exc:
         print(f"kvblend {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

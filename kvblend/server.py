@@ -17,10 +17,13 @@ import uuid
 from collections.abc import Sequence
 
 from kvblend.rag.config import PipelineConfig
-from kvblend.rag.engine import CONNECTOR, warm_up_params, warm_up_prompt
+from kvblend.rag.engine import CONNECTOR, engine_env, engine_kwargs, require_memory, warm_up_params, warm_up_prompt
+from kvblend.rag.kv_space import SIZING_ARGS
+from kvblend.store.redis_tier import redact_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+SIZED_BY = ("max_model_len", "max_num_seqs", *SIZING_ARGS)  # engine arguments the KV space is sized from
 
 
 def vllm_server_parser():
@@ -48,15 +51,25 @@ def engine_flags(engine_kwargs: dict, parser) -> list[str]:
     return flags
 
 
+def sizing_given(vllm_args: Sequence[str], parser) -> dict:
+    """The engine arguments the KV space is sized from (SIZED_BY) that `vllm_args` set."""
+    given, default = vars(parser.parse_args(list(vllm_args))), vars(parser.parse_args([]))
+    return {name: given[name] for name in SIZED_BY if given[name] != default[name]}
+
+
 def server_args(model_dir: str | os.PathLike, config: PipelineConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 vllm_args: Sequence[str] = (), disagg: str | None = None, discover_blend: bool = False) -> list[str]:
-    """vLLM server flags for `model_dir`: the pipeline's engine settings, kvblend's load format and connector (with
-    the pipeline's store and blend settings; `discover_blend`: requests without kvblend parameters are blended
-    too), the default sampling as vLLM's generation config, cached-token counts in `usage`, then `vllm_args` (a
-    later flag wins). `disagg` ("prefill" or "decode", see kvblend.vllm.disagg) adds vLLM's NixlConnector to
-    kvblend's (prefill) or serves with NixlConnector alone (decode)."""
+    """vLLM server flags for `model_dir`: the pipeline's engine settings and KV space (sized as RAGPipeline sizes
+    it, for the max_model_len and max_num_seqs in effect, unless `vllm_args` size it), kvblend's load format and
+    connector (with the pipeline's store and blend settings; `discover_blend`: requests without kvblend parameters
+    are blended too), the default sampling as vLLM's generation config, cached-token counts in `usage`, then
+    `vllm_args` (a later flag wins). `disagg` ("prefill" or "decode", see kvblend.vllm.disagg) adds vLLM's
+    NixlConnector to kvblend's (prefill) or serves with NixlConnector alone (decode)."""
     from kvblend.vllm.disagg import kv_buffer_device, transfer_config
     from kvblend.vllm.model_hook import LOAD_FORMAT
+
+    parser = vllm_server_parser()
+    kwargs = engine_kwargs(model_dir, config, sizing_given(vllm_args, parser))
 
     extra = {**config.connector_extra(), **({"discover_blend": True} if discover_blend else {})}
     kv = {**CONNECTOR, "kv_connector_extra_config": extra}
@@ -66,22 +79,26 @@ def server_args(model_dir: str | os.PathLike, config: PipelineConfig, host: str 
     # NixlConnector refuses a hand-off between instances that differ in vLLM's hybrid KV cache manager; kvblend's
     # connector turns it off on the prefill side, so the decode side turns it off too.
     load += ["--disable-hybrid-kv-cache-manager"] if disagg == "decode" else []
-    return ["--model", str(model_dir), "--host", host, "--port", str(port), *engine_flags(config.engine_kwargs, vllm_server_parser()),
+    return ["--model", str(model_dir), "--host", host, "--port", str(port), *engine_flags(kwargs, parser),
             *load, "--kv-transfer-config", json.dumps(kv), "--no-async-scheduling",
             "--override-generation-config", json.dumps(config.sampling), "--enable-prompt-tokens-details",
             *vllm_args]
 
 
-def plain_vllm_command(args: Sequence[str]) -> str:
-    """The shell command that runs vLLM's own server with these flags (what `vllm serve` would, minus the CLI)."""
+def plain_vllm_command(args: Sequence[str], env: dict[str, str] | None = None) -> str:
+    """The shell command that runs vLLM's own server with these flags (what `vllm serve` would, minus the CLI), with
+    the environment `env` it needs (engine_env; a password in a URL shown as ***, for the user to fill in)."""
     from kvblend.vllm.compat import server_module_name
 
     # plain vLLM's server without the `vllm` command: `python -m` on the module of the same launcher functions
-    return shlex.join([sys.executable, "-m", server_module_name("api_server"), *args])
+    assignments = [f"{name}={shlex.quote(redact_url(value))}" for name, value in (env or {}).items()]
+    return " ".join([*assignments, shlex.join([sys.executable, "-m", server_module_name("api_server"), *args])])
 
 
 def serve(model_dir: str | os.PathLike, config: PipelineConfig, args: Sequence[str]) -> None:
-    """Parse `args` with vLLM's server parser, start the engine, warm it up, and serve until interrupted."""
+    """Parse `args` with vLLM's server parser, check that this machine holds the engine (NotEnoughMemory before it
+    starts on CPU), start it, warm it up, and serve until interrupted. The Redis URL reaches the engine through
+    its environment (engine_env), never through vLLM's logged config."""
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
@@ -89,10 +106,12 @@ def serve(model_dir: str | os.PathLike, config: PipelineConfig, args: Sequence[s
     from kvblend.model.tokenizer import load_tokenizer
     from kvblend.vllm.compat import configure_server_logging, server_module
 
-    cli_env_setup()
     parsed = vllm_server_parser().parse_args(list(args))
-    configure_server_logging(parsed)
     server_module("cli_args").validate_parsed_serve_args(parsed)
+    require_memory(model_dir, {name: getattr(parsed, name) for name in SIZED_BY})
+    cli_env_setup()
+    configure_server_logging(parsed)
+    os.environ.update(engine_env(config))
     tokenizer = load_tokenizer(model_dir)
     warm_ids = warm_up_prompt(tokenizer, chat_template(tokenizer, system=config.system_prompt))
     uvloop.run(_run(parsed, warm_ids))

@@ -2,6 +2,7 @@
 settings (the Redis URL reaches the connector through an environment variable, not vLLM's logged config)."""
 
 import json
+import logging
 import socket
 
 import pytest
@@ -57,3 +58,15 @@ def test_redis_url_env_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="Redis URL") as err:
         ConnectorConfig(redis_url_env="KVBLEND_TEST_URL")
     assert PASSWORD not in str(err.value)
+
+
+def test_a_password_in_the_connector_config_is_warned_about(tmp_path, caplog):
+    """vLLM logs kv_connector_extra_config at start-up: a Redis URL with a password there gets a warning naming
+    the fix (redis_url_env), itself without the password."""
+    with caplog.at_level(logging.WARNING, logger="kvblend.vllm.config"):
+        ConnectorConfig.from_extra({"store_dir": str(tmp_path / "s"), "redis_url": closed_port_url()})
+    assert "redis_url_env" in caplog.text and "user:***@" in caplog.text and PASSWORD not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvblend.vllm.config"):
+        ConnectorConfig.from_extra({"store_dir": str(tmp_path / "s"), "redis_url": "redis://127.0.0.1:1/0"})
+    assert not caplog.records

@@ -68,9 +68,9 @@ def test_proxy_asks_the_prefill_for_one_token_and_hands_nixl_fields_to_the_decod
 def instance_env(cores: str = "0") -> dict:
     """One instance's environment: its own NIXL side channel and OpenMP cores (two engines whose OpenMP threads
     share cores slow each other's steps to seconds on 2 cores)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", UCX_TLS="tcp,self",
-               VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()), VLLM_CPU_OMP_THREADS_BIND=cores)
-    for name in ("TRITON_INTERPRET", "KVBLEND_REDIS_URL"):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", UCX_TLS="tcp,self", VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()),
+               VLLM_CPU_OMP_THREADS_BIND=cores)
+    for name in ("TRITON_INTERPRET", "KVBLEND_REDIS_URL", "VLLM_CPU_KVCACHE_SPACE"):  # kvblend serve sizes the KV
         env.pop(name, None)
     return env
 

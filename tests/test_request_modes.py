@@ -72,3 +72,51 @@ def test_a_store_request_is_never_blended_even_when_it_holds_a_stored_chunk(stor
         for params in ({"kvblend": {"store_prompt": True}}, {"kvblend": {"store_prompt": True, "mode": "blend"}}):
             assert scheduler.matched_tokens("store", prompt, params, 0) == 0
             assert "store" not in scheduler._matched
+
+
+def report_of(scheduler: SchedulerSide, prompt: list[int], kvblend: dict | None, req_id: str,
+              num_computed: int = 0) -> dict | None:
+    """The request's `kvblend` report as its response carries it (matched, allocated if claimed, finished)."""
+    params = None if kvblend is None else {"kvblend": kvblend}
+    matched = scheduler.matched_tokens(req_id, prompt, params, num_computed)
+    if matched:
+        scheduler.after_alloc(req_id, list(range(len(prompt) // 16 + 1)), matched)
+    finished = scheduler.finished(req_id)
+    return None if finished is None else finished["kvblend"]
+
+
+def test_every_request_that_asked_is_told_why_nothing_was_reused(stored_chunk):
+    store_dir, ids, prompt = stored_chunk
+    stranger = random_ids(4, 40)  # in no prompt, in no store
+    unstored = random_ids(5, 7) + stranger + random_ids(6, 3)
+    tenant = "tenant-secret-0123456789"
+    scheduler, store = scheduler_for(store_dir)
+    with store:
+        cases = [  # (kvblend parameters, prompt, reason)
+            ({"mode": "sideways"}, prompt, "bad_params"),
+            ({"store_prompt": True}, prompt, "store_prompt"),
+            ({}, prompt[:1], "short_prompt"),
+            ({"documents": [stranger]}, prompt, "not_located"),
+            ({"documents": [stranger]}, unstored, "not_stored"),
+            ({"chunks": [[7, 40]]}, unstored, "not_stored"),
+            ({}, unstored, "not_found"),
+            ({"mode": "storage"}, prompt, "not_stored"),
+            ({"tenant_secret": tenant}, prompt, "not_found"),  # discovery looks in the tenant's namespace
+            ({"tenant_secret": tenant, "documents": [ids]}, prompt, "tenant"),
+        ]
+        for i, (kvblend, text, reason) in enumerate(cases):
+            report = report_of(scheduler, text, kvblend, f"r{i}")
+            assert report is not None and (report["reason"], report["mode"]) == (reason, "none"), (kvblend, report)
+            assert report["matched_tokens"] == 0 and report["detail"], report
+        named = report_of(scheduler, prompt, {"documents": [stranger, ids]}, "named")
+        assert named["mode"] == "blend" and (named["documents"], named["documents_found"]) == (2, 1), named
+        assert "reason" not in named and named["chunks"] == 1 and named["matched_tokens"] == len(prompt) - 1
+        computed = report_of(scheduler, prompt, {"chunks": [[9, 48]]}, "cached", num_computed=len(prompt) - 2)
+        assert computed["reason"] == "prefix_cached", computed
+        assert report_of(scheduler, unstored, None, "plain-client") is None, "no kvblend key, no report"
+        assert report_of(scheduler, prompt, {"mode": "off"}, "plain-comparison") is None, "kvblend asked to stay out"
+        scheduler.blend_ready, scheduler.blend_off_reason = None, ""
+        assert report_of(scheduler, prompt, {}, "early")["reason"] == "blend_not_ready"
+        scheduler.blend_ready, scheduler.blend_off_reason = False, "the self-check failed"
+        off = report_of(scheduler, prompt, {}, "off-server")
+        assert (off["reason"], off["blend_off"]) == ("blend_off", "the self-check failed"), off

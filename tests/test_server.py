@@ -1,8 +1,10 @@
 """`kvblend serve` as users serve it: the official `openai` client (streaming and not), documents named over the
-OpenAI API, discovery by content hash, the default sampling, and a LangChain chain on KVBlendChatModel.
-One server for the whole module (a start costs about 30 s on 2 cores)."""
+OpenAI API, discovery by content hash, the default sampling, a LangChain chain on KVBlendChatModel, the report
+every kvblend request gets, and a Redis tier behind a password. One server for the whole module (a start costs
+about 30 s on 2 cores), started as documented: its KV space sized by kvblend, not by VLLM_CPU_KVCACHE_SPACE."""
 
 import asyncio
+import json
 import os
 import re
 import urllib.request
@@ -18,21 +20,35 @@ from kvblend.client import (
     rag_user_message,
     store_documents,
 )
+from kvblend.rag.config import ENGINE_REDIS_URL_ENV
 from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.server import ServerProcess
 
 pytestmark = pytest.mark.slow  # starts vLLM behind the OpenAI-compatible server
 
 TOPICS = ["pass", "break", "continue", "del"]
+REDIS_PASSWORD = "serve-redis-s3cret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def redis_with_password():
+    """A private redis-server that requires a password, and its URL (the password in it)."""
+    from redis_server import RedisServer
+
+    with RedisServer() as redis_server:
+        with redis_server.client() as admin:
+            admin.config_set("requirepass", REDIS_PASSWORD)
+        yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis_server.port}/0"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, redis_with_password):
     root = tmp_path_factory.mktemp("serve")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("TRITON_INTERPRET", None)
-    env.pop("KVBLEND_REDIS_URL", None)
-    with ServerProcess(["--store", str(root / "store")], log_path=root / "server.log", env=env) as server:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for name in ("TRITON_INTERPRET", "KVBLEND_REDIS_URL", "VLLM_CPU_KVCACHE_SPACE", ENGINE_REDIS_URL_ENV):
+        env.pop(name, None)
+    with ServerProcess(["--store", str(root / "store"), "--redis", redis_with_password], log_path=root / "server.log",
+                       env=env) as server:
         yield server
 
 
@@ -100,11 +116,39 @@ def test_completions_blend_named_documents_and_chat_finds_stored_chunks_without_
 def test_plain_requests_and_bad_documents_are_plain_vllm(server, client, documents):
     reply = client.chat.completions.create(model=server.model, messages=rag_messages("What is pass?", documents[:2]),
                                            max_tokens=8, extra_body=plain_body())
-    assert reply.choices[0].message.content.strip() and not kvblend_report(reply).get("chunks")
+    assert reply.choices[0].message.content.strip() and kvblend_report(reply) == {}, "mode off: kvblend stays out"
     absent = client.chat.completions.create(model=server.model, messages=rag_messages("What is pass?", documents[:1]),
                                             max_tokens=8, extra_body=blend_body(["a document that is not in it"]))
     report = kvblend_report(absent)
     assert report["documents"] == 1 and report["documents_found"] == 0 and not report.get("chunks")
+
+
+def test_every_kvblend_request_is_told_why_nothing_was_reused(server, client, documents):
+    unstored = " ".join(["A paragraph about lighthouses that no one stored, long enough to be a chunk."] * 3)
+    cases = [  # (extra_body, documents in the prompt, reason)
+        (blend_body(["a document that is not in it"]), documents[:1], "not_located"),
+        (blend_body([unstored]), [unstored], "not_stored"),
+        # the gate's raise above a bound every blend exceeds, doubling ratio 0.5 to a full prefill
+        (blend_body(documents[:2], ratio=0.5, gate_raise=1e-6), documents[:2], "gate"),
+    ]
+    for body, docs, reason in cases:
+        reply = client.chat.completions.create(model=server.model, messages=rag_messages("What is pass?", docs),
+                                               max_tokens=4, extra_body=body)
+        report = kvblend_report(reply)
+        assert report.get("reason") == reason and report["detail"] and report["mode"], json.dumps(report)
+        assert reply.choices[0].message.content.strip()
+    assert report["gate"]["decision"] == "full_prefill" and report["chunks"] == 2
+
+
+def test_the_redis_url_reaches_the_engine_through_its_environment(server, documents, redis_with_password):
+    """`--redis` with a password: the engine's connector writes the stored documents to Redis, and the password
+    is nowhere in the server's log (vLLM logs the connector config, which names the variable instead)."""
+    import redis
+
+    with redis.Redis.from_url(redis_with_password, socket_timeout=10) as tier:
+        assert tier.dbsize() > 0, "the documents' KV reached the Redis tier"
+    log = server.log_tail(10**8)
+    assert ENGINE_REDIS_URL_ENV in log and REDIS_PASSWORD not in log
 
 
 def test_default_sampling_does_not_loop(server, client):

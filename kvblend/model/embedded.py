@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -43,11 +45,12 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def embedded_model_dir() -> Path:
-    """HF safetensors directory of the embedded SmolLM2, converting the GGUF on first use."""
+def embedded_model_dir(convert: bool = True) -> Path:
+    """HF safetensors directory of the embedded SmolLM2, converting the GGUF on first use (`convert` False: where
+    it is or will be, for commands that only name it)."""
     source = gguf_path()
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{_file_sha256(source)[:16]}"
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() or not convert:
         return target
     log.info("converting %s to an HF directory at %s (once)", source.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,11 +91,72 @@ def convert_gguf(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
-    """The given HF model directory, or the embedded SmolLM2 when none is given."""
+def resolve_model_dir(model_dir: str | os.PathLike | None, convert: bool = True) -> Path:
+    """The given HF model directory, or the embedded SmolLM2 when none is given (`convert` False: not converted
+    yet, see embedded_model_dir)."""
     if model_dir is None:
-        return embedded_model_dir()
+        return embedded_model_dir(convert)
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not an HF model directory (no config.json)")
     return path
+
+
+def model_config(model_dir: str | os.PathLike) -> dict:
+    """The HF config of `model_dir`; for the embedded model's directory before its conversion, its shape fields,
+    read from the GGUF's metadata (enough to size the KV space; a fraction of a second, not a minute's conversion)."""
+    path = Path(model_dir)
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path != embedded_model_dir(convert=False):
+        raise FileNotFoundError(f"{path} is not an HF model directory (no config.json)")
+    return gguf_config(gguf_path())
+
+
+def gguf_config(path: str | os.PathLike) -> dict:
+    """The HF config's shape fields (GGUF_CONFIG_KEYS) of a llama-family GGUF, from its metadata."""
+    meta = gguf_metadata(path)
+    arch = meta["general.architecture"]
+    return {name: meta[f"{arch}.{key}"] for name, key in GGUF_CONFIG_KEYS.items() if f"{arch}.{key}" in meta}
+
+
+# The shape fields of an HF config (what sizes the KV space; not rope or norm settings) in a llama-family GGUF's
+# metadata (key after the "<architecture>." prefix).
+GGUF_CONFIG_KEYS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+                    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+                    "intermediate_size": "feed_forward_length", "vocab_size": "vocab_size",
+                    "max_position_embeddings": "context_length"}
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict:
+    """A GGUF file's scalar and string metadata (arrays, such as the vocabulary, skipped), read from its header
+    without loading its tensors (GGUF v2/v3 layout)."""
+    out = {}
+    with open(path, "rb") as fh:
+        magic, _version, _tensors, count = struct.unpack("<4sIQQ", fh.read(24))
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        for _ in range(count):
+            key = _gguf_value(fh, GGUF_STRING)
+            value = _gguf_value(fh, struct.unpack("<I", fh.read(4))[0])
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def _gguf_value(fh, kind: int):
+    """The next value of GGUF type `kind` in `fh`; None for an array, which is skipped."""
+    if kind == GGUF_STRING:
+        return fh.read(struct.unpack("<Q", fh.read(8))[0]).decode("utf-8", "replace")
+    if kind == GGUF_ARRAY:
+        item, n = struct.unpack("<IQ", fh.read(12))
+        if item in GGUF_SCALARS:
+            fh.seek(n * struct.calcsize(GGUF_SCALARS[item]), os.SEEK_CUR)
+        else:
+            for _ in range(n):
+                _gguf_value(fh, item)
+        return None
+    fmt = GGUF_SCALARS[kind]
+    return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]

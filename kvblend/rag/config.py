@@ -17,6 +17,7 @@ from kvblend.store.key import DEFAULT_NAMESPACE, TENANT_SECRET_ENV, check_tenant
 from kvblend.store.redis_tier import redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig, default_store_dir
 from kvblend.transport.redis_client import RedisConnection, redis_errors
+from kvblend.vllm.config import ENGINE_REDIS_URL_ENV
 
 # Sane vLLM settings for the embedded model on CPU; `disable_log_stats=False` keeps per-request TTFT metrics. The
 # dtype is this CPU's compute dtype (bf16 only with native bf16, else fp32: kvblend.cpu); every kvblend precompute
@@ -33,8 +34,6 @@ DEFAULT_ENGINE_ARGS: dict[str, Any] = {"dtype": cpu_compute_dtype(), "max_model_
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "frequency_penalty": 0.5}
 PIPELINE_OWNED_ARGS = ("model", "kv_transfer_config", "load_format")
 VIEW_MEMORY_GB = 1 / 16  # this process's view of the store only checks presence and reads stats
-# The engine's connector reads the Redis URL from this variable (vLLM logs kv_connector_extra_config).
-ENGINE_REDIS_URL_ENV = "KVBLEND_ENGINE_REDIS_URL"
 
 
 def default_index_dir() -> Path:

@@ -8,7 +8,8 @@ import uuid
 from collections.abc import Iterator
 
 from kvblend.blend.prompt import PromptTemplate
-from kvblend.model.spec import load_spec
+from kvblend.model.embedded import model_config
+from kvblend.model.spec import spec_from_config
 from kvblend.model.tokenizer import encode
 from kvblend.rag.config import ENGINE_REDIS_URL_ENV, PipelineConfig
 from kvblend.rag.kv_space import check_memory, cpu_kv_bytes, kv_space_args, weights_bytes
@@ -29,31 +30,44 @@ def configure_vllm_logging(level: str = "WARNING") -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-def engine_kwargs(model_dir: str | os.PathLike, config: PipelineConfig) -> dict:
-    """vLLM.LLM's arguments besides the model and the connector: the config's, with the KV space sized for
-    max_model_len x max_num_seqs unless they size it themselves (kv_space.SIZING_ARGS)."""
-    kwargs = config.engine_kwargs
-    return {**kwargs, **kv_space_args(load_spec(model_dir, config.dtype), kwargs)}
+def engine_kwargs(model_dir: str | os.PathLike, config: PipelineConfig, given: dict | None = None) -> dict:
+    """vLLM.LLM's arguments besides the model and the connector: the config's and those `given` elsewhere (`kvblend
+    serve`'s vLLM flags), with the KV space sized for max_model_len x max_num_seqs unless they size it themselves
+    (kv_space.SIZING_ARGS)."""
+    kwargs = {**config.engine_kwargs, **(given or {})}
+    return {**kwargs, **kv_space_args(spec_from_config(model_config(model_dir), config.dtype), kwargs)}
+
+
+def engine_env(config: PipelineConfig) -> dict[str, str]:
+    """Environment variables the engine's connector reads: the Redis URL (ENGINE_REDIS_URL_ENV, which
+    `config.connector_extra()` names), so it never enters vLLM's logged config."""
+    return {ENGINE_REDIS_URL_ENV: config.redis_url} if config.redis_url else {}
+
+
+def require_memory(model_dir: str | os.PathLike, kwargs: dict) -> None:
+    """On CPU, raise NotEnoughMemory unless free memory holds the engine's KV space and the weights (checked before
+    the engine starts: vLLM's own failure comes late, or takes most of the host)."""
+    import psutil
+    from vllm.platforms import current_platform
+
+    kv_bytes = cpu_kv_bytes(kwargs) if current_platform.is_cpu() else None
+    if kv_bytes is not None:
+        check_memory(kv_bytes, weights_bytes(model_dir), psutil.virtual_memory().available, kwargs)
 
 
 def start_llm(model_dir: str | os.PathLike, config: PipelineConfig):
     """A `vllm.LLM` serving `model_dir` with the kvblend connector in blend mode, loaded through kvblend's load
     format so the blend runs on vLLM's own modules. On CPU, a machine whose free memory cannot hold the KV space
     and the weights gets NotEnoughMemory before the engine starts. The Redis URL reaches the engine's connector
-    through ENGINE_REDIS_URL_ENV in this process's environment (inherited by the engine processes)."""
-    import psutil
+    through this process's environment (engine_env, inherited by the engine processes)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
-    from vllm.platforms import current_platform
 
     from kvblend.vllm.model_hook import LOAD_FORMAT
 
     kwargs = engine_kwargs(model_dir, config)
-    kv_bytes = cpu_kv_bytes(kwargs) if current_platform.is_cpu() else None
-    if kv_bytes is not None:
-        check_memory(kv_bytes, weights_bytes(model_dir), psutil.virtual_memory().available, kwargs)
-    if config.redis_url:
-        os.environ[ENGINE_REDIS_URL_ENV] = config.redis_url
+    require_memory(model_dir, kwargs)
+    os.environ.update(engine_env(config))
     kv = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=config.connector_extra())
     log.info("starting vLLM on %s with the kvblend connector", model_dir)
     return LLM(model=str(model_dir), kv_transfer_config=kv, load_format=LOAD_FORMAT, **kwargs)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO, BlendConfig
 from kvblend.blend.gate import DEFAULT_GATE_BOUND
 from kvblend.store.key import DEFAULT_NAMESPACE, check_namespace_name
-from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redacted_repr
+from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, redact_url, redacted_repr
 from kvblend.store.tiered import DEFAULT_DISK_GB, DEFAULT_MEMORY_GB, DEFAULT_REDIS_GB, StoreConfig
 
+log = logging.getLogger(__name__)
 MODES = ("blend", "storage")
+# What `kvblend serve --redis` and RAGPipeline name in redis_url_env: the engine reads the URL from it.
+ENGINE_REDIS_URL_ENV = "KVBLEND_ENGINE_REDIS_URL"
 CPU_OPS = ("vllm", "torch")
 
 
@@ -88,6 +92,11 @@ class ConnectorConfig:
             raise ValueError(f"unknown kvblend connector settings {unknown}; known: {sorted(names)}")
         if "check_layers" in extra:
             extra["check_layers"] = tuple(int(x) for x in extra["check_layers"])
+        url = extra.get("redis_url")
+        if isinstance(url, str) and redact_url(url) != url:
+            log.warning("kv_connector_extra_config holds a Redis URL with a password (%s), and vLLM logs that config "
+                        "at start-up: put the URL in an environment variable and name it in redis_url_env instead "
+                        "(`kvblend serve --redis URL` does so through %s)", redact_url(url), ENGINE_REDIS_URL_ENV)
         return cls(**extra)
 
     def request_mode(self, asked: bool) -> str:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvblend.store.key import ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
 from kvblend.vllm.params import KEY, RequestParams, locate_documents, parse_params
+from kvblend.vllm.report import nothing_reused
 
 log = logging.getLogger(__name__)
 SELF_CHECK_TOKENS = 32
@@ -79,20 +80,25 @@ class SchedulerSide:
         return run
 
     def matched_tokens(self, req_id: str, prompt: list[int], kv_transfer_params: dict | None, num_computed: int) -> int:
-        """Tokens beyond `num_computed` the connector will supply for this request (0: none)."""
+        """Tokens beyond `num_computed` the connector will supply for this request (0: none; a request that carried
+        kvblend parameters is told why in its report)."""
+        asked, why = KEY in (kv_transfer_params or {}), None
         try:
             params = parse_params(kv_transfer_params, len(prompt))
         except (ValueError, TypeError) as exc:
             log.warning("request %s: bad kvblend parameters (%s); running it as plain vLLM", req_id, exc)
-            params = RequestParams(mode="off")
-        if self.config.require_tenant and params.tenant_secret is None and params.mode != "off":
-            self._reports[req_id] = {"store_off": "this server requires a tenant_secret to use the store"}
-            params = RequestParams(mode="off")
-        self._params[req_id] = params
+            params, why = RequestParams(mode="off"), "bad_params"
         self._matched.pop(req_id, None)
-        mode = params.mode or self.config.request_mode(asked=KEY in (kv_transfer_params or {}))
+        if self.config.require_tenant and params.tenant_secret is None and params.mode != "off":
+            self._params[req_id] = RequestParams(mode="off")
+            return self._nothing(req_id, True, "tenant_required")  # told even to a plain client
+        self._params[req_id] = params
+        mode = params.mode or self.config.request_mode(asked=asked)
+        if mode == "off" and why is None:
+            return 0  # the request asked kvblend to stay out of it (a plain comparison, the warm-up): no report
         if mode == "off" or len(prompt) < 2 or params.store_prompt:
-            return 0
+            why = why or ("store_prompt" if params.store_prompt else "short_prompt")
+            return self._nothing(req_id, asked, why)
         namespace = params.key_namespace(self.config.namespace, self.server_key)
         limit = len(prompt) - 1
         stored = [s for s in self._stored_run(prefix_spans(self.fingerprint, prompt, self.config.span_tokens, namespace))
@@ -102,8 +108,10 @@ class SchedulerSide:
         prefetch = self.config.prefetch if params.prefetch is None else params.prefetch
         if mode == "blend" and self.blend_ready is False:  # said in the request's report, never silently
             self._reports.setdefault(req_id, {})["blend_off"] = self.blend_off_reason
+        if mode == "blend" and not self.blend_ready:
+            why = "blend_off" if self.blend_ready is False else "blend_not_ready"
         if mode == "blend" and self.blend_ready:
-            chunks = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
+            chunks, why = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
             if chunks:
                 config = self.config.blend_config(params.policy, params.ratio, params.gate_bound, params.gate_raise)
                 self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch)
@@ -111,12 +119,19 @@ class SchedulerSide:
         if exact_end > num_computed:
             self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed, prefetch)
             return exact_end - num_computed
+        return self._nothing(req_id, asked, why or ("prefix_cached" if num_computed else "not_stored"))
+
+    def _nothing(self, req_id: str, asked: bool, reason: str) -> int:
+        """No tokens from the store; a request that carried kvblend parameters gets a report saying why (mode
+        "none": neither blended nor loaded)."""
+        if asked:
+            nothing_reused(self._reports.setdefault(req_id, {}), reason).update(mode="none", matched_tokens=0)
         return 0
 
     def _cached_chunks(self, req_id: str, prompt: list[int], params: RequestParams, namespace: str,
-                       exact_end: int) -> list[Span]:
+                       exact_end: int) -> tuple[list[Span], str | None]:
         """Chunks of the prompt (explicit spans, named documents, or discovered) whose KV is stored in `namespace` and that lie
-        past the exact prefix, before the last token (which vLLM computes)."""
+        past the exact prefix, before the last token (which vLLM computes); if none, the reason (report.REASONS)."""
         limit = len(prompt) - 1
         if params.chunks is not None:
             spans = list(params.chunks)
@@ -133,7 +148,21 @@ class SchedulerSide:
             key = ChunkKey.alone(self.fingerprint, prompt[start : start + length], namespace)
             if self._present(key):
                 found.append(Span(start, length, key))
-        return found
+        return found, None if found else self._why_no_chunks(prompt, spans, params, exact_end)
+
+    def _why_no_chunks(self, prompt: list[int], spans: list[tuple[int, int]], params: RequestParams,
+                       exact_end: int) -> str:
+        """Why none of the prompt's candidate chunk `spans` is blended (a code of report.REASONS)."""
+        if not spans:
+            return "not_found" if params.documents is None and params.chunks is None else "not_located"
+        if all(start + length <= exact_end for start, length in spans):
+            return "prefix_cached"
+        if params.tenant_secret is not None:  # the shared namespace is readable without a secret: telling leaks nothing
+            shared = replace(params, tenant_secret=None).key_namespace(self.config.namespace, self.server_key)
+            if any(self._present(ChunkKey.alone(self.fingerprint, prompt[start : start + length], shared))
+                   for start, length in spans):
+                return "tenant"
+        return "not_stored"
 
     def _document_spans(self, req_id: str, prompt: list[int], documents) -> list[tuple[int, int]]:
         """Spans of the named documents in the prompt; how many were found goes into the request's report."""
@@ -155,6 +184,8 @@ class SchedulerSide:
         if job is None or num_external == 0:
             return
         job.block_ids = list(block_ids)
+        for field in ("reason", "detail"):  # left by an earlier match of this request that found nothing
+            self._reports.get(req_id, {}).pop(field, None)
         if isinstance(job, BlendJob):
             self._blended.add(req_id)
             self._jobs.blends.append(job)
@@ -247,4 +278,10 @@ class SchedulerSide:
         self._blended.discard(req_id)
         self._finished.append(req_id)
         report = self._reports.pop(req_id, None)
+        if report and (report.get("gate") or {}).get("decision") == "full_prefill":
+            nothing_reused(report, "gate")
+        elif report and (report.get("controller") or {}).get("recompute"):
+            nothing_reused(report, "controller")
+        elif report and ("blend_error" in report or "load_error" in report):
+            nothing_reused(report, "error")
         return {"kvblend": report} if report else None
