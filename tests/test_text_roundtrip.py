@@ -36,7 +36,8 @@ def server(tmp_path_factory, chunks):
     store = root / "store"
     files = [str(root / doc.source) for doc in DOCUMENTS]
     assert main(["precompute", *files, "--store", str(store), "--chunk-tokens", str(CHUNK_TOKENS)]) == 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # kvblend serve sizes the KV space itself
     env.pop("TRITON_INTERPRET", None)
     env.pop("KVBLEND_REDIS_URL", None)
     with ServerProcess(["--store", str(store)], log_path=root / "server.log", env=env) as server:
