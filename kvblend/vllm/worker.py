@@ -229,10 +229,7 @@ class WorkerSide:
         segments.append(job.prompt[pos:end])
         layout = PromptLayout.from_segments(segments)
         exact = max([job.num_computed] + [s.end for s in job.exact_spans])
-        if self.tp_world > 1:
-            prefix_kv, chunk_kv = self._agreed(lambda: self._blend_inputs(job, exact))
-        else:
-            prefix_kv, chunk_kv = self._blend_inputs(job, exact)[0], None
+        prefix_kv, chunk_kv = self._agreed(lambda: self._blend_inputs(job, exact))
         target = self.paged_target(job.block_ids, job.num_computed, end)
         config, decision = job.config, None
         if self.controller is not None:
