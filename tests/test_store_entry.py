@@ -19,7 +19,7 @@ from kvblend.store.entry import (
     read_entry,
     serialize,
 )
-from kvblend.store.key import ChunkKey
+from kvblend.store.key import ChunkKey, tp_shard
 from test_store_helpers import (
     assert_same_kv,
     flip,
@@ -172,6 +172,19 @@ def test_entry_of_another_key_is_rejected():
     for key in others:
         with pytest.raises(EntryError):
             read(blob, key)
+
+
+def test_a_tensor_parallel_shard_is_its_own_entry_and_no_other_shards():
+    """A rank's entry reads back under its shard key only: never for the whole KV, another rank, another world."""
+    kv = random_chunk(seed=9, heads=2)
+    mine = kv.key.for_shard(tp_shard(2, 0, 0, 2))
+    kv.key = mine
+    blob = serialize(kv)
+    assert json.loads(blob[8 : 8 + struct.unpack("<Q", blob[:8])[0]])["__metadata__"]["shard"] == mine.shard
+    assert_same_kv(read(blob, mine), kv)
+    for shard in ("", tp_shard(2, 1, 2, 4), tp_shard(4, 0, 0, 2), tp_shard(2, 0, 0, 1)):
+        with pytest.raises(EntryError):
+            read(blob, mine.for_shard(shard))
 
 
 def test_tensor_dtype_that_disagrees_with_the_metadata_is_rejected():

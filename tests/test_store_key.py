@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvblend.store.key import ChunkKey, prefix_chained_keys, token_ids_hash
+from kvblend.store.key import WHOLE, ChunkKey, prefix_chained_keys, token_ids_hash, tp_shard
 from test_store_helpers import python_env, run_python
 
 FP = "fp-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -37,6 +37,24 @@ def test_key_changes_with_any_input():
     for name, key in variants.items():
         assert key != base, name
         assert len(key.digest) == 64 and int(key.digest, 16) >= 0
+
+
+def test_shards_of_tensor_parallel_ranks_are_distinct_keys():
+    """Rank, world size and head range each give another key; the whole KV keeps the key it had before shards."""
+    whole = ChunkKey.for_tokens(FP, TOKENS)
+    assert whole.shard == WHOLE and tp_shard(1, 0, 0, 8) == WHOLE and whole.for_shard(WHOLE) is whole
+    assert whole.digest == hashlib.sha256("\0".join(
+        ("kvblend-chunk-v1", FP, "default", "alone", token_ids_hash(TOKENS), str(len(TOKENS)))).encode()).hexdigest()
+    shards = [tp_shard(2, 0, 0, 4), tp_shard(2, 1, 4, 8), tp_shard(4, 1, 4, 8), tp_shard(2, 0, 0, 2),
+              tp_shard(4, 0, 0, 1), tp_shard(4, 1, 0, 1)]  # the last two: one KV head replicated on two ranks
+    digests = {whole.digest} | {whole.for_shard(s).digest for s in shards}
+    assert len(digests) == len(shards) + 1
+    assert whole.for_shard(shards[0]).for_shard(WHOLE) == whole
+    for bad in ("tp2", "tp0.r0.h0-1", "tp2.r0.h0-1;x"):
+        with pytest.raises(ValueError, match="shard"):
+            whole.for_shard(bad)
+    with pytest.raises(ValueError, match="not a shard"):
+        tp_shard(2, 2, 0, 1)
 
 
 def test_key_is_independent_of_the_token_container():

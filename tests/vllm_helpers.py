@@ -29,9 +29,10 @@ GPU_ENGINE_ARGS = {**ENGINE_ARGS, "enforce_eager": False}
 
 
 def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, model_hook: bool = True,
-              engine_args: dict = ENGINE_ARGS):
+              engine_args: dict = ENGINE_ARGS, **engine):
     """An LLM on `model_dir`; `connector` is kv_connector_extra_config, or None for plain vLLM. With a connector,
-    `model_hook` loads the model through kvblend's load format so the blend can run on vLLM's modules."""
+    `model_hook` loads the model through kvblend's load format so the blend can run on vLLM's modules. `engine`:
+    engine arguments in place of `engine_args`' own (ENGINE_ARGS, or GPU_ENGINE_ARGS)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -41,7 +42,8 @@ def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, mo
         kv = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm.connector",
                               kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=connector)
     hook = {"load_format": LOAD_FORMAT} if connector is not None and model_hook else {}
-    return LLM(model=str(model_dir), enable_prefix_caching=prefix_caching, kv_transfer_config=kv, **hook, **engine_args)
+    return LLM(model=str(model_dir), enable_prefix_caching=prefix_caching, kv_transfer_config=kv, **hook,
+               **{**engine_args, **engine})
 
 
 def cpu_attention_layers(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,

@@ -34,9 +34,10 @@ from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.rope_check import check_rope_shift
 from kvblend.blend.select import (
     attention_received,
-    deviation_scores,
+    deviation_parts,
     mask_indices,
     random_scores,
+    scores_from_parts,
     select_count,
     select_tokens,
 )
@@ -238,17 +239,17 @@ class BlendRun:
         check = layer in self.checks
         if check:  # deviation from the reused KV, read before the fresh KV overwrites it
             chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
-            scores = self._deviation(layer, rows, chunk_sel, k, v, K, V)
+            parts = self._deviation(layer, rows, chunk_sel, k, v, K, V)
             gating = layer == self._raise_at
             if gating:  # the reused K/V of the chunk rows (indexing copies them)
                 old = (K[rows[chunk_sel]], V[rows[chunk_sel]])
-                deviation = relative_deviation(k[chunk_sel], v[chunk_sel], *old)
+                deviation = relative_deviation(k[chunk_sel], v[chunk_sel], *old, self.model.heads_sum)
         K[rows], V[rows] = k, v
         if self.collect is not None:
             suffix = slice(rows.numel() - self._n_suffix, rows.numel())
             self.collect.append(attention_received(q[suffix], self.positions[rows[suffix]], K, self.positions))
         if check:
-            scores = self._weight(rows, chunk_sel, q, scores, K)
+            scores = self._scores(rows, chunk_sel, q, parts, K)
             if gating:
                 t = self._tick("select", t)
                 self._gate(layer, rows, chunk_sel, q, scores, K, V, old, deviation)
@@ -275,26 +276,35 @@ class BlendRun:
         self._tick("mlp", t)
 
     def _deviation(self, layer: int, rows, chunk_sel, k, v, K, V) -> torch.Tensor:
-        """Per active chunk row (`chunk_sel` indexes `rows`), how far its fresh K/V deviate from the reused."""
+        """Per active chunk row (`chunk_sel` indexes `rows`), how far its fresh K/V deviate from the reused: the
+        deviation's parts over this model's heads (`deviation_parts`), or the random policy's scores."""
         config = self.plan.config
         if config.policy == "random":
             return random_scores(self._n_chunk_active, config.seed, layer, k.device)
         chunk_rows = rows[chunk_sel]
-        return deviation_scores(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
+        return deviation_parts(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], config.deviation)
 
-    def _weight(self, layer_rows, chunk_sel, q, scores, K) -> torch.Tensor:
-        """The deviation scores weighted by the question's attention (config.attention_weighted), read where
-        config.weighting says."""
+    def _scores(self, layer_rows, chunk_sel, q, parts, K) -> torch.Tensor:
+        """The selection's scores: the deviation from its parts, weighted by the question's attention
+        (config.attention_weighted) read where config.weighting says. Under tensor parallelism the parts and the
+        attention (each over this rank's heads) are summed over the ranks in one all-reduce (`heads_sum`), so
+        every rank scores, and selects, alike."""
         config = self.plan.config
         if config.policy == "random":
-            return scores
+            return parts
         chunk_rows = layer_rows[chunk_sel]
+        n_parts = parts.shape[0]
+        at_check = config.attention_weighted and config.weighting in ("check", "both")
+        if at_check:  # the mean over this rank's heads: the rank count cancels in the normalisation below
+            suffix = slice(layer_rows.numel() - self._n_suffix, layer_rows.numel())
+            received = attention_received(q[suffix], self.positions[layer_rows[suffix]], K, self.positions)[chunk_rows]
+            parts = torch.cat([parts, received[None]])
+        parts = self.model.heads_sum(parts)
+        scores = scores_from_parts(parts[:n_parts], config.deviation)
         if config.attention_weighted:
             received = None
-            if config.weighting in ("check", "both"):
-                suffix = slice(layer_rows.numel() - self._n_suffix, layer_rows.numel())
-                received = attention_received(q[suffix], self.positions[layer_rows[suffix]], K, self.positions)[chunk_rows]
-                received = received / received.mean().clamp_min(1e-30)
+            if at_check:
+                received = parts[n_parts] / parts[n_parts].mean().clamp_min(1e-30)
             if config.weighting in ("question_pass", "both"):
                 ahead = self.question_attention[chunk_rows]
                 received = ahead if received is None else received * ahead
@@ -326,7 +336,7 @@ class BlendRun:
         prefill, every row staying active with no check and no reused KV read after. One host read."""
         chunk_sel = mask_indices(self.is_cached[rows], self._n_chunk_active)
         chunk_rows = rows[chunk_sel]
-        deviation = relative_deviation(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows])
+        deviation = relative_deviation(k[chunk_sel], v[chunk_sel], K[chunk_rows], V[chunk_rows], self.model.heads_sum)
         if fall_back(self.gate, kv_mismatch(deviation, self.plan.cached_lengths)):
             self.checks, self._raise_at = {}, None
 
@@ -524,7 +534,8 @@ class BlendEngine:
         finally:
             source.close()
         cached = run.plan.cached_rows.to(self.model.device)
-        fused = torch.stack([a / a[cached].mean().clamp_min(1e-30) for a in run.collect]).mean(0)
+        received = self.model.heads_sum(torch.stack(run.collect))  # every layer's, over every rank's heads at once
+        fused = torch.stack([a / a[cached].mean().clamp_min(1e-30) for a in received]).mean(0)
         return fused, run.stats.token_layers_computed
 
     @torch.inference_mode()

@@ -19,7 +19,7 @@ fallback for broken reuse" for the fallback, "Per-request gate, second design" f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,13 +37,17 @@ DEFAULT_GATE_BOUND = 0.01
 RAISE_BOUND = 0.0104
 
 
-def relative_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
+def relative_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
+                       heads_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Per token, ||dK||^2 / mean ||K||^2 + ||dV||^2 / mean ||V||^2 over the fresh K/V [tokens, heads, dim]: a
-    deviation comparable across requests (the selection's own scores are normalised per request)."""
+    deviation comparable across requests (the selection's own scores are normalised per request). `heads_sum`
+    completes the per-token sums over heads a tensor-parallel rank took over its own (one all-reduce)."""
     dev_k, dev_v = kv_deviation(k_new, v_new, k_old, v_old)
-    norm_k = k_new.float().square().sum(dim=(1, 2)).mean().clamp_min(1e-30)
-    norm_v = v_new.float().square().sum(dim=(1, 2)).mean().clamp_min(1e-30)
-    return dev_k / norm_k + dev_v / norm_v
+    parts = torch.stack((dev_k, dev_v, k_new.float().square().sum(dim=(1, 2)), v_new.float().square().sum(dim=(1, 2))))
+    if heads_sum is not None:
+        parts = heads_sum(parts)
+    dev_k, dev_v, norm_k, norm_v = parts
+    return dev_k / norm_k.mean().clamp_min(1e-30) + dev_v / norm_v.mean().clamp_min(1e-30)
 
 
 def reuse_error(q: torch.Tensor, q_pos: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,

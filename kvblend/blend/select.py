@@ -18,14 +18,28 @@ def deviation_scores(
     k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """Per-token squared L2 deviation between fresh and reused K and/or V, fp32 [tokens]."""
+    return scores_from_parts(deviation_parts(k_new, v_new, k_old, v_old, kind), kind)
+
+
+def deviation_parts(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The per-token sums over heads a `kind` score is made of, fp32 [parts, tokens] (K's and V's squared L2 for
+    "kv"): sums a tensor-parallel rank takes over its own heads, to be added over the ranks before scoring."""
     if kind == "none":
-        return torch.ones(k_new.shape[0], dtype=torch.float32, device=k_new.device)
+        return torch.empty(0, k_new.shape[0], dtype=torch.float32, device=k_new.device)
     dev_k, dev_v = kv_deviation(k_new, v_new, k_old, v_old)
-    if kind == "k":
-        return dev_k
-    if kind == "v":
-        return dev_v
-    return dev_k / dev_k.mean().clamp_min(1e-30) + dev_v / dev_v.mean().clamp_min(1e-30)
+    return torch.stack({"k": (dev_k,), "v": (dev_v,), "kv": (dev_k, dev_v)}[kind])
+
+
+def scores_from_parts(parts: torch.Tensor, kind: str) -> torch.Tensor:
+    """`deviation_parts` (summed over every head) as the `kind` score, fp32 [tokens] ("kv": each part normalised
+    by its mean)."""
+    if kind == "none":
+        return torch.ones(parts.shape[1], dtype=torch.float32, device=parts.device)
+    if kind == "kv":
+        return parts[0] / parts[0].mean().clamp_min(1e-30) + parts[1] / parts[1].mean().clamp_min(1e-30)
+    return parts[0]
 
 
 def select_tokens(scores: torch.Tensor, count: int, forced: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kvblend.cpu import unpin_thread
-from kvblend.store.key import ChunkKey
+from kvblend.store.key import WHOLE, ChunkKey
 
 FORMAT_VERSION = "3"  # 3: BLAKE3 layer digests, header digest or MAC over tensor table + metadata, K/V per layer adjacent
 SECRET_ENV = "KVBLEND_STORE_SECRET"
@@ -215,6 +215,8 @@ def serialize_parts(kv: ChunkKV, secret: bytes | None = None) -> EntryBytes:
         "layer_digests": json.dumps(digests),
         "check": _UNKEYED if secret is None else _KEYED,
     }
+    if key.shard != WHOLE:  # a tensor-parallel rank's KV heads (whole entries keep the header they always had)
+        meta["shard"] = key.shard
     meta["header_digest"] = _header_digest(tensors, meta, secret)
     raw = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
@@ -375,7 +377,7 @@ def _check_digest(tensors: dict, meta: dict, secret: bytes | None) -> None:
 
 
 def _check_key(meta: dict, key: ChunkKey) -> None:
-    """The entry must belong to exactly this key (model, namespace, context, tokens)."""
+    """The entry must belong to exactly this key (model, namespace, context, tokens, shard of KV heads)."""
     expected = {
         "key": key.digest,
         "fingerprint": key.fingerprint,
@@ -383,9 +385,10 @@ def _check_key(meta: dict, key: ChunkKey) -> None:
         "context": key.context,
         "num_tokens": str(key.num_tokens),
         "token_ids_hash": key.tokens_hash,
+        "shard": key.shard,
     }
     for field, value in expected.items():
-        if meta.get(field) != value:
+        if meta.get(field, WHOLE if field == "shard" else None) != value:
             raise EntryError(f"entry {field} is {meta.get(field)!r}, expected {value!r}")
 
 

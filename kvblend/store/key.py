@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +22,8 @@ _TENANT_PERSON = b"kvblend-tenant"
 # v2: chunks are keyed by the ids of their own stripped text (kvblend.blend.prompt.chunk_token_ids), no longer
 # by windows of a document's ids; v1 entries are misses (never read, evicted by their tier's LRU)
 KEY_VERSION = "kvblend-chunk-v2"
+WHOLE = ""  # the shard of KV holding every KV head (an engine without tensor parallelism)
+_SHARD = re.compile(r"^tp([1-9][0-9]*)\.r([0-9]+)\.h([0-9]+)-([0-9]+)$")  # tp<world>.r<rank>.h<first>-<end>
 
 
 def token_ids_hash(token_ids: Sequence[int]) -> str:
@@ -44,6 +46,16 @@ def chunk_context(prefix_ids: Sequence[int] | None) -> str:
 def _behind(prefix_hash: str) -> str:
     """The context named by the token ids hash of the prefix the KV was computed behind."""
     return f"{BEHIND_PREFIX}:{prefix_hash[:16]}"
+
+
+def tp_shard(world: int, rank: int, first_head: int, end_head: int) -> str:
+    """The shard of a tensor-parallel rank: its world size, rank and the KV heads [first_head, end_head) it holds
+    (a TP=1 engine's KV is the whole, WHOLE)."""
+    if world == 1:
+        return WHOLE
+    if not 0 <= rank < world or not 0 <= first_head < end_head:
+        raise ValueError(f"rank {rank} of {world} holding KV heads [{first_head}, {end_head}) is not a shard")
+    return f"tp{world}.r{rank}.h{first_head}-{end_head}"
 
 
 def check_namespace_name(name: str) -> str:
@@ -79,11 +91,13 @@ def key_namespace(name: str, tenant_secret: str | None = None, server_key: str |
 
 @dataclass(frozen=True)
 class ChunkKey:
-    """Hash over (model fingerprint, namespace, chunk context, token ids).
+    """Hash over (model fingerprint, namespace, chunk context, token ids, shard).
 
     `context` says how the KV was computed: "alone" (from position 0) or "behind_prefix:<prefix hash>"
     (behind a shared prompt prefix); any difference in any field gives a different key. Every key kvblend
     makes comes from the constructors below (`alone`, `behind`), in a namespace from `key_namespace`.
+    `shard` says which KV heads the entry holds: WHOLE (all), or a tensor-parallel rank's (`tp_shard`, made
+    with `for_shard`), so a rank's shard is never another rank's or another world size's entry.
     """
 
     fingerprint: str
@@ -91,6 +105,7 @@ class ChunkKey:
     context: str
     tokens_hash: str
     num_tokens: int
+    shard: str = WHOLE
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -101,6 +116,8 @@ class ChunkKey:
             raise ValueError(f"chunk context {self.context!r} must start with one of {CONTEXTS}")
         if self.num_tokens <= 0:
             raise ValueError("a chunk needs at least one token")
+        if self.shard != WHOLE and not _SHARD.match(self.shard):
+            raise ValueError(f"shard {self.shard!r} is not tp<world>.r<rank>.h<first>-<end>")
 
     @classmethod
     def for_tokens(
@@ -120,6 +137,10 @@ class ChunkKey:
         """The key of a chunk's KV computed behind `prefix_ids` (no prefix: the same as `alone`)."""
         return cls.for_tokens(fingerprint, token_ids, namespace, chunk_context(prefix_ids))
 
+    def for_shard(self, shard: str) -> "ChunkKey":
+        """The key of the same chunk's KV restricted to `shard` (a `tp_shard`; WHOLE: every head)."""
+        return self if shard == self.shard else replace(self, shard=shard)
+
     @property
     def is_alone(self) -> bool:
         """Computed alone from position 0, so reusable wherever the tokens appear."""
@@ -128,9 +149,8 @@ class ChunkKey:
     @property
     def digest(self) -> str:
         """64 hex chars naming the entry in every tier."""
-        blob = "\0".join(
-            (KEY_VERSION, self.fingerprint, self.namespace, self.context, self.tokens_hash, str(self.num_tokens))
-        )
+        fields = (KEY_VERSION, self.fingerprint, self.namespace, self.context, self.tokens_hash, str(self.num_tokens))
+        blob = "\0".join(fields + ((self.shard,) if self.shard != WHOLE else ()))  # whole KV: the keys of before shards
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def __str__(self) -> str:

@@ -104,10 +104,13 @@ class ConnectorConfig:
         storage (exact) unless discover_blend."""
         return self.mode if asked or self.discover_blend else "storage"
 
-    def store_config(self) -> StoreConfig:
+    def store_config(self, ranks: int = 1) -> StoreConfig:
+        """The store's settings; `ranks` tensor-parallel workers each hold a memory tier of 1/ranks of memory_gb
+        (every rank's shard counts against the one budget)."""
         url = os.environ[self.redis_url_env] if self.redis_url_env is not None else self.redis_url
-        return StoreConfig.from_settings(self.store_dir, self.memory_gb, self.disk_gb, url, self.redis_timeout_s,
-                                         self.redis_gb, self.redis_ttl_s, self.disk, self.directory_url)
+        return StoreConfig.from_settings(self.store_dir, self.memory_gb / ranks, self.disk_gb, url,
+                                         self.redis_timeout_s, self.redis_gb, self.redis_ttl_s, self.disk,
+                                         self.directory_url)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None,
                      gate_bound: float | str | None = None, gate_raise: float | str | None = None) -> BlendConfig:

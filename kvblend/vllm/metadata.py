@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 from kvblend.blend.config import BlendConfig
-from kvblend.store.key import ChunkKey
+from kvblend.store.key import WHOLE, ChunkKey
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,24 @@ class SaveJob:
 
 @dataclass
 class KVBlendMetadata(KVConnectorMetadata):
+    """A step's jobs, keyed by the whole KV of each span (every rank gets the same)."""
+
     loads: list[LoadJob] = field(default_factory=list)
     blends: list[BlendJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
     check: SaveJob | None = None
+
+    def for_shard(self, shard: str) -> "KVBlendMetadata":
+        """The same jobs on the store entries of one tensor-parallel rank's `shard` of the KV."""
+        if shard == WHOLE:
+            return self
+
+        def on(spans: list[Span]) -> list[Span]:
+            return [replace(s, key=s.key.for_shard(shard)) for s in spans]
+
+        return KVBlendMetadata(loads=[replace(j, spans=on(j.spans)) for j in self.loads],
+                               blends=[replace(j, exact_spans=on(j.exact_spans), chunks=on(j.chunks)) for j in self.blends],
+                               saves=[replace(j, spans=on(j.spans)) for j in self.saves], check=self.check)
 
 
 @dataclass
@@ -74,15 +88,21 @@ class KVBlendWorkerMeta(KVConnectorWorkerMetadata):
 
     blend_ready: bool | None = None
     reason: str = ""
-    check_report: dict | None = None
+    check_report: dict | list[dict] | None = None  # one rank's, or every rank's (`aggregate`)
     reports: dict[str, dict] = field(default_factory=dict)
     stored: list[tuple[ChunkKey, list[int] | None]] = field(default_factory=list)
 
     def aggregate(self, other: "KVBlendWorkerMeta") -> "KVBlendWorkerMeta":
+        """Two tensor-parallel ranks' metadata as one: blending is ready only if every rank's self-check passed;
+        each request's reports and the self-check reports (a list, by rank) are joined."""
         verdicts = [v for v in (self.blend_ready, other.blend_ready) if v is not None]
+        reports = {req: {**self.reports.get(req, {}), **other.reports.get(req, {})}
+                   for req in {**self.reports, **other.reports}}
+        checks = [r for c in (self.check_report, other.check_report) if c for r in (c if isinstance(c, list) else [c])]
         return KVBlendWorkerMeta(
             blend_ready=None if not verdicts else all(verdicts),
             reason="; ".join(r for r in (self.reason, other.reason) if r),
-            reports={**self.reports, **other.reports},
+            check_report=checks or None,
+            reports=reports,
             stored=self.stored + other.stored,
         )

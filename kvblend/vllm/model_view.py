@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Callable
+
 from kvblend.model.ops import ModelOps
 from kvblend.model.spec import ModelSpec
 from kvblend.rope import inv_freq
@@ -40,19 +42,23 @@ def unsupported_reason(model: nn.Module, spec: ModelSpec) -> str | None:
         if getattr(layer.self_attn, "do_llama_4_scaling", False) or getattr(layer, "ada_rms_norm_t_cond", None):
             return f"layer {i} uses position-dependent attention scaling or conditioned norms, which the blend omits"
         if layer.self_attn.num_heads != spec.num_heads or layer.self_attn.num_kv_heads != spec.num_kv_heads:
-            return "vLLM's attention heads differ from the checkpoint's (tensor parallelism is not supported)"
+            return (f"vLLM's attention heads ({layer.self_attn.num_heads} query, {layer.self_attn.num_kv_heads} KV) "
+                    f"differ from this rank's share of the checkpoint's ({spec.num_heads}, {spec.num_kv_heads})")
     return None
 
 
 class VllmModelView:
-    """embed / qkv / finish_layer / logits on vLLM's modules, with the attributes BlendEngine reads."""
+    """embed / qkv / finish_layer / logits on vLLM's modules, with the attributes BlendEngine reads. Under tensor
+    parallelism the modules hold one rank's heads (`spec` says how many) and `tp_sum` sums over the ranks."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, ops: ModelOps) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, ops: ModelOps,
+                 tp_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         reason = unsupported_reason(model, spec)
         if reason:
             raise ValueError(reason)
         self.model, self.inner, self.layers = model, model.model, model.model.layers
         self.spec, self.ops = spec, ops
+        self.tp_sum = tp_sum
         param = next(model.parameters())
         self.device = param.device
         self.freq = inv_freq(spec.rope).to(self.device)
@@ -60,6 +66,10 @@ class VllmModelView:
     @property
     def dtype(self) -> torch.dtype:
         return self.spec.torch_dtype
+
+    def heads_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over attention heads taken over this rank's heads, completed over the tensor-parallel ranks."""
+        return t if self.tp_sum is None else self.tp_sum(t)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_input_ids(ids.to(self.device))

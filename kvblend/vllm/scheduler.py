@@ -9,6 +9,9 @@ parameters is blended only if the deployment says so (ConnectorConfig.discover_b
 (store_prompt) is never blended nor loaded: vLLM computes it (its own prefix cache aside), and the connector
 stores what vLLM computed, even when the prompt holds other stored chunks.
 
+Under tensor parallelism each rank stores its own shard of a span's KV (`ChunkKey.for_shard`); a span or chunk is
+in the store only if every rank's shard is, so a request is served from the store by all ranks or by none.
+
 Every key of a request is made in its namespace (`RequestParams.key_namespace`): a request carrying a tenant
 secret reads, discovers and writes only its tenant's namespace, so naming another tenant's namespace gets misses.
 """
@@ -20,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from kvblend.store.key import ChunkKey, prefix_chained_keys
+from kvblend.store.key import WHOLE, ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
@@ -46,9 +49,11 @@ class _Extraction:
 
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, fingerprint: str, store: TieredStore,
-                 encode_text: Callable[[str], list[int]] | None = None) -> None:
-        """`encode_text`: a document text's token ids as its chunk is keyed (for requests naming documents)."""
+                 encode_text: Callable[[str], list[int]] | None = None, shards: tuple[str, ...] = (WHOLE,)) -> None:
+        """`encode_text`: a document text's token ids as its chunk is keyed (for requests naming documents);
+        `shards`: every tensor-parallel rank's shard of the KV (`tensor_parallel.all_shards`)."""
         self.config = config
+        self.shards = shards
         self.encode_text = encode_text
         self.fingerprint = fingerprint
         self.store = store
@@ -67,8 +72,9 @@ class SchedulerSide:
         self._finished: list[str] = []
 
     def _present(self, key: ChunkKey) -> bool:
-        """In the store, or just stored by the worker (its slow-tier writes may still be queued)."""
-        return key.digest in self._worker_keys or self.store.contains(key)
+        """Every rank's shard in the store, or just stored by its worker (its slow-tier writes may still be
+        queued)."""
+        return all(k.digest in self._worker_keys or self.store.contains(k) for k in map(key.for_shard, self.shards))
 
     def _stored_run(self, spans: list[Span]) -> list[Span]:
         """The leading spans that are in the store (a prefix run: one gap ends it)."""

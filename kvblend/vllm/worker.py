@@ -4,6 +4,10 @@ Everything here runs inside vLLM's worker process, on the tensors vLLM allocated
 loaded modules (reached through the "kvblend" load format, `kvblend.vllm.model_hook`) and writes and attends
 through vLLM's paged cache and attention backend (`PagedKV`). A failure never fails the request: its blocks are
 reported as not loaded and vLLM recomputes them (kv_load_failure_policy="recompute").
+
+Under tensor parallelism every rank runs this on its own KV heads (`spec` is the rank's share, `shard` names its
+store entries) with the same jobs; whatever decides the control flow (a load that failed, the token selection) is
+agreed over vLLM's TP group, so no rank waits alone in a collective and none keeps KV another rank recomputes.
 """
 
 from __future__ import annotations
@@ -11,18 +15,20 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from kvblend.blend.controller import LoadController
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
-from kvblend.blend.source import ChunkLoadError, background_fetch_pays, kv_layout
+from kvblend.blend.source import ChunkLoadError, TensorLayerSource, background_fetch_pays, kv_layout
 from kvblend.model.ops import DEFAULT_OPS, ModelOps
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import ChunkKV
-from kvblend.store.key import ChunkKey
+from kvblend.store.key import WHOLE, ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.compat import blend_metadata_builder
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob
@@ -31,8 +37,10 @@ from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache
 from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV
 from kvblend.vllm.self_check import self_check
+from kvblend.vllm.tensor_parallel import tp_sum
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def layer_index(name: str) -> int:
@@ -58,11 +66,15 @@ class _SpanLoad:
 
 class WorkerSide:
     def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
-                 blend: bool, cpu_ops: str = "vllm", controller: bool = True, layerwise_loads: bool = True) -> None:
-        """`layerwise_loads`: write a storage-mode load's rows layer by layer as vLLM's forward reaches each layer
+                 blend: bool, cpu_ops: str = "vllm", controller: bool = True, layerwise_loads: bool = True,
+                 shard: str = WHOLE, tp_world: int = 1) -> None:
+        """`spec`: the model as this rank holds it (`rank_spec`), `shard` its store shard, `tp_world` the number
+        of tensor-parallel ranks (the loading controller is off under TP: its timings differ by rank).
+        `layerwise_loads`: write a storage-mode load's rows layer by layer as vLLM's forward reaches each layer
         (`wait_layer`); off (vLLM may replay whole-model CUDA graphs, where no layer hook runs), all layers are
         written before the forward (`start_load`)."""
         self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
+        self.shard, self.tp_world = shard, tp_world
         self.block_size = vllm_config.cache_config.block_size
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.blend_wanted, self.cpu_ops = blend, cpu_ops
@@ -71,7 +83,7 @@ class WorkerSide:
         self.caches: list[PagedCache] = []
         self.failed_blocks: set[int] = set()
         self._engine: BlendEngine | None = None
-        self.controller_wanted = controller
+        self.controller_wanted = controller and tp_world == 1
         self.layerwise_loads = layerwise_loads
         self.controller: LoadController | None = None
         self._builder = None
@@ -114,7 +126,7 @@ class WorkerSide:
         ops = DEFAULT_OPS
         if self.caches[0].kv.device.type == "cpu" and self.cpu_ops == "vllm":
             ops = self._vllm_cpu_ops()
-        engine = BlendEngine(VllmModelView(model, self.spec, ops), self.store)
+        engine = BlendEngine(VllmModelView(model, self.spec, ops, tp_sum if self.tp_world > 1 else None), self.store)
         if engine.disabled_reason:
             raise ValueError(engine.disabled_reason)
         log.info("kvblend blend runs on vLLM's %s modules and %s attention (rope shift: %s ops)",
@@ -143,6 +155,7 @@ class WorkerSide:
     def start_load(self, meta: KVBlendMetadata) -> None:
         """Prefetch every job's entries whole into the memory tier first (background threads; the layer reads
         wait for them), so loading overlaps the blends' first layers and the jobs before it; then run them."""
+        meta = meta.for_shard(self.shard)
         wanted = [s.key for job in meta.blends if job.prefetch for s in job.exact_spans + job.chunks]
         wanted += [s.key for job in meta.loads if job.prefetch for s in job.spans]
         if wanted:
@@ -203,6 +216,22 @@ class WorkerSide:
         report["blend_ms"] = (time.perf_counter() - start) * 1e3
         self._reports[job.req_id] = report
 
+    def _agreed(self, prepare: Callable[[], T]) -> T:
+        """`prepare()` (a blend's reads); under TP it fails on every rank if it failed on any, before the blend's
+        collectives (a rank that failed alone would leave the others waiting in them)."""
+        try:
+            value, error = prepare(), None
+        except Exception as exc:
+            value, error = None, exc
+        if self.tp_world > 1:
+            failed = tp_sum(torch.tensor([float(error is not None)], device=self.caches[0].kv.device))
+            if error is None and failed.item() > 0:
+                raise RuntimeError(f"{int(failed.item())} other tensor-parallel rank(s) could not load this "
+                                   "request's KV")
+        if error is not None:
+            raise error
+        return value
+
     def _run_blend(self, job: BlendJob) -> dict:
         end = len(job.prompt) - 1
         segments, pos = [], 0
@@ -212,9 +241,7 @@ class WorkerSide:
         segments.append(job.prompt[pos:end])
         layout = PromptLayout.from_segments(segments)
         exact = max([job.num_computed] + [s.end for s in job.exact_spans])
-        prefix_kv = self._exact_prefix(job, exact) if exact else None
-        if self._engine is None:
-            raise RuntimeError(self._verdict[1] if self._verdict else "the blend engine is not available")
+        prefix_kv, chunk_kv = self._agreed(lambda: self._blend_inputs(job, exact))
         target = self.paged_target(job.block_ids, job.num_computed, end)
         config, decision = job.config, None
         if self.controller is not None:
@@ -222,9 +249,16 @@ class WorkerSide:
             decision = self.controller.plan([s.key for s in job.chunks], chunk_tokens,
                                             max(end - exact - chunk_tokens, 0), job.config)
             config = decision.apply(job.config)
-        result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
-                                    prefix_kv=prefix_kv, target=target,
-                                    tier=decision.tier if decision and not decision.recompute else None)
+        if chunk_kv is None:
+            result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
+                                        prefix_kv=prefix_kv, target=target,
+                                        tier=decision.tier if decision and not decision.recompute else None)
+        else:  # every rank has every entry in memory: no read can fail one rank mid-run
+            plan = self._engine.plan(layout, config, logits_at="none", exact_prefix=exact,
+                                     bases={key: kv.base_position for key, kv in chunk_kv.items()})
+            ks, vs = [chunk_kv[k].k for k in plan.cached_keys], [chunk_kv[k].v for k in plan.cached_keys]
+            source = TensorLayerSource(ks, vs, self.caches[0].kv.device) if ks else None
+            result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target)
         stats = result.stats
         if self.controller is not None:
             self.controller.observe(stats.stage_ms, stats.token_layers_computed)
@@ -234,6 +268,21 @@ class WorkerSide:
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
                 "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
+
+    def _blend_inputs(self, job: BlendJob, exact: int) -> tuple[tuple | None, dict[ChunkKey, ChunkKV] | None]:
+        """The exact prefix's KV, and under TP every chunk's entry whole (None: the blend reads them layer by
+        layer from the store, recomputing a chunk no tier holds)."""
+        if self._engine is None:
+            raise RuntimeError(self._verdict[1] if self._verdict else "the blend engine is not available")
+        prefix_kv = self._exact_prefix(job, exact) if exact else None
+        if self.tp_world == 1:
+            return prefix_kv, None
+        keys = list(dict.fromkeys(s.key for s in job.chunks))
+        entries = self.store.get_many(keys, kv_layout(self.spec))
+        for key, entry in zip(keys, entries):
+            if entry is None:
+                raise ChunkLoadError(key, 0)
+        return prefix_kv, dict(zip(keys, entries))
 
     def _exact_prefix(self, job: BlendJob, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
         """KV of rows [0, exact): vLLM's own cache hit from its blocks, then exact stored spans."""
@@ -256,8 +305,11 @@ class WorkerSide:
 
     # -- after the forward --------------------------------------------------------------------------------
     def after_step(self, meta: KVBlendMetadata) -> None:
+        meta = meta.for_shard(self.shard)
         if meta.check is not None and self._verdict is None:
             self._verdict = self._self_check(meta.check)
+        if self.tp_world > 1 and meta.loads:
+            self._agree_on_loads(meta.loads)
         for job in meta.saves:
             if "load_error" in self._reports.get(job.req_id, {}):
                 continue  # rows computed this step on top of a failed span load are recomputed by vLLM, never stored
@@ -265,6 +317,16 @@ class WorkerSide:
                 self._save(job)
             except Exception as exc:  # extraction is best effort: the request itself is already served
                 log.warning("request %s: could not store its KV (%s: %s)", job.req_id, type(exc).__name__, exc)
+
+    def _agree_on_loads(self, loads: list[LoadJob]) -> None:
+        """A span load that failed on any rank failed for every rank: vLLM recomputes its blocks on all ranks (it
+        joins the ranks' failed blocks), and no rank stores the rows this step computed on top of it (their hidden
+        states mixed in the failed rank's heads)."""
+        failed = torch.tensor([float("load_error" in self._reports.get(job.req_id, {})) for job in loads],
+                              device=self.caches[0].kv.device)
+        for job, anywhere in zip(loads, tp_sum(failed).tolist()):
+            if anywhere and "load_error" not in self._reports.get(job.req_id, {}):
+                self._reports[job.req_id] = {"load_error": "a span failed to load on another tensor-parallel rank"}
 
     def _read_rows(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [layers, end - start, kv_heads, head_dim] of a request's positions [start, end), on the host."""
@@ -292,7 +354,7 @@ class WorkerSide:
             passed, reason, report = self_check(self, job)
         except Exception as exc:
             return False, f"self-check could not run: {type(exc).__name__}: {exc}"
-        self.check_report = report
+        self.check_report = report if self.shard == WHOLE else {"shard": self.shard, **report}
         (log.info if passed else log.warning)("kvblend self-check %s: %s", "passed" if passed else "failed, blending off",
                                               report)
         return passed, reason
