@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvblend.store.key import WHOLE, ChunkKey, prefix_chained_keys, token_ids_hash, tp_shard
+from kvblend.store.key import KEY_VERSION, WHOLE, ChunkKey, prefix_chained_keys, token_ids_hash, tp_shard
 from test_store_helpers import python_env, run_python
 
 FP = "fp-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -44,7 +44,7 @@ def test_shards_of_tensor_parallel_ranks_are_distinct_keys():
     whole = ChunkKey.for_tokens(FP, TOKENS)
     assert whole.shard == WHOLE and tp_shard(1, 0, 0, 8) == WHOLE and whole.for_shard(WHOLE) is whole
     assert whole.digest == hashlib.sha256("\0".join(
-        ("kvblend-chunk-v1", FP, "default", "alone", token_ids_hash(TOKENS), str(len(TOKENS)))).encode()).hexdigest()
+        (KEY_VERSION, FP, "default", "alone", token_ids_hash(TOKENS), str(len(TOKENS)))).encode()).hexdigest()
     shards = [tp_shard(2, 0, 0, 4), tp_shard(2, 1, 4, 8), tp_shard(4, 1, 4, 8), tp_shard(2, 0, 0, 2),
               tp_shard(4, 0, 0, 1), tp_shard(4, 1, 0, 1)]  # the last two: one KV head replicated on two ranks
     digests = {whole.digest} | {whole.for_shard(s).digest for s in shards}
