@@ -52,6 +52,7 @@ class Tier(Protocol):
     max_bytes: int  # the tier's budget: beyond it, least recently used entries are evicted
     synchronous: bool  # True: cheap enough to write on the caller's thread (process memory)
     host_shared_prefetch: bool  # True: prefetch warms a cache every process of the host reads (the page cache)
+    codec: str  # how `put` stores KV: "full" (the model's dtype), "fp8" or "int4"; `get` may return it encoded
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None: ...
 
