@@ -20,6 +20,8 @@ class TierStats:
     errors: int = 0
     entries: int = 0
     bytes: int = 0
+    bytes_read: int = 0  # counted by the TieredStore over the tier (entries as the tier stores them)
+    bytes_written: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvblend.cpu import unpin_thread
@@ -26,7 +26,7 @@ from kvblend.store.load_meter import LoadMeter
 from kvblend.store.memory import MemoryTier
 from kvblend.store.peer import PeerConfig, PeerTier
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier, redact_url
-from kvblend.store.tier import Tier, TierStats
+from kvblend.store.tier import Tier, TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -174,6 +174,7 @@ class TieredStore:
         self.ledger = ledger
         self.counters_every_s = counters_every_s
         self._recorded = {tier.name: TierStats() for tier in self.tiers}
+        self._moved = {tier.name: TierCounters() for tier in self.tiers}  # bytes read from and written to each
         self._record_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="kvblend-store-writer", daemon=True)
@@ -226,7 +227,9 @@ class TieredStore:
             got = tier.get_many(wanted, expect)
             hits = [(j, kv) for j, kv in zip(missing, got) if kv is not None]
             if hits:
-                self.meter.record(tier.name, time.perf_counter() - start, sum(kv.nbytes for _, kv in hits))
+                nbytes = sum(kv.nbytes for _, kv in hits)
+                self.meter.record(tier.name, time.perf_counter() - start, nbytes)
+                self._moved[tier.name].add("bytes_read", n=nbytes)
             for j, kv in hits:
                 found[j] = kv = kv.decoded()
                 if i > 0:
@@ -245,6 +248,7 @@ class TieredStore:
         kv = tier.get(key, layers, expect)
         if kv is not None:
             self.meter.record(tier.name, time.perf_counter() - start, kv.nbytes)
+            self._moved[tier.name].add("bytes_read", n=kv.nbytes)
         return kv
 
     def holders(self, keys: Sequence[ChunkKey]) -> list[str]:
@@ -278,7 +282,8 @@ class TieredStore:
         slow = []
         for tier in tiers:
             if tier.synchronous:
-                tier.put(key, kv)
+                if tier.put(key, kv):
+                    self._moved[tier.name].add("bytes_written", n=kv.nbytes)
             else:
                 slow.append(tier)
         if slow:
@@ -304,7 +309,8 @@ class TieredStore:
                     if form not in blobs:
                         blobs[form] = serialize_parts(kv, *form)
                     try:
-                        tier.put_bytes(key, blobs[form])
+                        if tier.put_bytes(key, blobs[form]):
+                            self._moved[tier.name].add("bytes_written", n=blobs[form].nbytes)
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
                 if anchor:
@@ -369,6 +375,12 @@ class TieredStore:
     def hits(self) -> dict[str, int]:
         """Reads served by each tier so far (cheap counters)."""
         return {tier.name: tier.counters().hits for tier in self.tiers}
+
+    def counters(self) -> dict[str, TierStats]:
+        """This process's counters of each tier (cheap: no scan), with the bytes this store read and wrote."""
+        moved = {name: counts.snapshot() for name, counts in self._moved.items()}
+        return {tier.name: replace(tier.counters(), bytes_read=moved[tier.name].bytes_read,
+                                   bytes_written=moved[tier.name].bytes_written) for tier in self.tiers}
 
     def stats(self) -> dict[str, TierStats]:
         """This process's counters, and what each tier holds (entries and bytes) now."""

@@ -24,6 +24,7 @@ from kvblend.store.key import ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.metrics import KVBlendStats, take
 from kvblend.vllm.params import KEY, RequestParams, locate_documents, parse_params
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class SchedulerSide:
         self._reports: dict[str, dict] = {}
         self._worker_keys: OrderedDict[str, None] = OrderedDict()  # recent worker puts, bounded
         self._finished: list[str] = []
+        self.stats = KVBlendStats()  # matched requests and tokens, for vLLM's /metrics
 
     def _present(self, key: ChunkKey) -> bool:
         """In the store, or just stored by the worker (its slow-tier writes may still be queued)."""
@@ -155,6 +157,8 @@ class SchedulerSide:
         if job is None or num_external == 0:
             return
         job.block_ids = list(block_ids)
+        self.stats.add("requests", label="blend" if isinstance(job, BlendJob) else "storage")
+        self.stats.add("matched_tokens", num_external)
         if isinstance(job, BlendJob):
             self._blended.add(req_id)
             self._jobs.blends.append(job)
@@ -235,6 +239,10 @@ class SchedulerSide:
                 self._worker_keys.popitem(last=False)
             if token_ids is not None:
                 self.store.anchors.remember(token_ids, key.namespace)
+
+    def take_stats(self) -> KVBlendStats | None:
+        """What this side counted since the last call (None: nothing)."""
+        return take(self.stats)
 
     def finished(self, req_id: str) -> dict | None:
         """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]. vLLM frees a
