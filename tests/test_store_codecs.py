@@ -11,7 +11,7 @@ from test_store_helpers import assert_same_kv, flip, random_chunk, reseal, split
 
 SECRET = b"test-deployment-secret-0123456789"
 # decoded error against each (token, head)'s absolute maximum: half a code step, fp8 e4m3 and int4 over 32 channels
-BOUND = {"fp8": 2.0 ** -4, "int4": 0.5 / 7}
+BOUND = {"fp8": 2.0 ** -4, "int6": 0.5 / 31, "int4": 0.5 / 7}
 
 
 def read(blob, kv, layers=None, secret=None):
@@ -23,7 +23,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs() / top).max().item()
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4"])
+@pytest.mark.parametrize("codec", ["fp8", "int6", "int4"])
 @pytest.mark.parametrize("secret", [None, SECRET])
 def test_compressed_entry_round_trip(codec, secret):
     kv = random_chunk(seed=5, dtype=torch.bfloat16, base_position=3)
@@ -51,10 +51,11 @@ def test_compressed_entries_are_smaller():
     size = {codec: kv_bytes(serialize(kv, None, codec)) for codec in CODECS}
     assert size["full"] == kv.k.nbytes + kv.v.nbytes
     assert size["fp8"] / size["full"] == (64 + 4) / 128  # 64 fp8 codes and an fp32 scale a token's head
-    assert size["int4"] / size["full"] == (32 + 2 * 4) / 128  # 32 bytes of codes, two group scales
+    assert size["int6"] / size["full"] == (48 + 2 * 4) / 128  # 48 bytes of codes, two group scales
+    assert size["int4"] / size["full"] == (32 + 2 * 4) / 128
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4"])
+@pytest.mark.parametrize("codec", ["fp8", "int6", "int4"])
 def test_damaged_codes_or_scales_are_caught(codec):
     kv = random_chunk(seed=2, dtype=torch.bfloat16)
     blob = serialize(kv, None, codec)
@@ -106,3 +107,13 @@ def test_a_tier_reads_entries_of_any_codec(tmp_path):
     assert got.codec == "fp8" and relative_error(got.decoded().k, kv.k) <= BOUND["fp8"] + 2 ** -8
     with pytest.raises(ValueError, match="unknown storage codec"):
         StoreConfig(redis_codec="zstd")
+
+
+def test_codec_settings_reach_the_store_config(tmp_path):
+    from kvblend.vllm.config import ConnectorConfig
+
+    extra = {"store_dir": str(tmp_path), "codecs": {"redis": "fp8", "disk": "int4"}}
+    config = ConnectorConfig.from_extra(extra).store_config()
+    assert (config.disk_codec, config.redis_codec, config.peer_codec) == ("int4", "fp8", StoreConfig().peer_codec)
+    with pytest.raises(ValueError, match="tiers with a codec"):
+        StoreConfig.from_settings(codecs={"memory": "fp8"})

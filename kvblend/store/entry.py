@@ -26,11 +26,11 @@ import torch
 
 from kvblend.cpu import unpin_thread
 from kvblend.store.key import ChunkKey
-from kvblend.triton_kernels.kv_codec import code_dim, dequantize_kv, quantize_kv, scale_groups
+from kvblend.triton_kernels.kv_codec import code_dim, dequantize_kv, head_dim_of, quantize_kv, scale_groups
 
 FORMAT_VERSION = "4"  # 4: a `codec` field (3: BLAKE3 layer digests, header digest or MAC, K/V per layer adjacent)
 READABLE_VERSIONS = ("3", "4")  # a format 3 entry is a format 4 one of codec "full" without the field
-CODECS = ("full", "fp8", "int4")  # full: the model's dtype
+CODECS = ("full", "fp8", "int6", "int4")  # full: the model's dtype
 SECRET_ENV = "KVBLEND_STORE_SECRET"
 MIN_SECRET_BYTES = 16
 MAX_HEADER = 1 << 24
@@ -38,7 +38,7 @@ MAX_DIM = 1 << 16  # bound on layers, KV heads and head dim a header may claim
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # safetensors' dtype names
-_CODE_DTYPES = {"fp8": (torch.float8_e4m3fn, "F8_E4M3"), "int4": (torch.uint8, "U8")}
+_CODE_DTYPES = {"fp8": (torch.float8_e4m3fn, "F8_E4M3"), "int6": (torch.uint8, "U8"), "int4": (torch.uint8, "U8")}
 _UNKEYED, _KEYED = "blake3", "blake3-keyed"
 _MAC_CONTEXT = "kvblend store entry header MAC, format 3"
 _PARALLEL_BYTES = 1 << 22  # whole reads at least this large read and verify layers on several threads
@@ -131,7 +131,7 @@ class ChunkKV:
     def layout(self) -> KVLayout:
         """The geometry of a whole entry (of a sliced one, its layer count is the slice's), decoded."""
         _, _, heads, width = self.k.shape
-        head_dim = width * 2 if self.codec == "int4" else width
+        head_dim = width if self.codes is None else head_dim_of(self.codec, width)
         return KVLayout(self.k.shape[0], heads, head_dim, self.dtype_name)
 
     def encoded(self, codec: str) -> "ChunkKV":
@@ -173,7 +173,7 @@ def _check_codes(k: torch.Tensor, v: torch.Tensor, codes: KVCodes) -> None:
     if codes.codec not in _CODE_DTYPES or codes.dtype not in _TORCH_DTYPES:
         raise ValueError(f"unsupported KV codec {codes.codec!r} or dtype {codes.dtype!r}")
     want = _CODE_DTYPES[codes.codec][0]
-    head_dim = k.shape[-1] * (2 if codes.codec == "int4" else 1)
+    head_dim = head_dim_of(codes.codec, k.shape[-1])
     scales = k.shape[:3] + (scale_groups(codes.codec, head_dim),)
     if k.dtype != want or v.dtype != want:
         raise ValueError(f"{codes.codec} codes must be {want}, got {k.dtype}/{v.dtype}")

@@ -37,7 +37,7 @@ DEFAULT_REDIS_GB = 20.0
 DEFAULT_PEER_GB = 2.0
 COUNTERS_FILE = "counters.json"
 TIERS = ("memory", "disk", "peer", "redis")  # every tier a store can have, in the default read order
-DEFAULT_CODECS = {"disk": "full", "peer": "int4", "redis": "int4"}  # why: README "Storage codecs"
+DEFAULT_CODECS = {"disk": "full", "peer": "int6", "redis": "int6"}  # why: README "Storage codecs"
 
 
 def default_store_dir() -> Path:
@@ -84,17 +84,21 @@ class StoreConfig:
                       disk_gb: float = DEFAULT_DISK_GB, redis_url: str | None = None,
                       redis_timeout_s: float = DEFAULT_TIMEOUT_S, redis_gb: float = DEFAULT_REDIS_GB,
                       redis_ttl_s: int | None = None, disk: bool = True,
-                      directory_url: str | None = None) -> StoreConfig:
+                      directory_url: str | None = None, codecs: dict[str, str] | None = None) -> StoreConfig:
         """The tiers the CLI, a RAGPipeline and the connector open: budgets in GiB, the disk tier in `store_dir`
         (None: default_store_dir(); `disk` False: no disk tier), Redis when a URL is given, peers when a
-        directory URL is given."""
+        directory URL is given; `codecs` overrides tiers' storage codecs, e.g. {"redis": "fp8"}."""
+        unknown = sorted(set(codecs or {}) - set(DEFAULT_CODECS))
+        if unknown:
+            raise ValueError(f"codecs name tiers {unknown}; tiers with a codec: {sorted(DEFAULT_CODECS)}")
         if memory_gb <= 0 or disk_gb <= 0 or redis_gb <= 0:
             raise ValueError(f"memory_gb, disk_gb and redis_gb must be positive, got {memory_gb}, {disk_gb} "
                              f"and {redis_gb}")
         disk_dir = str(store_dir or default_store_dir()) if disk else None
         return cls(memory_bytes=int(memory_gb * GIB), disk_dir=disk_dir,
                    disk_bytes=int(disk_gb * GIB), redis_url=redis_url, redis_timeout_s=redis_timeout_s,
-                   redis_bytes=int(redis_gb * GIB), redis_ttl_s=redis_ttl_s, directory_url=directory_url)
+                   redis_bytes=int(redis_gb * GIB), redis_ttl_s=redis_ttl_s, directory_url=directory_url,
+                   **{f"{tier}_codec": codec for tier, codec in (codecs or {}).items()})
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
