@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--chunks", nargs="*", default=list(CHUNKS), choices=list(CHUNKS))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="kvblend-codec-bench-"))
     redis, info = open_redis(args.redis, None)
     load_before = os.getloadavg()
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['chunk']} | {row['codec']} | {row['entry_bytes'] / 2**20:.2f} | "
               f"{row['chunks_per_gb_vs_full']:.2f}x |{cells}")
     cpu = cpu_record()
-    print(f"\nreps={args.reps} (median; GB/s of bf16 KV delivered in brackets), torch {torch.__version__}, "
+    print(f"\nreps={args.reps} (median; GB/s of bf16 KV delivered in brackets), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), load average "
           f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, redis: {info[1] if redis else info}")
     if args.json:
