@@ -56,7 +56,7 @@ class StoreConfig:
     `counters_every_s`: how often this process adds its tiers' counters to the store's ledger (and at close).
     `secret` (default: the KVBLEND_STORE_SECRET environment variable) makes disk, peer and Redis entries carry a
     MAC and refuses those without a valid one; without it every writer to a shared tier must be trusted.
-    `disk_codec`, `peer_codec`, `redis_codec`: how each tier stores KV ("full": the model's dtype, "fp8", "int4";
+    `disk_codec`, `peer_codec`, `redis_codec`: how each tier stores KV ("full": the model's dtype, "fp8", "int6", "int4";
     the memory tier always holds it decoded); a reader decodes any entry, whatever codec wrote it."""
 
     memory_bytes: int = int(DEFAULT_MEMORY_GB * GIB)
