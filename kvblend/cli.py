@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kvblend.blend.config import DEFAULT_POLICY, DEFAULT_RATIO
+from kvblend.store.entry import CODECS
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 STATS_SOURCES = 20
@@ -360,7 +361,7 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
                                  gate_raise=args.gate_raise)
     with tqdm(total=len(cases), unit="case", desc="fidelity", file=sys.stderr) as bar:
         rows = evaluate(model, tokenizer, chat_template(tokenizer), cases, settings, contexts, args.greedy_steps,
-                        progress=lambda: bar.update(1))
+                        progress=lambda: bar.update(1), codec=args.codec)
     for row in rows:
         row["gap_closed"] = gap_closed(rows, row)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -375,6 +376,7 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
         "chunks_per_case": list(chunks_per_case),
         "greedy_steps": args.greedy_steps,
         "task": args.task,
+        "codec": args.codec,
         "git_sha": sha or None,
         "command": "kvblend " + " ".join(sys.argv[1:]),
         "settings": rows,
@@ -477,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kvblend.blend.gate.RAISE_BOUND)")
     p.add_argument("--gate-ratios", default=None, help="ratios of the gated rows (default: BlendConfig's ratio)")
     p.add_argument("--no-baselines", action="store_true", help="leave out the published selection, epic and random")
+    p.add_argument("--codec", choices=CODECS, default="full",
+                   help="store the chunks' KV through this storage codec, as a tier of that codec would")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, required=True)

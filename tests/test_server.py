@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import time
 import urllib.request
 
 import pytest
@@ -67,10 +68,13 @@ def documents(server, client):
     return docs
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, label: str = "") -> float:
+    """The value of `name` on the server's /metrics, summed over its label sets (those holding `label`, e.g.
+    'tier="memory"', if given)."""
     with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/metrics", timeout=30) as response:
         text = response.read().decode()
-    return sum(float(m) for m in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+    found = re.findall(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for labels, value in found if label in labels)
 
 
 def test_chat_streams_an_answer_blending_the_named_documents(server, client, documents):
@@ -216,3 +220,34 @@ def test_doc_snippets_run_against_the_server(server, documents):
         exec(compile(code.replace(DOC_SERVER_URL, server.base_url), doc, "exec"), namespace)
     assert kvblend_report(namespace["reply"])["mode"] == "blend"
     assert namespace["message"].response_metadata["kvblend"]["mode"] == "blend"
+
+
+KVBLEND_METRICS = ["kvblend:requests_total", "kvblend:matched_tokens_total", "kvblend:tokens_reused_total",
+                   "kvblend:tokens_recomputed_total", "kvblend:blend_seconds_count", "kvblend:gate_decisions_total",
+                   "kvblend:controller_decisions_total", "kvblend:tier_hits_total", "kvblend:tier_bytes_read_total"]
+
+
+def test_kvblend_metrics_on_vllms_metrics_endpoint(server, client, documents):
+    """kvblend's counters reach vLLM's own /metrics (the KV-connector stats interface) after a blended request:
+    its mode, matched and reused tokens, blend time, gate and controller decisions, and the tiers' reads."""
+    before = {name: metric(server, name) for name in KVBLEND_METRICS}
+    blends_before = metric(server, "kvblend:requests_total", 'mode="blend"')
+    docs = [documents[2], documents[3]]
+    reply = client.chat.completions.create(model=server.model, messages=rag_messages("What does del do?", docs),
+                                           max_tokens=4, extra_body=blend_body(docs))
+    report = kvblend_report(reply)
+    assert report["mode"] == "blend" and report["tokens_reused"] > 0
+    deadline = time.monotonic() + 30  # the API server records each engine step's stats as its output arrives
+    while metric(server, "kvblend:blend_seconds_count") == before["kvblend:blend_seconds_count"]:
+        assert time.monotonic() < deadline, "no blend reached /metrics"
+        time.sleep(0.5)
+    after = {name: metric(server, name) for name in KVBLEND_METRICS}
+    grew = {name: after[name] - before[name] for name in KVBLEND_METRICS}
+    assert metric(server, "kvblend:requests_total", 'mode="blend"') - blends_before == 1
+    assert grew["kvblend:matched_tokens_total"] == report["matched_tokens"]
+    assert grew["kvblend:tokens_reused_total"] == report["tokens_reused"]
+    assert grew["kvblend:tokens_recomputed_total"] == report["tokens_recomputed"]
+    assert grew["kvblend:blend_seconds_count"] == grew["kvblend:gate_decisions_total"] == 1
+    assert grew["kvblend:controller_decisions_total"] == 1
+    assert grew["kvblend:tier_hits_total"] > 0 and grew["kvblend:tier_bytes_read_total"] > 0
+    assert metric(server, "kvblend:tier_bytes_written_total", 'tier="disk"') > 0  # the documents were stored

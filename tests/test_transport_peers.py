@@ -26,7 +26,7 @@ from kvblend.store import StoreConfig, open_store
 from test_store_helpers import random_chunk
 url, instance, ttl, seeds, shape, secret = sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(json.loads, sys.argv[4:7])
 config = StoreConfig(memory_bytes=1 << 28, directory_url=url, peer_instance=instance, peer_ttl_s=ttl,
-                     tier_order=("memory", "peer"), secret=secret)
+                     tier_order=("memory", "peer"), secret=secret, peer_codec="full")  # bit-exact transport
 store = open_store(config)
 for seed in seeds:
     kv = random_chunk(seed=seed, **shape)
@@ -68,6 +68,7 @@ def _stop(peer) -> None:
 def _reader(url: str, **options) -> StoreConfig:
     """This process's store; reads that must succeed get a timeout a loaded 2-core machine cannot miss."""
     options.setdefault("peer_timeout_s", 10.0)
+    options.update(peer_codec="full", redis_codec="full")  # the tests compare entries bit for bit
     return StoreConfig(memory_bytes=1 << 28, directory_url=url, peer_instance="reader", **options)
 
 

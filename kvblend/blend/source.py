@@ -70,16 +70,20 @@ class StoreLayerSource:
         self._pending: dict[int, Future] = {}
 
     def _fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ks, vs = [], []
+        """The layer's K and V of every chunk; entries a tier stored compressed move so and are decoded on the
+        compute device."""
+        entries = []
         for key in self.keys:
-            kv = self.store.get(key, layers=(layer,), expect=self.expect, tier=self.tier) if self.tier else None
+            kv = self.store.get(key, (layer,), self.expect, self.tier, encoded=True) if self.tier else None
             if kv is None:
-                kv = self.store.get(key, layers=(layer,), expect=self.expect)
+                kv = self.store.get(key, layers=(layer,), expect=self.expect, encoded=True)
             if kv is None:
                 raise ChunkLoadError(key, layer)
-            ks.append(kv.k[0])
-            vs.append(kv.v[0])
-        k, v = torch.cat(ks), torch.cat(vs)
+            entries.append(kv)
+        if any(kv.codes is not None for kv in entries):
+            entries = [kv.decoded(self.device) for kv in entries]
+            return torch.cat([kv.k[0] for kv in entries]), torch.cat([kv.v[0] for kv in entries])
+        k, v = torch.cat([kv.k[0] for kv in entries]), torch.cat([kv.v[0] for kv in entries])
         if self.device.type == "cuda":
             k, v = k.pin_memory(), v.pin_memory()
         return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)

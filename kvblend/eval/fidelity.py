@@ -3,7 +3,9 @@
 Per case and setting: KL(full || blend) of the next-token distribution at every suffix token (teacher-forced),
 top-1 agreement there, and greedy decoding of 32 tokens from each KV (exact match and matching-prefix length).
 Cases with an answer (planted facts, kvblend.eval.tasks) are also scored on the generated answer: exact match
-and token F1. Settings with the quality gate report how often it raised the ratio or fell back to full prefill.
+and token F1. Settings with the quality gate report how often it raised the ratio or fell back to full prefill,
+and the mean of its layer-0 signal (kv_mismatch). `codec` stores the chunks' KV through a storage codec (what a tier
+of that codec hands the blend back).
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class SettingScores:
     task_f1: list[float] = field(default_factory=list)
     answers: list[tuple[str, str]] = field(default_factory=list)
     gate: list[str] = field(default_factory=list)
+    kv_mismatch: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         kls = sorted(self.kls)
@@ -175,24 +178,27 @@ class SettingScores:
         if self.gate:
             out["gate_raised"] = self.gate.count("raised") / len(self.gate)
             out["gate_full_prefill"] = self.gate.count("full_prefill") / len(self.gate)
+        if self.kv_mismatch:
+            out["kv_mismatch"] = sum(self.kv_mismatch) / len(self.kv_mismatch)
         return out
 
 
 def stored_chunk_refs(model: LlamaModel, store: TieredStore, chunks: Sequence[Sequence[int]], tag: str,
-                      prefix: list[int] | None = None) -> list[ChunkRef]:
-    """References to `chunks` whose KV (computed alone, or behind `prefix`) is in `store`, computed once each."""
+                      prefix: list[int] | None = None, codec: str = "full") -> list[ChunkRef]:
+    """References to `chunks` whose KV (computed alone, or behind `prefix`, through `codec`) is in `store`,
+    computed once each."""
     refs = []
     for ids in chunks:
         key = chunk_key(model, ids, tag, prefix)
         if not store.contains(key):
-            store.put(key, compute_chunk_kv(model, key, ids, prefix))
+            store.put(key, compute_chunk_kv(model, key, ids, prefix).encoded(codec).decoded())
         refs.append(ChunkRef(ids, key))
     return refs
 
 
 def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequence[CaseSpec],
              settings: Sequence[Setting], contexts: Sequence[str] = (ALONE,), greedy_steps: int = 32,
-             progress=None) -> list[dict]:
+             progress=None, codec: str = "full") -> list[dict]:
     """Run every case under every setting and chunk context; one summary dict per (context, setting)."""
     store = TieredStore([MemoryTier(64 << 30)])
     engine = BlendEngine(model, store)
@@ -200,7 +206,7 @@ def evaluate(model: LlamaModel, tokenizer, template: PromptTemplate, cases: Sequ
     for case in cases:
         for ctx in contexts:
             prefix = list(template.prefix) if ctx == BEHIND_PREFIX else None
-            refs = stored_chunk_refs(model, store, case.chunks, "fidelity", prefix)
+            refs = stored_chunk_refs(model, store, case.chunks, "fidelity", prefix, codec)
             layout = template.layout(tokenizer, refs, case.question)
             _score_case(model, tokenizer, engine, layout, case, settings, ctx, scores, greedy_steps)
         if progress:
@@ -238,6 +244,8 @@ def _score_case(model, tokenizer, engine, layout: PromptLayout, case: CaseSpec, 
             s.answers.append((case.answer, answer))
         if result.stats.gate is not None:
             s.gate.append(result.stats.gate["decision"])
+            if "kv_mismatch" in result.stats.gate["signals"]:
+                s.kv_mismatch.append(result.stats.gate["signals"]["kv_mismatch"])
 
 
 def gap_closed(rows: Sequence[dict], row: dict) -> float:

@@ -28,6 +28,7 @@ from kvblend.store.entry import (
     FileSource,
     KVLayout,
     entry_parts,
+    entry_codec,
     entry_secret,
     read_entry,
     read_pool,
@@ -47,10 +48,11 @@ class DiskTier:
     synchronous = False
     host_shared_prefetch = True
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, secret: str | bytes | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, max_bytes: int, secret: str | bytes | None = None,
+                 codec: str = "full") -> None:
         if max_bytes <= 0:
             raise ValueError(f"disk tier budget must be positive, got {max_bytes}")
-        self.secret = entry_secret(secret)
+        self.secret, self.codec = entry_secret(secret), entry_codec(codec)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -128,7 +130,7 @@ class DiskTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize_parts(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret, self.codec))
 
     def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Write an already-serialised entry atomically (its parts in vectored writes to a temporary file, renamed

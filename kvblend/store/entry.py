@@ -1,8 +1,10 @@
 """A chunk's KV entry: per-layer K and V plus metadata, serialised as safetensors (never pickle).
 
 Tensors are `token_ids`, then `k.<layer>`, `v.<layer>` of shape [tokens, kv_heads, head_dim], layer by layer,
-so one layer's K and V are one byte range. Each layer carries a BLAKE3 digest, so a layer-sliced read is
-verified without reading the rest; a header digest covers the whole header (tensor table and metadata, the
+so one layer's K and V are one byte range. An entry stored with a codec (fp8, int4: kvblend.triton_kernels.kv_codec)
+holds codes in `k.<layer>`, `v.<layer>` and their fp32 scales in `k_scale.<layer>`, `v_scale.<layer>` right after
+them; its `dtype` stays the model's, what a reader decodes it to. Each layer carries a BLAKE3 digest of its bytes,
+so a layer-sliced read is verified without reading the rest; a header digest covers the whole header (tensor table and metadata, the
 layer digests included). With a deployment secret that header digest is a keyed BLAKE3 MAC: nobody without
 the secret can write an entry a reader accepts.
 """
@@ -16,7 +18,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -24,8 +26,11 @@ import torch
 
 from kvblend.cpu import unpin_thread
 from kvblend.store.key import WHOLE, ChunkKey
+from kvblend.triton_kernels.kv_codec import code_dim, dequantize_kv, head_dim_of, quantize_kv, scale_groups
 
-FORMAT_VERSION = "3"  # 3: BLAKE3 layer digests, header digest or MAC over tensor table + metadata, K/V per layer adjacent
+FORMAT_VERSION = "4"  # 4: a `codec` field (3: BLAKE3 layer digests, header digest or MAC, K/V per layer adjacent)
+READABLE_VERSIONS = ("3", "4")  # a format 3 entry is a format 4 one of codec "full" without the field
+CODECS = ("full", "fp8", "int6", "int4")  # full: the model's dtype
 SECRET_ENV = "KVBLEND_STORE_SECRET"
 MIN_SECRET_BYTES = 16
 MAX_HEADER = 1 << 24
@@ -33,6 +38,7 @@ MAX_DIM = 1 << 16  # bound on layers, KV heads and head dim a header may claim
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # safetensors' dtype names
+_CODE_DTYPES = {"fp8": (torch.float8_e4m3fn, "F8_E4M3"), "int6": (torch.uint8, "U8"), "int4": (torch.uint8, "U8")}
 _UNKEYED, _KEYED = "blake3", "blake3-keyed"
 _MAC_CONTEXT = "kvblend store entry header MAC, format 3"
 _PARALLEL_BYTES = 1 << 22  # whole reads at least this large read and verify layers on several threads
@@ -72,9 +78,23 @@ class KVLayout:
         return 2 * self.kv_heads * self.head_dim * _TORCH_DTYPES[self.dtype].itemsize
 
 
+@dataclass(frozen=True)
+class KVCodes:
+    """What an encoded entry's `k` and `v` (codes) decode with: the codec, the scales of each, the model dtype."""
+
+    codec: str
+    k_scale: torch.Tensor  # fp32 [layers, tokens, kv_heads, groups]
+    v_scale: torch.Tensor
+    dtype: str
+
+    def select(self, pick) -> "KVCodes":
+        return KVCodes(self.codec, self.k_scale[pick], self.v_scale[pick], self.dtype)
+
+
 @dataclass
 class ChunkKV:
-    """K and V of one chunk for `layers` (all layers when read whole), stacked [layers, tokens, kv_heads, head_dim]."""
+    """K and V of one chunk for `layers` (all layers when read whole), stacked [layers, tokens, kv_heads, head_dim];
+    with `codes`, k and v are a codec's codes (`decoded()` gives them in the model dtype)."""
 
     key: ChunkKey
     k: torch.Tensor
@@ -82,28 +102,58 @@ class ChunkKV:
     token_ids: torch.Tensor
     base_position: int = 0
     layers: tuple[int, ...] | None = None
+    codes: KVCodes | None = None
 
     def __post_init__(self) -> None:
         if self.k.shape != self.v.shape or self.k.dim() != 4:
             raise ValueError(f"k and v must both be [layers, tokens, kv_heads, head_dim], got {self.k.shape} and {self.v.shape}")
-        if self.k.dtype != self.v.dtype or self.k.dtype not in _DTYPE_NAMES:
+        if self.codes is None and (self.k.dtype != self.v.dtype or self.k.dtype not in _DTYPE_NAMES):
             raise ValueError(f"unsupported KV dtypes {self.k.dtype}/{self.v.dtype}")
+        if self.codes is not None:
+            _check_codes(self.k, self.v, self.codes)
         if self.k.shape[1] != self.key.num_tokens or self.token_ids.numel() != self.key.num_tokens:
             raise ValueError(f"KV holds {self.k.shape[1]} tokens and {self.token_ids.numel()} ids; key says {self.key.num_tokens}")
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        scales = 0 if self.codes is None else self.codes.k_scale.nbytes + self.codes.v_scale.nbytes
+        return self.k.nbytes + self.v.nbytes + scales
+
+    @property
+    def codec(self) -> str:
+        return "full" if self.codes is None else self.codes.codec
 
     @property
     def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.k.dtype]
+        return _DTYPE_NAMES[self.k.dtype] if self.codes is None else self.codes.dtype
 
     @property
     def layout(self) -> KVLayout:
-        """The geometry of a whole entry (of a sliced one, its layer count is the slice's)."""
-        _, _, heads, head_dim = self.k.shape
+        """The geometry of a whole entry (of a sliced one, its layer count is the slice's), decoded."""
+        _, _, heads, width = self.k.shape
+        head_dim = width if self.codes is None else head_dim_of(self.codec, width)
         return KVLayout(self.k.shape[0], heads, head_dim, self.dtype_name)
+
+    def encoded(self, codec: str) -> "ChunkKV":
+        """This chunk under `codec` (itself if already so); only a decoded entry can be encoded."""
+        if codec == self.codec:
+            return self
+        if codec not in CODECS or self.codes is not None:
+            raise ValueError(f"cannot encode a {self.codec} entry as {codec!r} (codecs: {CODECS})")
+        (k, k_scale), (v, v_scale) = quantize_kv(self.k, codec), quantize_kv(self.v, codec)
+        return ChunkKV(self.key, k, v, self.token_ids, self.base_position, self.layers,
+                       KVCodes(codec, k_scale, v_scale, self.dtype_name))
+
+    def decoded(self, device: torch.device | str | None = None, backend: str = "auto") -> "ChunkKV":
+        """This chunk's K and V in the model dtype on `device` (None: where they are): codes move compressed and
+        are decoded there (Triton on GPU, torch on CPU)."""
+        if self.codes is None:
+            return self if device is None else replace(self, k=self.k.to(device), v=self.v.to(device))
+        moved = [t if device is None else t.to(device, non_blocking=True)
+                 for t in (self.k, self.codes.k_scale, self.v, self.codes.v_scale)]
+        dtype, codec = _TORCH_DTYPES[self.codes.dtype], self.codes.codec
+        k, v = dequantize_kv(*moved[:2], codec, dtype, backend), dequantize_kv(*moved[2:], codec, dtype, backend)
+        return ChunkKV(self.key, k, v, self.token_ids, self.base_position, self.layers)
 
     def select_layers(self, layers: Sequence[int]) -> "ChunkKV":
         """The same chunk restricted to `layers` (indices into this entry's layer axis)."""
@@ -113,7 +163,23 @@ class ChunkKV:
             pick = slice(index[0], index[0] + len(index))  # a run of layers (the blend reads one): views, no copy
         else:
             pick = index
-        return ChunkKV(self.key, self.k[pick], self.v[pick], self.token_ids, self.base_position, tuple(own[i] for i in index))
+        codes = None if self.codes is None else self.codes.select(pick)
+        return ChunkKV(self.key, self.k[pick], self.v[pick], self.token_ids, self.base_position,
+                       tuple(own[i] for i in index), codes)
+
+
+def _check_codes(k: torch.Tensor, v: torch.Tensor, codes: KVCodes) -> None:
+    """Codes of `codes.codec` and scales that fit them, decoding to a model dtype."""
+    if codes.codec not in _CODE_DTYPES or codes.dtype not in _TORCH_DTYPES:
+        raise ValueError(f"unsupported KV codec {codes.codec!r} or dtype {codes.dtype!r}")
+    want = _CODE_DTYPES[codes.codec][0]
+    head_dim = head_dim_of(codes.codec, k.shape[-1])
+    scales = k.shape[:3] + (scale_groups(codes.codec, head_dim),)
+    if k.dtype != want or v.dtype != want:
+        raise ValueError(f"{codes.codec} codes must be {want}, got {k.dtype}/{v.dtype}")
+    for scale in (codes.k_scale, codes.v_scale):
+        if scale.dtype != torch.float32 or tuple(scale.shape) != tuple(scales):
+            raise ValueError(f"{codes.codec} scales must be float32 {tuple(scales)}, got {scale.dtype} {tuple(scale.shape)}")
 
 
 def entry_secret(value: str | bytes | None) -> bytes | None:
@@ -124,6 +190,13 @@ def entry_secret(value: str | bytes | None) -> bytes | None:
     if len(raw) < MIN_SECRET_BYTES:
         raise ValueError(f"the store secret ({SECRET_ENV}) must be at least {MIN_SECRET_BYTES} bytes, got {len(raw)}")
     return raw
+
+
+def entry_codec(codec: str) -> str:
+    """A tier's storage codec, checked (ValueError naming the choices)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown storage codec {codec!r}; expected one of {CODECS}")
+    return codec
 
 
 def _blake3(data, **options):
@@ -148,11 +221,27 @@ def _header_digest(tensors: dict, meta: dict, secret: bytes | None) -> str:
     return digest.hexdigest()
 
 
-def _layer_digest(k, v) -> str:
-    """BLAKE3 over a layer's K bytes then V bytes (any buffer objects)."""
-    digest = _blake3(k)
-    digest.update(v)
+def _layer_digest(*buffers) -> str:
+    """BLAKE3 over a layer's bytes: its tensors' buffers (any buffer objects) in entry order."""
+    digest = _blake3(buffers[0])
+    for buf in buffers[1:]:
+        digest.update(buf)
     return digest.hexdigest()
+
+
+def _layer_tensors(codec: str, layout: KVLayout, num_tokens: int) -> list[tuple[str, str, torch.dtype, list[int]]]:
+    """(name prefix, safetensors dtype, torch dtype, shape) of each tensor of a layer, in entry order."""
+    heads, head_dim = layout.kv_heads, layout.head_dim
+    if codec == "full":
+        dtype = _TORCH_DTYPES[layout.dtype]
+        return [(kv, _ST_DTYPES[layout.dtype], dtype, [num_tokens, heads, head_dim]) for kv in "kv"]
+    if codec not in _CODE_DTYPES:
+        raise EntryError(f"entry codec {codec!r} is unknown (codecs: {CODECS})")
+    dtype, st_dtype = _CODE_DTYPES[codec]
+    codes = [num_tokens, heads, code_dim(codec, head_dim)]
+    scales = [num_tokens, heads, scale_groups(codec, head_dim)]
+    return [("k", st_dtype, dtype, codes), ("v", st_dtype, dtype, codes),
+            ("k_scale", "F32", torch.float32, scales), ("v_scale", "F32", torch.float32, scales)]
 
 
 def _buffer(t: torch.Tensor) -> np.ndarray:
@@ -172,9 +261,9 @@ class EntryBytes:
         return b"".join(self.parts)
 
 
-def serialize(kv: ChunkKV, secret: bytes | None = None) -> bytes:
-    """safetensors bytes of a whole entry (all layers): metadata, layer digests, header digest or MAC."""
-    return serialize_parts(kv, secret).join()
+def serialize(kv: ChunkKV, secret: bytes | None = None, codec: str = "full") -> bytes:
+    """safetensors bytes of a whole entry (all layers) under `codec`: metadata, layer digests, header digest or MAC."""
+    return serialize_parts(kv, secret, codec).join()
 
 
 def entry_parts(blob: "bytes | EntryBytes") -> tuple:
@@ -182,25 +271,29 @@ def entry_parts(blob: "bytes | EntryBytes") -> tuple:
     return blob.parts if isinstance(blob, EntryBytes) else (blob,)
 
 
-def serialize_parts(kv: ChunkKV, secret: bytes | None = None) -> EntryBytes:
-    """`serialize`'s bytes as buffers (no copy of the tensor data; the tensors must not change meanwhile)."""
+def serialize_parts(kv: ChunkKV, secret: bytes | None = None, codec: str = "full") -> EntryBytes:
+    """`serialize`'s bytes as buffers (no copy of the tensor data of a full entry; the tensors must not change
+    meanwhile). A decoded entry is encoded with `codec` here; an encoded one must already be of `codec`."""
     if kv.layers is not None:
         raise ValueError("only whole entries (all layers) can be stored")
+    kv = kv.encoded(codec)
     layout, key = kv.layout, kv.key
     ids = _buffer(kv.token_ids.to(torch.int64))
-    k, v = kv.k.cpu(), kv.v.cpu()  # each layer is made contiguous on its own (an entry read has K, V interleaved)
-    shape = [key.num_tokens, layout.kv_heads, layout.head_dim]
+    # each layer is made contiguous on its own (an entry read has K, V interleaved)
+    stacks = [kv.k.cpu(), kv.v.cpu()] + ([] if kv.codes is None else [kv.codes.k_scale.cpu(), kv.codes.v_scale.cpu()])
+    specs = _layer_tensors(codec, layout, key.num_tokens)
     tensors = {"token_ids": {"dtype": "I64", "shape": [key.num_tokens], "data_offsets": [0, ids.nbytes]}}
     parts, digests, offset = [ids], [], ids.nbytes
     for layer in range(layout.num_layers):
-        kb, vb = _buffer(k[layer]), _buffer(v[layer])
-        for name, buf in ((f"k.{layer}", kb), (f"v.{layer}", vb)):
-            tensors[name] = {"dtype": _ST_DTYPES[layout.dtype], "shape": shape, "data_offsets": [offset, offset + buf.nbytes]}
+        bufs = [_buffer(stack[layer]) for stack in stacks]
+        for (prefix, st_dtype, _, shape), buf in zip(specs, bufs):
+            tensors[f"{prefix}.{layer}"] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + buf.nbytes]}
             parts.append(buf)
             offset += buf.nbytes
-        digests.append(_layer_digest(kb, vb))
+        digests.append(_layer_digest(*bufs))
     meta = {
         "format_version": FORMAT_VERSION,
+        "codec": codec,
         "key": key.digest,
         "fingerprint": key.fingerprint,
         "namespace": key.namespace,
@@ -286,9 +379,10 @@ def _remaining(views: list[memoryview], done: int) -> list[memoryview]:
 
 @dataclass(frozen=True)
 class _Header:
-    """What a verified header says: the layout, base position, layer digests, tensor spans and entry size."""
+    """What a verified header says: the layout, codec, base position, layer digests, tensor spans and entry size."""
 
     layout: KVLayout
+    codec: str
     base_position: int
     digests: list[str]
     spans: dict[str, tuple[int, int]]  # absolute [start, end) of every tensor
@@ -356,13 +450,16 @@ def _read_header(source: EntrySource, key: ChunkKey, expect: KVLayout | None, se
     if not isinstance(digests, list) or len(digests) != layout.num_layers or not all(isinstance(d, str) for d in digests):
         raise EntryError(f"entry has {layout.num_layers} layers but layer digests {meta['layer_digests'][:80]!r}")
     base_position = _int(meta, "base_position", low=0, high=None)
-    spans = _check_table(tensors, layout, key.num_tokens, 8 + header_len)
-    return _Header(layout, base_position, digests, spans, max(end for _, end in spans.values()))
+    codec = meta.get("codec", "full")
+    spans = _check_table(tensors, _layer_tensors(codec, layout, key.num_tokens), layout, key.num_tokens, 8 + header_len)
+    return _Header(layout, codec, base_position, digests, spans, max(end for _, end in spans.values()))
 
 
 def _check_digest(tensors: dict, meta: dict, secret: bytes | None) -> None:
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EntryError(f"entry format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise EntryError(f"entry format {meta.get('format_version')!r}, expected one of {READABLE_VERSIONS}")
+    if (meta["format_version"] == "4") != ("codec" in meta):
+        raise EntryError(f"a format {meta['format_version']} entry {'lacks' if 'codec' not in meta else 'has'} a codec field")
     check = meta.get("check")
     if check == _KEYED and secret is None:
         raise EntryRefused(f"entry is authenticated with a deployment secret; set {SECRET_ENV} to read it")
@@ -402,15 +499,14 @@ def _int(meta: dict, field: str, low: int = 1, high: int | None = MAX_DIM) -> in
     return value
 
 
-def _check_table(tensors: dict, layout: KVLayout, num_tokens: int, data_start: int) -> dict[str, tuple[int, int]]:
-    """Exactly token_ids and every layer's K and V, each of the dtype and shape the key and layout imply,
-    tiling the data without gaps or overlaps: the absolute span of each."""
-    shape = [num_tokens, layout.kv_heads, layout.head_dim]
-    kv_bytes = num_tokens * layout.kv_heads * layout.head_dim * _TORCH_DTYPES[layout.dtype].itemsize
+def _check_table(tensors: dict, specs: list, layout: KVLayout, num_tokens: int,
+                 data_start: int) -> dict[str, tuple[int, int]]:
+    """Exactly token_ids and every layer's tensors (`specs`: its codec's), each of the dtype and shape the key and
+    layout imply, tiling the data without gaps or overlaps: the absolute span of each."""
     want = {"token_ids": ("I64", [num_tokens], num_tokens * 8)}
     for layer in range(layout.num_layers):
-        for kv in "kv":
-            want[f"{kv}.{layer}"] = (_ST_DTYPES[layout.dtype], shape, kv_bytes)
+        for prefix, st_dtype, dtype, shape in specs:
+            want[f"{prefix}.{layer}"] = (st_dtype, shape, int(np.prod(shape)) * dtype.itemsize)
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want))[:4], sorted(set(want) - set(tensors))[:4]
         raise EntryError(f"entry tensors do not match its layout: unexpected {extra}, missing {missing}")
@@ -466,15 +562,18 @@ def _coalesced(targets: list[tuple[int, list[np.ndarray]]]) -> list[tuple[int, l
 
 def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: list[int], sliced: bool,
                   parallel: bool) -> ChunkKV:
-    """Read token ids and the `wanted` layers' K and V straight into the output tensors, and verify them.
+    """Read token ids and the `wanted` layers' tensors straight into the output tensors, and verify them.
 
-    K and V share one allocation [layers, 2, tokens, kv_heads, head_dim] (k = [:, 0], v = [:, 1], each layer
-    contiguous): a layer's K then V is one run of bytes, as in the file, so a whole entry is one vectored read
-    and a layer's digest is one BLAKE3 pass over its run."""
-    layout = header.layout
-    dtype = _TORCH_DTYPES[layout.dtype]
-    both = _empty((len(wanted), 2, key.num_tokens, layout.kv_heads, layout.head_dim), dtype)
-    k, v = both[:, 0], both[:, 1]
+    A layer's tensors share one row of a [layers, layer bytes] allocation, laid out as in the entry (K then V,
+    then their scales if encoded; each tensor a view of its bytes): a layer is one run of bytes, so a whole entry
+    is one vectored read and a layer's digest is one BLAKE3 pass over its run."""
+    specs = _layer_tensors(header.codec, header.layout, key.num_tokens)
+    sizes = [int(np.prod(shape)) * dtype.itemsize for _, _, dtype, shape in specs]
+    rows = _empty((len(wanted), sum(sizes)), torch.uint8)
+    views, start = [], 0
+    for (_, _, dtype, shape), size in zip(specs, sizes):
+        views.append(rows[:, start : start + size].view(dtype).view(len(wanted), *shape))
+        start += size
     token_ids = torch.empty(key.num_tokens, dtype=torch.int64)
     ids = _buffer(token_ids)
     source.read_into([(header.spans["token_ids"][0], [ids])])
@@ -482,14 +581,13 @@ def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: l
         raise EntryError("stored token ids do not match the key's token ids hash")
 
     def targets(i: int, layer: int) -> list[tuple[int, list[np.ndarray]]]:
-        k_start, k_end = header.spans[f"k.{layer}"]
-        v_start, _ = header.spans[f"v.{layer}"]
-        if v_start == k_end:
-            return [(k_start, [_buffer(both[i])])]
-        return [(k_start, [_buffer(k[i])]), (v_start, [_buffer(v[i])])]
+        spans = [header.spans[f"{prefix}.{layer}"] for prefix, *_ in specs]
+        if all(spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1)):
+            return [(spans[0][0], [_buffer(rows[i])])]
+        return [(span[0], [_buffer(view[i])]) for span, view in zip(spans, views)]
 
     def verify(i: int, layer: int) -> None:
-        if not hmac.compare_digest(_layer_digest(_buffer(k[i]), _buffer(v[i])), header.digests[layer]):
+        if not hmac.compare_digest(_layer_digest(_buffer(rows[i])), header.digests[layer]):
             raise EntryError(f"digest mismatch in layer {layer}")
 
     def read_and_verify(items: list[tuple[int, int]]) -> None:
@@ -499,10 +597,11 @@ def _read_tensors(source: EntrySource, key: ChunkKey, header: _Header, wanted: l
 
     items = list(enumerate(wanted))
     workers = min(_READ_THREADS, len(items))
-    if parallel and not sliced and both.nbytes >= _PARALLEL_BYTES and workers > 1:  # a run of layers per thread
+    if parallel and not sliced and rows.nbytes >= _PARALLEL_BYTES and workers > 1:  # a run of layers per thread
         runs = [items[w * len(items) // workers : (w + 1) * len(items) // workers] for w in range(workers)]
         list(read_pool().map(read_and_verify, runs))
     else:
         read_and_verify(items)  # one batch: one vectored read, one Redis round trip for a sliced read
-    return ChunkKV(key=key, k=k, v=v, token_ids=token_ids, base_position=header.base_position,
-                   layers=tuple(wanted) if sliced else None)
+    codes = None if header.codec == "full" else KVCodes(header.codec, views[2], views[3], header.layout.dtype)
+    return ChunkKV(key=key, k=views[0], v=views[1], token_ids=token_ids, base_position=header.base_position,
+                   layers=tuple(wanted) if sliced else None, codes=codes)

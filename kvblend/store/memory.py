@@ -20,6 +20,7 @@ class MemoryTier:
     name = "memory"
     synchronous = True
     host_shared_prefetch = False
+    codec = "full"  # decoded entries: what a read hands out without a copy
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:

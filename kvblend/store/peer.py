@@ -25,6 +25,7 @@ from kvblend.store.entry import (
     EntryRefused,
     KVLayout,
     entry_parts,
+    entry_codec,
     entry_secret,
     read_entry,
     serialize_parts,
@@ -58,8 +59,8 @@ class PeerTier:
     synchronous = False
     host_shared_prefetch = False  # nothing to warm (see `prefetch`)
 
-    def __init__(self, config: PeerConfig, secret: str | bytes | None = None) -> None:
-        self.config, self.secret = config, entry_secret(secret)
+    def __init__(self, config: PeerConfig, secret: str | bytes | None = None, codec: str = "full") -> None:
+        self.config, self.secret, self.codec = config, entry_secret(secret), entry_codec(codec)
         self.max_bytes = config.max_bytes
         self.endpoint = NixlEndpoint(config.instance, config.max_bytes)
         self.directory = PeerDirectory(config.directory_url, config.instance, config.ttl_s, config.timeout_s)
@@ -135,7 +136,7 @@ class PeerTier:
         return kv
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize_parts(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret, self.codec))
 
     def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Export the entry and announce it; entries evicted to make room are withdrawn."""

@@ -45,6 +45,7 @@ from kvblend.store.entry import (
     EntryRefused,
     KVLayout,
     entry_parts,
+    entry_codec,
     entry_secret,
     read_entry,
     serialize_parts,
@@ -168,12 +169,12 @@ class RedisTier:
     synchronous = False
     host_shared_prefetch = False  # its read-ahead buffer is this process's
 
-    def __init__(self, config: RedisConfig | str, secret: str | bytes | None = None) -> None:
+    def __init__(self, config: RedisConfig | str, secret: str | bytes | None = None, codec: str = "full") -> None:
         import redis
         from redis.commands.core import Script
 
         self.config = RedisConfig(config) if isinstance(config, str) else config
-        self.secret = entry_secret(secret)
+        self.secret, self.codec = entry_secret(secret), entry_codec(codec)
         self.where = redact_url(self.config.url)
         self._errors = redis_errors()
         self._refused = redis.exceptions.ResponseError  # the server is up and said no (e.g. OOM): not an outage
@@ -466,7 +467,7 @@ class RedisTier:
             return None
 
     def put(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        return self.put_bytes(key, serialize_parts(kv, self.secret))
+        return self.put_bytes(key, serialize_parts(kv, self.secret, self.codec))
 
     def put_bytes(self, key: ChunkKey, blob: bytes | EntryBytes) -> bool:
         """Store an entry and account it against the budget, evicting least recently used entries (False when

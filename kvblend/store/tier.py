@@ -20,6 +20,8 @@ class TierStats:
     errors: int = 0
     entries: int = 0
     bytes: int = 0
+    bytes_read: int = 0  # counted by the TieredStore over the tier (entries as the tier stores them)
+    bytes_written: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +54,7 @@ class Tier(Protocol):
     max_bytes: int  # the tier's budget: beyond it, least recently used entries are evicted
     synchronous: bool  # True: cheap enough to write on the caller's thread (process memory)
     host_shared_prefetch: bool  # True: prefetch warms a cache every process of the host reads (the page cache)
+    codec: str  # how `put` stores KV: "full" (the model's dtype), "fp8" or "int4"; `get` may return it encoded
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None) -> ChunkKV | None: ...
 

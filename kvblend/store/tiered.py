@@ -12,21 +12,21 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvblend.cpu import unpin_thread
 from kvblend.paths import cache_dir
 from kvblend.store.anchors import ChunkAnchorIndex
 from kvblend.store.disk import DiskTier
-from kvblend.store.entry import SECRET_ENV, ChunkKV, EntryBytes, KVLayout, entry_secret, serialize_parts
+from kvblend.store.entry import SECRET_ENV, ChunkKV, EntryBytes, KVLayout, entry_codec, entry_secret, serialize_parts
 from kvblend.store.key import ChunkKey
 from kvblend.store.ledger import COUNTED, FileLedger, Ledger, RedisLedger
 from kvblend.store.load_meter import LoadMeter
 from kvblend.store.memory import MemoryTier
 from kvblend.store.peer import PeerConfig, PeerTier
 from kvblend.store.redis_tier import DEFAULT_TIMEOUT_S, RedisConfig, RedisTier, redact_url
-from kvblend.store.tier import Tier, TierStats
+from kvblend.store.tier import Tier, TierCounters, TierStats
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -37,6 +37,7 @@ DEFAULT_REDIS_GB = 20.0
 DEFAULT_PEER_GB = 2.0
 COUNTERS_FILE = "counters.json"
 TIERS = ("memory", "disk", "peer", "redis")  # every tier a store can have, in the default read order
+DEFAULT_CODECS = {"disk": "full", "peer": "int6", "redis": "int6"}  # why: README "Storage codecs"
 
 
 def default_store_dir() -> Path:
@@ -54,7 +55,9 @@ class StoreConfig:
     bounded by `peer_timeout_s`; an instance missing `peer_ttl_s` of heartbeats drops out of the directory.
     `counters_every_s`: how often this process adds its tiers' counters to the store's ledger (and at close).
     `secret` (default: the KVBLEND_STORE_SECRET environment variable) makes disk, peer and Redis entries carry a
-    MAC and refuses those without a valid one; without it every writer to a shared tier must be trusted."""
+    MAC and refuses those without a valid one; without it every writer to a shared tier must be trusted.
+    `disk_codec`, `peer_codec`, `redis_codec`: how each tier stores KV ("full": the model's dtype, "fp8", "int6", "int4";
+    the memory tier always holds it decoded); a reader decodes any entry, whatever codec wrote it."""
 
     memory_bytes: int = int(DEFAULT_MEMORY_GB * GIB)
     disk_dir: str | None = None
@@ -72,23 +75,30 @@ class StoreConfig:
     peer_bytes: int = int(DEFAULT_PEER_GB * GIB)
     peer_timeout_s: float = 1.0
     peer_ttl_s: float = 10.0
+    disk_codec: str = DEFAULT_CODECS["disk"]
+    peer_codec: str = DEFAULT_CODECS["peer"]
+    redis_codec: str = DEFAULT_CODECS["redis"]
 
     @classmethod
     def from_settings(cls, store_dir: str | os.PathLike | None = None, memory_gb: float = DEFAULT_MEMORY_GB,
                       disk_gb: float = DEFAULT_DISK_GB, redis_url: str | None = None,
                       redis_timeout_s: float = DEFAULT_TIMEOUT_S, redis_gb: float = DEFAULT_REDIS_GB,
                       redis_ttl_s: int | None = None, disk: bool = True,
-                      directory_url: str | None = None) -> StoreConfig:
+                      directory_url: str | None = None, codecs: dict[str, str] | None = None) -> StoreConfig:
         """The tiers the CLI, a RAGPipeline and the connector open: budgets in GiB, the disk tier in `store_dir`
         (None: default_store_dir(); `disk` False: no disk tier), Redis when a URL is given, peers when a
-        directory URL is given."""
+        directory URL is given; `codecs` overrides tiers' storage codecs, e.g. {"redis": "fp8"}."""
+        unknown = sorted(set(codecs or {}) - set(DEFAULT_CODECS))
+        if unknown:
+            raise ValueError(f"codecs name tiers {unknown}; tiers with a codec: {sorted(DEFAULT_CODECS)}")
         if memory_gb <= 0 or disk_gb <= 0 or redis_gb <= 0:
             raise ValueError(f"memory_gb, disk_gb and redis_gb must be positive, got {memory_gb}, {disk_gb} "
                              f"and {redis_gb}")
         disk_dir = str(store_dir or default_store_dir()) if disk else None
         return cls(memory_bytes=int(memory_gb * GIB), disk_dir=disk_dir,
                    disk_bytes=int(disk_gb * GIB), redis_url=redis_url, redis_timeout_s=redis_timeout_s,
-                   redis_bytes=int(redis_gb * GIB), redis_ttl_s=redis_ttl_s, directory_url=directory_url)
+                   redis_bytes=int(redis_gb * GIB), redis_ttl_s=redis_ttl_s, directory_url=directory_url,
+                   **{f"{tier}_codec": codec for tier, codec in (codecs or {}).items()})
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -113,6 +123,8 @@ class StoreConfig:
         if unordered:
             raise ValueError(f"tiers {unordered} are configured but missing from tier_order {order}")
         entry_secret(self.secret)
+        for codec in (self.disk_codec, self.peer_codec, self.redis_codec):
+            entry_codec(codec)
 
     def redis_config(self) -> RedisConfig:
         return RedisConfig(self.redis_url, timeout_s=self.redis_timeout_s, ttl_s=self.redis_ttl_s,
@@ -126,7 +138,8 @@ class StoreConfig:
                 f"redis_ttl_s={self.redis_ttl_s}, write_queue={self.write_queue}, "
                 f"authenticated={self.secret is not None}, tier_order={self.tier_order}, directory_url={directory!r}, "
                 f"peer_instance={self.peer_instance!r}, peer_bytes={self.peer_bytes}, "
-                f"peer_timeout_s={self.peer_timeout_s}, peer_ttl_s={self.peer_ttl_s})")
+                f"peer_timeout_s={self.peer_timeout_s}, peer_ttl_s={self.peer_ttl_s}, disk_codec={self.disk_codec!r}, "
+                f"peer_codec={self.peer_codec!r}, redis_codec={self.redis_codec!r})")
 
 
 def open_store(config: StoreConfig) -> TieredStore:
@@ -135,17 +148,17 @@ def open_store(config: StoreConfig) -> TieredStore:
     built: dict[str, Tier] = {"memory": MemoryTier(config.memory_bytes)}
     anchors_dir, redis, ledger = None, None, None
     if config.disk_dir:
-        built["disk"] = DiskTier(config.disk_dir, config.disk_bytes, config.secret)
+        built["disk"] = DiskTier(config.disk_dir, config.disk_bytes, config.secret, config.disk_codec)
         anchors_dir = Path(config.disk_dir) / "index"
         ledger = FileLedger(Path(config.disk_dir) / COUNTERS_FILE)
     if config.redis_url:
-        redis = RedisTier(config.redis_config(), config.secret)
+        redis = RedisTier(config.redis_config(), config.secret, config.redis_codec)
         built["redis"] = redis
         ledger = ledger or RedisLedger(redis)
     if config.directory_url:
         instance = config.peer_instance or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         built["peer"] = PeerTier(PeerConfig(config.directory_url, instance, config.peer_bytes, config.peer_timeout_s,
-                                            config.peer_ttl_s), config.secret)
+                                            config.peer_ttl_s), config.secret, config.peer_codec)
     tiers = [built[name] for name in config.tier_order if name in built]
     return TieredStore(tiers, write_queue=config.write_queue, anchors=ChunkAnchorIndex(anchors_dir, redis),
                        ledger=ledger, counters_every_s=config.counters_every_s)
@@ -165,6 +178,7 @@ class TieredStore:
         self.ledger = ledger
         self.counters_every_s = counters_every_s
         self._recorded = {tier.name: TierStats() for tier in self.tiers}
+        self._moved = {tier.name: TierCounters() for tier in self.tiers}  # bytes read from and written to each
         self._record_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._queued = 0  # background writes queued so far; they finish in this order
@@ -180,16 +194,17 @@ class TieredStore:
         self._inflight_lock = threading.Lock()
 
     def get(self, key: ChunkKey, layers: Sequence[int] | None = None, expect: KVLayout | None = None,
-            tier: str | None = None) -> ChunkKV | None:
+            tier: str | None = None, encoded: bool = False) -> ChunkKV | None:
         """First tier that has the key (of the model's layout `expect`, if given) wins; a whole-entry hit is
         promoted into the faster tiers. A key being prefetched is waited for, not read a second time. `tier`
-        names the one tier to read from (the loading controller's choice), else every tier is tried."""
+        names the one tier to read from (the loading controller's choice), else every tier is tried. The entry
+        comes decoded to the model dtype on the CPU, or with `encoded` as the tier stored it (the caller decodes
+        it on its device: `ChunkKV.decoded`)."""
         chosen = None if tier is None else self._tier(tier)
         if chosen is None or chosen is self.tiers[0]:
             self._await_prefetch(key)
-        if chosen is not None:
-            return self._read(chosen, key, layers, expect)
-        return self._get(key, layers, expect)
+        kv = self._read(chosen, key, layers, expect) if chosen is not None else self._get(key, layers, expect)
+        return kv if kv is None or encoded else kv.decoded()
 
     def _await_prefetch(self, key: ChunkKey) -> None:
         with self._inflight_lock:
@@ -220,9 +235,11 @@ class TieredStore:
             got = tier.get_many(wanted, expect)
             hits = [(j, kv) for j, kv in zip(missing, got) if kv is not None]
             if hits:
-                self.meter.record(tier.name, time.perf_counter() - start, sum(kv.nbytes for _, kv in hits))
+                nbytes = sum(kv.nbytes for _, kv in hits)
+                self.meter.record(tier.name, time.perf_counter() - start, nbytes)
+                self._moved[tier.name].add("bytes_read", n=nbytes)
             for j, kv in hits:
-                found[j] = kv
+                found[j] = kv = kv.decoded()
                 if i > 0:
                     self._write(keys[j], kv, self.tiers[:i])
         return found
@@ -239,6 +256,7 @@ class TieredStore:
         kv = tier.get(key, layers, expect)
         if kv is not None:
             self.meter.record(tier.name, time.perf_counter() - start, kv.nbytes)
+            self._moved[tier.name].add("bytes_read", n=kv.nbytes)
         return kv
 
     def holders(self, keys: Sequence[ChunkKey]) -> list[str]:
@@ -256,6 +274,7 @@ class TieredStore:
             if kv is None:
                 continue
             if layers is None and i > 0:
+                kv = kv.decoded()
                 self._write(key, kv, self.tiers[:i])
             return kv
         return None
@@ -271,7 +290,8 @@ class TieredStore:
         slow = []
         for tier in tiers:
             if tier.synchronous:
-                tier.put(key, kv)
+                if tier.put(key, kv):
+                    self._moved[tier.name].add("bytes_written", n=kv.nbytes)
             else:
                 slow.append(tier)
         if slow:
@@ -293,12 +313,14 @@ class TieredStore:
                 if item is _STOP:
                     return
                 key, kv, tiers, anchor = item
-                blobs: dict[bytes | None, EntryBytes] = {}  # serialised once per secret (one, in a store from open_store)
+                blobs: dict[tuple, EntryBytes] = {}  # serialised once per secret and codec
                 for tier in tiers:
-                    if tier.secret not in blobs:
-                        blobs[tier.secret] = serialize_parts(kv, tier.secret)
+                    form = (tier.secret, tier.codec)
+                    if form not in blobs:
+                        blobs[form] = serialize_parts(kv, *form)
                     try:
-                        tier.put_bytes(key, blobs[tier.secret])
+                        if tier.put_bytes(key, blobs[form]):
+                            self._moved[tier.name].add("bytes_written", n=blobs[form].nbytes)
                     except Exception:
                         log.exception("store: background write of %s to %s failed", key.digest[:12], tier.name)
                 if anchor:
@@ -368,6 +390,12 @@ class TieredStore:
     def hits(self) -> dict[str, int]:
         """Reads served by each tier so far (cheap counters)."""
         return {tier.name: tier.counters().hits for tier in self.tiers}
+
+    def counters(self) -> dict[str, TierStats]:
+        """This process's counters of each tier (cheap: no scan), with the bytes this store read and wrote."""
+        moved = {name: counts.snapshot() for name, counts in self._moved.items()}
+        return {tier.name: replace(tier.counters(), bytes_read=moved[tier.name].bytes_read,
+                                   bytes_written=moved[tier.name].bytes_written) for tier in self.tiers}
 
     def stats(self) -> dict[str, TierStats]:
         """This process's counters, and what each tier holds (entries and bytes) now."""

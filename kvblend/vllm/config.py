@@ -35,7 +35,7 @@ class ConnectorConfig:
     check_layers means BlendConfig's; gate_bound None turns the quality gate's fallback to full prefill off,
     gate_raise (None by default) opts in to its raise to twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so a
     password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
-    nor write the store."""
+    nor write the store. `codecs`: storage codecs of tiers, over StoreConfig's defaults (e.g. {"redis": "fp8"})."""
 
     mode: str = "blend"
     store_dir: str | None = None
@@ -48,6 +48,7 @@ class ConnectorConfig:
     redis_gb: float = DEFAULT_REDIS_GB
     redis_ttl_s: int | None = None
     disk: bool = True
+    codecs: dict[str, str] | None = None
     namespace: str = DEFAULT_NAMESPACE
     require_tenant: bool = False
     span_tokens: int = 256
@@ -110,7 +111,7 @@ class ConnectorConfig:
         url = os.environ[self.redis_url_env] if self.redis_url_env is not None else self.redis_url
         return StoreConfig.from_settings(self.store_dir, self.memory_gb / ranks, self.disk_gb, url,
                                          self.redis_timeout_s, self.redis_gb, self.redis_ttl_s, self.disk,
-                                         self.directory_url)
+                                         self.directory_url, self.codecs)
 
     def blend_config(self, policy: str | None = None, ratio: float | None = None,
                      gate_bound: float | str | None = None, gate_raise: float | str | None = None) -> BlendConfig:

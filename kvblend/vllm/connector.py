@@ -30,6 +30,7 @@ from kvblend.model.tokenizer import load_tokenizer
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
 from kvblend.vllm.compat import full_cuda_graphs, unsupported_version
 from kvblend.vllm.config import ConnectorConfig
+from kvblend.vllm.metrics import KVBlendPromMetrics, KVBlendStats
 from kvblend.vllm.scheduler import SchedulerSide
 from kvblend.vllm.tensor_parallel import all_shards, rank_shard, rank_spec, tp_world_rank
 
@@ -165,6 +166,19 @@ class KVBlendConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self):
         return self.worker_side.worker_meta()
+
+    # -- metrics (vLLM sums both sides' stats and feeds them to KVBlendPromMetrics in its API server) --------
+    def get_kv_connector_stats(self) -> KVBlendStats | None:
+        side = self.scheduler_side if self.role == KVConnectorRole.SCHEDULER else self.worker_side
+        return side.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVBlendStats:
+        return KVBlendStats() if data is None else KVBlendStats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KVBlendPromMetrics:
+        return KVBlendPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         release_store(self.store_config)

@@ -27,6 +27,7 @@ from kvblend.store.key import WHOLE, ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.metrics import KVBlendStats, take
 from kvblend.vllm.params import KEY, RequestParams, locate_documents, parse_params
 from kvblend.vllm.report import nothing_reused
 
@@ -70,6 +71,7 @@ class SchedulerSide:
         self._reports: dict[str, dict] = {}
         self._worker_keys: OrderedDict[str, None] = OrderedDict()  # recent worker puts, bounded
         self._finished: list[str] = []
+        self.stats = KVBlendStats()  # matched requests and tokens, for vLLM's /metrics
 
     def _present(self, key: ChunkKey) -> bool:
         """Every rank's shard in the store, or just stored by its worker (its slow-tier writes may still be
@@ -192,6 +194,8 @@ class SchedulerSide:
         job.block_ids = list(block_ids)
         for field in ("reason", "detail"):  # left by an earlier match of this request that found nothing
             self._reports.get(req_id, {}).pop(field, None)
+        self.stats.add("requests", label="blend" if isinstance(job, BlendJob) else "storage")
+        self.stats.add("matched_tokens", num_external)
         if isinstance(job, BlendJob):
             self._blended.add(req_id)
             self._jobs.blends.append(job)
@@ -272,6 +276,10 @@ class SchedulerSide:
                 self._worker_keys.popitem(last=False)
             if token_ids is not None:
                 self.store.anchors.remember(token_ids, key.namespace)
+
+    def take_stats(self) -> KVBlendStats | None:
+        """What this side counted since the last call (None: nothing)."""
+        return take(self.stats)
 
     def finished(self, req_id: str) -> dict | None:
         """Forget the request; its report becomes RequestOutput.kv_transfer_params["kvblend"]. vLLM frees a

@@ -32,6 +32,7 @@ from kvblend.store.key import WHOLE, ChunkKey
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.compat import blend_metadata_builder
 from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob
+from kvblend.vllm.metrics import KVBlendStats, blend_report, take, tier_deltas
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache
@@ -92,6 +93,8 @@ class WorkerSide:
         self.check_report: dict | None = None
         self._reports: dict[str, dict] = {}
         self._stored: list[tuple[ChunkKey, list[int] | None]] = []
+        self.stats = KVBlendStats()  # blends and the store's tiers, for vLLM's /metrics
+        self._counted = store.counters()  # the tiers' counters as last reported
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         ordered = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
@@ -198,6 +201,7 @@ class WorkerSide:
             log.warning("request %s: %s (%d of %d spans); vLLM will recompute it", job.req_id, error, len(missing),
                         len(job.spans))
             load.failed = True
+            self.stats.add("failures", label="load")
             self.failed_blocks |= blocks_from(job.block_ids, job.write_from, self.block_size)
             self._reports[job.req_id] = {"load_error": str(error)}
             return
@@ -214,6 +218,7 @@ class WorkerSide:
             self.failed_blocks |= blocks_from(job.block_ids, job.num_computed, self.block_size)
             report = {"blend_error": f"{type(exc).__name__}: {exc}"}
         report["blend_ms"] = (time.perf_counter() - start) * 1e3
+        blend_report(self.stats, report)
         self._reports[job.req_id] = report
 
     def _agreed(self, prepare: Callable[[], T]) -> T:
@@ -368,6 +373,13 @@ class WorkerSide:
             meta.check_report = self.check_report
         self._reports, self._stored = {}, []
         return meta
+
+    def take_stats(self) -> KVBlendStats | None:
+        """What the blends and the store's tiers counted since the last call (None: nothing)."""
+        now = self.store.counters()
+        tier_deltas(self.stats, now, self._counted)
+        self._counted = now
+        return take(self.stats)
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
