@@ -178,7 +178,8 @@ def test_a_store_opened_on_a_cluster_url_serves_counts_and_indexes_there(redis_c
     with pytest.raises(RedisUnreachable, match=r"redis\+cluster://u:\*\*\*@127.0.0.1:1 is unreachable"):
         require_redis("redis+cluster://u:secret@127.0.0.1:1", timeout_s=0.5)
     kvs = [random_chunk(seed=300 + i) for i in range(4)]
-    store = open_store(StoreConfig(redis_url=redis_cluster_url, tier_order=("memory", "redis")))
+    store = open_store(StoreConfig(redis_url=redis_cluster_url, tier_order=("memory", "redis"),
+                                   redis_codec="full"))  # compared bit for bit
     tier = store.tiers[1]
     try:
         for kv in kvs:
