@@ -113,8 +113,9 @@ def test_plain_prefill_then_decode_answers_as_one_instance(servers):
     split = complete(proxy, prompt, plain_body())
     assert one.choices[0].text.strip()
     assert split.choices[0].text == one.choices[0].text
-    # The decode instance prefilled at most the last block itself: the full blocks came from the prefill over NIXL.
-    assert split.usage.prompt_tokens - BLOCK <= cached_tokens(split.usage) < split.usage.prompt_tokens, split.usage
+    # The decode instance prefilled at most the last block itself: the full blocks came from the prefill over NIXL
+    # (vLLM 0.26's NixlConnector hands over the last partial block too, 0.32's only full ones).
+    assert split.usage.prompt_tokens - BLOCK <= cached_tokens(split.usage) <= split.usage.prompt_tokens, split.usage
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_blended_prefill_then_decode_answers_as_one_blending_instance(servers):
     assert report["mode"] == "blend" and report["chunks"] == report["documents_found"] == 3, report
     assert kvblend_report(one)["chunks"] == 3
     assert split.choices[0].text == one.choices[0].text
-    assert split.usage.prompt_tokens - BLOCK <= cached_tokens(split.usage) < split.usage.prompt_tokens, split.usage
+    assert split.usage.prompt_tokens - BLOCK <= cached_tokens(split.usage) <= split.usage.prompt_tokens, split.usage
 
 
 def worker_threads(server) -> dict[int, dict]:
