@@ -8,6 +8,7 @@ import uuid
 import pytest
 from langchain_core.documents import Document as LCDocument
 
+from kvblend.blend.prompt import chunk_token_ids
 from kvblend.cpu import cpu_compute_dtype
 from kvblend.eval.bench import default_questions, format_rows, run_bench
 from kvblend.model.spec import load_spec
@@ -263,8 +264,9 @@ def test_document_longer_than_the_context_is_chunked(cache_env, model_dir, tmp_p
     chunks = pipeline.index.chunks(longest.source)
     assert summary.chunks_added == len(chunks) > pipeline.config.max_model_len // 128
     assert max(len(c.token_ids) for c in chunks) <= 128
-    whole = pipeline.tokenizer(longest.text, add_special_tokens=False)["input_ids"]
-    assert [t for c in chunks for t in c.token_ids] == whole
+    # each chunk keyed by its own text's ids (chunk_token_ids); together they cover the text but its whitespace
+    assert all(list(c.token_ids) == chunk_token_ids(pipeline.tokenizer, c.text) for c in chunks)
+    assert "".join("".join(c.text.split()) for c in chunks) == "".join(longest.text.split())
 
 
 def test_missing_and_foreign_index_directories(cache_env, model_dir, tmp_path):

@@ -5,8 +5,8 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.runnables import RunnableLambda
 from langchain_core.vectorstores import InMemoryVectorStore
 
+from kvblend.blend.prompt import chunk_token_ids
 from kvblend.model.spec import load_spec
-from kvblend.model.tokenizer import encode
 from kvblend.retrieval.chunker import ChunkerConfig, chunk_document
 from kvblend.retrieval.corpus import Document, pydoc_topics
 from kvblend.retrieval.embedder import Embedder
@@ -104,7 +104,9 @@ def test_cached_retriever_chunks_hits_and_reports_each_new_chunk_once(store, tok
     for source, parts in by_source.items():
         topic = source.removeprefix("pydoc:")
         text = pydoc_topics([topic])[0].text
-        assert [t for d in parts for t in d.metadata["token_ids"]] == encode(tokenizer, text)
+        # each part keyed by its own text's ids (chunk_token_ids); together they cover the text but its whitespace
+        assert all(list(d.metadata["token_ids"]) == chunk_token_ids(tokenizer, d.page_content) for d in parts)
+        assert "".join("".join(d.page_content.split()) for d in parts) == "".join(text.split())
         stable = chunk_document(tokenizer, Document(source, text, topic), config)
         assert [d.metadata["chunk_id"] for d in parts] == [c.chunk_id for c in stable]
     assert [c.chunk_id for c in reported[0]] == [d.metadata["chunk_id"] for d in docs]

@@ -138,11 +138,22 @@ def blend_report(stats: KVBlendStats, report: dict) -> None:
     stats.observe("blend_seconds", report["blend_ms"] / 1e3)
 
 
+def unregister_kvblend_metrics() -> None:
+    """Drop kvblend's collectors from Prometheus' registry, as vLLM drops its own before it registers them again:
+    a process that starts a second engine (tests, `LLM` restarts) would otherwise register duplicates."""
+    from prometheus_client import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith(PREFIX):
+            REGISTRY.unregister(collector)
+
+
 class KVBlendPromMetrics(KVConnectorPromMetrics):
     """METRICS as Prometheus counters and histograms (names kvblend:*), fed from the stats payload."""
 
     def __init__(self, vllm_config, metric_types, labelnames: list[str], per_engine_labelvalues: dict) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        unregister_kvblend_metrics()
         self._metrics = {}
         for m in METRICS:
             labels = labelnames + ([m.label] if m.label else [])

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 LOAD_FORMAT = "kvblend"
 _served: nn.Module | None = None
+CONNECTOR_MODULES = {"KVBlendConnector": "kvblend.vllm.connector", "CpuNixlConnector": "kvblend.vllm.nixl_cpu"}
 
 
 def served_model() -> nn.Module | None:
@@ -26,8 +27,15 @@ def served_model() -> nn.Module | None:
 
 
 def register() -> None:
-    """Register the "kvblend" load format with vLLM (the `vllm.general_plugins` entry point; idempotent)."""
+    """Register the "kvblend" load format, and kvblend's connectors by name, with vLLM (the `vllm.general_plugins`
+    entry point, run in every vLLM process; idempotent). By name: MultiConnector finds its members' stats classes
+    in vLLM's connector registry, in the API server process, where no module path is looked at."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.model_executor.model_loader import register_model_loader
+
+    for name, module in CONNECTOR_MODULES.items():
+        if name not in KVConnectorFactory._registry:
+            KVConnectorFactory.register_connector(name, module, name)
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     @register_model_loader(LOAD_FORMAT)
