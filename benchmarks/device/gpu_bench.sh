@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU device, after gpu_tests.sh has unpacked vLLM: install the carried LMCache wheels beside it and run
+# benchmarks/vllm_gpu_rag.py, resumable (a later call continues with the systems not yet complete). Results and
+# engine logs come back in $OUT/results.tgz.
+#   bash benchmarks/device/gpu_bench.sh .device/lmcache .device/tok [vllm_gpu_rag.py args...]
+set -uo pipefail
+wheels=${1:?usage: gpu_bench.sh LMCACHE_WHEELS TOKENIZER_DIR [args]}
+tok=${2:?usage: gpu_bench.sh LMCACHE_WHEELS TOKENIZER_DIR [args]}
+shift 2
+out=${OUT:-/tmp}
+home=${KVBLEND_DEVICE_HOME:-$HOME/kvblend-vllm}
+[ -e "$home/site/.complete" ] || { echo "vLLM is not unpacked on this machine: run gpu_tests.sh first"; exit 1; }
+lmc=$HOME/kvblend-lmcache
+[ -d "$lmc/lmcache" ] || python3 -m pip install -q --no-deps --no-index --no-compile --target "$lmc" "$wheels"/*.whl
+export PYTHONPATH=$PWD:$home/site:$lmc HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+work=$HOME/kvblend-gpu-bench
+mkdir -p "$work/results"
+python3 benchmarks/vllm_gpu_rag.py --tokenizer "$tok" --work "$work" --out "$work/results" \
+    --deadline-s "${DEADLINE_S:-520}" "$@" 2>&1 | tee "$out/bench.log" | tail -60
+tar -C "$work" -czf "$out/results.tgz" results
