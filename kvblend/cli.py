@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start vLLM's OpenAI-compatible API server (/v1/completions, "
                                    "/v1/chat/completions, /metrics) on the model, with the kvblend connector in "
                                    "blend mode and the model loaded through kvblend's load format. Requests name "
-                                   "their retrieved documents in kv_transfer_params (see README); without them "
+                                   "their retrieved documents in kv_transfer_params (see docs/serving.md); without them "
                                    "cached chunks are found by content hash. Requests without kvblend parameters "
                                    "are served exactly (stored prefixes only) unless --discover-blend. vLLM server "
                                    "flags go after --.")
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disagg", choices=("prefill", "decode"), default=None,
                    help="disaggregated prefill: prefill composes kvblend's connector with vLLM's NixlConnector "
                         "(MultiConnector) to hand the blended KV to a decode instance; decode serves with "
-                        "NixlConnector alone. Route requests with examples/pd_proxy.py (README: Multiple instances)")
+                        "NixlConnector alone. Route requests with examples/pd_proxy.py (docs/multi-instance.md)")
     add_store_args(p)
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM server flags (they win)")
     p.set_defaults(func=cmd_serve)

@@ -1,4 +1,4 @@
-"""The python code blocks of the docs (README.md, examples/*.md) and the test that runs each of them.
+"""The python code blocks of the docs (README.md, docs/*.md, examples/*.md) and the test that runs each of them.
 
 Each block is named by a line only it contains; `tests/test_docs.py` checks that every block of the docs is
 named exactly once here, so a new snippet without a test that runs it fails the fast suite."""
@@ -9,20 +9,20 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.md"))]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for folder in ("docs", "examples") for p in (ROOT / folder).glob("*.md"))]
 DOC_SERVER_URL = "http://127.0.0.1:8000/v1"  # what the snippets talk to; the tests put their own server there
 
 # (doc, a line only that block contains) -> the test that runs the block
 RUN_BY = {
     ("README.md", "with RAGPipeline.from_defaults() as rag:"): "test_examples.py::test_readme_pipeline_snippet_runs",
-    ("README.md", "llm = LLM("): "test_examples.py::test_readme_vllm_snippet_runs",
-    ("README.md", 'directory_url="redis://cache:6379/0"'): "test_docs.py::test_readme_store_snippet_runs",
+    ("docs/connector.md", "llm = LLM("): "test_examples.py::test_readme_vllm_snippet_runs",
+    ("docs/multi-instance.md", 'directory_url="redis://cache:6379/0"'): "test_docs.py::test_store_snippet_runs",
     ("README.md", "store_documents(client, model, docs)  "): "test_server.py::test_doc_snippets_run_against_the_server",
     ("examples/serve.md", "from kvblend.client import store_documents"):
         "test_server.py::test_doc_snippets_run_against_the_server",
     ("examples/serve.md", "reply = client.chat.completions.create("):
         "test_server.py::test_doc_snippets_run_against_the_server",
-    ("examples/serve.md", "model = KVBlendChatModel("): "test_server.py::test_doc_snippets_run_against_the_server",
+    ("README.md", "model = KVBlendChatModel("): "test_server.py::test_doc_snippets_run_against_the_server",
 }
 
 

@@ -37,7 +37,7 @@ DEFAULT_REDIS_GB = 20.0
 DEFAULT_PEER_GB = 2.0
 COUNTERS_FILE = "counters.json"
 TIERS = ("memory", "disk", "peer", "redis")  # every tier a store can have, in the default read order
-DEFAULT_CODECS = {"disk": "full", "peer": "int6", "redis": "int6"}  # why: README "Storage codecs"
+DEFAULT_CODECS = {"disk": "full", "peer": "int6", "redis": "int6"}  # why: docs/storage.md, "Storage codecs"
 
 
 def default_store_dir() -> Path:
