@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     return kvblend_main(["eval", "fidelity", *(sys.argv[1:] if argv is None else argv)])
 
 
-TINY = ["--corpus", "pydoc", "--cases", "1", "--chunks", "2", "--chunk-tokens", "32", "--ratios", "0.15", "--no-baselines",
-        "--greedy-steps", "1", "--json", tiny_out("quality_fidelity.json")]
+TINY = ["--corpus", "pydoc", "--cases", "1", "--chunks", "2", "--chunk-tokens", "32", "--ratios", "0.15",
+        "--no-baselines", "--greedy-steps", "1", "--json", tiny_out("quality_fidelity.json")]
 
 if __name__ == "__main__":
     sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -32,7 +32,8 @@ def git_sha() -> str | None:
         return os.environ["KVBLEND_GIT_SHA"]
     if not (REPO / ".git").exists():
         return None
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False)
     return out.stdout.strip() or None
 
 

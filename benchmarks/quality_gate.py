@@ -3,13 +3,14 @@
 calibrate: per case, the gate's signals at the first check layer (bound inf: measured, never acted on) beside the
     KL(full prefill || blend) of the default selection at fixed ratios (0.15, 0.30 and those between, for the
     equal-compute comparison); each case is appended to --jsonl as it finishes, so a stopped run still counts.
-    python -m benchmarks.quality gate calibrate --cases 32 --seed 11 --jsonl benchmarks/results/gate_l1_calibration.jsonl
+    python -m benchmarks.quality gate calibrate --cases 40 --seed 11 \
+        --jsonl benchmarks/results/quality_gate_calibration_cpu.jsonl
 analyse: from those lines, each signal's Spearman rank correlation (with a bootstrap interval) with the KL at
     r = 0.15 and with what raising to r = 0.30 gains; the gate's rule replayed at bounds set so that it raises a
     share of the requests (a raised request is exactly the r = 0.30 run: the raise happens in place at the first
     check layer), against the fixed ratio at the same mean compute (interpolated between the measured fixed
     ratios) and against an oracle that raises as many requests, those whose KL falls most.
-    python -m benchmarks.quality gate analyse --jsonl benchmarks/results/gate_l1_calibration.jsonl \
+    python -m benchmarks.quality gate analyse --jsonl benchmarks/results/quality_gate_calibration_cpu.jsonl \
         --out benchmarks/results/quality_gate_cpu.json
 --tiny: one calibration case into a temp folder.
 """

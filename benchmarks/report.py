@@ -230,8 +230,8 @@ def store_prefetch() -> Table:
     rows = [[r["tier"], r["state"], r["mode"], f"{r['gap_ms']:g}" if r["mode"] == "retrieval" else "-",
              f"{r['ms']:.2f}"] for r in data["rows"]]
     return Table("Prefetch at the store: KV loading on a blended request's critical path (store prefetch)",
-                 ("store_prefetch_cpu.json",), ["store", "page cache", "prefetch", "gap ms", "loading ms (median)"], rows,
-                 "")
+                 ("store_prefetch_cpu.json",), ["store", "page cache", "prefetch", "gap ms", "loading ms (median)"],
+                 rows, "")
 
 
 def pd_ttft() -> Table:

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import harness, report  # noqa: E402
+from benchmarks import harness, report
 
 SUITES = {"store": "benchmarks.store", "transport": "benchmarks.transport", "vllm_cpu": "benchmarks.vllm_cpu",
           "quality": "benchmarks.quality"}
@@ -44,7 +44,7 @@ def test_every_table_cites_files_that_exist_and_records_where_they_came_from():
         assert table.rows, table.question
         for name in table.sources:
             assert (harness.RESULTS / name).is_file(), name
-    assert all(f.suffix in (".json", ".png") for f in harness.RESULTS.iterdir())
+    assert all(f.suffix in (".json", ".jsonl", ".png") for f in harness.RESULTS.iterdir())
 
 
 @pytest.mark.parametrize(("suite", "name"), parts())
@@ -76,7 +76,8 @@ def test_tiny_puts_the_smoke_arguments_first_so_later_ones_win():
 @pytest.mark.parametrize("name", ["tiers", "codecs", "prefetch", "cluster"])
 def test_store_smoke_runs_write_the_harness_schema(name, tmp_path, capsys):
     out = tmp_path / f"{name}.json"
-    assert harness.run_suite(importlib.import_module("benchmarks.store").PARTS, [name, "--tiny", "--json", str(out)]) == 0
+    store = importlib.import_module("benchmarks.store")
+    assert harness.run_suite(store.PARTS, [name, "--tiny", "--json", str(out)]) == 0
     assert f"== {name}" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert SCHEMA <= set(result) and result["suite"] == f"store_{name}"
@@ -86,7 +87,8 @@ def test_store_smoke_runs_write_the_harness_schema(name, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["benchmarks.transport", "peer", "--tiny"],
                                      ["benchmarks.quality", "--tiny"],
-                                     ["benchmarks.gpu_blend", "--tiny", "--chunks", "2", "--reps", "1", "--warmup", "1"]])
+                                     ["benchmarks.gpu_blend", "--tiny", "--chunks", "2", "--reps", "1",
+                                      "--warmup", "1"]])
 def test_cpu_smoke_runs_of_the_slower_suites(command, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=env, capture_output=True, text=True,
