@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ def provenance(data: dict) -> dict[str, str]:
     device = data.get("device") or data.get("gpu")
     if isinstance(device, list):
         device = ", ".join(d.get("name", "?") for d in device)
+    if isinstance(device, dict):
+        device = device.get("model")
+    if isinstance(cpu, str):
+        device = device or ", ".join([cpu, *([f"{data['cpus']} cores"] if "cpus" in data else [])])
     if not device and machine.get("gpu"):
         device = ", ".join(g["name"] for g in machine["gpu"])
     if not device and isinstance(cpu, dict):
@@ -299,10 +304,15 @@ def results_block(found: list[Table]) -> str:
 
 def readme_block(found: list[Table]) -> str:
     stamp = {t.question: provenance(load(t.sources[0])) for t in found}
-    lines = [f"- {t.headline} ({stamp[t.question]['date']}, {stamp[t.question]['sha']})" for t in found
-             if t.headline]
-    return ("Every figure below is read from `benchmarks/results/` by `python -m benchmarks.report`; the tables, "
-            "commands, devices, dates and shas are in `benchmarks/RESULTS.md`.\n\n" + "\n".join(lines))
+    lines = [wrap(f"- {t.headline} ({stamp[t.question]['date']}, {stamp[t.question]['sha']})", "  ")
+             for t in found if t.headline]
+    return wrap("Every figure below is read from `benchmarks/results/` by `python -m benchmarks.report`; the "
+                "tables, commands, devices, dates and shas are in `benchmarks/RESULTS.md`.") + "\n\n" + "\n".join(lines)
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """A paragraph at the README's line length, code spans kept whole."""
+    return textwrap.fill(text, width=115, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
 
 
 def fill(text: str, block: str, where: Path) -> str:
