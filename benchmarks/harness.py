@@ -43,9 +43,10 @@ def now() -> str:
 
 
 def command() -> str:
-    """The command line that ran this process, its script as a path inside the repository where it is one."""
+    """The command line that ran this process: `python -m MODULE ...`, or its script as a path in the repository."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
     script = Path(sys.argv[0]).resolve()
-    head = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    head = f"-m {spec.name}" if spec else str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
     return " ".join(["python", head, *sys.argv[1:]])
 
 
