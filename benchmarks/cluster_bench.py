@@ -1,7 +1,7 @@
 """Redis tier on one server vs on a Redis Cluster: put / get throughput at 1 and 8 concurrent clients, and a
 shard killed mid-run (errors seen by requests, requests served, worst latency, time until the failover serves).
 
-    .venv/bin/python benchmarks/cluster_bench.py [--seconds S] [--rounds N] [--json OUT]
+    python -m benchmarks.store cluster [--tiny] [--seconds S] [--rounds N] [--json OUT]
 
 Private servers on loopback (tests/redis_server.py, tests/redis_cluster.py: 3 masters + 3 replicas). Entries are
 random bf16 SmolLM2-135M chunks of 256 tokens (30 layers, 3 kv heads, head_dim 64: 5.9 MB serialised). Each client
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -28,10 +27,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from redis_cluster import RedisCluster  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
-
-from kvblend.cpu import cpu_record  # noqa: E402
-from kvblend.store import RedisConfig, RedisTier  # noqa: E402
 from test_store_helpers import random_chunk  # noqa: E402
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
+from kvblend.store import RedisConfig, RedisTier  # noqa: E402
 
 SHAPE = dict(layers=30, tokens=256, heads=3, head_dim=64)
 KEYS = 48
@@ -148,30 +147,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the throughput runs, each side in turn")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", default=str(result_path("store_cluster")), help="write the results here")
     args = parser.parse_args(argv)
     kvs = [random_chunk(seed=i, **SHAPE) for i in range(KEYS)]
     from kvblend.store.entry import serialize
 
     entry_bytes = len(serialize(kvs[0]))
-    results = {"machine": cpu_record(), "python": platform.python_version(), "entry_bytes": entry_bytes,
-               "timeout_s": TIMEOUT_S, "throughput": {}}
+    results = record("store_cluster", [], entry_bytes=entry_bytes, timeout_s=TIMEOUT_S, throughput={})
     with RedisServer() as server, RedisCluster() as cluster:
         for round_ in range(args.rounds):  # alternated, so a load change on a shared machine hits both sides
             for name, url in (("single server", server.url), ("cluster 3+3", cluster.url)):
                 for clients in (1, 8):
                     got = throughput(url, clients, args.seconds, kvs, entry_bytes)
                     results["throughput"][f"round {round_ + 1}, {name}, {clients} clients"] = got
+                    results["rows"].append({"round": round_ + 1, "redis": name, "clients": clients, **got})
                     print(f"round {round_ + 1} {name:14s} {clients} clients: put {got['put']['ops_per_s']:6.1f}/s "
                           f"{got['put']['MB_per_s']:6.0f} MB/s  get {got['get']['ops_per_s']:6.1f}/s "
                           f"{got['get']['MB_per_s']:6.0f} MB/s  (p99 put {got['put']['p99_ms']:.0f} ms, "
                           f"get {got['get']['p99_ms']:.0f} ms)", flush=True)
         results["shard_kill"] = shard_kill(cluster, 3 * args.seconds, kvs, entry_bytes)
         print(json.dumps(results["shard_kill"], indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    write(args.json, results)
     return 0
 
 
+TINY = ["--seconds", "0.3", "--rounds", "1", "--json", tiny_out("store_cluster.json")]
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(with_tiny(sys.argv[1:], TINY)))

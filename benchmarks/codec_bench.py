@@ -1,6 +1,6 @@
 """Storage codecs: bytes per entry, chunks per GB, and disk / Redis put and get per codec, on the same chunks.
 
-    .venv/bin/python benchmarks/codec_bench.py [--redis URL] [--json OUT] [--reps N] [--chunks NAME ...]
+    python -m benchmarks.store codecs [--tiny] [--redis URL] [--json OUT] [--reps N] [--chunks NAME ...]
 
 Chunks as in store_bench.py (random bf16 K/V of SmolLM2-135M and Llama-3-8B shapes). Per codec (full = the
 model's bf16, fp8, int4): the serialised entry's bytes and how many fit in a GB against full; put (encode,
@@ -13,7 +13,6 @@ warm-up. Fidelity is `kvblend eval fidelity --codec` (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
-from kvblend.cpu import cpu_record  # noqa: E402
+from benchmarks.harness import record, result_path, timed, tiny_out, with_tiny, write  # noqa: E402
+from benchmarks.store_bench import CHUNKS, must, open_redis, random_chunk  # noqa: E402
 from kvblend.store import DiskTier, RedisTier  # noqa: E402
 from kvblend.store.entry import CODECS, serialize  # noqa: E402
-from store_bench import CHUNKS, must, open_redis, random_chunk, timed  # noqa: E402
 
 
 def bench(kv, tier, reps: int) -> dict[str, float]:
@@ -45,7 +44,7 @@ def bench(kv, tier, reps: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--redis", help="redis://host:port/db (default: start a private redis-server)")
-    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--json", default=str(result_path("store_codecs")), help="write the raw results here")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--chunks", nargs="*", default=list(CHUNKS), choices=list(CHUNKS))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -91,16 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                         f" | {gbps(row, f'{t}_get1_ms', layer_bytes)} |" for t in tiers)
         print(f"| {row['chunk']} | {row['codec']} | {row['entry_bytes'] / 2**20:.2f} | "
               f"{row['chunks_per_gb_vs_full']:.2f}x |{cells}")
-    cpu = cpu_record()
+    result = record("store_codecs", rows, reps=args.reps, load_avg_before=load_before, load_avg_after=load_after)
+    cpu = result["machine"]["cpu"]
     print(f"\nreps={args.reps} (median; GB/s of bf16 KV delivered in brackets), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), load average "
           f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, redis: {info[1] if redis else info}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"reps": args.reps, "cpu": cpu, "load_avg_before": load_before,
-                                               "load_avg_after": load_after, "rows": rows}, indent=1))
+    write(args.json, result)
     return 0
 
 
+TINY = ["--reps", "1", "--chunks", "SmolLM2 256 tok", "--json", tiny_out("store_codecs.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

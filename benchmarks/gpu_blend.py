@@ -11,7 +11,7 @@ events, and each run draws another chunk order (rotated inputs). First, in the s
 sparse-attention configs (Triton tile configs and the Gluon Hopper kernel, each checked against the torch
 reference, the fastest kept for the TTFT rows), FlexAttention with a block mask on the same case, and the copy
 kernels. Run on the device:
-  KVBLEND_GIT_SHA=<sha> python benchmarks/gpu_blend.py --out $OUT
+  KVBLEND_GIT_SHA=<sha> python -m benchmarks.gpu_blend --out $OUT   (writes gpu_blend_<gpu>.json and .png there)
 `--tiny` runs a 5-layer toy shape (past the default check layers 1 and 3) on the CPU to check the script.
 On CUDA the process runs as a vLLM GPU worker does, with one torch intra-op thread (vLLM's
 `set_torch_threads_for_runtime`, unless OMP_NUM_THREADS is set outside): the default pool's spinning workers
@@ -21,12 +21,8 @@ caused the slow-run tail (RESULTS, fourth round). `--torch-threads N` overrides;
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import RESULTS, record, result_path, tiny_out, write  # noqa: E402
 from kvblend.blend.config import BlendConfig  # noqa: E402
 from kvblend.blend.engine import BlendEngine  # noqa: E402
 from kvblend.blend.layout import ChunkRef, PromptLayout  # noqa: E402
@@ -311,19 +308,18 @@ ATTENTION_CONFIGS = [dict(DEFAULT_CONFIG, BLOCK_M=m, BLOCK_N=n, num_warps=w, num
                                             (64, 128, 4, 3, True))] + [dict(DEFAULT_CONFIG, gluon=True)]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="5-layer toy shape on the CPU (script check)")
     parser.add_argument("--chunks", default="6,16,32,64")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--attention-config", default=None,
-                        help="kernel_sweep.py JSON: use its fastest correct sparse_query_attention config")
+    parser.add_argument("--out", default=None, help="folder of the result files (default: benchmarks/results; "
+                                                    "--tiny: a temp folder)")
     parser.add_argument("--unfused", action="store_true", help="keep separate Q/K/V and gate/up GEMMs")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default on CUDA: 1, as a vLLM GPU worker; on CPU: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda")
     threads = args.torch_threads or (1 if device.type == "cuda" else None)
     if threads:
@@ -336,13 +332,10 @@ def main() -> int:
     ceilings = measure_ceilings(device, timer)
     attention_tokens = 16 * CHUNK + QUESTION if not args.tiny else 1088
     long_tokens = 64 * CHUNK + QUESTION if not args.tiny else 2112
-    if args.attention_config:
-        attention, _ = [], pick_attention_config(args.attention_config)
-    else:
-        configs = ATTENTION_CONFIGS if device.type == "cuda" else ATTENTION_CONFIGS[:1]
-        attention, best = attention_rates(model, device, timer, ceilings, attention_tokens, long_tokens, configs)
-        if best is not None:
-            DEFAULT_CONFIG.update({k: best[k] for k in DEFAULT_CONFIG})
+    configs = ATTENTION_CONFIGS if device.type == "cuda" else ATTENTION_CONFIGS[:1]
+    attention, best = attention_rates(model, device, timer, ceilings, attention_tokens, long_tokens, configs)
+    if best is not None:
+        DEFAULT_CONFIG.update({k: best[k] for k in DEFAULT_CONFIG})
     kernels = kernel_rates(model, device, timer, ceilings, 1 << 16 if not args.tiny else 1088)
     graphs = device.type == "cuda"
     engine, eager = BlendEngine(model, cuda_graphs=graphs), BlendEngine(model)
@@ -409,30 +402,16 @@ def main() -> int:
                   f"[{min(times):.2f}, {max(times):.2f}]", flush=True)
         breakdown[tokens] = profile_stages(engine, draw, pinned, device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny)"
-    report = {
-        "device": device_name,
-        "git_sha": os.environ.get("KVBLEND_GIT_SHA") or git_sha(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv),
-        "torch": torch.__version__,
-        "shape": "tiny" if args.tiny else "llama-3-8b",
-        "fused_projections": not args.unfused,
-        "torch_threads": torch.get_num_threads(),
-        "attention_config": dict(DEFAULT_CONFIG),
-        "ceilings": ceilings,
-        "rows": rows,
-        "kernels": kernels,
-        "attention": attention,
-        "cuda_graphs": {"buckets": engine.graphs.stats(), "check_layer_shapes": engine.check_graphs.stats(),
-                        "workspace_MiB": engine.graphs.workspace_bytes() / 2**20} if graphs else None,
-        "cacheblend_stage_ms_cpu_pinned": breakdown,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    name = f"gpu_blend_{slug}_{report['git_sha'] or 'nosha'}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(rows, out / f"{name}.png", report["device"])
+    report = record(
+        "gpu_blend", rows, device=device_name, torch=torch.__version__, shape="tiny" if args.tiny else "llama-3-8b",
+        fused_projections=not args.unfused, torch_threads=torch.get_num_threads(),
+        attention_config=dict(DEFAULT_CONFIG), ceilings=ceilings, kernels=kernels, attention=attention,
+        cuda_graphs={"buckets": engine.graphs.stats(), "check_layer_shapes": engine.check_graphs.stats(),
+                     "workspace_MiB": engine.graphs.workspace_bytes() / 2**20} if graphs else None,
+        cacheblend_stage_ms_cpu_pinned=breakdown)
+    folder = Path(args.out) if args.out else Path(tiny_out("")) if args.tiny else RESULTS
+    path = write(folder / result_path("gpu_blend", device_name).name, report)
+    plot(rows, path.with_suffix(".png"), report["device"])
     print_summary(rows, kernels + attention, ceilings, report["cuda_graphs"])
     return 0
 
@@ -450,24 +429,6 @@ def gpu_state() -> dict:
                 "clock_events": pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)}
     except Exception:  # noqa: BLE001 - no NVML (CPU, --tiny): the timings stand alone
         return {}
-
-
-def git_sha() -> str | None:
-    """The sha of the checkout this script lives in (None when it was copied without .git)."""
-    here = Path(__file__).resolve().parents[1]
-    if not (here / ".git").exists():
-        return None
-    sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return sha.stdout.strip() or None
-
-
-def pick_attention_config(path: str) -> dict:
-    """The sweep's fastest config on the sparse (blend) case among those that passed; installed as the default."""
-    rows = [r for r in json.loads(Path(path).read_text())["attention"] if r.get("status") == "ok"]
-    best = max(rows, key=lambda r: r["sparse_TFLOPs"])
-    DEFAULT_CONFIG.update({k: best[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
-    print(f"sparse_query_attention config from the sweep: {DEFAULT_CONFIG} ({best['sparse_TFLOPs']:.0f} TFLOP/s)")
-    return dict(DEFAULT_CONFIG)
 
 
 def profile_stages(engine: BlendEngine, draw, pinned, device) -> dict:

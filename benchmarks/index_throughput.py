@@ -8,28 +8,28 @@ kvblend connector, load format kvblend). Timed, one after the other on that engi
               throughput; a cache salt keeps these prompts out of the precompute run's prefix-cache lookups)
   precompute  RAGPipeline.precompute(chunks): the same prompts with store_prompt, the connector extracting and
               storing each chunk's KV (memory + disk tiers)
-    python benchmarks/index_throughput.py --json benchmarks/results/index_throughput_cpu.json
+    python -m benchmarks.vllm_cpu index [--tiny] [--topics N] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from server_ttft import run_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--topics", type=int, default=25)
-    parser.add_argument("--json", default="benchmarks/results/index_throughput_cpu.json")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=str(result_path("vllm_cpu_index")))
+    args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import SamplingParams
 
@@ -54,17 +54,13 @@ def main() -> int:
         stored = rag.precompute(chunks, progress=True)
         precompute_s = time.perf_counter() - start
         engine_args = rag.config.engine_kwargs
-    rows = {"prefill": prefill_s, "precompute": precompute_s}
-    report = {
-        **run_info(),
-        "documents": summary.documents, "chunks": len(chunks), "tokens": tokens, "stored": stored,
-        "engine_args": engine_args,
-        "rows": [{"run": run, "seconds": s, "chunks_per_s": len(chunks) / s, "tokens_per_s": tokens / s}
-                 for run, s in rows.items()],
-        "precompute_vs_prefill": prefill_s / precompute_s,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    runs = {"prefill": prefill_s, "precompute": precompute_s}
+    report = record("vllm_cpu_index", [{"run": run, "seconds": s, "chunks_per_s": len(chunks) / s,
+                                        "tokens_per_s": tokens / s} for run, s in runs.items()],
+                    documents=summary.documents, chunks=len(chunks), tokens=tokens, stored=stored,
+                    engine_args=engine_args, precompute_vs_prefill=prefill_s / precompute_s,
+                    load_average=os.getloadavg())
+    write(args.json, report)
     print(f"{summary.documents} documents, {len(chunks)} chunks, {tokens} tokens; {stored} stored")
     print("| run | s | chunks/s | tokens/s |\n|---|---:|---:|---:|")
     for row in report["rows"]:
@@ -73,5 +69,7 @@ def main() -> int:
     return 0
 
 
+TINY = ["--topics", "2", "--json", tiny_out("vllm_cpu_index.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -1,6 +1,6 @@
 """GPU memory to GPU memory between two processes through NIXL (UCX backend): READ bandwidth by size.
 
-    python benchmarks/nixl_gpu_bench.py [--sizes-mib 64 256 1024] [--reps 10] [--devices 0 0] [--json OUT]
+    python -m benchmarks.transport nixl_gpu [--tiny] [--sizes-mib 64 256 1024] [--reps 10] [--devices 0 0] [--json OUT]
 
 A holder process fills a VRAM buffer with seeded random bytes and registers it with its NIXL agent; this process
 registers its own VRAM buffer, loads the holder's agent metadata (handed over in a file: no directory needed for
@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
 
 MIB = 1 << 20
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-mib", type=int, nargs="*", default=[64, 256, 1024])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--devices", type=int, nargs=2, default=[0, 0])
-    parser.add_argument("--json")
+    parser.add_argument("--json", default=None, help="default: benchmarks/results/transport_nixl_gpu_<gpu>.json")
     parser.add_argument("--hold", help=argparse.SUPPRESS)  # internal: run as the holder in this work dir
     args = parser.parse_args(argv)
     sizes = [s * MIB for s in args.sizes_mib]
@@ -121,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             Path(workdir, "stop").touch()
             holder.wait(timeout=60)
-    print(f"GPU {torch.cuda.get_device_name(args.devices[1])}, devices holder {args.devices[0]} -> reader "
-          f"{args.devices[1]}, torch {torch.__version__}, reps {args.reps} (median), "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"devices": args.devices, "gpu": torch.cuda.get_device_name(0),
-                                               "rows": rows}, indent=2))
+    gpu = torch.cuda.get_device_name(args.devices[1])
+    result = record("transport_nixl_gpu", rows, devices=args.devices, gpu=gpu, reps=args.reps)
+    print(f"GPU {gpu}, devices holder {args.devices[0]} -> reader {args.devices[1]}, torch {torch.__version__}, "
+          f"reps {args.reps} (median), {result['date']}")
+    write(args.json or result_path("transport_nixl_gpu", gpu), result)
     return 0
 
 
+TINY = ["--sizes-mib", "1", "--reps", "2", "--json", tiny_out("transport_nixl_gpu.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

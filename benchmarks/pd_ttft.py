@@ -15,7 +15,7 @@ prefilled together in other orders (storage mode), as in vllm_rag_ttft.py. Per t
 every request with a cache salt of its own (no prefix-cache hit on the prompt from an earlier mode).
 TTFT = first streamed token minus request start, on the client (max_tokens=2); through the proxy it includes
 the prefill request, the KV pull by the decode instance and its first step. One warm-up prompt is not counted.
-    python benchmarks/pd_ttft.py --json benchmarks/results/pd_ttft_cpu.json
+    python -m benchmarks.transport pd [--tiny] [--prompts N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ import time
 import uuid
 from pathlib import Path
 
-from server_ttft import write_ttft_report
-from vllm_rag_ttft import build_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import result_path, tiny_out, with_tiny  # noqa: E402
+from benchmarks.server_ttft import write_ttft_report  # noqa: E402
+from benchmarks.vllm_rag_ttft import build_prompts  # noqa: E402
 
 PROXY = Path(__file__).resolve().parents[1] / "examples" / "pd_proxy.py"
 MODES = ("one_plain", "one_blend", "pd_plain", "pd_blend")
@@ -60,15 +63,15 @@ def streamed_ttft(client, model: str, prompt: list[int], kvblend: dict) -> tuple
     return (first - start) * 1e3, cached_tokens(usage)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefill-cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND of the prefill instance")
     parser.add_argument("--decode-cores", default="1", help="VLLM_CPU_OMP_THREADS_BIND of the decode instance")
-    parser.add_argument("--json", default="benchmarks/results/pd_ttft_cpu.json")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=str(result_path("transport_pd")))
+    args = parser.parse_args(argv)
     from openai import OpenAI
 
     from kvblend.model.embedded import embedded_model_dir
@@ -111,12 +114,14 @@ def main() -> int:
                     if i > 0:
                         print(f"prompt {i}: " + ", ".join(f"{m} {r['ttft_ms'][-1]:.0f} ms" for m, r in rows.items()),
                               flush=True)
-    write_ttft_report(args.json, rows, "one_plain", seconds=round(time.time() - started, 1), dtype=args.dtype,
+    write_ttft_report("transport_pd", args.json, rows, "one_plain", seconds=round(time.time() - started, 1), dtype=args.dtype,
                       env={k: instance_env()[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "UCX_TLS")},
                       cores={"prefill": args.prefill_cores, "decode": args.decode_cores},
                       prompt_tokens=[len(ids) for ids, _ in tests[1:]], load_average_start=load_at_start)
     return 0
 
 
+TINY = ["--prompts", "1", "--json", tiny_out("transport_pd.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -1,6 +1,6 @@
 """One 512-token chunk from another instance: peer fetch over NIXL vs Redis get vs disk get vs recompute.
 
-    .venv/bin/python benchmarks/peer_bench.py [--reps N] [--json OUT] [--recompute-layers L]
+    python -m benchmarks.transport peer [--tiny] [--reps N] [--json OUT] [--recompute-layers L]
 
 Chunks are the random bf16 K/V of store_bench.py's model shapes (SmolLM2-135M and Llama-3-8B, 512 tokens).
 A second process holds the chunk in its peer tier (exported from NIXL-registered host memory, announced in a
@@ -18,14 +18,12 @@ Every figure is the median of --reps timed calls after one untimed warm-up; GB/s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
 from gpu_blend import LLAMA3_8B
-from store_bench import CHUNKS, Result, random_chunk, timed
+from store_bench import CHUNKS, Result, random_chunk
 
-from kvblend.cpu import cpu_record
+from benchmarks.harness import record, result_path, timed, tiny_out, with_tiny, write
 from kvblend.model.runner import LlamaModel
 from kvblend.model.spec import spec_from_config
 from kvblend.model.weights import weights_from_tensors
@@ -147,7 +145,7 @@ def bench_recompute(name: str, reps: int, layers: int) -> Result:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--json", default=str(result_path("transport_peer")), help="write the raw results here")
     parser.add_argument("--recompute-layers", type=int, default=2)
     parser.add_argument("--chunks", nargs="*", default=BENCH_CHUNKS, choices=BENCH_CHUNKS)
     args = parser.parse_args(argv)
@@ -166,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|")
     for r in results:
         print(f"| {r.chunk} ({r.kv_bytes / 2**20:.1f} MiB K+V) | {r.impl} | {r.ms:.1f} | {r.gbps:.2f} |")
-    cpu = cpu_record()
+    result = record("transport_peer", [{**asdict(r), "gbps": r.gbps} for r in results], reps=args.reps,
+                    load_avg_before=load_before, load_avg_after=load_after)
+    cpu = result["machine"]["cpu"]
     print(f"\nreps={args.reps} (recompute: {max(1, min(args.reps, 3))}), torch {torch.__version__}, python "
           f"{platform.python_version()}, {os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), "
           f"load average {load_before[0]:.2f} before / "
-          f"{load_after[0]:.2f} after, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    if args.json:
-        payload = {"reps": args.reps, "cpu": cpu, "load_avg_before": load_before,
-                   "load_avg_after": load_after, "results": [{**asdict(r), "gbps": r.gbps} for r in results]}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+          f"{load_after[0]:.2f} after, {result['date']}")
+    write(args.json, result)
     return 0
 
 
+TINY = ["--reps", "1", "--chunks", "SmolLM2 512 tok", "--json", tiny_out("transport_peer.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -1,7 +1,7 @@
 """What prefetch at retrieval time saves: the time a blended request's chunk KV loading sits on the critical
 path (from the moment vLLM schedules the request to the last layer read), on a disk-only and a Redis-only store.
 
-    .venv/bin/python benchmarks/prefetch_bench.py [--chunks 4] [--tokens 512] [--reps 5] [--gap-ms 5 20] [--json OUT]
+    python -m benchmarks.store prefetch [--tiny] [--chunks 4] [--tokens 512] [--reps 5] [--gap-ms 5 20] [--json OUT]
 
 A request's chunks (random bf16 K/V of SmolLM2-135M's shape: 30 layers, 3 kv heads, head_dim 64) are read
 layer by layer as the blend's layer source does in vLLM's worker (every chunk's layer i, then layer i+1, in
@@ -17,12 +17,10 @@ Disk: "cold" drops the entry files from the page cache before each repetition (p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from kvblend.cpu import cpu_record  # noqa: E402
-from kvblend.store import ChunkKV, ChunkKey, DiskTier, MemoryTier, RedisConfig, RedisTier, TieredStore  # noqa: E402
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
+from kvblend.store import ChunkKey, ChunkKV, DiskTier, MemoryTier, RedisConfig, RedisTier, TieredStore  # noqa: E402
 from kvblend.store.entry import KVLayout  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 30, 3, 64
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gap-ms", type=float, nargs="*", default=[5.0, 20.0])
     parser.add_argument("--dir", default=None, help="directory for the disk tier (default: a temp dir)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=str(result_path("store_prefetch")))
     args = parser.parse_args(argv)
     from redis_server import RedisServer
 
@@ -122,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()
-    cpu = cpu_record()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result = record("store_prefetch", rows, chunks=args.chunks, tokens=args.tokens, reps=args.reps,
+                    entry_bytes=kvs[0].nbytes, load_avg_before=load_before, load_avg_after=load_after)
+    cpu, sha = result["machine"]["cpu"], result["git_sha"]
     entry_mb = kvs[0].nbytes / 1e6
     print("| store | page cache | prefetch | gap before scheduling | load on the critical path (ms, median) |")
     print("|---|---|---|---|---|")
@@ -134,14 +133,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(ISA {' '.join(cpu['isa'])}), {os.cpu_count()} cpus, load average {load_before[0]:.2f} before / "
           f"{load_after[0]:.2f} after, "
           f"torch {torch.__version__}, python {platform.python_version()}, sha {sha}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "chunks": args.chunks, "tokens": args.tokens, "reps": args.reps, "entry_bytes": kvs[0].nbytes,
-            "cpu": cpu, "load_avg_before": load_before,
-            "load_avg_after": load_after, "sha": sha, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "rows": rows}, indent=2))
+    write(args.json, result)
     return 0
 
 
+TINY = ["--chunks", "2", "--tokens", "64", "--reps", "1", "--gap-ms", "5", "--json", tiny_out("store_prefetch.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -3,14 +3,16 @@
 calibrate: per case, the gate's signals at the first check layer (bound inf: measured, never acted on) beside the
     KL(full prefill || blend) of the default selection at fixed ratios (0.15, 0.30 and those between, for the
     equal-compute comparison); each case is appended to --jsonl as it finishes, so a stopped run still counts.
-    python benchmarks/quality_gate.py calibrate --cases 32 --seed 11 --jsonl benchmarks/results/gate_l1_calibration.jsonl
+    python -m benchmarks.quality gate calibrate --cases 40 --seed 11 \
+        --jsonl benchmarks/results/quality_gate_calibration_cpu.jsonl
 analyse: from those lines, each signal's Spearman rank correlation (with a bootstrap interval) with the KL at
     r = 0.15 and with what raising to r = 0.30 gains; the gate's rule replayed at bounds set so that it raises a
     share of the requests (a raised request is exactly the r = 0.30 run: the raise happens in place at the first
     check layer), against the fixed ratio at the same mean compute (interpolated between the measured fixed
     ratios) and against an oracle that raises as many requests, those whose KL falls most.
-    python benchmarks/quality_gate.py analyse --jsonl benchmarks/results/gate_l1_calibration.jsonl \
-        --out benchmarks/results/gate_l1_analysis.json
+    python -m benchmarks.quality gate analyse --jsonl benchmarks/results/quality_gate_calibration_cpu.jsonl \
+        --out benchmarks/results/quality_gate_cpu.json
+--tiny: one calibration case into a temp folder.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import git_sha, record, tiny_out, with_tiny, write
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.prompt import chat_template
-from kvblend.cpu import cpu_record
 from kvblend.eval.fidelity import kl_per_token, make_cases, stored_chunk_refs
 from kvblend.model.embedded import embedded_model_dir
 from kvblend.model.runner import LlamaModel
@@ -71,8 +75,8 @@ def calibrate(args) -> None:
     template = chat_template(tokenizer)
     store = TieredStore([MemoryTier(16 << 30)])
     engine = BlendEngine(model, store)
-    cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, 256, (3, 5), seed=args.seed)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cases = make_cases(tokenizer, pydoc_topics(), [], args.cases, args.chunk_tokens, (3, 5), seed=args.seed)
+    sha = git_sha()
     for n, case in enumerate(cases):
         if n < args.skip:
             continue
@@ -163,22 +167,20 @@ def analyse(cases: list[dict], signals: list[str], shares: list[float], at: dict
     """Correlations, the fixed ratios, the gate replayed at the bounds that raise `shares` of the cases and at the
     given bounds `at` (signal: bound, e.g. the calibration's applied to held-out cases)."""
     n = len(cases)
-    report = {"machine": cpu_record(), "cases": n, "seeds": sorted({c["seed"] for c in cases}),
-              "git_shas": sorted({c["git_sha"] for c in cases}), "kl_reuse": sum(c["kl_reuse"] for c in cases) / n,
-              "fixed": [{"ratio": r, "compute": c, "kl_mean": k} for r, (c, k) in zip(FIXED, fixed_curve(cases))],
-              "correlations": correlations(cases), "replay": []}
-    for signal in signals:
-        for share in shares:
-            report["replay"].append(replay(cases, signal, bound_for_share(cases, signal, share)))
-    report["replay"] += [replay(cases, signal, bound) for signal, bound in at.items()]
-    return report
+    replays = [replay(cases, signal, bound_for_share(cases, signal, share)) for signal in signals for share in shares]
+    replays += [replay(cases, signal, bound) for signal, bound in at.items()]
+    return record("quality_gate", replays, cases=n, seeds=sorted({c["seed"] for c in cases}),
+                  git_shas=sorted({c["git_sha"] for c in cases}), kl_reuse=sum(c["kl_reuse"] for c in cases) / n,
+                  fixed=[{"ratio": r, "compute": c, "kl_mean": k} for r, (c, k) in zip(FIXED, fixed_curve(cases))],
+                  correlations=correlations(cases))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["calibrate", "analyse"])
     parser.add_argument("--cases", type=int, default=32)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="calibrate: tokens per chunk")
     parser.add_argument("--skip", type=int, default=0, help="calibrate: start at this case (those before are done)")
     parser.add_argument("--jsonl", required=True, help="calibrate: appended per case; analyse: read")
     parser.add_argument("--signals", default="reused_attention,reused_deviation_attention",
@@ -186,7 +188,7 @@ def main() -> int:
     parser.add_argument("--shares", default="0.25,0.33,0.5", help="analyse: shares of requests the replayed gate raises")
     parser.add_argument("--at", default="", help="analyse: SIGNAL=BOUND,... replayed at those bounds")
     parser.add_argument("--out", default=None, help="analyse: write the report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.mode == "calibrate":
         calibrate(args)
         return 0
@@ -194,11 +196,12 @@ def main() -> int:
     at = {k: float(v) for k, v in (item.split("=") for item in args.at.split(",") if item)}
     report = analyse(cases, args.signals.split(","), [float(s) for s in args.shares.split(",")], at)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write(args.out, report)
     print(json.dumps(report, indent=1))
     return 0
 
 
+TINY = ["calibrate", "--cases", "1", "--chunk-tokens", "32", "--jsonl", tiny_out("quality_gate.jsonl")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

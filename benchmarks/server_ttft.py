@@ -15,13 +15,12 @@ the system turn, 6 of the documents' texts in a new random order, a question. Pe
 TTFT = the latency of a non-streamed request for one token, on the client (HTTP, tokenization and the chat
 template included): the prefill plus one sampled token; the kvblend report of each request gives documents
 found and chunks blended. One warm-up prompt is not counted.
-    python benchmarks/server_ttft.py --json benchmarks/results/server_ttft_text_cpu.json
+    python -m benchmarks.vllm_cpu server [--tiny] [--prompts N] [--fill precompute|server] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -30,6 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
 
 DOCS, DOCS_PER_PROMPT, CHUNK_TOKENS = 12, 6, 512
 QUESTIONS = ["What does this say about exceptions?", "Summarize the statements described.",
@@ -57,28 +60,13 @@ def documents(tokenizer, seed: int) -> tuple[list, list]:
     raise RuntimeError("the language reference holds too few full chunks")
 
 
-def run_info() -> dict:
-    """Where and when a benchmark ran: CPU model, ISA flags and compute dtype, git sha, date, command, load average."""
-    from kvblend.cpu import cpu_record
-
-    return {
-        "cpu": cpu_record(),
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv),
-        "load_average": os.getloadavg(),
-    }
-
-
-def write_ttft_report(path: str, rows: dict[str, dict[str, list]], base: str, **extra) -> dict:
-    """Per request kind the median TTFT and its speedup over `base`'s, with run_info and `extra`, written to `path`
-    as JSON and printed as a table."""
+def write_ttft_report(suite: str, path: str, rows: dict[str, dict[str, list]], base: str, **extra) -> dict:
+    """Per request kind the median TTFT and its speedup over `base`'s, in the harness's record of `suite` with the
+    load average and `extra`, written to `path` as JSON and printed as a table."""
     median = {m: statistics.median(r["ttft_ms"]) for m, r in rows.items()}
-    report = {**run_info(), **extra,
-              "rows": [{"mode": m, "ttft_ms_median": median[m], f"speedup_vs_{base}": median[base] / median[m], **r}
-                       for m, r in rows.items()]}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1))
+    report = record(suite, [{"mode": m, "ttft_ms_median": median[m], f"speedup_vs_{base}": median[base] / median[m],
+                             **r} for m, r in rows.items()], load_average=os.getloadavg(), **extra)
+    write(path, report)
     print(f"\n| request | median TTFT ms | vs {base} | median cached tokens |\n|---|---:|---:|---:|")
     for row in report["rows"]:
         print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row[f'speedup_vs_{base}']:.2f}x | "
@@ -107,13 +95,13 @@ def precompute_offline(topics: list, store_dir: str, env: dict) -> None:
                         "--chunk-tokens", str(CHUNK_TOKENS)], env=env, check=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fill", choices=["precompute", "server"], default="precompute")
-    parser.add_argument("--json", default="benchmarks/results/server_ttft_text_cpu.json")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=str(result_path("vllm_cpu_server")))
+    args = parser.parse_args(argv)
     from openai import OpenAI
 
     from kvblend.blend.prompt import chat_template
@@ -168,10 +156,12 @@ def main() -> int:
     found = {m: f"{sum(r['documents_found'])}/{sum(r['documents'])} named, {sum(r['chunks'])} chunks blended"
              for m, r in rows.items()}
     print("\n".join(f"{m}: {f}" for m, f in found.items()))
-    write_ttft_report(args.json, rows, "chat_plain", seconds=round(time.time() - started, 1), fill=args.fill,
+    write_ttft_report("vllm_cpu_server", args.json, rows, "chat_plain", seconds=round(time.time() - started, 1), fill=args.fill,
                       found=found, prompts_of=f"{DOCS_PER_PROMPT} x {CHUNK_TOKENS}-token chunks + question")
     return 0
 
 
+TINY = ["--prompts", "1", "--json", tiny_out("vllm_cpu_server.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

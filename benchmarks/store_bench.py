@@ -1,6 +1,6 @@
 """Chunk KV store throughput: put / get / 1-layer get per tier (memory, disk, Redis) beside reference ceilings.
 
-    .venv/bin/python benchmarks/store_bench.py [--redis URL] [--json OUT] [--reps N] [--dir DIR] [--secret]
+    python -m benchmarks.store tiers [--tiny] [--redis URL] [--json OUT] [--reps N] [--dir DIR] [--secret]
 
 Chunks are random bf16 K/V of real model shapes: SmolLM2-135M (30 layers, 3 kv heads, head_dim 64) at 256 and
 512 tokens, and Llama-3-8B (32 layers, 8 kv heads, head_dim 128) at 512 tokens. References: a plain memory
@@ -16,7 +16,6 @@ Without --redis a private redis-server is started on a free port (tests/redis_se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -24,11 +23,9 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -37,8 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from kvblend.cpu import cpu_record  # noqa: E402
-from kvblend.store import ChunkKV, ChunkKey, DiskTier, MemoryTier, RedisConfig, RedisTier  # noqa: E402
+from benchmarks.harness import record, result_path, timed, tiny_out, with_tiny, write  # noqa: E402
+from kvblend.store import ChunkKey, ChunkKV, DiskTier, MemoryTier, RedisConfig, RedisTier  # noqa: E402
 from kvblend.store.entry import serialize  # noqa: E402
 
 CHUNKS = {
@@ -75,17 +72,6 @@ def random_chunk(layers: int, heads: int, head_dim: int, tokens: int, seed: int 
     k = torch.randn(shape, generator=g).to(torch.bfloat16)
     v = torch.randn(shape, generator=g).to(torch.bfloat16)
     return ChunkKV(key, k, v, ids)
-
-
-def timed(fn: Callable[[], object], reps: int) -> list[float]:
-    """Milliseconds of `reps` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
 
 
 def must(value, what: str):
@@ -256,7 +242,7 @@ def redis_parser() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--redis", help="redis://host:port/db (default: start a private redis-server)")
-    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--json", default=str(result_path("store_tiers")), help="write the raw results here")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", help="directory for the disk tier and the plain file (default: a temp dir)")
     parser.add_argument("--chunks", nargs="*", default=list(CHUNKS), choices=list(CHUNKS))
@@ -291,25 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(ratios(results)))
     redis_note = f"redis: {redis_info[1]}, parser {redis_parser()}" if redis_tier is not None else redis_info
-    cpu = cpu_record()
+    result = record("store_tiers", [{**asdict(r), "gbps": r.gbps} for r in results], reps=args.reps,
+                    secret=bool(secret), redis_parser=redis_parser() if redis_tier is not None else None,
+                    load_avg_before=load_before, load_avg_after=load_after,
+                    redis=None if redis_tier is None else redis_info[1])
+    cpu = result["machine"]["cpu"]
     print(f"\nreps={args.reps} (median), torch {torch.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} cpus ({cpu['model']}; ISA {' '.join(cpu['isa'])}), "
           f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
           f"secret {'on' if secret else 'off'}, {redis_note}")
-    if args.json:
-        payload = {
-            "reps": args.reps,
-            "cpu": cpu,
-            "secret": bool(secret),
-            "redis_parser": redis_parser() if redis_tier is not None else None,
-            "load_avg_before": load_before,
-            "load_avg_after": load_after,
-            "redis": None if redis_tier is None else redis_info[1],
-            "results": [{**asdict(r), "gbps": r.gbps} for r in results],
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+    write(args.json, result)
     return 0
 
 
+TINY = ["--reps", "1", "--chunks", "SmolLM2 256 tok", "--json", tiny_out("store_tiers.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

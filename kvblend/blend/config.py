@@ -22,7 +22,7 @@ class BlendConfig:
       `schedule` (gradual filtering) down to `ratio`; only they are recomputed in later layers. Without an
       explicit schedule the first check keeps min(1, 2 * ratio), shrinking linearly to `ratio` at the last.
       The defaults (checks at layers 1 and 3, attention-weighted K+V deviation) are the best of the selection
-      experiments in benchmarks/RESULTS.md; `published()` is the CacheBlend paper's (layer 1, K+V deviation).
+      experiments in benchmarks/HISTORY.md; `published()` is the CacheBlend paper's (layer 1, K+V deviation).
       `deviation` scores tokens by K, V or both ("kv": each normalised by its mean), or not at all ("none");
       `attention_weighted` multiplies that by the attention the question's tokens pay each token at the
       check layer (with "none": selection by that attention alone). `weighting` says where that attention is

@@ -13,7 +13,7 @@ at the first check layer: the share of the question's attention on the chunk tok
 leave reused, that share weighted by each token's relative deviation, the question's attention on all chunk
 tokens, the unselected share of the selection scores, the share of the scores and of the question's attention on
 the tokens a raise would add, and the relative change of the question's attention output if every chunk token kept
-its reused K/V. The measurements behind both bounds are in benchmarks/RESULTS.md ("The gate on by default: a
+its reused K/V. The measurements behind both bounds are in benchmarks/HISTORY.md ("The gate on by default: a
 fallback for broken reuse" for the fallback, "Per-request gate, second design" for the raise).
 """
 
@@ -30,7 +30,7 @@ from kvblend.triton_kernels import kv_deviation
 FALLBACK_SIGNAL = "kv_mismatch"  # the fallback's signal (kv_mismatch, at layer 0)
 RAISE_SIGNAL = "deviation"  # the raise's (mean_deviation, at the first check layer: the best-ranked in its calibration)
 # Above it the reused KV is not this prompt's: a full prefill. Right KV stays far below it, broken reuse lies above
-# it: benchmarks/RESULTS.md, "The gate on by default: a fallback for broken reuse".
+# it: benchmarks/HISTORY.md, "The gate on by default: a fallback for broken reuse".
 DEFAULT_GATE_BOUND = 0.01
 # The calibrated bound of the opt-in raise to twice the ratio ("Per-request gate, second design"): it raises about a
 # third of ordinary requests and ties a fixed ratio at equal compute, so it is off unless asked for.

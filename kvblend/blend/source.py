@@ -42,7 +42,7 @@ class LayerSource(Protocol):
 def background_fetch_pays(device: torch.device) -> bool:
     """Fetch ahead on a thread only where it has a core to itself: with CUDA compute, or spare CPU cores. When
     torch's intra-op threads hold every core, the fetch thread stalls them at each parallel region (on 2 cores:
-    the fetch-in-line row of the CPU TTFT table in benchmarks/RESULTS.md)."""
+    the fetch-in-line row of the CPU TTFT table in benchmarks/HISTORY.md)."""
     return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
 

@@ -134,7 +134,7 @@ def token_f1(answer: str, gold: str) -> float:
 
 # The kinds used by default: those full prefill answers. SmolLM2-135M answers in a full sentence, so the code values
 # end at its 13th token: score with >= 16 greedy steps. Colour and year are left out: with full prefill and 20 steps
-# SmolLM2 answered neither (benchmarks/RESULTS.md, "Per-request quality gate and task accuracy").
+# SmolLM2 answered neither (benchmarks/HISTORY.md, "Per-request quality gate and task accuracy").
 ANSWERABLE = ("code", "city", "person")
 
 

@@ -24,7 +24,7 @@ from kvblend.triton_kernels.sparse_attention_gluon import gluon_supports, sparse
 # the GQA group when that is larger), BLOCK_N: keys per step. A call's `config` overrides any of these keys.
 # tma: K/V tiles through tensor descriptors (where `_tma_fits`). gluon: the Gluon Hopper kernel
 # (`sparse_attention_gluon`, its own fixed tiles) where `gluon_supports` the call, the Triton kernel elsewhere
-# (measured faster on the H200: RESULTS.md, sixth round).
+# (measured faster on the H200: benchmarks/HISTORY.md, sixth round).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "tma": True, "gluon": True}
 # Probes of the in-kernel search for a tile's key bounds: two dependent loads find them among up to 256**2 keys.
 BOUND_PROBES = 256
