@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU device, after gpu_tests.sh has unpacked vLLM: install the carried LMCache wheels beside it and run
+# On the GPU device, after gpu_tests.sh has unpacked vLLM: install the carried LMCache wheels (if carried) beside it, run
 # benchmarks/vllm_gpu_rag.py, resumable (a later call continues with the systems not yet complete). Results and
 # engine logs come back in $OUT/results.tgz.
 #   bash benchmarks/device/gpu_bench.sh .device/lmcache .device/tok [vllm_gpu_rag.py args...]
@@ -11,7 +11,9 @@ out=${OUT:-/tmp}
 home=${KVBLEND_DEVICE_HOME:-$HOME/kvblend-vllm}
 [ -e "$home/site/.complete" ] || { echo "vLLM is not unpacked on this machine: run gpu_tests.sh first"; exit 1; }
 lmc=$HOME/kvblend-lmcache
-[ -d "$lmc/lmcache" ] || python3 -m pip install -q --no-deps --no-index --no-compile --target "$lmc" "$wheels"/*.whl
+if [ ! -d "$lmc/lmcache" ] && compgen -G "$wheels/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-deps --no-index --no-compile --target "$lmc" "$wheels"/*.whl
+fi
 export PYTHONPATH=$PWD:$home/site:$lmc HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 work=$HOME/kvblend-gpu-bench
 mkdir -p "$work/results"
