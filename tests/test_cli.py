@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -27,6 +28,12 @@ def cli_env(tmp_path_factory):
 def kvblend(env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kvblend.cli", *map(str, args)], capture_output=True, text=True,
                           check=False, env=env, timeout=600)
+
+
+def kvblend_each(env, commands: list[list]) -> list[subprocess.CompletedProcess]:
+    """`kvblend` run once per argument list, two at a time (each mostly imports Python, on one core), in order."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda args: kvblend(env, *args), commands))
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +106,12 @@ def test_bad_input_exit_codes_and_messages(cli_env, built, tmp_path):
         (["bench", "--index", paths["index"], "-n", 0], 2, "-n must be positive"),
         (["frobnicate"], 2, "invalid choice"),
     ]
-    for args, code, message in cases:
-        out = kvblend(cli_env, *args)
+    for (args, code, message), out in zip(cases, kvblend_each(cli_env, [args for args, _, _ in cases])):
         assert (out.returncode, message in out.stderr) == (code, True), (args, out.returncode, out.stderr[-2000:])
     assert not (tmp_path / "idx").exists()
 
 
-@pytest.mark.parametrize("command", [[], ["precompute"], ["query"], ["stats"], ["bench"], ["eval", "fidelity"],
-                                     ["model-dir"]])
-def test_every_command_has_help(cli_env, command):
-    out = kvblend(cli_env, *command, "--help")
-    assert out.returncode == 0 and out.stdout.startswith("usage: kvblend"), out.stderr
+def test_every_command_has_help(cli_env):
+    commands = [[], ["precompute"], ["query"], ["stats"], ["bench"], ["eval", "fidelity"], ["model-dir"]]
+    for command, out in zip(commands, kvblend_each(cli_env, [[*c, "--help"] for c in commands])):
+        assert out.returncode == 0 and out.stdout.startswith("usage: kvblend"), (command, out.stderr)

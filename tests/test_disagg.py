@@ -10,6 +10,8 @@ import importlib.util
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,12 @@ def servers(tmp_path_factory):
                             log_path=root / "prefill.log", env=instance_env(PREFILL_CORE))
     decode = ServerProcess(["--store", str(root / "store-decode"), "--disagg", "decode", *ENGINE],
                            log_path=root / "decode.log", env=instance_env(DECODE_CORE))
-    with prefill, decode:
+    with ExitStack() as running:
+        for server in (prefill, decode):
+            running.callback(server.stop)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # a start is mostly single-threaded: the two overlap
+            for started in [pool.submit(server.start) for server in (prefill, decode)]:
+                started.result()
         proxy_port = free_port()
         command = [sys.executable, str(PROXY), "--prefill", prefill.base_url.removesuffix("/v1"),
                    "--decode", decode.base_url.removesuffix("/v1"), "--port", str(proxy_port)]

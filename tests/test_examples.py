@@ -83,11 +83,15 @@ def test_readme_pipeline_snippet_runs(example_env, tmp_path):
 
 @pytest.mark.slow
 def test_readme_vllm_snippet_runs(example_env, model_dir, tmp_path):
-    """The README's `LLM(...)` with the connector, on the embedded model and a temporary store, then a prompt."""
+    """The README's `LLM(...)` with the connector, then a prompt, on a temporary store and a tiny random-weight Llama
+    with the embedded model's tokenizer: the snippet leaves vLLM's torch.compile on, whose time on CPU grows with
+    the layers (4 here, 30 in SmolLM2: minutes on 2 cores)."""
     from doc_snippets import blocks_run_by
+    from tiny_models import save_tiny_model
 
     ((_, code),) = blocks_run_by("test_readme_vllm_snippet_runs")
-    code = code.replace("/path/to/hf-model-dir", str(model_dir)).replace("/var/cache/kvblend", str(tmp_path / "store"))
+    tiny = save_tiny_model("LlamaForCausalLM", tmp_path / "tiny-llama", model_dir)
+    code = code.replace("/path/to/hf-model-dir", str(tiny)).replace("/var/cache/kvblend", str(tmp_path / "store"))
     code += ('\n    out = llm.generate(["The Python pass statement"], SamplingParams(max_tokens=4, temperature=0.0))\n'
              '    print("generated:", repr(out[0].outputs[0].text))\n')
     env = dict(example_env[0], VLLM_CPU_KVCACHE_SPACE="1")  # vLLM's own default on CPU is most of the host

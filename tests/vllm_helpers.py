@@ -15,6 +15,7 @@ from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.model.runner import LlamaModel
 from kvblend.model.spec import model_fingerprint
 from kvblend.model.tokenizer import encode
+from kvblend.rag.config import DEFAULT_ENGINE_ARGS
 from kvblend.retrieval.corpus import pydoc_topics
 from kvblend.store import StoreConfig, open_store
 from kvblend.store.key import ChunkKey
@@ -26,13 +27,16 @@ ENGINE_ARGS = dict(dtype="bfloat16", max_model_len=4096, enforce_eager=True, max
                    disable_log_stats=False, max_logprobs=20, kv_cache_memory_bytes=1 << 30, async_scheduling=False)
 # vLLM's default GPU mode: torch.compile and CUDA graphs (whole-model graphs for decode-shaped steps) on.
 GPU_ENGINE_ARGS = {**ENGINE_ARGS, "enforce_eager": False}
+# The embedded SmolLM2 computes in the dtype kvblend gives CPU engines (bf16 only where the CPU has it natively:
+# emulated bf16 matmuls run ~10x slower than fp32); the tiny checkpoints keep ENGINE_ARGS' bf16.
+CPU_ENGINE_ARGS = {**ENGINE_ARGS, "dtype": DEFAULT_ENGINE_ARGS["dtype"]}
 
 
 def start_llm(model_dir, connector: dict | None, prefix_caching: bool = True, model_hook: bool = True,
               engine_args: dict = ENGINE_ARGS, **engine):
     """An LLM on `model_dir`; `connector` is kv_connector_extra_config, or None for plain vLLM. With a connector,
     `model_hook` loads the model through kvblend's load format so the blend can run on vLLM's modules. `engine`:
-    engine arguments in place of `engine_args`' own (ENGINE_ARGS, or GPU_ENGINE_ARGS)."""
+    engine arguments in place of `engine_args`' own (ENGINE_ARGS, CPU_ENGINE_ARGS or GPU_ENGINE_ARGS)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
