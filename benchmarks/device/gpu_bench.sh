@@ -8,13 +8,13 @@ wheels=${1:?usage: gpu_bench.sh LMCACHE_WHEELS TOKENIZER_DIR [args]}
 tok=${2:?usage: gpu_bench.sh LMCACHE_WHEELS TOKENIZER_DIR [args]}
 shift 2
 out=${OUT:-/tmp}
-home=${KVBLEND_DEVICE_HOME:-$HOME/kvblend-vllm}
+source "$(dirname "$0")/env.sh"
 [ -e "$home/site/.complete" ] || { echo "vLLM is not unpacked on this machine: run gpu_tests.sh first"; exit 1; }
 lmc=$HOME/kvblend-lmcache
 if [ ! -d "$lmc/lmcache" ] && compgen -G "$wheels/*.whl" >/dev/null; then
     python3 -m pip install -q --no-deps --no-index --no-compile --target "$lmc" "$wheels"/*.whl
 fi
-export PYTHONPATH=$PWD:$home/site:$lmc HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PYTHONPATH:$lmc
 work=$HOME/kvblend-gpu-bench
 mkdir -p "$work/results"
 python3 benchmarks/vllm_gpu_rag.py --tokenizer "$tok" --work "$work" --out "$work/results" \

@@ -103,6 +103,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         dtype = dtype_name(model_config.dtype)
         fingerprint = model_fingerprint(model_config.model, dtype)
         kv_heads = model_config.get_total_num_kv_heads()
+        self.worker_side = None
         if role == KVConnectorRole.SCHEDULER:
             self.store_config = self.config.store_config()
             self.store = shared_store(self.store_config)
@@ -181,4 +182,6 @@ class KVBlendConnector(KVConnectorBase_V1):
         return KVBlendPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.close()
         release_store(self.store_config)

@@ -55,12 +55,14 @@ def self_check(worker, job) -> tuple[bool, str, dict]:
         a, b = n // 4, 3 * n // 4
         chunk = ChunkRef(tuple(prompt[a:b]), ChunkKey.alone(spec.fingerprint, prompt[a:b]))
         layout = PromptLayout.from_segments([prompt[:a], chunk, prompt[b:]])
-        moved_k = rope_shift(ref_k[:, a:b].reshape(-1, spec.num_kv_heads, spec.head_dim), -a, spec.rope,
-                             engine.model.freq).reshape(ref_k[:, a:b].shape)
+        device = engine.model.device  # the reference rows are host copies; the blend reads them where it computes
+        chunk_k, chunk_v = ref_k[:, a:b].to(device), ref_v[:, a:b].contiguous().to(device)
+        moved_k = rope_shift(chunk_k.reshape(-1, spec.num_kv_heads, spec.head_dim), -a, spec.rope,
+                             engine.model.freq).reshape(chunk_k.shape)
         checks = tuple(layer for layer in BlendConfig().check_layers if layer < spec.num_layers) or (0,)
         plan = engine.plan(layout, BlendConfig(check_layers=checks, gate_bound=None), logits_at="none",
                            bases={chunk.key: 0})
-        source = TensorLayerSource([moved_k], [ref_v[:, a:b].contiguous()], ref_k.device)
+        source = TensorLayerSource([moved_k], [chunk_v], device)
         result = engine.run(plan, source, target=worker.paged_target(job.block_ids, 0, n))
         report["cacheblend_exact_chunk"] = {
             **_summary(layer_errors(*worker._read_rows(job.block_ids, 0, n), ref_k, ref_v)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache
 from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV
+from kvblend.vllm.save_queue import SaveQueue
 from kvblend.vllm.self_check import self_check
 from kvblend.vllm.tensor_parallel import tp_sum
 
@@ -93,6 +95,8 @@ class WorkerSide:
         self.check_report: dict | None = None
         self._reports: dict[str, dict] = {}
         self._stored: list[tuple[ChunkKey, list[int] | None]] = []
+        self._stored_lock = threading.Lock()  # SaveQueue's thread appends, worker_meta takes
+        self._saver: SaveQueue | None = None  # on a GPU: stores off the critical path
         self.stats = KVBlendStats()  # blends and the store's tiers, for vLLM's /metrics
         self._counted = store.counters()  # the tiers' counters as last reported
 
@@ -100,6 +104,9 @@ class WorkerSide:
         ordered = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
         self.caches = [PagedCache(self.attention_layers[name], kv, self.block_size, self.num_kv_heads, self.head_dim)
                        for name, kv in ordered]
+        device = self.caches[0].kv.device
+        if device.type == "cuda":
+            self._saver = SaveQueue(self.store, device, self._note_stored)
         if self.blend_wanted:
             try:
                 self._engine = self._blend_engine()
@@ -333,23 +340,42 @@ class WorkerSide:
             if anywhere and "load_error" not in self._reports.get(job.req_id, {}):
                 self._reports[job.req_id] = {"load_error": "a span failed to load on another tensor-parallel rank"}
 
-    def _read_rows(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V [layers, end - start, kv_heads, head_dim] of a request's positions [start, end), on the host."""
+    def _copy_rows(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [layers, end - start, kv_heads, head_dim] of a request's positions [start, end), copied out of the
+        paged blocks on the cache's device."""
         shape = (len(self.caches), end - start, self.num_kv_heads, self.head_dim)
         k = torch.empty(shape, dtype=self.caches[0].kv.dtype, device=self.caches[0].kv.device)
         v = torch.empty_like(k)
         for layer, cache in enumerate(self.caches):
             cache.read_rows_into(k[layer], v[layer], block_ids, start, end)
+        return k, v
+
+    def _read_rows(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `_copy_rows`, on the host."""
+        k, v = self._copy_rows(block_ids, start, end)
         return k.cpu(), v.cpu()
 
     def _save(self, job: SaveJob) -> None:
         """Copy the spans' KV out of the paged cache (the staging copy) and hand it to the store, whose slow
-        tiers are written by its background thread."""
+        tiers are written by its background thread; on a GPU the host copy and the put run in SaveQueue's thread."""
         for span in job.spans:
-            k, v = self._read_rows(job.block_ids, span.start, span.end)
             ids = job.prompt[span.start : span.end]
+            if self._saver is not None:
+                self._saver.submit(span.key, *self._copy_rows(job.block_ids, span.start, span.end), ids, span.start)
+                continue
+            k, v = self._read_rows(job.block_ids, span.start, span.end)
             self.store.put(span.key, ChunkKV(span.key, k, v, torch.tensor(ids), base_position=span.start))
-            self._stored.append((span.key, ids if span.key.is_alone else None))
+            self._note_stored(span.key, ids)
+
+    def _note_stored(self, key: ChunkKey, ids: list[int]) -> None:
+        with self._stored_lock:
+            self._stored.append((key, ids if key.is_alone else None))
+
+    def close(self) -> None:
+        """Store what is still queued (the connector's shutdown, before the store closes)."""
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
 
     def _self_check(self, job: SaveJob) -> tuple[bool, str]:
         """Blend vLLM's own first prefilled prompt on its own blocks and compare with the KV vLLM computed."""
@@ -365,13 +391,15 @@ class WorkerSide:
         return passed, reason
 
     def worker_meta(self) -> KVBlendWorkerMeta | None:
-        if self._verdict is None and not self._reports and not self._stored:
+        with self._stored_lock:
+            stored, self._stored = self._stored, []
+        if self._verdict is None and not self._reports and not stored:
             return None
-        meta = KVBlendWorkerMeta(reports=self._reports, stored=self._stored)
+        meta = KVBlendWorkerMeta(reports=self._reports, stored=stored)
         if self._verdict is not None:
             meta.blend_ready, meta.reason = self._verdict
             meta.check_report = self.check_report
-        self._reports, self._stored = {}, []
+        self._reports = {}
         return meta
 
     def take_stats(self) -> KVBlendStats | None:

@@ -1,0 +1,34 @@
+"""SaveQueue (kvblend.vllm.save_queue): spans copied on the compute stream reach the store intact from its thread
+and the stored callback names each; close() stores what is still queued. Needs CUDA."""
+
+import pytest
+import torch
+
+from kvblend.store import StoreConfig, open_store
+from kvblend.store.key import ChunkKey
+from kvblend.vllm.save_queue import MAX_PENDING, SaveQueue
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_spans_reach_the_store_intact_off_the_compute_stream():
+    device = torch.device("cuda")
+    stored = []
+    gen = torch.Generator(device).manual_seed(0)
+    spans = []
+    with open_store(StoreConfig(memory_bytes=1 << 30)) as store:
+        saver = SaveQueue(store, device, lambda key, ids: stored.append((key, ids)))
+        for i in range(3 * MAX_PENDING):
+            ids = list(range(i * 64, i * 64 + 64))
+            key = ChunkKey.alone("fingerprint", ids)
+            k = torch.randn((4, 64, 2, 16), generator=gen, device=device, dtype=torch.bfloat16)
+            v = torch.randn((4, 64, 2, 16), generator=gen, device=device, dtype=torch.bfloat16)
+            spans.append((key, ids, k.cpu(), v.cpu()))
+            saver.submit(key, k.clone(), v.clone(), ids, base_position=i * 64)
+            k.zero_()  # the queue holds its own copy: later writes to the source rows do not reach the store
+        saver.close()
+        assert [key for key, _ in stored] == [key for key, *_ in spans]
+        for key, ids, k, v in spans:
+            entry = store.get(key)
+            assert entry is not None
+            assert torch.equal(entry.k, k) and torch.equal(entry.v, v) and entry.token_ids.tolist() == ids
