@@ -76,8 +76,9 @@ def versions() -> dict[str, str]:
 def machine() -> dict:
     """Where a result was measured: the CPU (kvblend.cpu's record: model, cores, ISA flags, compute dtype), the GPUs,
     Python and library versions. Ratios compare within one such machine only."""
-    cpu = importlib.import_module("kvblend.cpu").cpu_record()
-    return {"cpu": cpu, "gpu": gpu_record(), "python": platform.python_version(), "versions": versions()}
+    from kvblend.cpu import cpu_record
+
+    return {"cpu": cpu_record(), "gpu": gpu_record(), "python": platform.python_version(), "versions": versions()}
 
 
 def device_slug(name: str) -> str:

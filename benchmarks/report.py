@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,13 +270,12 @@ def nixl_gpu() -> list[Table]:
 
 
 def served_as(row: dict) -> str:
-    """How the row's requests were served, from the connector's reports: 'blend 7/7', 'none 7/7 (blend_off)'."""
+    """How the row's requests were served, from the connector's reports: 'blend 7/7', 'none 7/7 (blend_off)'; empty
+    where no request has a report (plain vLLM)."""
     reports = row.get("reports") or []
-    if not reports:
+    modes = Counter(r["mode"] for r in reports if "mode" in r)
+    if not modes:
         return ""
-    modes: dict[str, int] = {}
-    for r in reports:
-        modes[r.get("mode", "?")] = modes.get(r.get("mode", "?"), 0) + 1
     reasons = sorted({r["reason"] for r in reports if r.get("reason")})
     return ", ".join(f"{m} {n}/{len(reports)}" for m, n in modes.items()) + (f" ({', '.join(reasons)})" if reasons else "")
 

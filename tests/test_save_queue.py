@@ -1,10 +1,11 @@
-"""SaveQueue (kvblend.vllm.save_queue): spans copied on the compute stream reach the store intact from its thread
-and the stored callback names each; close() stores what is still queued. Needs CUDA."""
+"""SaveQueue (kvblend.vllm.save_queue): spans copied on the compute stream reach the store intact from its thread,
+in order; close() stores what is still queued. Needs CUDA."""
 
 import pytest
 import torch
 
 from kvblend.store import StoreConfig, open_store
+from kvblend.store.entry import ChunkKV
 from kvblend.store.key import ChunkKey
 from kvblend.vllm.save_queue import MAX_PENDING, SaveQueue
 
@@ -17,7 +18,11 @@ def test_spans_reach_the_store_intact_off_the_compute_stream():
     gen = torch.Generator(device).manual_seed(0)
     spans = []
     with open_store(StoreConfig(memory_bytes=1 << 30)) as store:
-        saver = SaveQueue(store, device, lambda key, ids: stored.append((key, ids)))
+        def put(key, k, v, ids, base_position):
+            store.put(key, ChunkKV(key, k, v, torch.tensor(ids), base_position=base_position))
+            stored.append((key, ids))
+
+        saver = SaveQueue(device, put)
         for i in range(3 * MAX_PENDING):
             ids = list(range(i * 64, i * 64 + 64))
             key = ChunkKey.alone("fingerprint", ids)

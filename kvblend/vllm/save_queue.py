@@ -16,9 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvblend.store.entry import ChunkKV
 from kvblend.store.key import ChunkKey
-from kvblend.store.tiered import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +24,12 @@ MAX_PENDING = 2  # spans waiting for the thread; each holds a device copy of its
 
 
 class SaveQueue:
-    """One background thread that moves spans' K/V from the GPU to pinned host memory and puts them in `store`;
-    `stored(key, ids)` is called after each put. `submit` blocks while MAX_PENDING spans wait."""
+    """One background thread that moves spans' K/V from the GPU to pinned host memory and hands them to `put(key,
+    k, v, ids, base_position)` (the worker's own store step). `submit` blocks while MAX_PENDING spans wait."""
 
-    def __init__(self, store: TieredStore, device: torch.device, stored: Callable[[ChunkKey, list[int]], None]):
-        self.store, self._stored = store, stored
+    def __init__(self, device: torch.device,
+                 put: Callable[[ChunkKey, torch.Tensor, torch.Tensor, list[int], int], None]) -> None:
+        self._put = put
         self._stream = torch.cuda.Stream(device)
         self._jobs: queue.Queue = queue.Queue(MAX_PENDING)
         self._thread = threading.Thread(target=self._run, name="kvblend-save", daemon=True)
@@ -42,27 +41,24 @@ class SaveQueue:
         ready.record(torch.cuda.current_stream(k.device))
         self._jobs.put((key, k, v, ids, base_position, ready))
 
+    def _to_host(self, k: torch.Tensor, v: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinned host copies of k and v, made on the side stream once `ready` has passed on the compute stream."""
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            host_k = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
+            host_v = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+        self._stream.synchronize()  # the device copies may be freed (and reused) only after this
+        return host_k, host_v
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             key, k, v, ids, base_position, ready = job
             try:
-                with torch.cuda.stream(self._stream):
-                    self._stream.wait_event(ready)
-                    host_k = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
-                    host_v = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                self._stream.synchronize()  # the device copies may be freed (and reused) only after this
-                del k, v
-                self.store.put(key, ChunkKV(key, host_k, host_v, torch.tensor(ids), base_position=base_position))
-                self._stored(key, ids)
+                self._put(key, *self._to_host(k, v, ready), ids, base_position)
             except Exception as exc:  # storing is best effort: the request itself is already served
                 log.warning("could not store %s (%s: %s); a later request recomputes it", key, type(exc).__name__, exc)
             finally:
-                self._jobs.task_done()
-        self._jobs.task_done()
-
-    def flush(self) -> None:
-        """Wait until every submitted span is in the store."""
-        self._jobs.join()
+                job = k = v = None  # the device copies go now, not when the next span arrives
 
     def close(self) -> None:
         """Store what is queued, then stop the thread."""

@@ -106,7 +106,7 @@ class WorkerSide:
                        for name, kv in ordered]
         device = self.caches[0].kv.device
         if device.type == "cuda":
-            self._saver = SaveQueue(self.store, device, self._note_stored)
+            self._saver = SaveQueue(device, self._put)
         if self.blend_wanted:
             try:
                 self._engine = self._blend_engine()
@@ -363,11 +363,11 @@ class WorkerSide:
             if self._saver is not None:
                 self._saver.submit(span.key, *self._copy_rows(job.block_ids, span.start, span.end), ids, span.start)
                 continue
-            k, v = self._read_rows(job.block_ids, span.start, span.end)
-            self.store.put(span.key, ChunkKV(span.key, k, v, torch.tensor(ids), base_position=span.start))
-            self._note_stored(span.key, ids)
+            self._put(span.key, *self._read_rows(job.block_ids, span.start, span.end), ids, span.start)
 
-    def _note_stored(self, key: ChunkKey, ids: list[int]) -> None:
+    def _put(self, key: ChunkKey, k: torch.Tensor, v: torch.Tensor, ids: list[int], base_position: int) -> None:
+        """One span's host K/V into the store, noted for the scheduler (worker_meta's `stored`)."""
+        self.store.put(key, ChunkKV(key, k, v, torch.tensor(ids), base_position=base_position))
         with self._stored_lock:
             self._stored.append((key, ids if key.is_alone else None))
 
