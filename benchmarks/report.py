@@ -199,7 +199,8 @@ def gpu_blend() -> list[Table]:
         best = max(sparse, key=lambda a: a["achieved"]) if sparse else None
         attention = (f"; the sparse-query attention at {pct(best['achieved'] / best['ceiling'])} of the run's bf16 "
                      f"matmul ceiling ({'Gluon' if best.get('gluon') else 'Triton'} kernel)" if best else "")
-        headline = (f"{data['device']}, Llama-3-8B shape, cacheblend r = 0.15 with chunk KV from pinned host memory "
+        headline = (f"{data['device']}, kvblend's standalone torch runner (not inside vLLM; the served path is the "
+                    f"vllm_gpu_rag line), Llama-3-8B shape, cacheblend r = 0.15 with chunk KV from pinned host memory "
                     f"against HF transformers in the same run: "
                     + ", ".join(f"{times(v)} at {k} tokens" for k, v in ratio.items()) + attention + ".")
         tables.append(Table(f"GPU blend vs HF transformers, {data['device']} (gpu_blend)", (path.name,),
