@@ -1,5 +1,6 @@
 """SaveQueue (kvblend.vllm.save_queue): spans copied on the compute stream reach the store intact from its thread,
-in order; close() stores what is still queued. Needs CUDA."""
+in order, whether the pending budget holds two spans or less than one (submit then waits for each); close() stores
+what is still queued. Needs CUDA."""
 
 import pytest
 import torch
@@ -7,13 +8,18 @@ import torch
 from kvblend.store import StoreConfig, open_store
 from kvblend.store.entry import ChunkKV
 from kvblend.store.key import ChunkKey
-from kvblend.vllm.save_queue import MAX_PENDING, SaveQueue
+from kvblend.vllm.save_queue import SaveQueue, pending_budget
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_spans_reach_the_store_intact_off_the_compute_stream():
+SPAN_BYTES = 2 * 4 * 64 * 2 * 16 * 2  # K and V of one span below, bf16
+
+
+@pytest.mark.parametrize("budget", [2 * SPAN_BYTES, 1])
+def test_spans_reach_the_store_intact_off_the_compute_stream(budget):
     device = torch.device("cuda")
+    assert 0 < pending_budget(device) <= 4 << 30
     stored = []
     gen = torch.Generator(device).manual_seed(0)
     spans = []
@@ -22,8 +28,8 @@ def test_spans_reach_the_store_intact_off_the_compute_stream():
             store.put(key, ChunkKV(key, k, v, torch.tensor(ids), base_position=base_position))
             stored.append((key, ids))
 
-        saver = SaveQueue(device, put)
-        for i in range(3 * MAX_PENDING):
+        saver = SaveQueue(device, put, budget)
+        for i in range(6):
             ids = list(range(i * 64, i * 64 + 64))
             key = ChunkKey.alone("fingerprint", ids)
             k = torch.randn((4, 64, 2, 16), generator=gen, device=device, dtype=torch.bfloat16)

@@ -77,13 +77,28 @@ def test_gpu_backends_packed_layout_in_either_stride_order(physical):
         PagedCache(layer, torch.zeros(2, blocks, block, HEADS, HEAD_DIM), block, HEADS, HEAD_DIM)
 
 
-def _worker(store, num_blocks):
+def _packed_layers(num_layers, num_blocks):
+    """FLASH_ATTN-shaped layers and caches (NHD memory order) in host memory: the GPU backends' layout, whose
+    storage-mode loads go through `PagedCache.write_parts`."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    layers, caches = {}, {}
+    for i in range(num_layers):
+        name = f"model.layers.{i}.self_attn.attn"
+        layers[name] = torch.nn.Module()
+        layers[name].attn_backend = FlashAttentionBackend
+        caches[name] = torch.zeros(num_blocks, BLOCK, HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
+    return layers, caches
+
+
+def _worker(store, num_blocks, layout="cpu_attn"):
     from types import SimpleNamespace
 
     from kvblend.vllm.worker import WorkerSide
 
     spec = SimpleNamespace(num_kv_heads=HEADS, head_dim=HEAD_DIM, num_layers=LAYERS, dtype="float32")
-    layers, caches = cpu_attention_layers(LAYERS, num_blocks, BLOCK, HEADS, HEAD_DIM)
+    make = cpu_attention_layers if layout == "cpu_attn" else lambda n, b, *_: _packed_layers(n, b)
+    layers, caches = make(LAYERS, num_blocks, BLOCK, HEADS, HEAD_DIM)
     worker = WorkerSide(spec, SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK)), None, store, layers,
                         blend=False)
     worker.register(caches)
@@ -109,22 +124,32 @@ def _run_load(worker, names, job):
         worker.wait_layer(name)
 
 
-def test_storage_load_writes_every_span_and_extraction_reads_them_back(tmp_path):
+@pytest.mark.parametrize("layout", ["cpu_attn", "packed"])
+def test_storage_load_writes_every_span_and_extraction_reads_them_back(tmp_path, layout):
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 5000, (4 * BLOCK + 20,), generator=gen).tolist()
     block_ids = [3, 6, 1, 4, 2]
     with TieredStore([MemoryTier(1 << 30), DiskTier(tmp_path / "kv", 1 << 30)]) as store:
         spans, entries = _stored_spans(store, prompt, 4, gen)
-        worker, names = _worker(store, 8)
-        _run_load(worker, names, LoadJob("r", block_ids, spans[1:], BLOCK))  # vLLM's cache holds span 0
+        worker, names = _worker(store, 8, layout)
+        assert {c.kind for c in worker.caches} == {layout}
+        # vLLM's cache holds span 0 and 40 rows of span 1: the load writes from row BLOCK + 40 on
+        _run_load(worker, names, LoadJob("r", block_ids, spans[1:], BLOCK + 40))
         assert not worker.take_failed_blocks()
         for span in spans[1:]:
             want = entries[span.key.digest]
-            slots = slots_for(block_ids, span.start, span.end, BLOCK)
+            first = max(span.start, BLOCK + 40)
+            slots = slots_for(block_ids, first, span.end, BLOCK)
             for layer, cache in enumerate(worker.caches):
                 k, v = cache.read(slots)
-                assert torch.equal(k, want.k[layer]) and torch.equal(v, want.v[layer])
+                kept = slice(first - span.start, None)
+                assert torch.equal(k, want.k[layer, kept]) and torch.equal(v, want.v[layer, kept])
         assert not any(c.kv[block_ids[0]].any() for c in worker.caches)  # span 0's block was left alone
+        skipped = slots_for(block_ids, BLOCK, BLOCK + 40, BLOCK)
+        assert not any(c.read(skipped)[0].any() for c in worker.caches)  # nor the rows vLLM had of span 1
+        held = entries[spans[1].key.digest]  # vLLM's own rows of span 1, so that extraction reads whole spans back
+        for layer, cache in enumerate(worker.caches):
+            cache.write_rows(held.k[layer, :40], held.v[layer, :40], block_ids, BLOCK, BLOCK + 40)
         with TieredStore([MemoryTier(1 << 30)]) as other:
             worker.store = other
             worker._save(SaveJob("s", prompt, block_ids, spans[1:]))

@@ -406,7 +406,7 @@ class RedisTier:
         """Mark entries just used: most recently used in the LRU index, their TTL renewed."""
         def run(group: list[str]):
             pipe = self._node(group[0]).pipeline(transaction=False)
-            now = _now_ms()
+            now = _now_us()
             pipe.zadd(self._index(group[0])[0], {n: now for n in group}, xx=True)
             if self.config.ttl_s:
                 for n in group:
@@ -479,9 +479,9 @@ class RedisTier:
         name = self._name(key)
         if not self.call("set", lambda: self._set_parts(name, parts, size), False, key=name):
             return False
-        ttl_ms = (self.config.ttl_s or 0) * 1000
+        ttl_us = (self.config.ttl_s or 0) * 1_000_000
         result = self.call("account", lambda: self._account(
-            keys=self._index(name), args=[name, size, _now_ms(), self._bucket_bytes, ttl_ms], client=self._node(name)),
+            keys=self._index(name), args=[name, size, _now_us(), self._bucket_bytes, ttl_us], client=self._node(name)),
             None, key=name)
         self.counts.add("puts")
         if result is not None:
@@ -582,8 +582,10 @@ def _bucket_tags(count: int) -> list[str]:
     return tags
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _now_us() -> int:
+    """An LRU score: microseconds (milliseconds tie between puts on a fast host, and a tie evicts by name, not age;
+    a double holds today's microsecond count exactly)."""
+    return time.time_ns() // 1000
 
 
 class _RangeSource:

@@ -20,23 +20,40 @@ from kvblend.store.key import ChunkKey
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING = 2  # spans waiting for the thread; each holds a device copy of its rows, so this bounds GPU memory
+PENDING_SHARE, PENDING_CAP = 4, 4 << 30  # device copies waiting: a quarter of the free GPU memory, at most 4 GiB
+
+
+def pending_budget(device: torch.device) -> int:
+    """Bytes of spans' device copies that may wait for the thread before `submit` blocks the step: a quarter of the
+    GPU memory free when the queue starts (vLLM's KV cache is allocated by then), at most PENDING_CAP."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(free // PENDING_SHARE, PENDING_CAP)
 
 
 class SaveQueue:
     """One background thread that moves spans' K/V from the GPU to pinned host memory and hands them to `put(key,
-    k, v, ids, base_position)` (the worker's own store step). `submit` blocks while MAX_PENDING spans wait."""
+    k, v, ids, base_position)` (the worker's own store step). `submit` blocks while the spans already waiting hold
+    `budget` bytes of device copies (one span is always let through), so a long prompt's spans rarely stall the
+    step that computed them, and GPU memory stays bounded."""
 
     def __init__(self, device: torch.device,
-                 put: Callable[[ChunkKey, torch.Tensor, torch.Tensor, list[int], int], None]) -> None:
+                 put: Callable[[ChunkKey, torch.Tensor, torch.Tensor, list[int], int], None],
+                 budget: int | None = None) -> None:
         self._put = put
+        self.budget = pending_budget(device) if budget is None else budget
         self._stream = torch.cuda.Stream(device)
-        self._jobs: queue.Queue = queue.Queue(MAX_PENDING)
+        self._jobs: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kvblend-save", daemon=True)
         self._thread.start()
 
     def submit(self, key: ChunkKey, k: torch.Tensor, v: torch.Tensor, ids: list[int], base_position: int) -> None:
         """Queue a span whose K/V [layers, tokens, kv_heads, head_dim] were just copied on the current stream."""
+        nbytes = k.nbytes + v.nbytes
+        with self._room:
+            self._room.wait_for(lambda: self._pending == 0 or self._pending + nbytes <= self.budget)
+            self._pending += nbytes
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(k.device))
         self._jobs.put((key, k, v, ids, base_position, ready))
@@ -58,7 +75,11 @@ class SaveQueue:
             except Exception as exc:  # storing is best effort: the request itself is already served
                 log.warning("could not store %s (%s: %s); a later request recomputes it", key, type(exc).__name__, exc)
             finally:
+                nbytes = k.nbytes + v.nbytes
                 job = k = v = None  # the device copies go now, not when the next span arrives
+                with self._room:
+                    self._pending -= nbytes
+                    self._room.notify_all()
 
     def close(self) -> None:
         """Store what is queued, then stop the thread."""

@@ -36,7 +36,7 @@ from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, 
 from kvblend.vllm.metrics import KVBlendStats, blend_report, take, tier_deltas
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
-from kvblend.vllm.paged import PagedCache
+from kvblend.vllm.paged import PagedCache, slots_for
 from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV
 from kvblend.vllm.save_queue import SaveQueue
 from kvblend.vllm.self_check import self_check
@@ -60,11 +60,22 @@ def blocks_from(block_ids: list[int], start: int, block_size: int) -> set[int]:
 
 @dataclass
 class _SpanLoad:
-    """A storage-mode load: its spans' whole entries, read at its first layer (None until then)."""
+    """A storage-mode load: its spans' whole entries, read at its first layer (None until then), and on a packed
+    GPU cache the slots of every row it writes, on the device (made at its first layer)."""
 
     job: LoadJob
     entries: list[ChunkKV] | None = None
     failed: bool = False
+    slots: torch.Tensor | None = None
+
+    def rows(self) -> list[tuple[int, int, ChunkKV, slice]]:
+        """(first, end, entry, kept) per span: the prompt rows [first, end) it writes (from `write_from` on), its
+        entry and the entry's rows that hold them."""
+        parts = []
+        for span, entry in zip(self.job.spans, self.entries):
+            first = max(span.start, self.job.write_from)
+            parts.append((first, span.end, entry, slice(first - span.start, span.length)))
+        return parts
 
 
 class WorkerSide:
@@ -190,10 +201,16 @@ class WorkerSide:
             if load.failed:
                 continue
             job, cache = load.job, self.caches[layer]
-            for span, entry in zip(job.spans, load.entries):
-                first = max(span.start, job.write_from)
-                rows = slice(first - span.start, span.length)
-                cache.write_rows(entry.k[layer, rows], entry.v[layer, rows], job.block_ids, first, span.end)
+            rows = load.rows()
+            if cache.kind == "packed":  # a GPU: one staging copy per span, one scatter per layer
+                if load.slots is None:
+                    load.slots = torch.cat([slots_for(job.block_ids, first, end, self.block_size)
+                                            for first, end, _, _ in rows]).to(cache.kv.device)
+                cache.write_parts([entry.k[layer, keep] for _, _, entry, keep in rows],
+                                  [entry.v[layer, keep] for _, _, entry, keep in rows], load.slots)
+                continue
+            for first, end, entry, keep in rows:
+                cache.write_rows(entry.k[layer, keep], entry.v[layer, keep], job.block_ids, first, end)
         if layer == len(self.caches) - 1:
             self._loads = []
 
@@ -265,7 +282,7 @@ class WorkerSide:
             result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
                                         prefix_kv=prefix_kv, target=target,
                                         tier=decision.tier if decision and not decision.recompute else None)
-        else:  # every rank has every entry in memory: no read can fail one rank mid-run
+        else:  # every entry is in memory (under TP on every rank: no read can fail one rank mid-run)
             plan = self._engine.plan(layout, config, logits_at="none", exact_prefix=exact,
                                      bases={key: kv.base_position for key, kv in chunk_kv.items()})
             ks, vs = [chunk_kv[k].k for k in plan.cached_keys], [chunk_kv[k].v for k in plan.cached_keys]
@@ -282,18 +299,23 @@ class WorkerSide:
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
 
     def _blend_inputs(self, job: BlendJob, exact: int) -> tuple[tuple | None, dict[ChunkKey, ChunkKV] | None]:
-        """The exact prefix's KV, and under TP every chunk's entry whole (None: the blend reads them layer by
-        layer from the store, recomputing a chunk no tier holds)."""
+        """The exact prefix's KV, and every chunk's entry whole: under TP (every rank must hold them all before
+        the blend's collectives) and on a GPU, where whole entries move in a few large asynchronous copies from
+        pinned memory (`TensorLayerSource`) instead of a host concatenation per layer. None on one rank where a
+        tier lacks a chunk, or on a CPU: the blend reads layer by layer from the store, recomputing what is
+        missing."""
         if self._engine is None:
             raise RuntimeError(self._verdict[1] if self._verdict else "the blend engine is not available")
         prefix_kv = self._exact_prefix(job, exact) if exact else None
-        if self.tp_world == 1:
+        if self.tp_world == 1 and self.caches[0].kv.device.type != "cuda":
             return prefix_kv, None
         keys = list(dict.fromkeys(s.key for s in job.chunks))
         entries = self.store.get_many(keys, kv_layout(self.spec))
-        for key, entry in zip(keys, entries):
-            if entry is None:
-                raise ChunkLoadError(key, 0)
+        missing = [key for key, entry in zip(keys, entries) if entry is None]
+        if missing and self.tp_world == 1:
+            return prefix_kv, None
+        if missing:
+            raise ChunkLoadError(missing[0], 0)
         return prefix_kv, dict(zip(keys, entries))
 
     def _exact_prefix(self, job: BlendJob, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +368,13 @@ class WorkerSide:
         shape = (len(self.caches), end - start, self.num_kv_heads, self.head_dim)
         k = torch.empty(shape, dtype=self.caches[0].kv.dtype, device=self.caches[0].kv.device)
         v = torch.empty_like(k)
+        if self.caches[0].kind == "packed":  # a GPU: the rows' slots move to the device once, not once a layer
+            slots = slots_for(block_ids, start, end, self.block_size).to(k.device)
+            for layer, cache in enumerate(self.caches):
+                got_k, got_v = cache.read(slots)
+                k[layer].copy_(got_k)
+                v[layer].copy_(got_v)
+            return k, v
         for layer, cache in enumerate(self.caches):
             cache.read_rows_into(k[layer], v[layer], block_ids, start, end)
         return k, v
