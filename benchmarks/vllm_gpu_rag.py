@@ -147,7 +147,9 @@ def build_workload(model_dir: Path, sizes: list[int], prompts: int, docs: int, d
     starts = rng.sample(range(0, len(corpus) - CHUNK_TOKENS, CHUNK_TOKENS), n_pool)
     pool = [corpus[s : s + CHUNK_TOKENS] for s in starts]
     template = chat_template(tokenizer)
-    seps = {"kvblend": encode(tokenizer, "\n\n"), "lmcache": encode(tokenizer, LMCACHE_SEPARATOR)}
+    # LMCache drops the first token of its separator's encoding (a BOS, for tokenizers that add one; SmolLM2's does
+    # not), so its prompts carry what it will search for: encode(" # # ")[1:]
+    seps = {"kvblend": encode(tokenizer, "\n\n"), "lmcache": encode(tokenizer, LMCACHE_SEPARATOR)[1:]}
 
     def question():
         s = rng.randrange(len(corpus) - QUESTION_TOKENS)
@@ -356,9 +358,11 @@ def run_offloading(ctx, workload, rec):
 def run_lmcache(ctx, workload, rec):
     """LMCache's CacheBlend as its vLLM v1 example configures it; the engine runs in this process
     (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the loaded model can be registered with LMCache (its example's edit of
-    vLLM's gpu_worker.load_model, applied here as a wrapper)."""
+    vLLM's gpu_worker.load_model, applied here as a wrapper). The separator goes in quoted: LMCache strips every
+    setting's whitespace unless it is a quoted literal, and " # # " stripped to "# #" made it split chunks at each
+    " #" token, storing empty segments (ZeroDivisionError in its allocator, measured on the H200 with 0.5.3)."""
     settings = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_ENABLE_BLENDING": "True",
-                "LMCACHE_BLEND_SPECIAL_STR": LMCACHE_SEPARATOR, "LMCACHE_USE_LAYERWISE": "True",
+                "LMCACHE_BLEND_SPECIAL_STR": json.dumps(LMCACHE_SEPARATOR), "LMCACHE_USE_LAYERWISE": "True",
                 "LMCACHE_BLEND_CHECK_LAYERS": "1", "LMCACHE_BLEND_RECOMPUTE_RATIOS": str(RATIO),
                 "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(ctx["memory_gb"]),
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "LMCACHE_TRACK_USAGE": "false"}  # no network there

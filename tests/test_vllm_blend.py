@@ -11,8 +11,11 @@ import pytest
 from vllm_helpers import (
     CPU_ENGINE_ARGS,
     agree_up_to_near_tie,
+    fidelity_chunks,
     first_token_kl,
     generate,
+    kl_gap_closed,
+    rag_prompt,
     report,
     start_llm,
     stop_llm,
@@ -21,23 +24,14 @@ from vllm_helpers import (
 from kvblend.blend.prompt import chat_template
 from kvblend.model.runner import LlamaModel
 from kvblend.model.tokenizer import encode
-from kvblend.rag.precompute import chunk_key, compute_chunk_kv, token_windows
-from kvblend.retrieval.corpus import pydoc_topics
+from kvblend.rag.precompute import chunk_key, compute_chunk_kv
 from kvblend.store import StoreConfig, open_store
 
 pytestmark = pytest.mark.slow  # starts vLLM engines
 
-TOPICS = ["exceptions", "import", "execmodel", "compound", "class", "function", "assignment", "lambda"]
-
-
 @pytest.fixture(scope="module")
 def texts(tokenizer):
-    """Twelve 192-token chunks from different pydoc topics (never neighbours in the source)."""
-    out = []
-    for doc in pydoc_topics(TOPICS):
-        windows = [w for w in token_windows(encode(tokenizer, doc.text), 192) if len(w) == 192]
-        out.extend(windows[1:4:2])
-    return out[:12]
+    return fidelity_chunks(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +55,6 @@ def engine(model_dir, tmp_path_factory, redis_server):
 @pytest.fixture(scope="module")
 def template(tokenizer):
     return chat_template(tokenizer)
-
-
-def rag_prompt(template, tokenizer, parts, question, sep="\n\n"):
-    ids = list(template.prefix)
-    for part in parts:
-        ids += list(part) + encode(tokenizer, sep)
-    return ids + list(template.question_prefix) + encode(tokenizer, question) + list(template.tail)
 
 
 @pytest.fixture(scope="module")
@@ -157,22 +144,9 @@ def test_quality_gate_decision_in_the_report(bf16_llm, stored, template, tokeniz
 def test_cacheblend_fidelity_through_vllm_logprobs(engine, stored, template, tokenizer):
     """Next-token KL against plain vLLM over several prompts. The engine's own full prefill sits at rounding noise
     (different kernels) above zero, so the gap is measured between full reuse and that floor."""
-    llm, _ = engine
-    orders = [[0, 4, 7], [6, 2, 5, 1], [3, 7, 0], [5, 6], [1, 3, 4, 2], [7, 5, 3]]
-    questions = ["Summarize the documents.", "What is a scope?", "Explain the syntax shown.",
-                 "What is an example?", "Which statements are described?", "What happens at runtime?"]
-    prompts = [rag_prompt(template, tokenizer, [stored[i] for i in o], q) for o, q in zip(orders, questions)]
-    plain = generate(llm, prompts, kvblend={"mode": "off"}, max_tokens=1, logprobs=20)
-    kl = {}
-    for policy, ratio in (("full_reuse", 0.0), ("cacheblend", 0.15), ("full_prefill", 1.0)):
-        outs = generate(llm, prompts, kvblend={"policy": policy, "ratio": ratio}, salt=policy, max_tokens=1, logprobs=20)
-        assert all(report(o).get("mode") == "blend" for o in outs)
-        kl[policy] = sum(first_token_kl(p, o) for p, o in zip(plain, outs)) / len(prompts)
-    closed = (kl["full_reuse"] - kl["cacheblend"]) / (kl["full_reuse"] - kl["full_prefill"])
-    print(f"first-token KL vs plain vLLM: full_reuse {kl['full_reuse']:.4f}, cacheblend {kl['cacheblend']:.4f}, "
-          f"full_prefill {kl['full_prefill']:.4f}, gap closed {closed:.2f}")
+    kl = kl_gap_closed(engine[0], stored, template, tokenizer)
     assert kl["full_prefill"] < kl["cacheblend"] < kl["full_reuse"]
-    assert closed >= 0.5
+    assert kl["closed"] >= 0.5
 
 
 def test_offline_precompute_corrupt_entry_and_stopped_redis(engine, texts, template, tokenizer, model_dir,

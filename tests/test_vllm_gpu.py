@@ -3,14 +3,28 @@ async scheduling off, which the connector requires): for tiny random Llama / Qwe
 the checks the CPU tests run (vllm_helpers.check_blend_on_vllm_modules): the start-up self-check passes with
 FLASH_ATTN (Hopper's default backend), the blend at r=1 reproduces vLLM's own KV and first-token logprobs, full
 reuse matches the torch runner, and a storage-mode load lands before a whole-model CUDA graph replays. One engine
-per architecture. Skipped without CUDA and vLLM."""
+per architecture. With SmolLM2's weights in the model folder (benchmarks/device/smollm2.sh carries them), the
+first-token KL gap CacheBlend closes, as tests/test_vllm_blend.py measures it on the CPU. Skipped without CUDA and
+vLLM."""
 
 import importlib.util
 
 import pytest
 import torch
 from tiny_models import save_tiny_model
-from vllm_helpers import BLENDABLE, GPU_ENGINE_ARGS, check_blend_on_vllm_modules, start_llm, stop_llm, text_chunks
+from vllm_helpers import (
+    BLENDABLE,
+    GPU_ENGINE_ARGS,
+    check_blend_on_vllm_modules,
+    fidelity_chunks,
+    generate,
+    kl_gap_closed,
+    start_llm,
+    stop_llm,
+    text_chunks,
+)
+
+from kvblend.blend.prompt import chat_template
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
@@ -35,3 +49,21 @@ def test_blend_in_vllm_default_gpu_mode(engine, chunks, tokenizer):
     tiny, store_dir, llm = engine
     check = check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend="FLASH_ATTN")
     assert not check["layerwise_loads"]  # whole-model CUDA graphs on: loads land before the forward
+
+
+@pytest.fixture(scope="module")
+def smollm2(model_dir, tmp_path_factory):
+    if not any(model_dir.glob("*.safetensors")):
+        pytest.skip(f"{model_dir} holds no weights (on the device: benchmarks/device/smollm2.sh carries SmolLM2's)")
+    llm = start_llm(model_dir, {"mode": "blend", "store_dir": str(tmp_path_factory.mktemp("smollm2-store"))},
+                    engine_args=GPU_ENGINE_ARGS)
+    yield llm
+    stop_llm(llm)
+
+
+def test_smollm2_kl_gap_closed_on_gpu(smollm2, tokenizer):
+    stored = fidelity_chunks(tokenizer)[:8]
+    generate(smollm2, [list(t) for t in stored], kvblend={"store_prompt": True}, max_tokens=1)
+    kl = kl_gap_closed(smollm2, stored, chat_template(tokenizer), tokenizer)
+    assert kl["full_prefill"] < kl["cacheblend"] < kl["full_reuse"]
+    assert kl["closed"] >= 0.5

@@ -202,3 +202,45 @@ def check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend
     assert report(loaded).get("mode") == "storage" and loaded.num_cached_tokens == 2 * SPAN, report(loaded)
     assert max_logprob_gap(top_logprobs(computed), top_logprobs(loaded)) < LOGPROB_TOL
     return check
+
+
+FIDELITY_TOPICS = ["exceptions", "import", "execmodel", "compound", "class", "function", "assignment", "lambda"]
+FIDELITY_ORDERS = [[0, 4, 7], [6, 2, 5, 1], [3, 7, 0], [5, 6], [1, 3, 4, 2], [7, 5, 3]]
+FIDELITY_QUESTIONS = ["Summarize the documents.", "What is a scope?", "Explain the syntax shown.",
+                      "What is an example?", "Which statements are described?", "What happens at runtime?"]
+
+
+def fidelity_chunks(tokenizer) -> list[list[int]]:
+    """Twelve 192-token chunks from different pydoc topics (never neighbours in the source)."""
+    from kvblend.rag.precompute import token_windows
+
+    out = []
+    for doc in pydoc_topics(FIDELITY_TOPICS):
+        windows = [w for w in token_windows(encode(tokenizer, doc.text), 192) if len(w) == 192]
+        out.extend(windows[1:4:2])
+    return out[:12]
+
+
+def rag_prompt(template, tokenizer, parts, question, sep="\n\n") -> list[int]:
+    ids = list(template.prefix)
+    for part in parts:
+        ids += list(part) + encode(tokenizer, sep)
+    return ids + list(template.question_prefix) + encode(tokenizer, question) + list(template.tail)
+
+
+def kl_gap_closed(llm, stored, template, tokenizer) -> dict:
+    """Mean first-token KL against plain vLLM of full reuse, CacheBlend at r=0.15 and the blend's own full prefill
+    over FIDELITY_ORDERS of the `stored` chunks, and the share of full reuse's gap CacheBlend closes (the full
+    prefill's KL is the floor: the same rows through different kernels)."""
+    prompts = [rag_prompt(template, tokenizer, [stored[i] for i in o], q)
+               for o, q in zip(FIDELITY_ORDERS, FIDELITY_QUESTIONS)]
+    plain = generate(llm, prompts, kvblend={"mode": "off"}, max_tokens=1, logprobs=20)
+    kl = {}
+    for policy, ratio in (("full_reuse", 0.0), ("cacheblend", 0.15), ("full_prefill", 1.0)):
+        outs = generate(llm, prompts, kvblend={"policy": policy, "ratio": ratio}, salt=policy, max_tokens=1, logprobs=20)
+        assert all(report(o).get("mode") == "blend" for o in outs), [report(o) for o in outs]
+        kl[policy] = sum(first_token_kl(p, o) for p, o in zip(plain, outs)) / len(prompts)
+    kl["closed"] = (kl["full_reuse"] - kl["cacheblend"]) / (kl["full_reuse"] - kl["full_prefill"])
+    print(f"first-token KL vs plain vLLM: full_reuse {kl['full_reuse']:.4f}, cacheblend {kl['cacheblend']:.4f}, "
+          f"full_prefill {kl['full_prefill']:.4f}, gap closed {kl['closed']:.2f}")
+    return kl
