@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import textwrap
 from collections import Counter
@@ -314,10 +315,16 @@ def gpu_rag_targets(data: dict) -> list[list[str]]:
                     f"ms; " if mine is not None and plain is not None else "")
             out.append([what, "not measured", have + notes.get(system, "")])
             continue
-        met = (mine["ttft_ms_median"] <= 1.1 * theirs["ttft_ms_median"] if scenario == "doc_evicted"
-               else mine["ttft_ms_median"] < theirs["ttft_ms_median"])
-        out.append([what, "met" if met else "missed", f"{ms(mine['ttft_ms_median'])} vs {ms(theirs['ttft_ms_median'])} ms"])
+        a, b = wall_median(mine), wall_median(theirs)
+        met = a <= 1.1 * b if scenario == "doc_evicted" else a < b
+        out.append([what, "met" if met else "missed",
+                    f"{ms(a)} vs {ms(b)} ms wall time per 2-token request ({times(b / a)})"])
     return out
+
+
+def wall_median(r: dict) -> float:
+    """A row's median wall time per request (generate() of 2 tokens, arrival to return)."""
+    return r.get("wall_ms_median", statistics.median(r["wall_ms"]))
 
 
 def vllm_gpu_rag() -> list[Table]:
@@ -327,7 +334,7 @@ def vllm_gpu_rag() -> list[Table]:
         device = provenance(data)["device"]
         rows = [[r["mode"], r["scenario"], str(r["tokens"]),
                  f"{ms(r['ttft_ms_median'])} [{ms(r['ttft_ms_min'])}, {ms(r['ttft_ms_max'])}]",
-                 "" if r["speedup_vs_vllm"] is None else times(r["speedup_vs_vllm"]), served_as(r)]
+                 "" if r["speedup_vs_vllm"] is None else times(r["speedup_vs_vllm"]), ms(wall_median(r)), served_as(r)]
                 for r in data["rows"]]
         targets = gpu_rag_targets(data)
         blend = [r for r in data["rows"] if r["mode"] == "kvblend_blend"]
@@ -343,7 +350,8 @@ def vllm_gpu_rag() -> list[Table]:
                     + "; issue 27's targets: " + ", ".join(f"{sum(t[1] == v for t in targets)} {v}"
                                                         for v in ("met", "missed", "not measured")) + ".")
         tables.append(Table(f"One GPU, every system inside vLLM, {device} (vllm_gpu_rag)", (path.name,),
-                            ["mode", "scenario", "tokens", "median TTFT ms [min, max]", "vs vLLM", "served as"], rows,
+                            ["mode", "scenario", "tokens", "median TTFT ms [min, max]", "vs vLLM", "wall ms", "served as"],
+                            rows,
                             headline))
         tables.append(Table(f"Issue 27's targets on {device} (vllm_gpu_rag)", (path.name,),
                             ["target", "verdict", "figure"], targets, ""))

@@ -14,8 +14,11 @@ each system first serves the chunk pool its own way (plain vLLM and kvblend: eac
 kvblend storing it; LMCache: prompts holding the chunks in other orders, its documented recipe). Each size has one
 warm-up prompt (not counted) and --prompts measured ones, every prompt with a first chunk no other prompt has (no
 prefix-cache hit beyond the template), blended requests each with a cache salt of their own.
-TTFT = the engine's first_token_ts - scheduled_ts (the whole prefill, kvblend's and LMCache's work included);
-rows hold median, min, max over the measured prompts.
+TTFT = the engine's first_token_ts - queued_ts: the whole prefill, kvblend's and LMCache's work included, and the
+wait of a connector that loads asynchronously (vLLM's OffloadingConnector: the request is scheduled only once its
+KV has arrived, so first_token_ts - scheduled_ts, kept as prefill_ms, leaves its load out; the H100 run at bce9e02
+and earlier ones measured that). Rows hold median, min, max over the measured prompts, and every request's wall time
+(generate() of 2 tokens).
 
 Systems, one engine each, each in its own process (GPU memory is freed between them); each writes --out/NAME.json
 as soon as a step is measured, and a system whose file is complete is skipped (a cut-off run resumes):
@@ -227,7 +230,8 @@ def ask(llm, ids: list[int], kvblend: dict | None = None, salt: str | None = Non
     wall = time.perf_counter() - wall
     m = out.metrics
     report = (out.kv_transfer_params or {}).get("kvblend") or {}
-    return {"ttft_ms": (m.first_token_ts - m.scheduled_ts) * 1e3, "wall_ms": wall * 1e3,
+    return {"ttft_ms": (m.first_token_ts - m.queued_ts) * 1e3, "prefill_ms": (m.first_token_ts - m.scheduled_ts) * 1e3,
+            "wall_ms": wall * 1e3,
             "cached_tokens": out.num_cached_tokens or 0, "tokens": len(ids), "report": report}
 
 
@@ -236,7 +240,8 @@ def row(mode: str, scenario: str, results: list[dict], **extra) -> dict:
     t = [r["ttft_ms"] for r in results]
     return {"mode": mode, "scenario": scenario, "tokens": round(statistics.median(r["tokens"] for r in results)),
             "ttft_ms_median": statistics.median(t), "ttft_ms_min": min(t), "ttft_ms_max": max(t), "n": len(t),
-            "ttft_ms": t, "wall_ms": [r["wall_ms"] for r in results],
+            "ttft_ms": t, "prefill_ms": [r["prefill_ms"] for r in results], "wall_ms": [r["wall_ms"] for r in results],
+            "wall_ms_median": statistics.median(r["wall_ms"] for r in results),
             "cached_tokens": [r["cached_tokens"] for r in results], "reports": [r["report"] for r in results], **extra}
 
 

@@ -59,6 +59,9 @@ CONNECTOR = {
     "self_check": "check at start that the blend reproduces vLLM's KV; blending stays off until it passes",
     "cpu_ops": '`"vllm"`: on a CPU engine the chunks\' rope shift runs on vLLM\'s C++ rotary kernel, after '
                'checking it against kvblend\'s torch reference at start; `"torch"`: on the reference',
+    "blend_attention": '`"auto"`: a blend\'s active rows attend with kvblend\'s sparse-query kernel on a GPU (vLLM\'s '
+                       'backend would run each scattered row as its own sequence) and with vLLM\'s backend on a CPU; '
+                       '`"vllm"` or `"kvblend"` to choose',
     "prefetch": "the worker moves a step's stored KV whole into the memory tier in the background before its "
                 "layer reads",
     "controller": "the loading controller picks each blended request's tier and ratio "

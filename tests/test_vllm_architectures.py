@@ -3,8 +3,9 @@ rope scaling), Qwen2 (QKV bias), Qwen3 (q/k norm) and Mistral checkpoints genera
 self-check (blend at r=1 and an exact-chunk CacheBlend on vLLM's own blocks) reproduces vLLM's prefill KV in every
 layer, full prefill through the blend gives vLLM's own first-token logprobs, and full reuse gives the torch runner's
 reference math, and storage mode serves a stored prompt with vLLM's own logprobs (the checks are shared with the GPU
-tests, tests/test_vllm_gpu.py). An architecture the blend does not cover starts with blending off and serves plain
-vLLM."""
+tests, tests/test_vllm_gpu.py). Qwen2's engine attends with kvblend's sparse-query path (blend_attention "kvblend",
+what a GPU engine takes by default), the others with vLLM's CPU backend. An architecture the blend does not cover
+starts with blending off and serves plain vLLM."""
 
 import pytest
 from tiny_models import save_tiny_model
@@ -20,6 +21,7 @@ from vllm_helpers import (
 )
 
 pytestmark = pytest.mark.slow
+KVBLEND_ATTENTION, KVBLEND_ATTENTION_ARCH = "kvblend", "Qwen2ForCausalLM"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,9 @@ def engine(request, model_dir, tmp_path_factory):
     arch = "LlamaForCausalLM" if request.param == "no-hook" else request.param
     tiny = save_tiny_model(arch, tmp_path_factory.mktemp(arch), model_dir)
     store_dir = tmp_path_factory.mktemp(f"{arch}-store")
-    llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir)}, model_hook=request.param != "no-hook")
+    attention = KVBLEND_ATTENTION if arch == KVBLEND_ATTENTION_ARCH else "auto"
+    llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir), "blend_attention": attention},
+                    model_hook=request.param != "no-hook")
     yield request.param, tiny, store_dir, llm
     stop_llm(llm)
 
@@ -43,6 +47,7 @@ def test_blend_on_vllm_modules_matches_vllm_and_reference(engine, chunks, tokeni
     if case in BLENDABLE:
         check = check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend="CPU_ATTN")
         assert check["layerwise_loads"]  # no CUDA graphs on CPU: loads land layer by layer
+        assert check["attention"] == (KVBLEND_ATTENTION if case == KVBLEND_ATTENTION_ARCH else "vllm"), check
         return
     generate(llm, [chunks[1] + chunks[2]], kvblend={"mode": "off"}, max_tokens=2)
     generate(llm, [list(c) for c in chunks], kvblend={"store_prompt": True}, max_tokens=1)

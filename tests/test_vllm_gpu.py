@@ -49,6 +49,7 @@ def test_blend_in_vllm_default_gpu_mode(engine, chunks, tokenizer):
     tiny, store_dir, llm = engine
     check = check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend="FLASH_ATTN")
     assert not check["layerwise_loads"]  # whole-model CUDA graphs on: loads land before the forward
+    assert check["attention"] == "kvblend"  # a GPU's default: the sparse-query kernel, not one sequence per row run
 
 
 @pytest.fixture(scope="module")

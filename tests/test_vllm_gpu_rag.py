@@ -55,9 +55,11 @@ def test_prompts_hold_the_pool_chunks_at_their_spans_with_first_chunks_of_their_
 
 
 def test_rows_carry_median_min_max_and_what_each_request_hit():
-    results = [{"ttft_ms": t, "wall_ms": t + 1, "cached_tokens": 0, "tokens": 100, "report": {}} for t in (5, 1, 3)]
+    results = [{"ttft_ms": t, "prefill_ms": t - 0.5, "wall_ms": t + 1, "cached_tokens": 0, "tokens": 100, "report": {}}
+               for t in (5, 1, 3)]
     r = bench.row("kvblend_blend", "rag", results, chunks=6)
     assert (r["ttft_ms_median"], r["ttft_ms_min"], r["ttft_ms_max"], r["n"], r["tokens"]) == (3, 1, 5, 3, 100)
+    assert r["wall_ms_median"] == 4 and r["prefill_ms"] == [4.5, 0.5, 2.5]
     assert r["chunks"] == 6 and r["mode"] == "kvblend_blend" and r["scenario"] == "rag"
 
 

@@ -34,15 +34,26 @@ class KVTarget(Protocol):
     def rows_changed(self) -> None: ...
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention of all T rows over themselves. On CUDA the KV heads are expanded first: SDPA's flash
     kernel takes no GQA and wants a batch dimension; otherwise SDPA falls back to materialising T x T scores."""
     group = q.shape[1] // k.shape[1]
     if q.is_cuda and group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+                                         is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
+
+
+def attend_rows(q: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                scale: float | None = None, bands: AttentionBands | None = None) -> torch.Tensor:
+    """Attention of the active `rows` (queries q [rows, heads, head_dim]) over every row's K/V [tokens, kv_heads,
+    head_dim] at `positions`, causally by position: SDPA's causal kernel when every row is active, else the sparse-
+    query kernel, which reads each query tile's keys once however scattered the rows are. `bands`: the CPU path's
+    masks for these rows, when the caller keeps them."""
+    if rows.numel() == K.shape[0]:
+        return causal_attention(q, K, V, scale)
+    return sparse_query_attention(q, positions[rows], K, V, positions, scale=scale, keys_sorted=True, bands=bands)
 
 
 class DenseKV:
@@ -69,9 +80,7 @@ class DenseKV:
     def attend(self, layer: int, q: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                last: bool) -> torch.Tensor:
         K, V = self.k[layer], self.v[layer]
-        if rows.numel() == K.shape[0]:  # every row active: plain causal attention, SDPA's fastest kernel
-            return causal_attention(q, K, V)
-        q_pos = positions[rows]
-        if self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by the layers of these rows
-            self._bands = attention_bands(q_pos, positions, q.dtype, keys_sorted=True)
-        return sparse_query_attention(q, q_pos, K, V, positions, keys_sorted=True, bands=None if last else self._bands)
+        partial = rows.numel() < K.shape[0]
+        if partial and self._bands is None and not last and not K.is_cuda:  # CPU masks, shared by these rows' layers
+            self._bands = attention_bands(positions[rows], positions, q.dtype, keys_sorted=True)
+        return attend_rows(q, rows, positions, K, V, bands=None if last else self._bands)

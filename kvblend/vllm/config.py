@@ -17,6 +17,7 @@ MODES = ("blend", "storage")
 # What `kvblend serve --redis` and RAGPipeline name in redis_url_env: the engine reads the URL from it.
 ENGINE_REDIS_URL_ENV = "KVBLEND_ENGINE_REDIS_URL"
 CPU_OPS = ("vllm", "torch")
+BLEND_ATTENTION = ("auto", "vllm", "kvblend")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ConnectorConfig:
     controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
-    kvblend's torch references. Store and blend settings default to StoreConfig's and BlendConfig's; None
+    kvblend's torch references. blend_attention: how a blend's active rows attend, "auto" (kvblend's sparse-query
+    kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". Store and blend settings default to StoreConfig's and BlendConfig's; None
     check_layers means BlendConfig's; gate_bound None turns the quality gate's fallback to full prefill off,
     gate_raise (None by default) opts in to its raise to twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so a
     password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
@@ -63,6 +65,7 @@ class ConnectorConfig:
     gate_raise: float | None = None
     self_check: bool = True
     cpu_ops: str = "vllm"
+    blend_attention: str = "auto"
     prefetch: bool = True
     controller: bool = True
 
@@ -71,6 +74,9 @@ class ConnectorConfig:
             raise ValueError(f"kvblend connector mode must be one of {MODES}, got {self.mode!r}")
         if self.cpu_ops not in CPU_OPS:
             raise ValueError(f"kvblend connector cpu_ops must be one of {CPU_OPS}, got {self.cpu_ops!r}")
+        if self.blend_attention not in BLEND_ATTENTION:
+            raise ValueError(f"kvblend connector blend_attention must be one of {BLEND_ATTENTION}, got "
+                             f"{self.blend_attention!r}")
         if self.span_tokens <= 0 or self.min_chunk_tokens <= 0:
             raise ValueError("span_tokens and min_chunk_tokens must be positive")
         if self.redis_url is not None and self.redis_url_env is not None:

@@ -120,6 +120,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             layers = vllm_config.compilation_config.static_forward_context
             self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
                                           blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops,
+                                          blend_attention=self.config.blend_attention,
                                           controller=self.config.controller,
                                           layerwise_loads=not full_cuda_graphs(vllm_config),
                                           shard=rank_shard(kv_heads, world, rank), tp_world=world)

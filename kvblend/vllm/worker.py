@@ -37,7 +37,7 @@ from kvblend.vllm.metrics import KVBlendStats, blend_report, take, tier_deltas
 from kvblend.vllm.model_hook import LOAD_FORMAT, served_model
 from kvblend.vllm.model_view import VllmModelView
 from kvblend.vllm.paged import PagedCache, slots_for
-from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV
+from kvblend.vllm.paged_target import BLEND_BACKENDS, PagedKV, attention_path
 from kvblend.vllm.save_queue import SaveQueue
 from kvblend.vllm.self_check import self_check
 from kvblend.vllm.tensor_parallel import tp_sum
@@ -81,12 +81,13 @@ class _SpanLoad:
 class WorkerSide:
     def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
                  blend: bool, cpu_ops: str = "vllm", controller: bool = True, layerwise_loads: bool = True,
-                 shard: str = WHOLE, tp_world: int = 1) -> None:
+                 shard: str = WHOLE, tp_world: int = 1, blend_attention: str = "auto") -> None:
         """`spec`: the model as this rank holds it (`rank_spec`), `shard` its store shard, `tp_world` the number
         of tensor-parallel ranks (the loading controller is off under TP: its timings differ by rank).
         `layerwise_loads`: write a storage-mode load's rows layer by layer as vLLM's forward reaches each layer
         (`wait_layer`); off (vLLM may replay whole-model CUDA graphs, where no layer hook runs), all layers are
-        written before the forward (`start_load`)."""
+        written before the forward (`start_load`). `blend_attention`: ConnectorConfig's, resolved by
+        `attention_path` once the caches are known."""
         self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
         self.shard, self.tp_world = shard, tp_world
         self.block_size = vllm_config.cache_config.block_size
@@ -101,6 +102,8 @@ class WorkerSide:
         self.layerwise_loads = layerwise_loads
         self.controller: LoadController | None = None
         self._builder = None
+        self.blend_attention = blend_attention
+        self.attention = "vllm"  # how blends attend: attention_path(blend_attention), set with the blend engine
         self._loads: list[_SpanLoad] = []
         self._verdict: tuple[bool, str] | None = None
         self.check_report: dict | None = None
@@ -144,14 +147,16 @@ class WorkerSide:
                              f"{first.attn_backend.get_name()} (start vLLM with attention_backend='FLASH_ATTN' on a GPU)")
         self._builder = blend_metadata_builder(first.attn_backend, groups[0].kv_cache_spec, groups[0].layer_names,
                                                self.vllm_config, self.caches[0].kv.device)
+        self.attention = attention_path(self.caches, self.blend_attention)
         ops = DEFAULT_OPS
         if self.caches[0].kv.device.type == "cpu" and self.cpu_ops == "vllm":
             ops = self._vllm_cpu_ops()
         engine = BlendEngine(VllmModelView(model, self.spec, ops, tp_sum if self.tp_world > 1 else None), self.store)
         if engine.disabled_reason:
             raise ValueError(engine.disabled_reason)
-        log.info("kvblend blend runs on vLLM's %s modules and %s attention (rope shift: %s ops)",
-                 type(model).__name__, first.attn_backend.get_name(), ops.name)
+        log.info("kvblend blend runs on vLLM's %s modules, its %s paged cache and %s attention (rope shift: %s ops)",
+                 type(model).__name__, first.attn_backend.get_name(),
+                 "kvblend's sparse-query" if self.attention == "kvblend" else "vLLM's", ops.name)
         return engine
 
     def _vllm_cpu_ops(self) -> ModelOps:
@@ -170,7 +175,7 @@ class WorkerSide:
         return VLLM_CPU_OPS
 
     def paged_target(self, block_ids: list[int], write_from: int, num_tokens: int) -> PagedKV:
-        return PagedKV(self.caches, self._builder, block_ids, write_from, num_tokens)
+        return PagedKV(self.caches, self._builder, block_ids, write_from, num_tokens, self.attention)
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
