@@ -98,7 +98,8 @@ class PagedKV:
         self.device = first.kv.device
         self.K = torch.empty(num_tokens, first.num_kv_heads, first.head_dim, dtype=first.kv.dtype, device=self.device)
         self.V = torch.empty_like(self.K)
-        self.slots = slots_for(block_ids, write_from, num_tokens, self.block_size)
+        # on the cache's device once: a host tensor would be copied, and the stream synchronised, at every layer
+        self.slots = slots_for(block_ids, write_from, num_tokens, self.block_size).to(self.device)
         self._metadata = None
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -326,10 +326,10 @@ class WorkerSide:
     def _exact_prefix(self, job: BlendJob, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
         """KV of rows [0, exact): vLLM's own cache hit from its blocks, then exact stored spans."""
         k_parts, v_parts = [], []
-        if job.num_computed:
-            k, v = self._read_rows(job.block_ids, 0, job.num_computed)
-            k_parts.append(k.to(self.caches[0].kv.device))
-            v_parts.append(v.to(self.caches[0].kv.device))
+        if job.num_computed:  # copied on the device: no round trip through the host
+            k, v = self._copy_rows(job.block_ids, 0, job.num_computed)
+            k_parts.append(k)
+            v_parts.append(v)
         for span in job.exact_spans:
             entry = self.store.get(span.key, expect=kv_layout(self.spec))
             if entry is None:
