@@ -33,10 +33,11 @@ class ConnectorConfig:
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. blend_attention: how a blend's active rows attend, "auto" (kvblend's sparse-query
-    kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". Store and blend settings default to StoreConfig's and BlendConfig's; None
-    check_layers means BlendConfig's; gate_bound None turns the quality gate's fallback to full prefill off,
-    gate_raise (None by default) opts in to its raise to twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so a
-    password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
+    kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". Store and blend
+    settings default to StoreConfig's and BlendConfig's; None check_layers means BlendConfig's; gate_bound None
+    turns the quality gate's fallback to full prefill off, gate_raise (None by default) opts in to its raise to
+    twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so
+    a password stays out of vLLM's logged config; `require_tenant`: requests without a tenant secret neither read
     nor write the store. `codecs`: storage codecs of tiers, over StoreConfig's defaults (e.g. {"redis": "fp8"})."""
 
     mode: str = "blend"
