@@ -88,9 +88,7 @@ class PagedKV:
     def __init__(self, caches: list[PagedCache], builder, block_ids: list[int], write_from: int,
                  num_tokens: int, attention: str = "vllm") -> None:
         """`attention`: "vllm" (its backend over the paged blocks) or "kvblend" (the sparse-query kernel over the
-        staging pair); `attention_path` says which applies."""
-        if attention not in ("vllm", "kvblend"):
-            raise ValueError(f"attention must be 'vllm' or 'kvblend', got {attention!r}")
+        staging pair), as `attention_path` resolves it."""
         first = caches[0]
         self.attention = attention
         self.caches, self.builder, self.block_ids = caches, builder, list(block_ids)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 import torch
@@ -68,9 +69,10 @@ class _SpanLoad:
     failed: bool = False
     slots: torch.Tensor | None = None
 
+    @cached_property
     def rows(self) -> list[tuple[int, int, ChunkKV, slice]]:
         """(first, end, entry, kept) per span: the prompt rows [first, end) it writes (from `write_from` on), its
-        entry and the entry's rows that hold them."""
+        entry and the entry's rows that hold them (once its entries are read)."""
         parts = []
         for span, entry in zip(self.job.spans, self.entries):
             first = max(span.start, self.job.write_from)
@@ -206,7 +208,7 @@ class WorkerSide:
             if load.failed:
                 continue
             job, cache = load.job, self.caches[layer]
-            rows = load.rows()
+            rows = load.rows
             if cache.kind == "packed":  # a GPU: one staging copy per span, one scatter per layer
                 if load.slots is None:
                     load.slots = torch.cat([slots_for(job.block_ids, first, end, self.block_size)
