@@ -62,6 +62,8 @@ CONNECTOR = {
     "blend_attention": '`"auto"`: a blend\'s active rows attend with kvblend\'s sparse-query kernel on a GPU (vLLM\'s '
                        'backend would run each scattered row as its own sequence) and with vLLM\'s backend on a CPU; '
                        '`"vllm"` or `"kvblend"` to choose',
+    "blend_cuda_graphs": "where vLLM runs CUDA graphs (not enforce_eager), a blend's layers after its last check "
+                         "layer replay as CUDA graphs too (one GPU, kvblend's attention)",
     "prefetch": "the worker moves a step's stored KV whole into the memory tier in the background before its "
                 "layer reads",
     "controller": "the loading controller picks each blended request's tier and ratio "

@@ -15,16 +15,22 @@ from tiny_models import save_tiny_model
 from vllm_helpers import (
     BLENDABLE,
     GPU_ENGINE_ARGS,
+    LOGPROB_TOL,
     check_blend_on_vllm_modules,
     fidelity_chunks,
     generate,
     kl_gap_closed,
+    max_logprob_gap,
+    prompt_with,
+    report,
     start_llm,
     stop_llm,
     text_chunks,
+    top_logprobs,
 )
 
 from kvblend.blend.prompt import chat_template
+from kvblend.model.tokenizer import encode
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
@@ -50,6 +56,19 @@ def test_blend_in_vllm_default_gpu_mode(engine, chunks, tokenizer):
     check = check_blend_on_vllm_modules(llm, tiny, store_dir, chunks, tokenizer, backend="FLASH_ATTN")
     assert not check["layerwise_loads"]  # whole-model CUDA graphs on: loads land before the forward
     assert check["attention"] == "kvblend"  # a GPU's default: the sparse-query kernel, not one sequence per row run
+    assert check["cuda_graphs"]  # vLLM's graphs are on: so are the blend's post-check graphs
+
+
+def test_post_check_graphs_replay_what_ran_eagerly(engine, chunks, tokenizer):
+    """A new prompt shape runs its post-check layers eagerly and captures them; the next request of that shape
+    replays the graphs, writing the same KV into its own blocks (so vLLM's next token sees the same logprobs)."""
+    _, _, llm = engine
+    prompt, spans = prompt_with(chunks, tokenizer)
+    prompt += encode(tokenizer, " Answer in one word, then explain it in two sentences of plain English.") * 3
+    outs = [generate(llm, [prompt], kvblend={"chunks": spans, "policy": "full_reuse"}, salt=f"graphs-{i}",
+                     max_tokens=1, logprobs=5)[0] for i in range(2)]
+    assert [report(o).get("cuda_graphs") for o in outs] == ["captured", "replayed"], [report(o) for o in outs]
+    assert max_logprob_gap(top_logprobs(outs[0]), top_logprobs(outs[1])) < LOGPROB_TOL
 
 
 @pytest.fixture(scope="module")

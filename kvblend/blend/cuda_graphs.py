@@ -7,11 +7,19 @@ with copies of the first one (same position, same hidden state, so the copies wr
 past the prompt get a position no query reaches. Graphs read and write static buffers and the KV workspace of
 their prompt-length bucket, so a run's K/V are views of that workspace, valid until the engine's next run.
 A bucket's first request runs the same code eagerly (compiling every kernel) and captures after it.
+
+With `staging` (vLLM's paged cache: `kvblend.vllm.paged_target.PagedKV`) the target keeps one staging pair that
+every layer rewrites and then commits to its own blocks: the workspace holds that one layer, grown to the longest
+prompt seen (growing drops the graphs, which read the old one), and each layer's commit runs eagerly after its
+graph, since the slots it writes belong to the request. The most recently used MAX_BUCKETS buckets are kept.
+A capture that fails turns the graphs off for the engine (logged): the run that captured had already run eagerly.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +27,12 @@ import torch
 from kvblend.model.runner import LlamaModel
 from kvblend.triton_kernels import sparse_query_attention
 
+log = logging.getLogger(__name__)
+
 ROW_BUCKET = 32
 KEY_BUCKET = 1024
 UNREACHABLE = 1 << 62  # the position of workspace keys past the prompt: after every query's
+MAX_BUCKETS = 16
 
 
 def bucket(n: int, step: int) -> int:
@@ -35,8 +46,7 @@ class LayerGraphs:
 
     rows: torch.Tensor
     q_pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rot: tuple[torch.Tensor, torch.Tensor] | None  # the model's rotation of q_pos (None: its qkv rotates itself)
     h: torch.Tensor
     n_logits: int
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
@@ -48,13 +58,16 @@ class LayerGraphs:
 class PostCheckGraphs:
     """Captures and replays the post-check layers of blend runs on one CUDA model."""
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, staging: bool = False, scale: float | None = None) -> None:
+        """`staging`: one staging layer committed by the target after each layer (see above); `scale`: the
+        attention's softmax scale (None: 1/sqrt(head_dim))."""
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
-        self.model = model
+        self.model, self.staging, self.scale = model, staging, scale
         self._workspaces: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._entries: dict[tuple[int, int, int, int], LayerGraphs] = {}
+        self._entries: OrderedDict[tuple[int, int, int, int], LayerGraphs] = OrderedDict()
         self._pool = None
+        self.failure: str | None = None  # why a capture failed (the graphs are off from then on)
 
     @staticmethod
     def applies(plan) -> bool:
@@ -62,19 +75,37 @@ class PostCheckGraphs:
         return plan.config.selects or plan.initial_rows.numel() < plan.ids.shape[0]
 
     def workspace(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [layers, tokens, kv_heads, head_dim]: views of the workspace of the prompt-length bucket."""
+        """K and V [layers, tokens, kv_heads, head_dim]: views of the workspace of the prompt-length bucket
+        (with `staging`, the staging pair [tokens, kv_heads, head_dim])."""
         k, v, _ = self._workspace(bucket(tokens, KEY_BUCKET))
+        if self.staging:
+            return k[0, :tokens], v[0, :tokens]
         return k[:, :tokens], v[:, :tokens]
 
+    def holds(self, target) -> bool:
+        """Whether `target`'s layer buffers are views of this engine's workspace (what the graphs read)."""
+        k = target.layer(0)[0]
+        return any(k.data_ptr() == ws[0].data_ptr() for ws in self._workspaces.values())
+
     def _workspace(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V [layers (1 with staging), capacity, kv_heads, head_dim] and the keys' positions [capacity]."""
+        if self.staging:
+            grown = max(self._workspaces, default=0)
+            if grown < capacity:  # one staging pair, grown: the graphs captured on the old one go with it
+                self._entries.clear()
+                self._workspaces = {capacity: self._new_workspace(1, capacity)}
+                grown = capacity
+            k, v, pos = self._workspaces[grown]
+            return k[:, :capacity], v[:, :capacity], pos[:capacity]
         if capacity not in self._workspaces:
-            s = self.model.spec
-            # zeros: keys past the prompt are read (masked) in a tile's last key block, so they must be finite
-            k = torch.zeros(s.num_layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.model.dtype,
-                            device=self.model.device)
-            self._workspaces[capacity] = (k, torch.zeros_like(k), torch.empty(capacity, dtype=torch.int64,
-                                                                                device=self.model.device))
+            self._workspaces[capacity] = self._new_workspace(self.model.spec.num_layers, capacity)
         return self._workspaces[capacity]
+
+    def _new_workspace(self, layers: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.model.spec
+        # zeros: keys past the prompt are read (masked) in a tile's last key block, so they must be finite
+        k = torch.zeros(layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.model.dtype, device=self.model.device)
+        return k, torch.zeros_like(k), torch.empty(capacity, dtype=torch.int64, device=self.model.device)
 
     def stats(self) -> list[dict]:
         """Per captured bucket: rows, keys, capture time and the graph pool's memory."""
@@ -89,7 +120,7 @@ class PostCheckGraphs:
         """Layers first.. of a BlendRun whose active rows are final: eager the first time of a bucket, then
         captured; replayed after that. Leaves the last layer's hidden states (the logits rows) in run.h."""
         model, rows = self.model, run.rows
-        tokens, n = run.k.shape[1], rows.numel()
+        tokens, n = run.plan.ids.shape[0], rows.numel()
         capacity = bucket(tokens, KEY_BUCKET)
         n_logits = run.plan.logits_rows.numel()
         key = (bucket(n, ROW_BUCKET), capacity, n_logits, first)
@@ -97,6 +128,8 @@ class PostCheckGraphs:
         fresh = entry is None
         if fresh:
             entry = self._new_entry(key[0], n_logits)
+        else:
+            self._entries.move_to_end(key)
         self._fill(entry, run, capacity, tokens)
         layers = range(first, model.spec.num_layers)
         for layer in layers:
@@ -105,17 +138,28 @@ class PostCheckGraphs:
                 self._layer(entry, layer, capacity)
             else:
                 entry.graphs[layer - first].replay()
+            run.target.commit(layer)
             run.stats.token_layers_computed += n
         run.h = entry.out
+        run.stats.graphs = "captured" if fresh else "replayed"
         if fresh:
-            self._capture(entry, layers, capacity)
+            try:
+                self._capture(entry, layers, capacity)
+            except Exception as exc:  # this run's layers ran eagerly above: its result stands
+                self.failure = f"{type(exc).__name__}: {exc}"
+                self._entries.clear()
+                run.stats.graphs = f"capture failed: {self.failure}"
+                log.warning("kvblend: capturing the blend's post-check layers failed, CUDA graphs off: %s", self.failure)
+                return
             self._entries[key] = entry
+            if len(self._entries) > MAX_BUCKETS:
+                self._entries.popitem(last=False)
 
     def _new_entry(self, rows: int, n_logits: int) -> LayerGraphs:
         s, device = self.model.spec, self.model.device
-        cos, sin = self.model.rotary(torch.zeros(rows, dtype=torch.int64, device=device))
-        return LayerGraphs(rows=torch.zeros(rows, dtype=torch.int64, device=device),
-                           q_pos=torch.zeros(rows, dtype=torch.int64, device=device), cos=cos, sin=sin,
+        q_pos = torch.zeros(rows, dtype=torch.int64, device=device)
+        return LayerGraphs(rows=torch.zeros(rows, dtype=torch.int64, device=device), q_pos=q_pos,
+                           rot=self.model.rotary(q_pos),
                            h=torch.empty(rows, s.hidden_size, dtype=self.model.dtype, device=device),
                            n_logits=n_logits)
 
@@ -127,9 +171,9 @@ class PostCheckGraphs:
         entry.h[:pad] = run.h[:1].expand(pad, -1)
         entry.h[pad:] = run.h
         torch.index_select(run.positions, 0, entry.rows, out=entry.q_pos)
-        cos, sin = self.model.rotary(entry.q_pos)
-        entry.cos.copy_(cos)
-        entry.sin.copy_(sin)
+        if entry.rot is not None:
+            for static, value in zip(entry.rot, self.model.rotary(entry.q_pos)):
+                static.copy_(value)
         k_pos = self._workspace(capacity)[2]
         k_pos[:tokens] = run.positions
         k_pos[tokens:] = UNREACHABLE
@@ -138,8 +182,9 @@ class PostCheckGraphs:
         """One post-check layer on the static buffers (the body each graph captures)."""
         model = self.model
         ws_k, ws_v, k_pos = self._workspace(capacity)
-        K, V = ws_k[layer], ws_v[layer]
-        q, k, v = model.qkv(layer, entry.h, entry.q_pos, (entry.cos, entry.sin))
+        at = 0 if self.staging else layer
+        K, V = ws_k[at], ws_v[at]
+        q, k, v = model.qkv(layer, entry.h, entry.q_pos, entry.rot)
         K[entry.rows], V[entry.rows] = k, v
         h, q_pos = entry.h, entry.q_pos
         if layer == model.spec.num_layers - 1:
@@ -148,7 +193,7 @@ class PostCheckGraphs:
             if n == 0:
                 entry.out = h
                 return
-        attn = sparse_query_attention(q, q_pos, K, V, k_pos, keys_sorted=True)
+        attn = sparse_query_attention(q, q_pos, K, V, k_pos, scale=self.scale, keys_sorted=True)
         out = model.finish_layer(layer, h, attn.reshape(attn.shape[0], -1))
         if layer == model.spec.num_layers - 1:
             entry.out = out

@@ -62,6 +62,7 @@ class BlendStats:
     token_layers_full: int = 0
     rows_last_layer: int = 0
     gate: dict | None = None
+    graphs: str | None = None  # the post-check CUDA graphs: "captured" (after running eagerly), "replayed", or why not
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -118,11 +119,14 @@ class BlendRun:
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        self.graphs = None  # CUDA graphs replay the dense path only
-        if target is None:
-            if engine.graphs is not None and engine.graphs.applies(plan):
-                self.graphs = engine.graphs
-            target = DenseKV(spec, T, model.dtype, device, self.graphs.workspace(T) if self.graphs else None)
+        graphs = engine.graphs if engine.graphs is not None and engine.graphs.failure is None and \
+            engine.graphs.applies(plan) else None
+        if target is None:  # dense KV: in the graphs' workspace unless they keep one staging layer for a paged target
+            graphs = graphs if graphs is not None and not graphs.staging else None
+            target = DenseKV(spec, T, model.dtype, device, graphs.workspace(T) if graphs else None)
+        elif graphs is not None and not graphs.holds(target):  # the graphs read only their own workspace
+            graphs = None
+        self.graphs = graphs
         self.target = target
         self.target.rows_changed()
         # Every index vector the run reads on the device, moved in one asynchronous copy (a blocking copy waits
@@ -383,14 +387,17 @@ class BlendEngine:
     `model` is kvblend's torch runner or anything with its per-layer steps and attributes (embed, rotary, qkv,
     finish_layer, logits; spec, ops, freq, device, dtype), e.g. vLLM's own modules (`VllmModelView`)."""
 
-    def __init__(self, model: LlamaModel, store=None, cuda_graphs: bool = False) -> None:
-        """`cuda_graphs`: replay the layers after the last check layer as CUDA graphs (the torch runner on CUDA),
-        and those up to it once a prompt shape repeats; a run's K/V are then views of the engine's workspace,
-        valid until its next run."""
+    def __init__(self, model: LlamaModel, store=None, cuda_graphs: bool | PostCheckGraphs = False) -> None:
+        """`cuda_graphs` True: replay the layers after the last check layer as CUDA graphs (the torch runner on
+        CUDA), and those up to it once a prompt shape repeats; a run's K/V are then views of the engine's
+        workspace, valid until its next run. A PostCheckGraphs: the post-check layers only, with those graphs (a
+        paged target's, `staging`: the check layers' commit writes the request's own slots, which a graph would
+        keep)."""
         self.model = model
         self.store = store
-        self.graphs = PostCheckGraphs(model) if cuda_graphs else None
-        self.check_graphs = CheckLayerGraphs(self.graphs) if cuda_graphs else None
+        self.graphs = cuda_graphs if isinstance(cuda_graphs, PostCheckGraphs) else (
+            PostCheckGraphs(model) if cuda_graphs else None)
+        self.check_graphs = CheckLayerGraphs(self.graphs) if cuda_graphs is True else None
         self.disabled_reason = check_rope_shift(model.spec)
         if self.disabled_reason:
             log.warning("blending disabled for this model, requests run as full prefill: %s", self.disabled_reason)

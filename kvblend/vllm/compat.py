@@ -40,6 +40,12 @@ def full_cuda_graphs(vllm_config) -> bool:
     return mode is not None and mode.has_full_cudagraphs()
 
 
+def cuda_graphs_on(vllm_config) -> bool:
+    """Whether vLLM runs CUDA graphs of any kind (off with enforce_eager and on a CPU)."""
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return mode is not None and (mode.has_full_cudagraphs() or mode.has_piecewise_cudagraphs())
+
+
 def blend_metadata_builder(attn_backend, kv_cache_spec, layer_names: list[str], vllm_config, device):
     """The backend's attention-metadata builder for the blend's own attention calls, built as for an engine without
     CUDA graphs: the blend's metadata is never replayed in a graph, and a full-graph FLASH_ATTN builder copies FA3's

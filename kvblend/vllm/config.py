@@ -33,7 +33,9 @@ class ConnectorConfig:
     from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. blend_attention: how a blend's active rows attend, "auto" (kvblend's sparse-query
-    kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". Store and blend
+    kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". blend_cuda_graphs:
+    where vLLM runs CUDA graphs, a blend's layers after its last check layer replay as CUDA graphs too (on one GPU,
+    with kvblend's attention; kvblend.blend.cuda_graphs). Store and blend
     settings default to StoreConfig's and BlendConfig's; None check_layers means BlendConfig's; gate_bound None
     turns the quality gate's fallback to full prefill off, gate_raise (None by default) opts in to its raise to
     twice the ratio (kvblend.blend.gate). `redis_url_env` names an environment variable holding the Redis URL, so
@@ -67,6 +69,7 @@ class ConnectorConfig:
     self_check: bool = True
     cpu_ops: str = "vllm"
     blend_attention: str = "auto"
+    blend_cuda_graphs: bool = True
     prefetch: bool = True
     controller: bool = True
 

@@ -28,7 +28,7 @@ from kvblend.blend.prompt import chunk_token_ids
 from kvblend.model.spec import dtype_name, load_spec, model_fingerprint
 from kvblend.model.tokenizer import load_tokenizer
 from kvblend.store.tiered import StoreConfig, TieredStore, open_store
-from kvblend.vllm.compat import full_cuda_graphs, unsupported_version
+from kvblend.vllm.compat import cuda_graphs_on, full_cuda_graphs, unsupported_version
 from kvblend.vllm.config import ConnectorConfig
 from kvblend.vllm.metrics import KVBlendPromMetrics, KVBlendStats
 from kvblend.vllm.scheduler import SchedulerSide
@@ -121,6 +121,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             self.worker_side = WorkerSide(spec, vllm_config, kv_cache_config, self.store, layers,
                                           blend=self.config.mode == "blend", cpu_ops=self.config.cpu_ops,
                                           blend_attention=self.config.blend_attention,
+                                          cuda_graphs=self.config.blend_cuda_graphs and cuda_graphs_on(vllm_config),
                                           controller=self.config.controller,
                                           layerwise_loads=not full_cuda_graphs(vllm_config),
                                           shard=rank_shard(kv_heads, world, rank), tp_world=world)

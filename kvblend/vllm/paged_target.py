@@ -86,16 +86,20 @@ class PagedKV:
     v = None
 
     def __init__(self, caches: list[PagedCache], builder, block_ids: list[int], write_from: int,
-                 num_tokens: int, attention: str = "vllm") -> None:
+                 num_tokens: int, attention: str = "vllm",
+                 staging: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """`attention`: "vllm" (its backend over the paged blocks) or "kvblend" (the sparse-query kernel over the
-        staging pair), as `attention_path` resolves it."""
+        staging pair), as `attention_path` resolves it. `staging`: the K/V pair [num_tokens, kv_heads, head_dim]
+        to build layers in (a CUDA-graph workspace), else new ones."""
         first = caches[0]
         self.attention = attention
         self.caches, self.builder, self.block_ids = caches, builder, list(block_ids)
         self.block_size, self.write_from = first.block_size, write_from
         self.device = first.kv.device
-        self.K = torch.empty(num_tokens, first.num_kv_heads, first.head_dim, dtype=first.kv.dtype, device=self.device)
-        self.V = torch.empty_like(self.K)
+        if staging is None:
+            k = torch.empty(num_tokens, first.num_kv_heads, first.head_dim, dtype=first.kv.dtype, device=self.device)
+            staging = k, torch.empty_like(k)
+        self.K, self.V = staging
         # on the cache's device once: a host tensor would be copied, and the stream synchronised, at every layer
         self.slots = slots_for(block_ids, write_from, num_tokens, self.block_size).to(self.device)
         self._metadata = None

@@ -41,13 +41,14 @@ def _summary(errors: list[float]) -> dict:
 
 def self_check(worker, job) -> tuple[bool, str, dict]:
     """(passed, reason if not, measurements) for the prompt and blocks of `job` (a SaveJob); the measurements name
-    vLLM's attention backend, whose kernel the blend attends with (`attention`: "vllm" or "kvblend") and whether
-    storage loads land layer by layer (no whole-model CUDA graphs)."""
+    vLLM's attention backend, whose kernel the blend attends with (`attention`: "vllm" or "kvblend"), whether its
+    post-check layers replay as CUDA graphs and whether storage loads land layer by layer (no whole-model CUDA
+    graphs)."""
     engine, spec = worker._engine, worker.spec
     prompt, n = list(job.prompt), len(job.prompt)
     ref_k, ref_v = worker._read_rows(job.block_ids, 0, n)
     report = {"tokens": n, "backend": worker.caches[0].layer.attn_backend.get_name(), "attention": worker.attention,
-              "layerwise_loads": worker.layerwise_loads}
+              "cuda_graphs": engine.graphs is not None, "layerwise_loads": worker.layerwise_loads}
     try:
         plan = engine.plan(PromptLayout.from_segments([prompt]), BlendConfig(policy="full_prefill"), logits_at="none")
         engine.run(plan, target=worker.paged_target(job.block_ids, 0, n))

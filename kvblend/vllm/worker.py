@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 
 from kvblend.blend.controller import LoadController
+from kvblend.blend.cuda_graphs import PostCheckGraphs
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
 from kvblend.blend.source import ChunkLoadError, TensorLayerSource, background_fetch_pays, kv_layout
@@ -83,13 +84,16 @@ class _SpanLoad:
 class WorkerSide:
     def __init__(self, spec: ModelSpec, vllm_config, kv_cache_config, store: TieredStore, layers: dict,
                  blend: bool, cpu_ops: str = "vllm", controller: bool = True, layerwise_loads: bool = True,
-                 shard: str = WHOLE, tp_world: int = 1, blend_attention: str = "auto") -> None:
+                 shard: str = WHOLE, tp_world: int = 1, blend_attention: str = "auto",
+                 cuda_graphs: bool = False) -> None:
         """`spec`: the model as this rank holds it (`rank_spec`), `shard` its store shard, `tp_world` the number
         of tensor-parallel ranks (the loading controller is off under TP: its timings differ by rank).
         `layerwise_loads`: write a storage-mode load's rows layer by layer as vLLM's forward reaches each layer
         (`wait_layer`); off (vLLM may replay whole-model CUDA graphs, where no layer hook runs), all layers are
         written before the forward (`start_load`). `blend_attention`: ConnectorConfig's, resolved by
-        `attention_path` once the caches are known."""
+        `attention_path` once the caches are known. `cuda_graphs`: replay a blend's layers after its last check
+        layer as CUDA graphs where they attend with kvblend's kernel on one GPU (vLLM's own graphs are on and
+        ConnectorConfig's blend_cuda_graphs)."""
         self.spec, self.vllm_config, self.kv_cache_config = spec, vllm_config, kv_cache_config
         self.shard, self.tp_world = shard, tp_world
         self.block_size = vllm_config.cache_config.block_size
@@ -105,6 +109,7 @@ class WorkerSide:
         self.controller: LoadController | None = None
         self._builder = None
         self.blend_attention = blend_attention
+        self.cuda_graphs_wanted = cuda_graphs
         self.attention = "vllm"  # how blends attend: attention_path(blend_attention), set with the blend engine
         self._loads: list[_SpanLoad] = []
         self._verdict: tuple[bool, str] | None = None
@@ -153,12 +158,17 @@ class WorkerSide:
         ops = DEFAULT_OPS
         if self.caches[0].kv.device.type == "cpu" and self.cpu_ops == "vllm":
             ops = self._vllm_cpu_ops()
-        engine = BlendEngine(VllmModelView(model, self.spec, ops, tp_sum if self.tp_world > 1 else None), self.store)
+        view = VllmModelView(model, self.spec, ops, tp_sum if self.tp_world > 1 else None)
+        graphs = False
+        if self.cuda_graphs_wanted and self.attention == "kvblend" and self.tp_world == 1 and view.device.type == "cuda":
+            graphs = PostCheckGraphs(view, staging=True, scale=first.impl.scale)
+        engine = BlendEngine(view, self.store, cuda_graphs=graphs)
         if engine.disabled_reason:
             raise ValueError(engine.disabled_reason)
-        log.info("kvblend blend runs on vLLM's %s modules, its %s paged cache and %s attention (rope shift: %s ops)",
-                 type(model).__name__, first.attn_backend.get_name(),
-                 "kvblend's sparse-query" if self.attention == "kvblend" else "vLLM's", ops.name)
+        log.info("kvblend blend runs on vLLM's %s modules, its %s paged cache and %s attention (rope shift: %s ops; "
+                 "post-check CUDA graphs %s)", type(model).__name__, first.attn_backend.get_name(),
+                 "kvblend's sparse-query" if self.attention == "kvblend" else "vLLM's", ops.name,
+                 "on" if graphs else "off")
         return engine
 
     def _vllm_cpu_ops(self) -> ModelOps:
@@ -177,7 +187,10 @@ class WorkerSide:
         return VLLM_CPU_OPS
 
     def paged_target(self, block_ids: list[int], write_from: int, num_tokens: int) -> PagedKV:
-        return PagedKV(self.caches, self._builder, block_ids, write_from, num_tokens, self.attention)
+        """The request's blocks as a blend target; with CUDA graphs its staging pair is theirs (what they read)."""
+        graphs = self._engine.graphs if self._engine is not None else None
+        return PagedKV(self.caches, self._builder, block_ids, write_from, num_tokens, self.attention,
+                       staging=graphs.workspace(num_tokens) if graphs is not None else None)
 
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
@@ -303,6 +316,7 @@ class WorkerSide:
         return {**controller, **gate, "tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
                 "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
+                **({"cuda_graphs": stats.graphs} if stats.graphs else {}),
                 "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
 
     def _blend_inputs(self, job: BlendJob, exact: int) -> tuple[tuple | None, dict[ChunkKey, ChunkKV] | None]:
