@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,7 @@ class SaveQueue:
         self._jobs: queue.Queue = queue.Queue()
         self._pending = 0
         self._room = threading.Condition()
+        self.host_ms = 0.0  # the thread's time in pinned host copies (allocation included), for the worker's log
         self._thread = threading.Thread(target=self._run, name="kvblend-save", daemon=True)
         self._thread.start()
 
@@ -71,7 +73,10 @@ class SaveQueue:
         while (job := self._jobs.get()) is not None:
             key, k, v, ids, base_position, ready = job
             try:
-                self._put(key, *self._to_host(k, v, ready), ids, base_position)
+                start = time.perf_counter()
+                host = self._to_host(k, v, ready)
+                self.host_ms += (time.perf_counter() - start) * 1e3
+                self._put(key, *host, ids, base_position)
             except Exception as exc:  # storing is best effort: the request itself is already served
                 log.warning("could not store %s (%s: %s); a later request recomputes it", key, type(exc).__name__, exc)
             finally:

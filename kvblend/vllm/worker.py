@@ -46,6 +46,7 @@ from kvblend.vllm.tensor_parallel import tp_sum
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SLOW_SAVE_MS = 20.0  # a save that holds the step longer is logged (the first token waits for the step)
 
 
 def layer_index(name: str) -> int:
@@ -408,12 +409,17 @@ class WorkerSide:
     def _save(self, job: SaveJob) -> None:
         """Copy the spans' KV out of the paged cache (the staging copy) and hand it to the store, whose slow
         tiers are written by its background thread; on a GPU the host copy and the put run in SaveQueue's thread."""
+        start = time.perf_counter()
         for span in job.spans:
             ids = job.prompt[span.start : span.end]
             if self._saver is not None:
                 self._saver.submit(span.key, *self._copy_rows(job.block_ids, span.start, span.end), ids, span.start)
                 continue
             self._put(span.key, *self._read_rows(job.block_ids, span.start, span.end), ids, span.start)
+        held = (time.perf_counter() - start) * 1e3
+        if held > SLOW_SAVE_MS:
+            log.info("request %s: storing %d spans held its step %.0f ms%s", job.req_id, len(job.spans), held,
+                     f" (the save thread's pinned host copies: {self._saver.host_ms:.0f} ms so far)" if self._saver else "")
 
     def _put(self, key: ChunkKey, k: torch.Tensor, v: torch.Tensor, ids: list[int], base_position: int) -> None:
         """One span's host K/V into the store, noted for the scheduler (worker_meta's `stored`)."""
