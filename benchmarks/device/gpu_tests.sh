@@ -14,5 +14,5 @@ source "$(dirname "$0")/env.sh"
 export KVBLEND_TEST_MODEL_DIR=$PWD/$tok
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -3 | tee -a "$out/gpu.txt"
-timeout "${TESTS_S:-420}" python3 -m pytest -x -v -p no:cacheprovider -o addopts="" tests/test_cuda_graphs.py tests/test_save_queue.py tests/test_vllm_gpu.py "$@" \
+timeout "${TESTS_S:-420}" python3 -m pytest -x -v -p no:cacheprovider -o addopts="" tests/test_save_queue.py tests/test_vllm_gpu.py tests/test_cuda_graphs.py "$@" \
     2>&1 | tee "$out/gpu_tests.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|error|Error" | tail -40
