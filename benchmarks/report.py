@@ -327,6 +327,7 @@ def vllm_gpu_rag() -> list[Table]:
     for path in sorted(RESULTS.glob("vllm_gpu_rag_*.json")):
         data = json.loads(path.read_text())
         device = provenance(data)["device"]
+        title = f"{device}, {provenance(data)['sha']}"  # one table per run
         rows = [[r["mode"], r["scenario"], str(r["tokens"]),
                  f"{ms(r['ttft_ms_median'])} [{ms(r['ttft_ms_min'])}, {ms(r['ttft_ms_max'])}]",
                  "" if r["speedup_vs_vllm"] is None else times(r["speedup_vs_vllm"]), ms(r["wall_ms_median"]), served_as(r)]
@@ -344,11 +345,11 @@ def vllm_gpu_rag() -> list[Table]:
                        f"{times(storage['speedup_vs_vllm'])}" if storage else "")
                     + "; issue 27's targets: " + ", ".join(f"{sum(t[1] == v for t in targets)} {v}"
                                                         for v in ("met", "missed", "not measured")) + ".")
-        tables.append(Table(f"One GPU, every system inside vLLM, {device} (vllm_gpu_rag)", (path.name,),
+        tables.append(Table(f"One GPU, every system inside vLLM, {title} (vllm_gpu_rag)", (path.name,),
                             ["mode", "scenario", "tokens", "median TTFT ms [min, max]", "vs vLLM", "wall ms", "served as"],
                             rows,
                             headline))
-        tables.append(Table(f"Issue 27's targets on {device} (vllm_gpu_rag)", (path.name,),
+        tables.append(Table(f"Issue 27's targets on {title} (vllm_gpu_rag)", (path.name,),
                             ["target", "verdict", "figure"], targets, ""))
     return tables
 
@@ -382,9 +383,8 @@ def results_block(found: list[Table]) -> str:
 
 
 def readme_block(found: list[Table]) -> str:
-    stamp = {t.question: provenance(load(t.sources[0])) for t in found}
-    lines = [wrap(f"- {t.headline} ({stamp[t.question]['date']}, {stamp[t.question]['sha']})", "  ")
-             for t in found if t.headline]
+    stamps = [provenance(load(t.sources[0])) for t in found]  # per table: several may answer one question
+    lines = [wrap(f"- {t.headline} ({p['date']}, {p['sha']})", "  ") for t, p in zip(found, stamps) if t.headline]
     return wrap("Every figure below is read from `benchmarks/results/` by `python -m benchmarks.report`; the "
                 "tables, commands, devices, dates and shas are in `benchmarks/RESULTS.md`.") + "\n\n" + "\n".join(lines)
 
