@@ -67,7 +67,13 @@ class PostCheckGraphs:
         self._workspaces: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._entries: OrderedDict[tuple[int, int, int, int], LayerGraphs] = OrderedDict()
         self._pool = None
-        self.failure: str | None = None  # why a capture failed (the graphs are off from then on)
+        self.failure: str | None = None  # why the graphs are off (a failed capture or replay check); None: on
+
+    def turn_off(self, reason: str) -> None:
+        """No more graphs for this engine (its runs go eager), for `reason` (logged, and kept in `failure`)."""
+        self.failure = reason
+        self._entries.clear()
+        log.warning("kvblend: the blend's post-check CUDA graphs are off: %s", reason)
 
     @staticmethod
     def applies(plan) -> bool:
@@ -146,10 +152,8 @@ class PostCheckGraphs:
             try:
                 self._capture(entry, layers, capacity)
             except Exception as exc:  # this run's layers ran eagerly above: its result stands
-                self.failure = f"{type(exc).__name__}: {exc}"
-                self._entries.clear()
-                run.stats.graphs = f"capture failed: {self.failure}"
-                log.warning("kvblend: capturing the blend's post-check layers failed, CUDA graphs off: %s", self.failure)
+                self.turn_off(f"capture failed: {type(exc).__name__}: {exc}")
+                run.stats.graphs = self.failure
                 return
             self._entries[key] = entry
             if len(self._entries) > MAX_BUCKETS:

@@ -5,6 +5,8 @@ Two runs on that prompt's own blocks (vLLM's KV is read first and written back a
 changes): a full prefill (every row recomputed, one causal run), and a CacheBlend run where the middle half of
 the prompt is a "chunk" whose cached KV is vLLM's own, rotated back to position 0 — exact KV, so whatever rows
 the selection keeps, the result must match; it exercises the rope shift, the selection and sparse-row attention.
+Where that run captured CUDA graphs of its post-check layers (a GPU), it runs once more replaying them: a replay
+that differs from vLLM's KV turns the graphs off, not blending.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ def _summary(errors: list[float]) -> dict:
     return {"layer0": round(errors[0], 5), "worst": round(errors[worst], 5), "worst_layer": worst}
 
 
+def _replay_check(worker, plan, ks, vs, job, ref_k, ref_v) -> dict:
+    """The exact-chunk blend again, replaying the CUDA graphs its first run captured: its KV must match vLLM's as
+    the eager run's did. Otherwise (or if it cannot run) the graphs go off and blending stays on, eager."""
+    engine, n = worker._engine, len(job.prompt)
+    try:
+        again = engine.run(plan, TensorLayerSource(ks, vs, engine.model.device),
+                           target=worker.paged_target(job.block_ids, 0, n))
+        summary = {**_summary(layer_errors(*worker._read_rows(job.block_ids, 0, n), ref_k, ref_v)),
+                   "graphs": again.stats.graphs}
+    except Exception as exc:
+        engine.graphs.turn_off(f"the self-check's replay could not run: {type(exc).__name__}: {exc}")
+        return {"error": engine.graphs.failure}
+    if not (summary["layer0"] < LAYER0_TOL and summary["worst"] < ALL_TOL):
+        engine.graphs.turn_off(f"a replayed blend's KV differs from vLLM's (layer 0 rel. error {summary['layer0']:.3f}, "
+                               f"worst {summary['worst']:.3f} at layer {summary['worst_layer']})")
+    return summary
+
+
 def self_check(worker, job) -> tuple[bool, str, dict]:
     """(passed, reason if not, measurements) for the prompt and blocks of `job` (a SaveJob); the measurements name
     vLLM's attention backend, whose kernel the blend attends with (`attention`: "vllm" or "kvblend"), whether its
@@ -69,6 +89,8 @@ def self_check(worker, job) -> tuple[bool, str, dict]:
         report["cacheblend_exact_chunk"] = {
             **_summary(layer_errors(*worker._read_rows(job.block_ids, 0, n), ref_k, ref_v)),
             "rows_last_layer": result.stats.rows_last_layer}
+        if result.stats.graphs == "captured":
+            report["cacheblend_replayed"] = _replay_check(worker, plan, [moved_k], [chunk_v], job, ref_k, ref_v)
     finally:
         slots = slots_for(job.block_ids, 0, n, worker.block_size)
         for layer, cache in enumerate(worker.caches):
