@@ -326,8 +326,9 @@ def vllm_gpu_rag() -> list[Table]:
     tables = []
     for path in sorted(RESULTS.glob("vllm_gpu_rag_*.json")):
         data = json.loads(path.read_text())
-        device = provenance(data)["device"]
-        title = f"{device}, {provenance(data)['sha']}"  # one table per run
+        stamp = provenance(data)
+        device = stamp["device"]
+        title = f"{device}, {stamp['sha']}"  # one table per run
         rows = [[r["mode"], r["scenario"], str(r["tokens"]),
                  f"{ms(r['ttft_ms_median'])} [{ms(r['ttft_ms_min'])}, {ms(r['ttft_ms_max'])}]",
                  "" if r["speedup_vs_vllm"] is None else times(r["speedup_vs_vllm"]), ms(r["wall_ms_median"]), served_as(r)]

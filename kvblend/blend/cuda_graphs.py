@@ -75,10 +75,10 @@ class PostCheckGraphs:
         self._entries.clear()
         log.warning("kvblend: the blend's post-check CUDA graphs are off: %s", reason)
 
-    @staticmethod
-    def applies(plan) -> bool:
-        """Whether a plan has layers with a fixed set of active rows that are not all rows (those run causal SDPA)."""
-        return plan.config.selects or plan.initial_rows.numel() < plan.ids.shape[0]
+    def applies(self, plan) -> bool:
+        """Whether these graphs serve a plan: they are on, and it has layers with a fixed set of active rows that are
+        not all rows (those run causal SDPA)."""
+        return self.failure is None and (plan.config.selects or plan.initial_rows.numel() < plan.ids.shape[0])
 
     def workspace(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [layers, tokens, kv_heads, head_dim]: views of the workspace of the prompt-length bucket

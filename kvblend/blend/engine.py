@@ -119,8 +119,7 @@ class BlendRun:
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        graphs = engine.graphs if engine.graphs is not None and engine.graphs.failure is None and \
-            engine.graphs.applies(plan) else None
+        graphs = engine.graphs if engine.graphs is not None and engine.graphs.applies(plan) else None
         if target is None:  # dense KV: in the graphs' workspace unless they keep one staging layer for a paged target
             graphs = graphs if graphs is not None and not graphs.staging else None
             target = DenseKV(spec, T, model.dtype, device, graphs.workspace(T) if graphs else None)
@@ -152,6 +151,7 @@ class BlendRun:
             tokens_reused=0,
             tokens_recomputed=0,
             token_layers_full=(T - plan.exact_prefix) * spec.num_layers,
+            graphs=f"off: {engine.graphs.failure}" if engine.graphs is not None and engine.graphs.failure else None,
         )
         self._n_cached = n_chunks
         # Chunk rows among the active rows, and question rows: host counts that give every selection a static

@@ -41,6 +41,11 @@ def _summary(errors: list[float]) -> dict:
     return {"layer0": round(errors[0], 5), "worst": round(errors[worst], 5), "worst_layer": worst}
 
 
+def _within(summary: dict) -> bool:
+    """Whether a `_summary` is within the tolerances of bf16 rounding."""
+    return summary["layer0"] < LAYER0_TOL and summary["worst"] < ALL_TOL
+
+
 def _replay_check(worker, plan, ks, vs, job, ref_k, ref_v) -> dict:
     """The exact-chunk blend again, replaying the CUDA graphs its first run captured: its KV must match vLLM's as
     the eager run's did. Otherwise (or if it cannot run) the graphs go off and blending stays on, eager."""
@@ -53,7 +58,7 @@ def _replay_check(worker, plan, ks, vs, job, ref_k, ref_v) -> dict:
     except Exception as exc:
         engine.graphs.turn_off(f"the self-check's replay could not run: {type(exc).__name__}: {exc}")
         return {"error": engine.graphs.failure}
-    if not (summary["layer0"] < LAYER0_TOL and summary["worst"] < ALL_TOL):
+    if not _within(summary):
         engine.graphs.turn_off(f"a replayed blend's KV differs from vLLM's (layer 0 rel. error {summary['layer0']:.3f}, "
                                f"worst {summary['worst']:.3f} at layer {summary['worst_layer']})")
     return summary
@@ -97,7 +102,7 @@ def self_check(worker, job) -> tuple[bool, str, dict]:
             cache.write(ref_k[layer], ref_v[layer], slots)
     for name in ("full_prefill", "cacheblend_exact_chunk"):
         r = report[name]
-        if not (r["layer0"] < LAYER0_TOL and r["worst"] < ALL_TOL):
+        if not _within(r):
             return False, (f"{name}: blended KV differs from vLLM's (layer 0 rel. error {r['layer0']:.3f}, worst "
                            f"{r['worst']:.3f} at layer {r['worst_layer']})"), report
     return True, "", report

@@ -313,9 +313,6 @@ class WorkerSide:
         if self.controller is not None:
             self.controller.observe(stats.stage_ms, stats.token_layers_computed)
         controller = {"controller": decision.as_dict()} if decision else {}
-        graphs = self._engine.graphs
-        if graphs is not None and stats.graphs is None and graphs.failure is not None:
-            stats.graphs = f"off: {graphs.failure}"
         gate = {"gate": stats.gate} if stats.gate is not None else {}
         return {**controller, **gate, "tokens_reused": stats.tokens_reused, "tokens_recomputed": stats.tokens_recomputed,
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
