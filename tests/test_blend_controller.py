@@ -4,6 +4,7 @@ of them a disk tier made deliberately slow."""
 import time
 
 import pytest
+import torch
 
 from kvblend.blend.config import BlendConfig
 from kvblend.blend.controller import LoadController, decide
@@ -103,3 +104,31 @@ def test_a_prefetch_in_flight_counts_as_held_by_memory(tmp_path):
         assert store.get(kv.key, layers=(1,), tier="memory") is not None  # waits for the prefetch, then hits
         assert time.monotonic() - start > 0.1 and future.result() == 1
         assert slow.counters().hits == 1  # the disk was read once, by the prefetch
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+def test_gpu_timed_blend_counts_its_device_time_once_it_has_run():
+    """On a GPU a blend's compute is the device time between its events (host stage times there are launch
+    times), folded in at a plan once the device passed the end event, never waited for."""
+    kv = random_chunk(seed=5)
+    with TieredStore([MemoryTier(1 << 30)]) as store:
+        store.put(kv.key, kv)
+        assert store.get(kv.key, layers=(0,), tier="memory") is not None  # measures the memory tier
+        controller = LoadController(store, LAYOUT, overlap=True)
+        a = torch.randn(4096, 4096, device="cuda")
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda._sleep(1 << 28)  # ~0.1 s of device time the events queue behind
+        start.record()
+        for _ in range(20):
+            a = a @ a / 64
+        end.record()
+        controller.observe_events(start, end, token_layers=1000)
+        early = controller.plan([kv.key], kv.key.num_tokens, 20, CONFIG)
+        ran = end.query()
+        torch.cuda.synchronize()
+        late = controller.plan([kv.key], kv.key.num_tokens, 20, CONFIG)
+    assert ran or early.reason == "recompute time not measured yet", early
+    device_s = start.elapsed_time(end) / 1e3
+    want_ms = device_s / 1000 * (20 + late.ratio * kv.key.num_tokens) * 1e3
+    assert late.compute_ms_per_layer == pytest.approx(want_ms, rel=1e-6), late

@@ -6,11 +6,14 @@ costs max(load, compute), so recomputing more tokens is free up to the load time
 compute covers the load (never below the configured ratio). Without overlap (the fetch runs in line, as on a
 CPU whose cores torch's threads already hold) a layer costs load + compute, and the ratio stays as configured.
 Either way, when loading costs more than recomputing every token, the controller recomputes instead of loading.
+On a GPU the host's stage times are launch times (kernels run asynchronously), so there a blend's compute is timed
+with CUDA events around it and folded in once the device has passed them (`observe_events`), never waited for.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
@@ -19,6 +22,7 @@ from kvblend.store.entry import KVLayout
 from kvblend.store.key import ChunkKey
 
 SMOOTHING = 0.3
+MAX_PENDING = 64  # GPU-timed blends awaiting their end event (the oldest are dropped past this)
 COMPUTE_STAGES = ("qkv", "select", "attention", "mlp", "post_check_graphs")
 
 
@@ -93,10 +97,12 @@ class LoadController:
         self.layout = layout
         self.overlap = overlap
         self._s_per_token_layer: float | None = None
+        self._pending: deque = deque(maxlen=MAX_PENDING)  # (start event, end event, token-layers)
         self._lock = threading.Lock()
 
     def plan(self, keys: Sequence[ChunkKey], chunk_tokens: int, fixed_tokens: int, config: BlendConfig) -> LoadDecision:
         with self._lock:
+            self._fold_finished()
             speed = self._s_per_token_layer
         return decide(self.store.holders(keys), self.store.meter.seconds_per_byte(), chunk_tokens * self.layout.token_layer_bytes,
                       chunk_tokens, fixed_tokens, speed, config, self.overlap)
@@ -105,7 +111,21 @@ class LoadController:
         """Fold one blend's compute time (its compute stages over the token-layers it computed) into the speed."""
         if token_layers <= 0:
             return
-        rate = sum(stage_ms.get(s, 0.0) for s in COMPUTE_STAGES) / 1e3 / token_layers
         with self._lock:
-            old = self._s_per_token_layer
-            self._s_per_token_layer = rate if old is None else (1 - SMOOTHING) * old + SMOOTHING * rate
+            self._fold(sum(stage_ms.get(s, 0.0) for s in COMPUTE_STAGES) / 1e3 / token_layers)
+
+    def observe_events(self, start, end, token_layers: int) -> None:
+        """One blend timed on the GPU between two recorded CUDA events (enable_timing): folded in at a later `plan`
+        once the device has passed `end` (a query, not a wait)."""
+        if token_layers > 0:
+            with self._lock:
+                self._pending.append((start, end, token_layers))
+
+    def _fold_finished(self) -> None:
+        while self._pending and self._pending[0][1].query():
+            start, end, token_layers = self._pending.popleft()
+            self._fold(start.elapsed_time(end) / 1e3 / token_layers)
+
+    def _fold(self, rate: float) -> None:
+        old = self._s_per_token_layer
+        self._s_per_token_layer = rate if old is None else (1 - SMOOTHING) * old + SMOOTHING * rate

@@ -299,6 +299,10 @@ class WorkerSide:
             decision = self.controller.plan([s.key for s in job.chunks], chunk_tokens,
                                             max(end - exact - chunk_tokens, 0), job.config)
             config = decision.apply(job.config)
+        timed = self.controller is not None and target.device.type == "cuda"
+        if timed:  # host stage times are launch times on a GPU: the controller gets the blend's device time
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record()
         if chunk_kv is None:
             result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
                                         prefix_kv=prefix_kv, target=target,
@@ -310,7 +314,10 @@ class WorkerSide:
             source = TensorLayerSource(ks, vs, self.caches[0].kv.device) if ks else None
             result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target)
         stats = result.stats
-        if self.controller is not None:
+        if timed:
+            events[1].record()
+            self.controller.observe_events(*events, stats.token_layers_computed)
+        elif self.controller is not None:
             self.controller.observe(stats.stage_ms, stats.token_layers_computed)
         controller = {"controller": decision.as_dict()} if decision else {}
         gate = {"gate": stats.gate} if stats.gate is not None else {}
