@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvblend.blend.config import BlendConfig
-from kvblend.blend.engine import BlendEngine
+from kvblend.blend.engine import BlendEngine, aligned_to_device
 from kvblend.blend.layout import ChunkRef, LayoutError, PromptLayout
 from kvblend.blend.prompt import chat_template
 from kvblend.blend.select import deviation_scores, select_count, select_tokens
@@ -288,3 +288,12 @@ def test_gradual_filtering_shrinks_a_candidate_set(model_fp32, template, tokeniz
     assert kept[0].numel() == n
     assert kept[1].numel() == select_count(0.3, n) and kept[2].numel() == select_count(0.3, n)
     assert kept[3].numel() == select_count(0.15, n) and torch.isin(kept[3], kept[1]).all()
+
+
+def test_index_vectors_reach_the_device_on_16_byte_boundaries():
+    """Every index vector a run reads starts 16-byte aligned whatever the lengths before it (Triton specializes on
+    pointer alignment: an odd offset compiled a second kernel variant inside a CUDA-graph capture)."""
+    parts = [torch.arange(n, dtype=torch.int64) * 7 - 3 for n in (5, 1, 0, 8, 3)]
+    views = aligned_to_device(parts, torch.device("cpu"))
+    for part, view in zip(parts, views):
+        assert torch.equal(part, view) and view.data_ptr() % 16 == 0

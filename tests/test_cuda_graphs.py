@@ -52,3 +52,21 @@ def test_graph_replay_matches_eager(config):
     check = graphed.check_graphs.stats()  # the quality gate reads its signal on the host: its check layers stay eager
     captured = config.selects and not (config.policy == "cacheblend" and config.gated)
     assert len(check) == (1 if captured else 0) and all(e["capture_ms"] > 0 for e in check)
+
+
+def test_reports_say_why_graphs_serve_no_run():
+    """A run the graphs cannot serve says why in its report: every row recomputed, or no layer after the last
+    check layer."""
+    model = random_llama("cuda", "bfloat16")
+    ids = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(2))
+    out = model.prefill(ids.cuda())
+    chunk = ChunkRef(tuple(ids.tolist()), ChunkKey.for_tokens(model.spec.fingerprint, ids.tolist(), "test"))
+    layout = PromptLayout.build([], [chunk], [1, 2, 3])
+    engine = BlendEngine(model, cuda_graphs=True)
+    last = model.spec.num_layers - 1
+    for config, why in ((BlendConfig("full_prefill"), "not used: every row is recomputed"),
+                        (BlendConfig("cacheblend", 0.5, check_layers=(1, last), gate_bound=None),
+                         "not used: the last check layer is the model's last")):
+        plan = engine.plan(layout, config, logits_at="suffix", bases={chunk.key: 0})
+        source = TensorLayerSource([out.k], [out.v], "cuda") if plan.cached_keys else None
+        assert engine.run(plan, source=source).stats.graphs == why

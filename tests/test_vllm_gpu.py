@@ -63,12 +63,14 @@ def test_blend_in_vllm_default_gpu_mode(engine, chunks, tokenizer):
 
 def test_post_check_graphs_replay_what_ran_eagerly(engine, chunks, tokenizer):
     """A new prompt shape runs its post-check layers eagerly and captures them; the next request of that shape
-    replays the graphs, writing the same KV into its own blocks (so vLLM's next token sees the same logprobs)."""
+    replays the graphs, writing the same KV into its own blocks (so vLLM's next token sees the same logprobs).
+    Two tokens each: a request that ends at its first token is freed before the worker's part of its report
+    arrives (kvblend.vllm.scheduler)."""
     _, _, llm = engine
     prompt, spans = prompt_with(chunks, tokenizer)
     prompt += encode(tokenizer, " Answer in one word, then explain it in two sentences of plain English.") * 3
     outs = [generate(llm, [prompt], kvblend={"chunks": spans, "policy": "full_reuse"}, salt=f"graphs-{i}",
-                     max_tokens=1, logprobs=5)[0] for i in range(2)]
+                     max_tokens=2, logprobs=5)[0] for i in range(2)]
     graphs = [report(o).get("cuda_graphs") for o in outs]
     assert graphs == ["captured", "replayed"], [report(o) for o in outs]
     assert max_logprob_gap(top_logprobs(outs[0]), top_logprobs(outs[1])) < LOGPROB_TOL

@@ -153,7 +153,7 @@ class PostCheckGraphs:
                 self._capture(entry, layers, capacity)
             except Exception as exc:  # this run's layers ran eagerly above: its result stands
                 self.turn_off(f"capture failed: {type(exc).__name__}: {exc}")
-                run.stats.graphs = self.failure
+                run.stats.graphs = f"off: {self.failure}"
                 return
             self._entries[key] = entry
             if len(self._entries) > MAX_BUCKETS:

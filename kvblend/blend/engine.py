@@ -107,6 +107,22 @@ class BlendResult:
     plan: BlendPlan
 
 
+def aligned_to_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """1-D int64 host tensors moved in one asynchronous copy (a blocking copy waits for the device; pinning a fresh
+    host tensor costs milliseconds), each a view starting on a 16-byte boundary: Triton specializes a kernel on
+    its pointers' 16-byte alignment, so an odd offset would compile another variant (inside a CUDA-graph capture,
+    when the capture's static copies are aligned and the eager run's views were not)."""
+    sizes = [t.numel() for t in parts]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 2) * 2)  # two int64 per 16 bytes
+    host = torch.zeros(starts[-1], dtype=torch.int64)
+    for t, start in zip(parts, starts):
+        host[start : start + t.numel()] = t
+    on_device = host.to(device, non_blocking=True)  # pageable: staged by the driver before this returns
+    return [on_device[start : start + n] for start, n in zip(starts, sizes)]
+
+
 class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
@@ -119,27 +135,27 @@ class BlendRun:
         self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
         device = model.device
         T = plan.ids.shape[0]
-        graphs = engine.graphs if engine.graphs is not None and engine.graphs.applies(plan) else None
+        graphs, unused = engine.graphs, None  # unused: why an engine's graphs do not serve this run (its report)
+        if graphs is not None and not graphs.applies(plan):
+            unused = f"off: {graphs.failure}" if graphs.failure else "not used: every row is recomputed"
+            graphs = None
         if target is None:  # dense KV: in the graphs' workspace unless they keep one staging layer for a paged target
             graphs = graphs if graphs is not None and not graphs.staging else None
             target = DenseKV(spec, T, model.dtype, device, graphs.workspace(T) if graphs else None)
         elif graphs is not None and not graphs.holds(target):  # the graphs read only their own workspace
-            graphs = None
+            unused, graphs = "not used: the target's KV buffers are not the graphs' workspace", None
         self.graphs = graphs
         self.target = target
         self.target.rows_changed()
-        # Every index vector the run reads on the device, moved in one asynchronous copy (a blocking copy waits
-        # for the device; pinning a fresh host tensor costs milliseconds); host masks give the counts.
+        # Every index vector the run reads on the device, in one copy; host masks give the counts.
         is_cached = torch.zeros(T, dtype=torch.int64)
         is_cached[plan.cached_rows] = 1
         is_head = torch.zeros(T, dtype=torch.int64)
         is_head[plan.head_rows] = 1
         parts = (plan.initial_rows, plan.positions, plan.ids, plan.cached_src, plan.cached_rows, plan.cached_delta,
                  is_cached, is_head)
-        host = torch.cat(parts)
-        on_device = host.to(device, non_blocking=True)  # pageable: staged by the driver before this returns
         (self.rows, self.positions, ids, self._cached_src, self._cached_dst, self._delta, is_cached_dev,
-         is_head_dev) = on_device.split([t.numel() for t in parts])
+         is_head_dev) = aligned_to_device(parts, device)
         self.h = model.embed(ids[self.rows])
         self.is_cached, self.is_head = is_cached_dev.bool(), is_head_dev.bool()
         self.checks = dict(zip(plan.config.check_layers, plan.config.ratios())) if plan.config.selects else {}
@@ -151,7 +167,7 @@ class BlendRun:
             tokens_reused=0,
             tokens_recomputed=0,
             token_layers_full=(T - plan.exact_prefix) * spec.num_layers,
-            graphs=f"off: {engine.graphs.failure}" if engine.graphs is not None and engine.graphs.failure else None,
+            graphs=unused,
         )
         self._n_cached = n_chunks
         # Chunk rows among the active rows, and question rows: host counts that give every selection a static
@@ -561,6 +577,8 @@ class BlendEngine:
                 start = time.perf_counter()
                 run.graphs.run(run, first)
                 run._tick("post_check_graphs", start)
+            elif run.graphs is not None:
+                run.stats.graphs = "not used: the last check layer is the model's last"
         except BaseException:
             if run.source is not None:
                 run.source.close()
