@@ -106,7 +106,6 @@ def test_a_prefetch_in_flight_counts_as_held_by_memory(tmp_path):
         assert slow.counters().hits == 1  # the disk was read once, by the prefetch
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
 def test_gpu_timed_blend_counts_its_device_time_once_it_has_run():
     """On a GPU a blend's compute is the device time between its events (host stage times there are launch

@@ -46,7 +46,8 @@ def chunks(tokenizer):
 def engine(request, model_dir, tmp_path_factory):
     tiny = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param), model_dir)
     store_dir = tmp_path_factory.mktemp(f"{request.param}-store")
-    # the loading controller off: its decisions (recompute a tiny model's prompt, say) would change what is checked
+    # the loading controller off, as in the benchmark: its decisions (a raised ratio, a recompute) would change
+    # what is checked
     llm = start_llm(tiny, {"mode": "blend", "store_dir": str(store_dir), "controller": False},
                     engine_args=GPU_ENGINE_ARGS)
     yield tiny, store_dir, llm

@@ -8,6 +8,7 @@ leave the active set (at a check layer), since a row whose hidden state was drop
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -18,7 +19,7 @@ import torch
 
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
-from kvblend.blend.cuda_graphs import PostCheckGraphs
+from kvblend.blend.cuda_graphs import PostCheckGraphs, bucket
 from kvblend.blend.gate import (
     GateReport,
     decide,
@@ -113,9 +114,7 @@ def aligned_to_device(parts: Sequence[torch.Tensor], device: torch.device) -> li
     its pointers' 16-byte alignment, so an odd offset would compile another variant (inside a CUDA-graph capture,
     when the capture's static copies are aligned and the eager run's views were not)."""
     sizes = [t.numel() for t in parts]
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + -(-n // 2) * 2)  # two int64 per 16 bytes
+    starts = [0, *itertools.accumulate(bucket(n, 2) for n in sizes)]  # two int64 per 16 bytes
     host = torch.zeros(starts[-1], dtype=torch.int64)
     for t, start in zip(parts, starts):
         host[start : start + t.numel()] = t
