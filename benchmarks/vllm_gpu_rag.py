@@ -266,8 +266,10 @@ class Recorder:
 
 
 def rag_rows(rec: Recorder, llm, workload: dict, mode: str, kvblend: dict | None = None, before=None,
-             ids_key: str = "ids") -> None:
-    """Every size's prompts, one at a time (the warm-up one not counted); blended ones each with their own salt."""
+             ids_key: str = "ids", profile: bool = False) -> None:
+    """Every size's prompts, one at a time (the warm-up one not counted); blended ones each with their own salt.
+    `profile`: then the warm-up prompt once more with kvblend's `profile` (device-timed blend stages), kept in the
+    row as `profile` (not counted: its waits slow it)."""
     for n, entries in workload["rag"].items():
         results = []
         for j, e in enumerate(entries):
@@ -278,7 +280,13 @@ def rag_rows(rec: Recorder, llm, workload: dict, mode: str, kvblend: dict | None
             r = ask(llm, e[ids_key], params, salt)
             if not e["warmup"]:
                 results.append(r)
-        rec.add(row(mode, "rag", results, chunks=int(n)))
+        extra = {}
+        if profile:
+            e = entries[0]
+            r = ask(llm, e[ids_key], {**kvblend, "chunks": e["spans"], "profile": True}, f"{mode}-{n}-profile")
+            extra["profile"] = {"ttft_ms": r["ttft_ms"], "blend_ms": r["report"].get("blend_ms"),
+                                "stage_ms": r["report"].get("stage_ms"), "profiled": r["report"].get("profiled", False)}
+        rec.add(row(mode, "rag", results, chunks=int(n), **extra))
 
 
 def document_rows(rec: Recorder, llm, workload: dict, mode: str, kvblend: dict | None = None) -> None:
@@ -322,7 +330,7 @@ def run_kvblend(ctx, workload, rec):
     rec.note(engine_start_s=started, memory_gb=ctx["memory_gb"], request=BLEND)
     for chunk in workload["pool"]:
         ask(llm, chunk, {"store_prompt": True})
-    rag_rows(rec, llm, workload, "kvblend_blend", BLEND)
+    rag_rows(rec, llm, workload, "kvblend_blend", BLEND, profile=True)
     document_rows(rec, llm, workload, "kvblend_storage", {"mode": "storage"})
     return llm
 

@@ -28,6 +28,14 @@ def test_documents_are_texts_or_token_ids_and_exclude_chunks():
         parse_params({"kvblend": {"documents": ["a"], "chunks": [[0, 2]]}}, prompt_len=20)
 
 
+def test_profile_is_a_boolean_request_parameter():
+    assert parse_params({"kvblend": {"profile": True}}, prompt_len=20).profile is True
+    assert parse_params({"kvblend": {}}, prompt_len=20).profile is False
+    for bad in ("yes", 1.5, None):
+        with pytest.raises(ValueError, match="profile must be true or false"):
+            parse_params({"kvblend": {"profile": bad}}, prompt_len=20)
+
+
 def test_documents_are_located_in_order_without_overlap():
     prompt = [9, 1, 2, 3, 9, 4, 5, 9, 1, 2, 3, 9]
     assert locate_documents(prompt, [[1, 2, 3], [4, 5], [1, 2, 3]]) == [(1, 3), (5, 2), (8, 3)]

@@ -563,8 +563,10 @@ class BlendEngine:
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
             prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None,
-            tier: str | None = None) -> BlendResult:
+            tier: str | None = None, sync: bool = False) -> BlendResult:
+        """`sync`: wait for the GPU at each stage boundary, so the stats' stage times are device times."""
         run = self.start(plan, source, prefix_kv, target, tier)
+        run.sync = sync and self.model.device.type == "cuda"
         try:
             first = run.graphs_from()
             if self.check_graphs is not None and self.check_graphs.applies(run, first):
@@ -586,15 +588,15 @@ class BlendEngine:
 
     def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              target: KVTarget | None = None, tier: str | None = None) -> BlendResult:
+              target: KVTarget | None = None, tier: str | None = None, sync: bool = False) -> BlendResult:
         """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
-        recomputed instead (and logged)."""
+        recomputed instead (and logged). `sync`: as `run`'s."""
         failed: list[ChunkKey] = []
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier)
+                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier, sync=sync)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

@@ -46,6 +46,7 @@ class BlendJob:
     chunks: list[Span]
     config: BlendConfig
     prefetch: bool = True
+    profile: bool = False  # device-timed stages (RequestParams.profile)
 
 
 @dataclass

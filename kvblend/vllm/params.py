@@ -23,6 +23,8 @@ deployment sets discover_blend (ConnectorConfig.request_mode):
                "off"; default: the connector's, off unless configured; kvblend.blend.gate.RAISE_BOUND calibrated)
   prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
                (default: the connector's `prefetch`; for measuring what prefetch saves)
+  profile      true: wait for the device at each blend stage, so the report's stage_ms and blend_ms are device
+               times, not launch times (slower; for finding where a blend's time goes on a GPU)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from kvblend.store.key import check_namespace_name, check_tenant_secret, key_nam
 
 KEY = "kvblend"
 FIELDS = ("mode", "chunks", "documents", "namespace", "tenant_secret", "store_prompt", "policy", "ratio", "prefetch",
-          "gate_bound", "gate_raise")
+          "gate_bound", "gate_raise", "profile")
 BLEND_SALT = "kvblend-blend"
 
 
@@ -59,6 +61,7 @@ class RequestParams:
     prefetch: bool | None = None
     gate_bound: float | str | None = None  # a bound, "off", or None: the connector's
     gate_raise: float | str | None = None  # likewise
+    profile: bool = False
 
     def key_namespace(self, default: str, server_key: str | None) -> str:
         """The namespace this request's keys are made in (its tenant's, if it carries a tenant secret)."""
@@ -95,6 +98,9 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     prefetch = raw.get("prefetch")
     if prefetch not in (None, True, False):
         raise ValueError(f"kvblend prefetch must be true or false, got {prefetch!r}")
+    profile = raw.get("profile", False)
+    if profile not in (True, False):
+        raise ValueError(f"kvblend profile must be true or false, got {profile!r}")
     policy, ratio = raw.get("policy"), raw.get("ratio")
     gate, lift = (gate_param(name, raw.get(name)) for name in ("gate_bound", "gate_raise"))
     if policy is not None or ratio is not None:  # BlendConfig validates them (the bounds: gate_param)
@@ -103,7 +109,7 @@ def parse_params(kv_transfer_params: dict | None, prompt_len: int) -> RequestPar
     return RequestParams(mode=mode, chunks=chunks, documents=documents, namespace=namespace, tenant_secret=secret,
                          store_prompt=bool(raw.get("store_prompt", False)), policy=policy,
                          ratio=None if ratio is None else float(ratio), prefetch=prefetch, gate_bound=gate,
-                         gate_raise=lift)
+                         gate_raise=lift, profile=profile)
 
 
 def gate_param(name: str, value) -> float | str | None:

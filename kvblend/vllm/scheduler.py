@@ -122,7 +122,8 @@ class SchedulerSide:
             chunks, why = self._cached_chunks(req_id, prompt, params, namespace, exact_end)
             if chunks:
                 config = self.config.blend_config(params.policy, params.ratio, params.gate_bound, params.gate_raise)
-                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch)
+                self._matched[req_id] = BlendJob(req_id, prompt, [], num_computed, wanted, chunks, config, prefetch,
+                                                 params.profile)
                 return limit - num_computed
         if exact_end > num_computed:
             self._matched[req_id] = LoadJob(req_id, [], wanted, num_computed, prefetch)

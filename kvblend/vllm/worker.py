@@ -253,6 +253,10 @@ class WorkerSide:
         load.entries = entries
 
     def _blend(self, job: BlendJob) -> None:
+        device = self.caches[0].kv.device
+        profiled = job.profile and device.type == "cuda"
+        if profiled:  # the blend's time then leaves out the device work queued before it
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         hits_before = self.store.hits()
         try:
@@ -262,6 +266,9 @@ class WorkerSide:
             log.warning("request %s: blend failed (%s: %s); vLLM will recompute it", job.req_id, type(exc).__name__, exc)
             self.failed_blocks |= blocks_from(job.block_ids, job.num_computed, self.block_size)
             report = {"blend_error": f"{type(exc).__name__}: {exc}"}
+        if profiled:
+            torch.cuda.synchronize(device)
+            report["profiled"] = True
         report["blend_ms"] = (time.perf_counter() - start) * 1e3
         blend_report(self.stats, report)
         self._reports[job.req_id] = report
@@ -306,13 +313,14 @@ class WorkerSide:
         if chunk_kv is None:
             result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
                                         prefix_kv=prefix_kv, target=target,
-                                        tier=decision.tier if decision and not decision.recompute else None)
+                                        tier=decision.tier if decision and not decision.recompute else None,
+                                        sync=job.profile)
         else:  # every entry is in memory (under TP on every rank: no read can fail one rank mid-run)
             plan = self._engine.plan(layout, config, logits_at="none", exact_prefix=exact,
                                      bases={key: kv.base_position for key, kv in chunk_kv.items()})
             ks, vs = [chunk_kv[k].k for k in plan.cached_keys], [chunk_kv[k].v for k in plan.cached_keys]
             source = TensorLayerSource(ks, vs, self.caches[0].kv.device) if ks else None
-            result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target)
+            result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target, sync=job.profile)
         stats = result.stats
         if timed:
             events[1].record()
