@@ -43,3 +43,27 @@ def test_spans_reach_the_store_intact_off_the_compute_stream(budget):
             entry = store.get(key)
             assert entry is not None
             assert torch.equal(entry.k, k) and torch.equal(entry.v, v) and entry.token_ids.tolist() == ids
+
+
+def test_spans_submitted_as_slices_of_one_gather_reach_the_store_contiguous():
+    """The worker submits a run of adjacent spans as row slices of one [layers, rows, ...] copy (save_groups)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device).manual_seed(1)
+    k = torch.randn((4, 192, 2, 16), generator=gen, device=device, dtype=torch.bfloat16)
+    v = torch.randn((4, 192, 2, 16), generator=gen, device=device, dtype=torch.bfloat16)
+    with open_store(StoreConfig(memory_bytes=1 << 30)) as store:
+        def put(key, hk, hv, ids, base_position):
+            assert hk.is_contiguous() and hv.is_contiguous()
+            store.put(key, ChunkKV(key, hk, hv, torch.tensor(ids), base_position=base_position))
+
+        saver = SaveQueue(device, put)
+        keys = []
+        for i in range(3):
+            ids = list(range(i * 64, i * 64 + 64))
+            keys.append(ChunkKey.alone("fingerprint", ids))
+            saver.submit(keys[-1], k[:, i * 64 : (i + 1) * 64], v[:, i * 64 : (i + 1) * 64], ids, base_position=i * 64)
+        saver.close()
+        for i, key in enumerate(keys):
+            entry = store.get(key)
+            assert torch.equal(entry.k, k[:, i * 64 : (i + 1) * 64].cpu())
+            assert torch.equal(entry.v, v[:, i * 64 : (i + 1) * 64].cpu())

@@ -79,7 +79,7 @@ def test_gpu_backends_packed_layout_in_either_stride_order(physical):
 
 def _packed_layers(num_layers, num_blocks):
     """FLASH_ATTN-shaped layers and caches (NHD memory order) in host memory: the GPU backends' layout, whose
-    storage-mode loads go through `PagedCache.write_parts`."""
+    storage-mode loads stage through a `TensorLayerSource` and scatter with `PagedCache.write`."""
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
     layers, caches = {}, {}
@@ -194,3 +194,19 @@ def test_layout_check_uses_the_model_layout(tmp_path):
         assert KVLayout(LAYERS, HEADS, HEAD_DIM, "float32") != store.get(span.key).layout
         _run_load(worker, names, LoadJob("r", [0, 1], [span], 0))
         assert worker.take_failed_blocks() == {0, 1}
+
+
+def test_save_groups_cut_adjacent_spans_at_the_byte_cap():
+    from kvblend.vllm.save_queue import save_groups
+
+    key = object()
+    spans = [Span(0, 256, key), Span(256, 256, key), Span(512, 256, key), Span(1024, 256, key), Span(1280, 512, key)]
+    groups = save_groups(spans, token_bytes=10, cap=5120)
+    assert [[(s.start, s.end) for s in g] for g in groups] == [
+        [(0, 256), (256, 512)],  # a third would pass the cap
+        [(512, 768)],  # the next span is not adjacent
+        [(1024, 1280)],
+        [(1280, 1792)],  # larger than the cap with its neighbour: alone
+    ]
+    assert save_groups(spans, token_bytes=1) == [spans[:3], spans[3:]]
+    assert save_groups([], token_bytes=1) == []

@@ -134,27 +134,6 @@ class PagedCache:
             self.k_tiles[block].copy_(k[i * n : (i + 1) * n].transpose(0, 1))
             self.v_tiles[block].copy_(v[i * n : (i + 1) * n].transpose(0, 1))
 
-    def write_parts(self, ks: list[torch.Tensor], vs: list[torch.Tensor], slots: torch.Tensor) -> None:
-        """Store the concatenation of K/V parts (host rows [n_i, kv_heads, head_dim]) at `slots` (on the cache's
-        device) of a packed GPU cache: each part is copied into one staging tensor on the device (asynchronously
-        from pinned memory, with no host-side concatenation), then one scatter per half. What a storage-mode load
-        of many spans does per layer instead of a synchronous copy and a scatter per span."""
-        if self.kind != "packed":
-            raise ValueError(f"write_parts writes vLLM's packed GPU layout, not {self.kind}")
-        rows = sum(k.shape[0] for k in ks)
-        if rows != slots.numel() or rows != sum(v.shape[0] for v in vs):
-            raise ValueError(f"{rows} K rows and {sum(v.shape[0] for v in vs)} V rows for {slots.numel()} slots")
-        k = torch.empty((rows, self.num_kv_heads, self.head_dim), dtype=self.kv.dtype, device=self.kv.device)
-        v = torch.empty_like(k)
-        row = 0
-        for part_k, part_v in zip(ks, vs):
-            k[row : row + part_k.shape[0]].copy_(part_k, non_blocking=True)
-            v[row : row + part_k.shape[0]].copy_(part_v, non_blocking=True)
-            row += part_k.shape[0]
-        block, offset = slots // self.block_size, slots % self.block_size
-        self.k_half[block, :, offset] = k
-        self.v_half[block, :, offset] = v
-
     def read_rows_into(self, k: torch.Tensor, v: torch.Tensor, block_ids: list[int], start: int, end: int) -> None:
         """Copy the K/V at a request's positions [start, end) into `k`, `v` [end - start, kv_heads, head_dim]."""
         blocks = self._whole_blocks(block_ids, start, end)

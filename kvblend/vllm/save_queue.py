@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,6 +22,24 @@ from kvblend.store.key import ChunkKey
 log = logging.getLogger(__name__)
 
 PENDING_SHARE, PENDING_CAP = 4, 4 << 30  # device copies waiting: a quarter of the free GPU memory, at most 4 GiB
+GROUP_BYTES = 512 << 20  # a run of adjacent spans copied out of the paged cache in one gather per layer
+
+
+def save_groups(spans: Sequence, token_bytes: int, cap: int = GROUP_BYTES) -> list[list]:
+    """`spans` (with start, end; in prompt order) cut into runs of adjacent spans of at most `cap` bytes at
+    `token_bytes` a token (a span larger than `cap` is a run of its own): each run is copied out of vLLM's blocks
+    with one gather per layer. Per span, a 16k-token prompt's 64 spans took ~20k launches."""
+    groups: list[list] = []
+    size = 0
+    for span in spans:
+        nbytes = (span.end - span.start) * token_bytes
+        if groups and groups[-1][-1].end == span.start and size + nbytes <= cap:
+            groups[-1].append(span)
+            size += nbytes
+        else:
+            groups.append([span])
+            size = nbytes
+    return groups
 
 
 def pending_budget(device: torch.device) -> int:
