@@ -1,0 +1,120 @@
+"""Host-to-device bandwidth the ways the served path moves chunk KV onto a GPU: one large pinned copy, a pageable
+one, and a blend's `TensorLayerSource` over Llama-3-8B-shaped chunk entries (pinned as the store's memory tier holds
+them, and as `SaveQueue` makes them), each timed with CUDA events over every layer, medians of --reps.
+
+    python benchmarks/h2d_bandwidth.py [--chunks 6,16,63] [--reps 5] [--out FILE]
+
+Why: on the H100 the blend's synced stage times pointed at chunk KV arriving at ~13 GB/s (benchmarks/HISTORY.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+from benchmarks.harness import command, git_sha, gpu_record, now, versions
+from kvblend.blend.source import TensorLayerSource
+from kvblend.store.key import ChunkKey
+from kvblend.vllm.save_queue import SaveQueue
+
+LAYERS, HEADS, HEAD_DIM, CHUNK = 32, 8, 128, 512
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return round(nbytes / ms / 1e6, 2)
+
+
+def time_ms(fn, reps: int) -> tuple[float, float, float]:
+    """Median, min, max of fn's device time (events on the current stream), after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times), max(times)
+
+
+def plain_copies(nbytes: int, reps: int) -> list[dict]:
+    device = torch.device("cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    rows = []
+    for name, src in (("pinned", torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)),
+                      ("pageable", torch.empty(nbytes, dtype=torch.uint8))):
+        src.fill_(1)
+        med, lo, hi = time_ms(lambda: dst.copy_(src, non_blocking=True), reps)  # noqa: B023
+        rows.append({"case": f"one {name} copy", "bytes": nbytes, "ms": med, "min": lo, "max": hi, "GBps": gbps(nbytes, med)})
+    return rows
+
+
+def source_rows(ks, vs, reps: int, label: str, group: int = 4) -> dict:
+    """Every layer of a TensorLayerSource over (ks, vs), waited on the compute stream as a blend does."""
+    device = torch.device("cuda")
+
+    def run():
+        source = TensorLayerSource(ks, vs, device, group=group)
+        for layer in range(LAYERS):
+            source.wait(layer)[0][:1].add_(0)  # a kernel that reads the staging after the wait, as the blend's gather does
+        source.close()
+
+    nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
+    med, lo, hi = time_ms(run, reps)
+    return {"case": label, "group": group, "chunks": len(ks), "bytes": nbytes, "ms": med, "min": lo, "max": hi,
+            "GBps": gbps(nbytes, med), "pinned": all(k.is_pinned() for k in ks)}
+
+
+def saved_entries(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """n chunks' K/V as SaveQueue leaves them in host memory (drawn on the GPU, copied out by its thread)."""
+    device = torch.device("cuda")
+    got = {}
+    saver = SaveQueue(device, lambda key, k, v, ids, base: got.__setitem__(base, (k, v)))
+    for i in range(n):
+        k = torch.randn(LAYERS, CHUNK, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+        ids = list(range(i * CHUNK, (i + 1) * CHUNK))
+        saver.submit(ChunkKey.alone("h2d", ids), k, torch.randn_like(k), ids, i * CHUNK)
+    saver.close()
+    return [got[i * CHUNK][0] for i in range(n)], [got[i * CHUNK][1] for i in range(n)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", default="6,16,63")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    rows = plain_copies(512 << 20, args.reps)
+    for n in (int(x) for x in args.chunks.split(",")):
+        shape = (LAYERS, CHUNK, HEADS, HEAD_DIM)
+        ks = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).normal_() for _ in range(n)]
+        vs = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).normal_() for _ in range(n)]
+        for group in (4, 8):
+            rows.append(source_rows(ks, vs, args.reps, "TensorLayerSource, torch.empty(pin_memory=True)", group))
+        del ks, vs
+        ks, vs = saved_entries(n)
+        rows.append(source_rows(ks, vs, args.reps, "TensorLayerSource, SaveQueue's entries"))
+        del ks, vs
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    result = {"suite": "h2d_bandwidth", "rows": rows, "device": gpu_record(), "versions": versions(), "date": now(),
+              "git_sha": git_sha(), "command": command()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
