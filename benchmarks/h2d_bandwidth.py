@@ -1,6 +1,8 @@
 """Host-to-device bandwidth the ways the served path moves chunk KV onto a GPU: one large pinned copy, a pageable
 one, and a blend's `TensorLayerSource` over Llama-3-8B-shaped chunk entries (pinned as the store's memory tier holds
-them, and as `SaveQueue` makes them), each timed with CUDA events over every layer, medians of --reps.
+them, and as `SaveQueue` makes them), each timed with CUDA events over every layer, medians of --reps. Then what
+storing costs the engine's own thread: the time of a small step (a matmul and a sync) alone, and while SaveQueue's
+thread stores a 16k-token prompt's 64 spans (pinned allocations included).
 
     python benchmarks/h2d_bandwidth.py [--chunks 6,16,63] [--reps 5] [--out FILE]
 
@@ -13,6 +15,8 @@ import argparse
 import json
 import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +26,7 @@ sys.path[:0] = [str(REPO)]
 
 from benchmarks.harness import command, git_sha, gpu_record, now, versions
 from kvblend.blend.source import TensorLayerSource
+from kvblend.cpu import cpu_record
 from kvblend.store.key import ChunkKey
 from kvblend.vllm.save_queue import SaveQueue
 
@@ -87,6 +92,43 @@ def saved_entries(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [got[i * CHUNK][0] for i in range(n)], [got[i * CHUNK][1] for i in range(n)]
 
 
+def step_while_saving(spans: int = 64, tokens: int = 256) -> list[dict]:
+    """The main thread's step time (a small matmul and a sync, as vLLM's sampling step syncs) alone, then while
+    SaveQueue's thread moves `spans` spans of `tokens` tokens to fresh pinned host memory."""
+    device = torch.device("cuda")
+    a = torch.randn(1024, 1024, device=device)
+
+    def steps(until) -> list[float]:
+        times = []
+        while not until():
+            start = time.perf_counter()
+            (a @ a).sum().item()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    deadline = time.perf_counter() + 1.0
+    alone = steps(lambda: time.perf_counter() > deadline)
+    spans_kv = [(torch.randn(LAYERS, tokens, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16),) * 2
+                for _ in range(spans)]
+    torch.cuda.synchronize()
+    kept = []
+    saver = SaveQueue(device, lambda key, k, v, ids, base: kept.append((k, v)))
+    done = threading.Event()
+    start = time.perf_counter()
+    for i, (k, v) in enumerate(spans_kv):
+        ids = list(range(i * tokens, (i + 1) * tokens))
+        saver.submit(ChunkKey.alone("h2d", ids), k, v, ids, i * tokens)
+    threading.Thread(target=lambda: (saver.close(), done.set())).start()
+    during = steps(done.is_set)
+    total = (time.perf_counter() - start) * 1e3
+    nbytes = sum(k.nbytes + v.nbytes for k, v in spans_kv)
+    return [{"case": "step alone", "steps": len(alone), "step_ms_median": statistics.median(alone),
+             "step_ms_max": max(alone)},
+            {"case": f"step while SaveQueue stores {spans} spans", "bytes": nbytes, "save_ms": total,
+             "steps": len(during), "step_ms_median": statistics.median(during) if during else None,
+             "step_ms_max": max(during) if during else None, "save_thread_host_ms": saver.host_ms}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", default="6,16,63")
@@ -96,7 +138,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
-    rows = plain_copies(512 << 20, args.reps)
+    rows = step_while_saving() + plain_copies(512 << 20, args.reps)
     for n in (int(x) for x in args.chunks.split(",")):
         shape = (LAYERS, CHUNK, HEADS, HEAD_DIM)
         ks = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).normal_() for _ in range(n)]
@@ -109,7 +151,7 @@ def main() -> int:
         del ks, vs
     for r in rows:
         print(json.dumps(r), flush=True)
-    result = {"suite": "h2d_bandwidth", "rows": rows, "device": gpu_record(), "versions": versions(), "date": now(),
+    result = {"suite": "h2d_bandwidth", "rows": rows, "device": gpu_record(), "host_cpu": cpu_record(), "versions": versions(), "date": now(),
               "git_sha": git_sha(), "command": command()}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

