@@ -120,3 +120,19 @@ def test_every_request_that_asked_is_told_why_nothing_was_reused(stored_chunk):
         scheduler.blend_ready, scheduler.blend_off_reason = False, "the self-check failed"
         off = report_of(scheduler, prompt, {}, "off-server")
         assert (off["reason"], off["blend_off"]) == ("blend_off", "the self-check failed"), off
+
+
+def test_storing_joins_a_report_but_never_starts_one(stored_chunk):
+    from kvblend.vllm.metadata import KVBlendWorkerMeta
+
+    store_dir, _, prompt = stored_chunk
+    scheduler, store = scheduler_for(store_dir)
+    with store:
+        unstored = random_ids(8, 30)
+        for req_id, params in (("asked", {"kvblend": {"mode": "storage"}}), ("plain-client", None)):
+            scheduler.matched_tokens(req_id, unstored, params, 0)
+        stored = {"stored_spans": 1, "store_ms": 0.4}
+        scheduler.on_worker_meta(KVBlendWorkerMeta(reports={"asked": dict(stored), "plain-client": dict(stored)}))
+        asked = scheduler.finished("asked")["kvblend"]
+        assert asked["reason"] == "not_stored" and asked["store_ms"] == 0.4 and asked["stored_spans"] == 1
+        assert scheduler.finished("plain-client") is None, "no kvblend key and nothing supplied: no report"

@@ -81,6 +81,9 @@ class KVBlendMetadata(KVConnectorMetadata):
                                saves=[replace(j, spans=on(j.spans)) for j in self.saves], check=self.check)
 
 
+STORE_FIELDS = frozenset({"stored_spans", "store_ms"})  # a worker report of storing alone (no load, no blend)
+
+
 @dataclass
 class KVBlendWorkerMeta(KVConnectorWorkerMetadata):
     """Self-check verdict (None until decided), per-request blend reports, and the entries this step stored

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from kvblend.store.key import WHOLE, ChunkKey, prefix_chained_keys
 from kvblend.store.tiered import TieredStore
 from kvblend.vllm.config import ConnectorConfig
-from kvblend.vllm.metadata import BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
+from kvblend.vllm.metadata import STORE_FIELDS, BlendJob, KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span
 from kvblend.vllm.metrics import KVBlendStats, take
 from kvblend.vllm.params import KEY, RequestParams, locate_documents, parse_params
 from kvblend.vllm.report import nothing_reused
@@ -269,7 +269,9 @@ class SchedulerSide:
         late = set(self._finished)
         self._finished.clear()
         for req_id, report in worker_meta.reports.items():
-            if req_id not in late:
+            # storing alone joins a report, never starts one: a request without the kvblend key gets a report
+            # only when the connector supplied something
+            if req_id not in late and (req_id in self._reports or not report.keys() <= STORE_FIELDS):
                 self._reports.setdefault(req_id, {}).update(report)
         for key, token_ids in worker_meta.stored:
             self._worker_keys[key.digest] = None

@@ -46,7 +46,6 @@ from kvblend.vllm.tensor_parallel import tp_sum
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SLOW_SAVE_MS = 20.0  # a save that holds the step longer is logged (the first token waits for the step)
 
 
 def layer_index(name: str) -> int:
@@ -453,10 +452,8 @@ class WorkerSide:
             for span in job.spans:
                 self._put(span.key, *self._read_rows(job.block_ids, span.start, span.end),
                           job.prompt[span.start : span.end], span.start)
-        held = (time.perf_counter() - start) * 1e3
-        if held > SLOW_SAVE_MS:
-            log.info("request %s: storing %d spans held its step %.0f ms%s", job.req_id, len(job.spans), held,
-                     f" (the save thread's pinned host copies: {self._saver.host_ms:.0f} ms so far)" if self._saver else "")
+        held = (time.perf_counter() - start) * 1e3  # the first token waits for the step: said in the report
+        self._reports.setdefault(job.req_id, {}).update(stored_spans=len(job.spans), store_ms=round(held, 2))
 
     def _put(self, key: ChunkKey, k: torch.Tensor, v: torch.Tensor, ids: list[int], base_position: int) -> None:
         """One span's host K/V into the store, noted for the scheduler (worker_meta's `stored`)."""
