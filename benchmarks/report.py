@@ -322,6 +322,10 @@ def gpu_rag_targets(data: dict) -> list[list[str]]:
 
 
 
+# a blend's stages in the order they run; fetch_wait (synced) also drains the work queued before each wait
+PROFILE_STAGES = ("fetch_wait", "rope_shift_gather", "qkv", "attention", "mlp", "select", "post_check_graphs")
+
+
 def vllm_gpu_rag() -> list[Table]:
     tables = []
     for path in sorted(RESULTS.glob("vllm_gpu_rag_*.json")):
@@ -352,6 +356,14 @@ def vllm_gpu_rag() -> list[Table]:
                             headline))
         tables.append(Table(f"Issue 27's targets on {title} (vllm_gpu_rag)", (path.name,),
                             ["target", "verdict", "figure"], targets, ""))
+        profiled = [r for r in blend if (r.get("profile") or {}).get("profiled")]
+        if profiled:
+            tables.append(Table(f"Where a blend's device time goes, {title} (vllm_gpu_rag, one profiled request a "
+                                f"size: the device waited for at each stage)", (path.name,),
+                                ["tokens", "TTFT ms", "blend ms", *(f"{s} ms" for s in PROFILE_STAGES)],
+                                [[str(r["tokens"]), ms(r["profile"]["ttft_ms"]), ms(r["profile"]["blend_ms"]),
+                                  *(ms(r["profile"]["stage_ms"].get(s, 0.0)) for s in PROFILE_STAGES)]
+                                 for r in profiled], ""))
     return tables
 
 
