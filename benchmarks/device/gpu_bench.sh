@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU device, after gpu_tests.sh has unpacked vLLM: install the carried LMCache wheels (if carried) beside it, run
-# benchmarks/vllm_gpu_rag.py, resumable (a later call continues with the systems not yet complete). Results and
-# engine logs come back in $OUT/results.tgz.
+# benchmarks/h2d_bandwidth.py once (about a minute), then benchmarks/vllm_gpu_rag.py, resumable (a later call continues
+# with the systems not yet complete). Results and engine logs come back in $OUT/results.tgz.
 #   bash benchmarks/device/gpu_bench.sh .device/lmcache .device/tok [vllm_gpu_rag.py args...]
 set -uo pipefail
 wheels=${1:?usage: gpu_bench.sh LMCACHE_WHEELS TOKENIZER_DIR [args]}
@@ -17,6 +17,8 @@ fi
 export PYTHONPATH=$PYTHONPATH:$lmc
 work=$HOME/kvblend-gpu-bench
 mkdir -p "$work/results"
+[ -e "$work/results/h2d_bandwidth.json" ] || timeout 240 python3 benchmarks/h2d_bandwidth.py --out "$work/results/h2d_bandwidth.json" \
+    2>&1 | tee "$out/h2d_bandwidth.log" | tail -12
 python3 benchmarks/vllm_gpu_rag.py --tokenizer "$tok" --work "$work" --out "$work/results" \
     --deadline-s "${DEADLINE_S:-520}" "$@" 2>&1 | tee "$out/bench.log" | tail -60
 tar -C "$work" -czf "$out/results.tgz" results
