@@ -77,6 +77,21 @@ def test_post_check_graphs_replay_what_ran_eagerly(engine, chunks, tokenizer):
     assert max_logprob_gap(top_logprobs(outs[0]), top_logprobs(outs[1])) < LOGPROB_TOL
 
 
+def test_profiled_blend_and_store_report_their_times(engine, chunks, tokenizer):
+    """A profiled blend (`profile`: the device waited for at each stage) reports so and gives the same logprobs as
+    one that is not; a stored prompt's report says how long storing held its step."""
+    _, _, llm = engine
+    prompt, spans = prompt_with(chunks, tokenizer)
+    outs = [generate(llm, [prompt], kvblend={"chunks": spans, "profile": profile}, salt=f"profile-{profile}",
+                     max_tokens=2, logprobs=5)[0] for profile in (False, True)]
+    plain, profiled = (report(o) for o in outs)
+    assert profiled.get("profiled") is True and "profiled" not in plain, (plain, profiled)
+    assert profiled["stage_ms"]["post_check_graphs"] <= profiled["blend_ms"], profiled
+    assert max_logprob_gap(top_logprobs(outs[0]), top_logprobs(outs[1])) < LOGPROB_TOL
+    stored = report(generate(llm, [prompt[:300]], kvblend={"store_prompt": True}, max_tokens=2)[0])
+    assert stored["reason"] == "store_prompt" and stored["stored_spans"] == 1 and stored["store_ms"] >= 0, stored
+
+
 @pytest.fixture(scope="module")
 def smollm2(model_dir, tmp_path_factory):
     if not any(model_dir.glob("*.safetensors")):
