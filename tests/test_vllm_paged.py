@@ -91,7 +91,7 @@ def _packed_layers(num_layers, num_blocks):
     return layers, caches
 
 
-def _worker(store, num_blocks, layout="cpu_attn"):
+def _worker(store, num_blocks, layout="cpu_attn", layerwise_loads=True):
     from types import SimpleNamespace
 
     from kvblend.vllm.worker import WorkerSide
@@ -100,7 +100,7 @@ def _worker(store, num_blocks, layout="cpu_attn"):
     make = cpu_attention_layers if layout == "cpu_attn" else lambda n, b, *_: _packed_layers(n, b)
     layers, caches = make(LAYERS, num_blocks, BLOCK, HEADS, HEAD_DIM)
     worker = WorkerSide(spec, SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK)), None, store, layers,
-                        blend=False)
+                        blend=False, layerwise_loads=layerwise_loads)
     worker.register(caches)
     return worker, list(layers)
 
@@ -157,6 +157,27 @@ def test_storage_load_writes_every_span_and_extraction_reads_them_back(tmp_path,
                 got, want = other.get(span.key), entries[span.key.digest]
                 assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
                 assert got.base_position == span.start and got.token_ids.tolist() == prompt[span.start : span.end]
+
+
+def test_loads_before_the_forward_land_one_request_after_another(tmp_path):
+    """With whole-model CUDA graphs (no layer hooks) every load is written at start_load, a load at a time."""
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 5000, (3 * BLOCK + 7,), generator=gen).tolist()
+    with TieredStore([MemoryTier(1 << 30)]) as store:
+        spans, entries = _stored_spans(store, prompt, 3, gen)
+        worker, _ = _worker(store, 8, "packed", layerwise_loads=False)
+        jobs = [LoadJob("a", [5, 1, 7, 0], spans, 0), LoadJob("b", [2, 6, 3, 4], spans[:2], BLOCK // 2)]
+        worker.start_load(KVBlendMetadata(loads=jobs))
+        assert not worker._loads and not worker.take_failed_blocks()
+        for job in jobs:
+            for span in job.spans:
+                first = max(span.start, job.write_from)
+                slots = slots_for(job.block_ids, first, span.end, BLOCK)
+                want = entries[span.key.digest]
+                for layer, cache in enumerate(worker.caches):
+                    k, v = cache.read(slots)
+                    kept = slice(first - span.start, None)
+                    assert torch.equal(k, want.k[layer, kept]) and torch.equal(v, want.v[layer, kept])
 
 
 def test_storage_load_with_a_damaged_span_fails_and_counts_a_miss(tmp_path):

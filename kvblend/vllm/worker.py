@@ -205,8 +205,12 @@ class WorkerSide:
             self.store.prefetch(wanted, kv_layout(self.spec))
         for job in meta.blends:
             self._blend(job)
-        self._loads += [_SpanLoad(job) for job in meta.loads]
-        if not self.layerwise_loads:
+        loads = [_SpanLoad(job) for job in meta.loads]
+        if self.layerwise_loads:
+            self._loads += loads
+            return
+        for load in loads:  # every layer before the forward, a load at a time: one load's staging alive on a GPU
+            self._loads = [load]
             for layer in range(len(self.caches)):
                 self._write_layer(layer)
 
