@@ -128,8 +128,10 @@ def shard_kill(cluster: RedisCluster, seconds: float, kvs, entry_bytes: int) -> 
     run = run_clients(8, seconds, request)
     killer.join()
     records = run["records"]
-    after = [r for r in records if r[0] >= killed["at"]]
-    recovered = next((r[0] + r[1] - killed["at"] for r in after if r[2] == "hit (dead shard)"), None)
+    # requests in flight at the kill or started after it (a short run may start none after it: the tiny smoke run)
+    after = [r for r in records if r[0] + r[1] >= killed["at"]]
+    recovered = next((r[0] + r[1] - killed["at"] for r in after if r[0] >= killed["at"] and r[2] == "hit (dead shard)"),
+                     None)
     outcomes: dict[str, int] = {}
     for r in records:
         outcomes[r[2]] = outcomes.get(r[2], 0) + 1
@@ -139,7 +141,7 @@ def shard_kill(cluster: RedisCluster, seconds: float, kvs, entry_bytes: int) -> 
             "errors_seen_by_requests": sum(n for o, n in outcomes.items() if o.startswith("error")),
             "served": sum(n for o, n in outcomes.items() if o.startswith(("hit", "stored"))),
             "worst_latency_ms": 1e3 * lat[-1], "p99_latency_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
-            "worst_latency_after_kill_ms": 1e3 * max(r[1] for r in after),
+            "worst_latency_after_kill_ms": 1e3 * max(r[1] for r in after) if after else None,
             "dead_shard_served_again_after_s": recovered}
 
 
