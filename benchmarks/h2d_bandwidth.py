@@ -24,9 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from benchmarks.harness import command, git_sha, gpu_record, now, versions
+from benchmarks.gpu_blend import Timer
+from benchmarks.harness import record, write
 from kvblend.blend.source import TensorLayerSource
-from kvblend.cpu import cpu_record
 from kvblend.store.key import ChunkKey
 from kvblend.vllm.save_queue import SaveQueue
 
@@ -38,16 +38,10 @@ def gbps(nbytes: int, ms: float) -> float:
 
 
 def time_ms(fn, reps: int) -> tuple[float, float, float]:
-    """Median, min, max of fn's device time (events on the current stream), after one warm-up."""
+    """Median, min, max of fn's device time (gpu_blend's CUDA-event Timer), after one warm-up."""
     fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    timer = Timer(torch.device("cuda"))
+    times = [timer(fn) for _ in range(reps)]
     return statistics.median(times), min(times), max(times)
 
 
@@ -151,10 +145,8 @@ def main() -> int:
         del ks, vs
     for r in rows:
         print(json.dumps(r), flush=True)
-    result = {"suite": "h2d_bandwidth", "rows": rows, "device": gpu_record(), "host_cpu": cpu_record(), "versions": versions(), "date": now(),
-              "git_sha": git_sha(), "command": command()}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write(args.out, record("h2d_bandwidth", rows))
     return 0
 
 
