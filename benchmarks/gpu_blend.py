@@ -432,18 +432,20 @@ def gpu_state() -> dict:
 
 
 def profile_stages(engine: BlendEngine, draw, pinned, device) -> dict:
-    """One cacheblend run (KV from pinned memory) with a sync after every stage, for the per-stage breakdown."""
+    """One cacheblend run (KV from pinned memory) with its stages timed on the device (`BlendRun.start_profile`),
+    for the per-stage breakdown, and its chunk KV's copies (`h2d`)."""
     order, layout = draw()
     sel = [pinned[i] for i in order]
-    source = TensorLayerSource([k for k, _ in sel], [v for _, v in sel], device)
+    source = TensorLayerSource([k for k, _ in sel], [v for _, v in sel], device, timed=True)
     plan = engine.plan(layout, CACHEBLEND, bases={c.key: 0 for c in layout.chunks})
     run = engine.start(plan, source)
-    run.sync = device.type == "cuda"
+    if device.type == "cuda":
+        run.start_profile()
     with torch.inference_mode():
         for layer in range(engine.model.spec.num_layers):
             run.step(layer)
         result = run.finish()
-    return {k: round(v, 3) for k, v in result.stats.stage_ms.items()}
+    return {**{k: round(v, 3) for k, v in result.stats.stage_ms.items()}, "h2d": source.copy_times()}
 
 
 def print_summary(rows: list[dict], kernels: list[dict], ceilings: dict, graphs: dict | None) -> None:

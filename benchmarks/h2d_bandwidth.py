@@ -6,6 +6,9 @@ thread stores a 16k-token prompt's 64 spans (pinned allocations included).
 
     python benchmarks/h2d_bandwidth.py [--chunks 6,16,63] [--reps 5] [--out FILE]
 
+Each source row also gives its copy stream's own rate (`copies`, CUDA events around each group's copies), alone and
+while the compute stream runs a matmul per layer (does the copy keep its rate under compute?).
+
 Why: on the H100 the blend's synced stage times pointed at chunk KV arriving at ~13 GB/s (benchmarks/HISTORY.md).
 """
 
@@ -57,20 +60,28 @@ def plain_copies(nbytes: int, reps: int) -> list[dict]:
     return rows
 
 
-def source_rows(ks, vs, reps: int, label: str, group: int = 4) -> dict:
-    """Every layer of a TensorLayerSource over (ks, vs), waited on the compute stream as a blend does."""
+def source_rows(ks, vs, reps: int, label: str, group: int = 4, work: torch.Tensor | None = None) -> dict:
+    """Every layer of a TensorLayerSource over (ks, vs), waited on the compute stream as a blend does; with `work`
+    (a square matrix), a matmul of it per layer on the compute stream, as a blend's layer computes while the next
+    groups copy. `copies`: the last rep's copy stream (`TensorLayerSource.copy_times`): its rate while compute runs."""
     device = torch.device("cuda")
+    copies = {}
 
     def run():
-        source = TensorLayerSource(ks, vs, device, group=group)
+        source = TensorLayerSource(ks, vs, device, group=group, timed=True)
         for layer in range(LAYERS):
             source.wait(layer)[0][:1].add_(0)  # a kernel that reads the staging after the wait, as the blend's gather does
+            if work is not None:
+                torch.mm(work, work)
+        copies.update(source.copy_times())
         source.close()
 
     nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
     med, lo, hi = time_ms(run, reps)
+    compute = {} if work is None else {"matmul_per_layer": list(work.shape),
+                                       "matmul_ms": time_ms(lambda: torch.mm(work, work), reps)[0]}
     return {"case": label, "group": group, "chunks": len(ks), "bytes": nbytes, "ms": med, "min": lo, "max": hi,
-            "GBps": gbps(nbytes, med), "pinned": all(k.is_pinned() for k in ks)}
+            "GBps": gbps(nbytes, med), "pinned": all(k.is_pinned() for k in ks), "copies": copies, **compute}
 
 
 def saved_entries(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -123,6 +134,21 @@ def step_while_saving(spans: int = 64, tokens: int = 256) -> list[dict]:
              "step_ms_max": max(during) if during else None, "save_thread_host_ms": saver.host_ms}]
 
 
+def numa() -> dict:
+    """The host's NUMA nodes and the GPU's (its PCI device's `numa_node`): a copy from memory on the other node
+    crosses the sockets' link. Empty where NVML or sysfs cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        bus = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())).busId
+        bus = (bus.decode() if isinstance(bus, bytes) else bus).lower()[-12:]  # domain:bus:device.function
+        return {"gpu_pci": bus, "gpu_numa_node": int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text()),
+                "host_numa_nodes": Path("/sys/devices/system/node/online").read_text().strip()}
+    except Exception:  # noqa: BLE001 - no NVML or no sysfs entry: the rates stand alone
+        return {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", default="6,16,63")
@@ -139,6 +165,10 @@ def main() -> int:
         vs = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).normal_() for _ in range(n)]
         for group in (4, 8):
             rows.append(source_rows(ks, vs, args.reps, "TensorLayerSource, torch.empty(pin_memory=True)", group))
+        # 1.1 TFLOP a layer: half of a 32k blend's post-check layer (5k rows through 8B's linear layers, 2.2 TFLOP)
+        work = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        rows.append(source_rows(ks, vs, args.reps, "TensorLayerSource while a matmul runs per layer", work=work))
+        del work
         del ks, vs
         ks, vs = saved_entries(n)
         rows.append(source_rows(ks, vs, args.reps, "TensorLayerSource, SaveQueue's entries"))
@@ -146,7 +176,7 @@ def main() -> int:
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
-        write(args.out, record("h2d_bandwidth", rows))
+        write(args.out, record("h2d_bandwidth", rows, numa=numa()))
     return 0
 
 

@@ -17,6 +17,18 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def prefilled_chunks(model, n: int = 5) -> list[tuple[ChunkRef, torch.Tensor, torch.Tensor]]:
+    """n random 200-token chunks with their KV, each prefilled alone on the GPU."""
+    gen = torch.Generator().manual_seed(1)
+    chunks = []
+    for _ in range(n):
+        ids = torch.randint(0, 512, (200,), generator=gen)
+        out = model.prefill(ids.cuda())
+        key = ChunkKey.for_tokens(model.spec.fingerprint, ids.tolist(), "test")
+        chunks.append((ChunkRef(tuple(ids.tolist()), key), out.k, out.v))
+    return chunks
+
+
 @pytest.mark.parametrize("config", [BlendConfig("cacheblend", 0.15), BlendConfig("cacheblend", 0.2, head_tokens=4),
                                     BlendConfig.published(), BlendConfig("full_reuse", 0.0),
                                     BlendConfig("epic", 0.1, epic_tokens=8)])
@@ -25,14 +37,8 @@ def test_graph_replay_matches_eager(config):
     of layers): post-check graphs capture on the first order, check-layer graphs on the second (a repeated
     shape), the third replays both."""
     model = random_llama("cuda", "bfloat16")
-    gen = torch.Generator().manual_seed(1)
-    chunks = []
-    for _ in range(5):
-        ids = torch.randint(0, 512, (200,), generator=gen)
-        out = model.prefill(ids.cuda())
-        key = ChunkKey.for_tokens(model.spec.fingerprint, ids.tolist(), "test")
-        chunks.append((ChunkRef(tuple(ids.tolist()), key), out.k, out.v))
-    question = torch.randint(0, 512, (37,), generator=gen).tolist()
+    chunks = prefilled_chunks(model)
+    question = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(2)).tolist()
     eager, graphed = BlendEngine(model), BlendEngine(model, cuda_graphs=True)
     for order in ([0, 1, 2, 3], [3, 1, 4, 2], [2, 0, 1, 4]):
         layout = PromptLayout.build([], [chunks[i][0] for i in order], question)
@@ -52,6 +58,35 @@ def test_graph_replay_matches_eager(config):
     check = graphed.check_graphs.stats()  # the quality gate reads its signal on the host: its check layers stay eager
     captured = config.selects and not (config.policy == "cacheblend" and config.gated)
     assert len(check) == (1 if captured else 0) and all(e["capture_ms"] > 0 for e in check)
+
+
+def test_profiled_run_times_each_stage_once():
+    """A profiled run (its stages' ends timed by CUDA events, no syncs) gives the unprofiled run's logits; its stages,
+    each counted once (a post-check layer's fill is not in its graph's time), add up to no more than the run's
+    device time; its source says what the chunk KV's copies moved, from pinned memory, at what rate."""
+    model = random_llama("cuda", "bfloat16")
+    chunks = prefilled_chunks(model)
+    layout = PromptLayout.build([], [c for c, _, _ in chunks], list(range(40)))
+    engine = BlendEngine(model, cuda_graphs=True)
+    results, spans, copies = [], [], []
+    for profile in (False, False, True):  # the second run replays the post-check graphs, as the profiled one does
+        source = TensorLayerSource([k.cpu().pin_memory() for _, k, _ in chunks],
+                                   [v.cpu().pin_memory() for _, _, v in chunks], "cuda", timed=profile)
+        plan = engine.plan(layout, BlendConfig("cacheblend", 0.15), bases={c.key: 0 for c in layout.chunks})
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        results.append(engine.run(plan, source=source, profile=profile))
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end))
+        copies.append(source.copy_times())
+    replayed, profiled = results[1], results[2]
+    assert relative_error(profiled.logits, replayed.logits) < 1e-2 and profiled.stats.graphs == "replayed"
+    stages = profiled.stats.stage_ms
+    assert {"fetch_wait", "rope_shift_gather", "post_check_graphs"} <= set(stages), stages
+    assert 0 < sum(stages.values()) <= spans[2], (stages, spans[2])
+    assert copies[1] == {} and copies[2]["pinned"] and copies[2]["GBps"] > 0, copies
+    assert copies[2]["bytes"] == sum(k.nbytes + v.nbytes for _, k, v in chunks), copies[2]
 
 
 def test_reports_say_why_graphs_serve_no_run():

@@ -58,8 +58,8 @@ class CheckLayerGraphs:
     def applies(run, first: int) -> bool:
         """Runs with post-check graphs, layers before them, and no host-side draw (the random policy draws its
         scores on the host), quality gate (it reads its signal on the host), question pass (its attention is a
-        per-request tensor a graph would not re-read) or per-stage syncs."""
-        return (run.graphs is not None and 0 < first < run.model.spec.num_layers and not run.sync
+        per-request tensor a graph would not re-read) or profile (its stage events would be captured)."""
+        return (run.graphs is not None and 0 < first < run.model.spec.num_layers and not run.profile
                 and run.plan.config.policy != "random" and run.gate is None and run.question_attention is None)
 
     @staticmethod

@@ -140,11 +140,13 @@ class PostCheckGraphs:
         layers = range(first, model.spec.num_layers)
         for layer in layers:
             run.fill_cached(layer)
+            start = time.perf_counter()
             if fresh:
                 self._layer(entry, layer, capacity)
             else:
                 entry.graphs[layer - first].replay()
             run.target.commit(layer)
+            run._tick("post_check_graphs", start)  # the layer's own time: its fill is in the fill's stages
             run.stats.token_layers_computed += n
         run.h = entry.out
         run.stats.graphs = "captured" if fresh else "replayed"

@@ -122,6 +122,13 @@ def aligned_to_device(parts: Sequence[torch.Tensor], device: torch.device) -> li
     return [on_device[start : start + n] for start, n in zip(starts, sizes)]
 
 
+def _event() -> torch.cuda.Event:
+    """A timing event recorded now on the current CUDA stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
@@ -131,7 +138,8 @@ class BlendRun:
         model, spec = engine.model, engine.model.spec
         self.model, self.plan, self.source = model, plan, source
         self.prefix_kv = prefix_kv
-        self.sync = False  # True: synchronise the GPU at each stage boundary so stage times are exact
+        self.profile = False  # True (`start_profile`): stage times are device times, from CUDA events
+        self._marks: list[tuple[str, torch.cuda.Event]] = []  # (stage, event at its end) in stream order
         device = model.device
         T = plan.ids.shape[0]
         graphs, unused = engine.graphs, None  # unused: why an engine's graphs do not serve this run (its report)
@@ -209,12 +217,27 @@ class BlendRun:
             return self.model.spec.num_layers
         return max(self.checks) + 1 if self.checks else 0
 
+    def start_profile(self) -> None:
+        """Time each stage on the device from here on: a CUDA event at each stage's end, read at `finish`. No
+        sync: copies and compute overlap as in an unprofiled run, and a stage's time includes the device's waits
+        for its inputs (`fetch_wait`: for the layer's chunk KV) and for the host's launches."""
+        self.profile = True
+        self._marks = [("", _event())]
+
     def _tick(self, stage: str, start: float) -> float:
-        if self.sync:
-            torch.cuda.synchronize(self.model.device)
+        """End `stage` (begun at host time `start`): its host time, or with `profile` an event on the device."""
         now = time.perf_counter()
-        self.stats.stage_ms[stage] += (now - start) * 1e3
+        if self.profile:
+            self._marks.append((stage, _event()))
+        else:
+            self.stats.stage_ms[stage] += (now - start) * 1e3
         return now
+
+    def _device_stages(self) -> None:
+        """The profiled stages' device times: between each stage's end event and the one before it."""
+        self._marks[-1][1].synchronize()
+        for (_, before), (stage, after) in itertools.pairwise(self._marks):
+            self.stats.stage_ms[stage] += before.elapsed_time(after)
 
     def fill_cached(self, layer: int) -> None:
         """Layer `layer`'s reused KV rows: cached chunk KV re-rotated to its new positions, the exact prefix.
@@ -393,6 +416,8 @@ class BlendRun:
         self.stats.gate = self.gate.as_dict() if self.gate is not None else None
         if self.source is not None:
             self.source.close()
+        if self.profile:
+            self._device_stages()
         return BlendResult(self.target.k, self.target.v, logits, self.stats, self.plan)
 
 
@@ -563,10 +588,11 @@ class BlendEngine:
     @torch.inference_mode()
     def run(self, plan: BlendPlan, source: LayerSource | None = None,
             prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None, target: KVTarget | None = None,
-            tier: str | None = None, sync: bool = False) -> BlendResult:
-        """`sync`: wait for the GPU at each stage boundary, so the stats' stage times are device times."""
+            tier: str | None = None, profile: bool = False) -> BlendResult:
+        """`profile`: the stats' stage times are device times (`BlendRun.start_profile`; on a GPU only)."""
         run = self.start(plan, source, prefix_kv, target, tier)
-        run.sync = sync and self.model.device.type == "cuda"
+        if profile and self.model.device.type == "cuda":
+            run.start_profile()
         try:
             first = run.graphs_from()
             if self.check_graphs is not None and self.check_graphs.applies(run, first):
@@ -575,9 +601,7 @@ class BlendEngine:
                 for layer in range(first):
                     run.step(layer)
             if first < self.model.spec.num_layers:
-                start = time.perf_counter()
                 run.graphs.run(run, first)
-                run._tick("post_check_graphs", start)
             elif run.graphs is not None:
                 run.stats.graphs = "not used: the last check layer is the model's last"
         except BaseException:
@@ -588,15 +612,15 @@ class BlendEngine:
 
     def blend(self, layout: PromptLayout, config: BlendConfig, logits_at: str = "last", on_missing: str = "error",
               exact_prefix: int = 0, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              target: KVTarget | None = None, tier: str | None = None, sync: bool = False) -> BlendResult:
+              target: KVTarget | None = None, tier: str | None = None, profile: bool = False) -> BlendResult:
         """Plan and run from the store (reading from `tier`, if given); a chunk whose entry fails mid-run is
-        recomputed instead (and logged). `sync`: as `run`'s."""
+        recomputed instead (and logged). `profile`: as `run`'s."""
         failed: list[ChunkKey] = []
         while True:
             plan = self.plan(layout, config, logits_at=logits_at, exact_prefix=exact_prefix,
                              recompute_keys=failed, on_missing=on_missing)
             try:
-                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier, sync=sync)
+                result = self.run(plan, prefix_kv=prefix_kv, target=target, tier=tier, profile=profile)
             except ChunkLoadError as exc:
                 log.warning("%s; recomputing that chunk instead", exc)
                 failed.append(exc.key)

@@ -132,13 +132,15 @@ class TensorLayerSource:
     SLOTS = 3
 
     def __init__(self, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], device: torch.device | str,
-                 group: int = 4) -> None:
+                 group: int = 4, timed: bool = False) -> None:
+        """`timed`: time every group's copy with CUDA events (`copy_times`)."""
         self.ks, self.vs = list(ks), list(vs)
         self.device = torch.device(device)
         self.num_layers = self.ks[0].shape[0]
         self.group = group
         self._copy = self.device.type == "cuda" and self.ks[0].device.type == "cpu"
         self._pending: dict[int, object] = {}
+        self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] | None = [] if timed else None
         self._rows: dict[int, torch.Tensor] = {}
         if self._copy:
             self._lengths = [k.shape[1] for k in self.ks]
@@ -164,14 +166,20 @@ class TensorLayerSource:
                 self._stream.wait_stream(compute)
             else:  # its first use: only what ran before the allocation (the memory's earlier owners) must be done
                 self._stream.wait_event(self._allocated)
-            row = 0
+            if self._timed is not None:  # after the waits: the copies' own time
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(self._stream)
+            row, nbytes = 0, 0
             for k, v, n in zip(self.ks, self.vs, self._lengths):
                 block = slice(row, row + (last - first) * n)
                 staging[0, block].view(last - first, n, *k.shape[2:]).copy_(k[first:last], non_blocking=True)
                 staging[1, block].view(last - first, n, *v.shape[2:]).copy_(v[first:last], non_blocking=True)
                 row += self.group * n
-            done = torch.cuda.Event()
+                nbytes += k[first:last].nbytes + v[first:last].nbytes
+            done = torch.cuda.Event(enable_timing=self._timed is not None)
             done.record(self._stream)
+        if self._timed is not None:
+            self._timed.append((began, done, nbytes))
         self._pending[g] = done
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +206,18 @@ class TensorLayerSource:
         if i not in self._rows:
             self._rows[i] = staged_rows(rows, self._lengths_dev, self.group, i)
         return self._rows[i]
+
+    def copy_times(self) -> dict:
+        """What the timed copies moved, how long the copy stream was busy with them, and at what rate; whether
+        every entry was in pinned memory (a pageable one copies at a fraction of the rate, and synchronously).
+        Waits for the copies."""
+        if not self._timed:
+            return {}
+        self._timed[-1][1].synchronize()
+        busy = sum(began.elapsed_time(done) for began, done, _ in self._timed)
+        nbytes = sum(n for *_, n in self._timed)
+        return {"bytes": nbytes, "copies_ms": round(busy, 2), "GBps": round(nbytes / busy / 1e6, 1) if busy else None,
+                "groups": len(self._timed), "pinned": all(k.is_pinned() and v.is_pinned() for k, v in zip(self.ks, self.vs))}
 
     def close(self) -> None:
         self._pending.clear()

@@ -23,8 +23,10 @@ deployment sets discover_blend (ConnectorConfig.request_mode):
                "off"; default: the connector's, off unless configured; kvblend.blend.gate.RAISE_BOUND calibrated)
   prefetch     false: do not move this request's stored KV whole into the memory tier before its layer reads
                (default: the connector's `prefetch`; for measuring what prefetch saves)
-  profile      true: wait for the device at each blend stage, so the report's stage_ms and blend_ms are device
-               times, not launch times (slower; for finding where a blend's time goes on a GPU)
+  profile      true: on a GPU the report's stage_ms are device times (CUDA events, no waits between stages: a
+               stage's time includes the device's waits for its chunk KV and for the host's launches; the check
+               layers' CUDA graphs are not used) and h2d says how fast the chunk KV crossed to the device; blend_ms
+               waits for the device (for finding where a blend's time goes)
 """
 
 from __future__ import annotations

@@ -330,17 +330,19 @@ class WorkerSide:
         if timed:  # host stage times are launch times on a GPU: the controller gets the blend's device time
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             events[0].record()
+        copies = {}  # with profile on a GPU: the chunk KV's copies to the device (TensorLayerSource.copy_times)
         if chunk_kv is None:
             result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
                                         prefix_kv=prefix_kv, target=target,
                                         tier=decision.tier if decision and not decision.recompute else None,
-                                        sync=job.profile)
+                                        profile=job.profile)
         else:  # every entry is in memory (under TP on every rank: no read can fail one rank mid-run)
             plan = self._engine.plan(layout, config, logits_at="none", exact_prefix=exact,
                                      bases={key: kv.base_position for key, kv in chunk_kv.items()})
             ks, vs = [chunk_kv[k].k for k in plan.cached_keys], [chunk_kv[k].v for k in plan.cached_keys]
-            source = TensorLayerSource(ks, vs, self.caches[0].kv.device) if ks else None
-            result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target, sync=job.profile)
+            source = TensorLayerSource(ks, vs, self.caches[0].kv.device, timed=job.profile) if ks else None
+            result = self._engine.run(plan, source, prefix_kv=prefix_kv, target=target, profile=job.profile)
+            copies = source.copy_times() if job.profile and source is not None else {}
         stats = result.stats
         if timed:
             events[1].record()
@@ -353,7 +355,7 @@ class WorkerSide:
                 "rows_computed": stats.rows_last_layer, "compute_fraction": round(stats.compute_fraction, 4),
                 "recompute_ratio": stats.recompute_ratio, "exact_prefix": exact, "ops": self._engine.model.ops.name,
                 **({"cuda_graphs": stats.graphs} if stats.graphs else {}),
-                "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}}
+                "stage_ms": {k: round(v, 2) for k, v in stats.stage_ms.items()}, **({"h2d": copies} if copies else {})}
 
     def _blend_inputs(self, job: BlendJob, exact: int) -> tuple[tuple | None, dict[ChunkKey, ChunkKV] | None]:
         """The exact prefix's KV, and every chunk's entry whole: under TP (every rank must hold them all before
