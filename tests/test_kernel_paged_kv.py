@@ -1,4 +1,5 @@
-"""paged_kv_write / paged_kv_read: Triton kernel vs torch reference for the "flash" and "cpu_attn" layouts."""
+"""paged_kv_write / paged_kv_read: Triton kernel vs torch reference for the "flash", "cpu_attn" and "packed"
+layouts."""
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def random_cache(layout, shape, dtype, gen):
     return torch.randn(cache_shape(layout, *shape[1:]), generator=gen).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("layout", ["flash", "cpu_attn"])
+@pytest.mark.parametrize("layout", ["flash", "cpu_attn", "packed"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_matches_reference_and_touches_only_its_slots(layout, shape, dtype):
@@ -50,7 +51,7 @@ def test_write_matches_reference_and_touches_only_its_slots(layout, shape, dtype
     assert int((~poisoned.isnan()).sum()) == written
 
 
-@pytest.mark.parametrize("layout", ["flash", "cpu_attn"])
+@pytest.mark.parametrize("layout", ["flash", "cpu_attn", "packed"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_read_after_write_is_bit_exact(layout, shape, dtype, poisoned_empty):
@@ -83,6 +84,31 @@ def test_cpu_attn_stores_k_transposed_and_v_row_major(backend):
             for d in (0, 1, 37, head_dim - 1):
                 assert k_half[b, h, 0].view(head_dim, size)[d, o] == k[t, h, d]
             assert torch.equal(v_half[b, h, 1, o, :], v[t, h])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("order", ["HND", "NHD"])
+def test_packed_stores_k_then_v_in_the_last_dim_in_either_stride_order(backend, order):
+    """vLLM's GPU backends: [blocks, heads, block_size, 2 * head_dim], K in the first half of the last dim, allocated
+    heads-major (HND) or offsets-major (NHD, a transposed view)."""
+    shape = (23, 3, 64)
+    k, v, slots, gen = make_case(shape, torch.bfloat16, seed=10)
+    if order == "HND":
+        cache = torch.randn(NUM_BLOCKS, 3, BLOCK_SIZE, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    else:
+        cache = torch.randn(NUM_BLOCKS, BLOCK_SIZE, 3, 128, generator=gen).to(DEVICE, torch.bfloat16).transpose(1, 2)
+    before = cache.clone()
+    paged_kv_write(k, v, cache, slots, "packed", backend=backend)
+    touched = torch.zeros(NUM_BLOCKS, BLOCK_SIZE, dtype=torch.bool)
+    for t in torch.nonzero(slots >= 0).flatten().tolist():
+        b, o = divmod(int(slots[t]), BLOCK_SIZE)
+        touched[b, o] = True
+        assert torch.equal(cache[b, :, o, :64], k[t]) and torch.equal(cache[b, :, o, 64:], v[t])
+    untouched = (~touched.to(DEVICE))[:, None, :, None].expand_as(cache)
+    assert torch.equal(cache[untouched], before[untouched])
+    valid = slots >= 0
+    read_k, read_v = paged_kv_read(cache, slots[valid], "packed", 3, 64, backend=backend)
+    assert torch.equal(read_k, k[valid]) and torch.equal(read_v, v[valid])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -130,6 +156,8 @@ def test_all_padding_and_no_tokens():
         ("flash", (2, NUM_BLOCKS, BLOCK_SIZE, 4, 64), "does not match layout 'flash'"),
         ("cpu_attn", (2, NUM_BLOCKS, BLOCK_SIZE, 3, 64), r"\(2, 7, 16, 3, 64\) does not match layout 'cpu_attn'"),
         ("cpu_attn", (NUM_BLOCKS, 3, BLOCK_SIZE, 64), "does not match layout 'cpu_attn'"),
+        ("packed", (NUM_BLOCKS, 4, BLOCK_SIZE, 128), r"\(7, 4, 16, 128\) does not match layout 'packed'"),
+        ("packed", (NUM_BLOCKS, 3, BLOCK_SIZE, 64), "does not match layout 'packed'"),
     ],
 )
 def test_wrong_layout_or_shape_is_refused(layout, cache_dims, message):
@@ -141,7 +169,7 @@ def test_wrong_layout_or_shape_is_refused(layout, cache_dims, message):
         paged_kv_read(cache, slots.clamp(min=0), layout, 3, 64)
 
 
-@pytest.mark.parametrize("layout", ["flash", "cpu_attn"])
+@pytest.mark.parametrize("layout", ["flash", "cpu_attn", "packed"])
 def test_bad_slots_dtype_or_backend_are_refused(layout):
     k, v, slots, _ = make_case((9, 3, 64), torch.float32, seed=10)
     cache = torch.zeros(cache_shape(layout, 3, 64), device=DEVICE)

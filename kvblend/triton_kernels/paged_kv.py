@@ -1,10 +1,14 @@
-"""Write token K/V into vLLM's paged KV cache and read it back, for the two layouts kvblend serves.
+"""Write token K/V into vLLM's paged KV cache and read it back, for the layouts kvblend serves.
 
 slot = block_id * block_size + offset_in_block; a slot of -1 is vLLM's padding and is skipped on write.
 Layouts:
   "flash":    [2, num_blocks, block_size, kv_heads, head_dim]; index 0 holds K, 1 holds V.
   "cpu_attn": [num_blocks, kv_heads, block_size, 2 * head_dim]; each (block, head) region stores K
               transposed as [head_dim, block_size], then V row-major as [block_size, head_dim].
+  "packed":   [num_blocks, kv_heads, block_size, 2 * head_dim], K in the first half of the last dim and V in the
+              second, in any stride order: each layer's view of vLLM's GPU backends (`kvblend.vllm.paged`). One
+              launch writes both halves, where indexed assignment took a block and an offset kernel and one
+              scatter per half.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from kvblend.triton_kernels.checks import check_index_ranges, check_index_vector, check_kv_pair
 from kvblend.triton_kernels.dispatch import HAS_TRITON, use_triton
 
-LAYOUTS = ("flash", "cpu_attn")
+LAYOUTS = ("flash", "cpu_attn", "packed")
 
 if HAS_TRITON:
     import triton
@@ -106,11 +110,14 @@ def paged_kv_write_ref(
     cache_k, cache_v = _layout_views(kv_cache, layout, k.shape[1], k.shape[2])
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    block_size = cache_v.shape[2] if layout == "cpu_attn" else cache_v.shape[1]
+    block_size = cache_v.shape[1] if layout == "flash" else cache_v.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
     if layout == "flash":
         cache_k[blocks, offsets] = k[valid]
         cache_v[blocks, offsets] = v[valid]
+    elif layout == "packed":
+        cache_k[blocks, :, offsets] = k[valid]
+        cache_v[blocks, :, offsets] = v[valid]
     else:
         cache_k[blocks, :, :, offsets] = k[valid]
         cache_v[blocks, :, offsets] = v[valid]
@@ -121,18 +128,22 @@ def paged_kv_read_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of `paged_kv_read`."""
     cache_k, cache_v = _layout_views(kv_cache, layout, num_kv_heads, head_dim)
-    block_size = cache_v.shape[2] if layout == "cpu_attn" else cache_v.shape[1]
+    block_size = cache_v.shape[1] if layout == "flash" else cache_v.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     if layout == "flash":
         return cache_k[blocks, offsets], cache_v[blocks, offsets]
+    if layout == "packed":
+        return cache_k[blocks, :, offsets], cache_v[blocks, :, offsets]
     return cache_k[blocks, :, :, offsets], cache_v[blocks, :, offsets]
 
 
 def _layout_views(kv_cache: torch.Tensor, layout: str, num_heads: int, head_dim: int):
-    """K and V views of the cache: flash [blocks, block_size, H, D] each; cpu_attn K [blocks, H, D, block_size]
-    (transposed) and V [blocks, H, block_size, D]."""
+    """K and V views of the cache: flash [blocks, block_size, H, D] each; packed [blocks, H, block_size, D] each;
+    cpu_attn K [blocks, H, D, block_size] (transposed) and V [blocks, H, block_size, D]."""
     if layout == "flash":
         return kv_cache[0], kv_cache[1]
+    if layout == "packed":
+        return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
     num_blocks, _, block_size, _ = kv_cache.shape
     halves = kv_cache.view(num_blocks, num_heads, 2, block_size * head_dim)
     cache_k = halves[:, :, 0].unflatten(-1, (head_dim, block_size))
@@ -148,6 +159,10 @@ def _launch_copy(k, v, kv_cache, slot_mapping, layout, block_size, to_cache: boo
         stride_block, stride_head = kv_cache.stride(1), kv_cache.stride(3)
         v_base = kv_cache.stride(0)
         k_offset_dim = v_offset_dim = (kv_cache.stride(2), kv_cache.stride(4))
+    elif layout == "packed":
+        stride_block, stride_head = kv_cache.stride(0), kv_cache.stride(1)
+        v_base = head_dim * kv_cache.stride(3)
+        k_offset_dim = v_offset_dim = (kv_cache.stride(2), kv_cache.stride(3))
     else:
         stride_block, stride_head = kv_cache.stride(0), kv_cache.stride(1)
         v_base = block_size * head_dim
@@ -174,6 +189,10 @@ def _check_cache(kv_cache: torch.Tensor, layout: str, num_heads: int, head_dim: 
         ok = kv_cache.dim() == 4 and kv_cache.shape[1] == num_heads and kv_cache.shape[3] == 2 * head_dim
         ok = ok and kv_cache.stride(3) == 1 and kv_cache.stride(2) == 2 * head_dim
         expected = f"[num_blocks, {num_heads}, block_size, {2 * head_dim}] with contiguous (block_size, 2*head_dim)"
+        block_size = kv_cache.shape[2] if ok else 0
+    elif layout == "packed":
+        ok = kv_cache.dim() == 4 and kv_cache.shape[1] == num_heads and kv_cache.shape[3] == 2 * head_dim
+        expected = f"[num_blocks, {num_heads}, block_size, {2 * head_dim}]"
         block_size = kv_cache.shape[2] if ok else 0
     else:
         raise ValueError(

@@ -7,14 +7,15 @@ plain row-major or transposed tile (vLLM's "vec" layout), whole blocks are copie
 views instead (`write_rows`, `read_rows_into`): the op and the gathers cost 5-20x more per row. vLLM's GPU backends
 (FLASH_ATTN, TRITON_ATTN, FlashInfer; vLLM 0.26 to 0.32) give each layer a `[num_blocks, kv_heads, block_size,
 2 * head_dim]` view, K in the first half of the last dim and V in the second, in whatever stride order vLLM allocated
-(NHD or HND): rows are read and written through strided views of the two halves (`packed_halves`), which needs the
-cache in the model's dtype (no fp8 scales). Anything else is refused.
+(NHD or HND): rows are written by one kernel (`paged_kv_write`'s "packed" layout) and read through strided views of
+the two halves (`packed_halves`), which needs the cache in the model's dtype (no fp8 scales). Anything else is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvblend.triton_kernels import paged_kv_write
 from kvblend.vllm.compat import cpu_attention_isa
 
 # vLLM's GPU backends whose per-layer cache is [num_blocks, kv_heads, block_size, 2 * head_dim], K then V.
@@ -148,15 +149,15 @@ class PagedCache:
             v[i * n : (i + 1) * n].copy_(self.v_tiles[block].transpose(0, 1))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store K/V [tokens, kv_heads, head_dim] at `slots` (moved to the cache's device: store entries are on the host)."""
+        """Store K/V [tokens, kv_heads, head_dim] at `slots` (moved to the cache's device: store entries are on the
+        host); on a GPU one kernel writes both halves (`paged_kv_write`, its slots built by the caller, unchecked:
+        a range check would wait for the device)."""
         k, v = k.to(self.kv.device, self.kv.dtype).contiguous(), v.to(self.kv.device, self.kv.dtype).contiguous()
         slots = slots.to(self.kv.device)
         if self.kind == "cpu_attn":
             self.layer.impl.do_kv_cache_update(self.layer, k, v, self.kv, slots)
         else:
-            block, offset = slots // self.block_size, slots % self.block_size
-            self.k_half[block, :, offset] = k
-            self.v_half[block, :, offset] = v
+            paged_kv_write(k, v, self.kv, slots, "packed", check=False)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [tokens, kv_heads, head_dim] stored at `slots` (a copy)."""
