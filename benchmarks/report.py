@@ -326,6 +326,22 @@ def gpu_rag_targets(data: dict) -> list[list[str]]:
 PROFILE_STAGES = ("fetch_wait", "rope_shift_gather", "qkv", "attention", "mlp", "select", "post_check_graphs")
 
 
+def profile_table(profiled: list[dict], title: str, source: str) -> Table:
+    """Each size's profiled blend: its stages' device times and, where timed by CUDA events, the chunk KV's copy
+    rate (older runs synced the device at each stage instead, and counted a post-check layer's fill twice)."""
+    events = all(r["profile"].get("timed_by") == "cuda_events" for r in profiled)
+    how = ("stages timed by CUDA events, each counted once" if events else
+           "the device waited for at each stage; post_check_graphs includes its layers' fetch_wait and rope_shift_gather")
+    h2d = [r["profile"].get("h2d") or {} for r in profiled]
+    return Table(f"Where a blend's device time goes, {title} (vllm_gpu_rag, one profiled request a size: {how})",
+                 (source,), ["tokens", "TTFT ms", "blend ms", *(f"{s} ms" for s in PROFILE_STAGES),
+                             *(["chunk KV to GPU GB/s (copy ms)"] if events else [])],
+                 [[str(r["tokens"]), ms(r["profile"]["ttft_ms"]), ms(r["profile"]["blend_ms"]),
+                   *(ms(r["profile"]["stage_ms"].get(s, 0.0)) for s in PROFILE_STAGES),
+                   *([f"{c['GBps']} ({c['copies_ms']})" if c else ""] if events else [])]
+                  for r, c in zip(profiled, h2d)], "")
+
+
 def vllm_gpu_rag() -> list[Table]:
     tables = []
     for path in sorted(RESULTS.glob("vllm_gpu_rag_*.json")):
@@ -358,12 +374,7 @@ def vllm_gpu_rag() -> list[Table]:
                             ["target", "verdict", "figure"], targets, ""))
         profiled = [r for r in blend if (r.get("profile") or {}).get("profiled")]
         if profiled:
-            tables.append(Table(f"Where a blend's device time goes, {title} (vllm_gpu_rag, one profiled request a "
-                                f"size: the device waited for at each stage)", (path.name,),
-                                ["tokens", "TTFT ms", "blend ms", *(f"{s} ms" for s in PROFILE_STAGES)],
-                                [[str(r["tokens"]), ms(r["profile"]["ttft_ms"]), ms(r["profile"]["blend_ms"]),
-                                  *(ms(r["profile"]["stage_ms"].get(s, 0.0)) for s in PROFILE_STAGES)]
-                                 for r in profiled], ""))
+            tables.append(profile_table(profiled, title, path.name))
     return tables
 
 

@@ -269,8 +269,8 @@ class Recorder:
 def rag_rows(rec: Recorder, llm, workload: dict, mode: str, kvblend: dict | None = None, before=None,
              ids_key: str = "ids", profile: bool = False) -> None:
     """Every size's prompts, one at a time (the warm-up one not counted); blended ones each with their own salt.
-    `profile`: then the warm-up prompt once more with kvblend's `profile` (device-timed blend stages), kept in the
-    row as `profile` (not counted: its waits slow it)."""
+    `profile`: then the warm-up prompt once more with kvblend's `profile` (blend stages timed by CUDA events, the
+    chunk KV's copy rate), kept in the row as `profile` (not counted: its check layers run without CUDA graphs)."""
     for n, entries in workload["rag"].items():
         results = []
         for j, e in enumerate(entries):
@@ -286,7 +286,8 @@ def rag_rows(rec: Recorder, llm, workload: dict, mode: str, kvblend: dict | None
             e = entries[0]
             r = ask(llm, e[ids_key], {**kvblend, "chunks": e["spans"], "profile": True}, f"{mode}-{n}-profile")
             extra["profile"] = {"ttft_ms": r["ttft_ms"], "blend_ms": r["report"].get("blend_ms"),
-                                "stage_ms": r["report"].get("stage_ms"), "profiled": r["report"].get("profiled", False)}
+                                "stage_ms": r["report"].get("stage_ms"), "profiled": r["report"].get("profiled", False),
+                                "timed_by": "cuda_events", "h2d": r["report"].get("h2d")}
         rec.add(row(mode, "rag", results, chunks=int(n), **extra))
 
 
