@@ -306,7 +306,10 @@ def gpu_rag_targets(data: dict) -> list[list[str]]:
                 "measured" if lm else "not measured", "" if lm else notes.get("lmcache_blend", "")])
     plain = find("vllm_prefix_caching", "doc_evicted")
     storage_targets = (("doc_evicted", "vllm_offloading", "storage mode within 10% of OffloadingConnector where both hit"),
-                       ("doc_after_restart", "kvblend_restart", "storage mode ahead of OffloadingConnector after a restart"))
+                       ("doc_after_restart", "kvblend_restart",
+                        "storage mode ahead of OffloadingConnector after a restart (page cache dropped, as after a reboot)"),
+                       ("doc_after_restart_page_cache", "kvblend_restart",
+                        "storage mode ahead of OffloadingConnector after an engine restart (page cache kept)"))
     for scenario, system, what in storage_targets:
         mine, theirs = find("kvblend_storage", scenario), find("vllm_offloading", scenario)
         if mine is None or theirs is None:

@@ -29,7 +29,8 @@ as soon as a step is measured, and a system whose file is complete is skipped (a
 - kvblend_restart: a fresh engine on the same store with a memory tier too small for any entry, so every read is
   from disk (prefetch off: the memory tier could not take what it moves): the blend with the store's files
   dropped from the page cache before each request (cold disk) and with them cached (warm page cache); the long
-  documents after the restart (cold disk).
+  documents after the restart, cold (files dropped, as after a reboot), then each with another question with its
+  files still cached (as the OS keeps them when only the engine restarts).
 - vllm_offloading: vLLM's OffloadingConnector (CPU, cpu_bytes_to_use = the documents' KV): long documents asked
   again after eviction. After a restart its CPU copy is gone (it lives in the engine process): that row is the
   first asks' cold prefill, marked measured_as.
@@ -78,6 +79,10 @@ SYSTEMS = ("write_model", "vllm_prefix_caching", "kvblend", "kvblend_restart", "
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 LMCACHE_SEPARATOR = " # # "
+# a long document's asks, each with its own question: the first, after vLLM evicted it, then after an engine restart
+# with the store's files dropped from the page cache (as after a reboot) and with them still cached (as the OS keeps
+# them when only the engine restarts)
+DOCUMENT_ASKS = ("doc_first", "doc_evicted", "doc_after_restart", "doc_after_restart_page_cache")
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ def tokenizer_facts(tokenizer_dir: Path) -> tuple[int, int | None, int | None]:
 # -- the prompts ------------------------------------------------------------------------------------------------
 def build_workload(model_dir: Path, sizes: list[int], prompts: int, docs: int, doc_tokens: int, seed: int) -> dict:
     """Chunk pool, RAG prompts per size (warm-up first) with their chunk spans and LMCache's variant, long
-    documents with two questions each (first ask, asked again) and a third (after a restart). Token ids only."""
+    documents with a question for each of DOCUMENT_ASKS. Token ids only."""
     from kvblend.blend.prompt import chat_template
     from kvblend.model.tokenizer import encode, load_tokenizer
     from kvblend.retrieval.corpus import pydoc_topics
@@ -187,7 +192,7 @@ def build_workload(model_dir: Path, sizes: list[int], prompts: int, docs: int, d
         s = rng.randrange(len(corpus) - doc_tokens) if len(corpus) > doc_tokens else 0
         text = (corpus[s:] + corpus)[:doc_tokens]
         documents.append([list(template.prefix) + text + list(template.question_prefix) + question() + list(template.tail)
-                          for _ in range(3)])
+                          for _ in range(len(DOCUMENT_ASKS))])
     return {"pool": pool, "rag": rag, "lmcache_history": lmcache_history, "documents": documents}
 
 
@@ -350,11 +355,16 @@ def run_kvblend_restart(ctx, workload, rec):
     from_disk = {**BLEND, "prefetch": False}  # the memory tier cannot take the entries a prefetch would move there
     rag_rows(rec, llm, workload, "kvblend_blend_disk", from_disk, before=drop)
     rag_rows(rec, llm, workload, "kvblend_blend_disk_page_cache", from_disk)
+    cold = DOCUMENT_ASKS.index("doc_after_restart")
     results = []
     for d in workload["documents"]:
         drop()
-        results.append(ask(llm, d[2], {"mode": "storage"}))
+        results.append(ask(llm, d[cold], {"mode": "storage"}))
     rec.add(row("kvblend_storage", "doc_after_restart", results))
+    # the files the asks above read stay in the page cache (the documents' KV fits in the host's RAM)
+    warm = DOCUMENT_ASKS.index("doc_after_restart_page_cache")
+    rec.add(row("kvblend_storage", "doc_after_restart_page_cache",
+                [ask(llm, d[warm], {"mode": "storage"}) for d in workload["documents"]]))
     return llm
 
 
@@ -365,8 +375,9 @@ def run_offloading(ctx, workload, rec):
     rec.note(engine_start_s=started, cpu_bytes_to_use=ctx["offload_bytes"])
     document_rows(rec, llm, workload, "vllm_offloading")
     first = next(r for r in rec.data["rows"] if r["scenario"] == "doc_first")
-    rec.add({**first, "scenario": "doc_after_restart",
-             "measured_as": "the first asks (a cold prefill): a restarted engine holds no offloaded KV"})
+    for scenario in ("doc_after_restart", "doc_after_restart_page_cache"):
+        rec.add({**first, "scenario": scenario,
+                 "measured_as": "the first asks (a cold prefill): a restarted engine holds no offloaded KV"})
     return llm
 
 
@@ -435,7 +446,7 @@ def merge(out: Path, ctx: dict, started: float) -> dict:
     def key(r):
         """RAG rows by chunk count (LMCache's prompts carry its separators: more tokens), the rest by tokens; plain
         vLLM after a restart is its first ask (nothing survives the process)."""
-        scenario = "doc_first" if r["scenario"] == "doc_after_restart" else r["scenario"]
+        scenario = "doc_first" if r["scenario"].startswith("doc_after_restart") else r["scenario"]
         return scenario, r.get("chunks", r["tokens"])
 
     base = {key(r): r["ttft_ms_median"] for r in rows if r["mode"] == "vllm_prefix_caching"}
