@@ -66,8 +66,8 @@ CONNECTOR = {
                          "layer replay as CUDA graphs too (one GPU, kvblend's attention)",
     "prefetch": "the worker moves a step's stored KV whole into the memory tier in the background before its "
                 "layer reads",
-    "controller": "the loading controller picks each blended request's tier and ratio "
-                  "([storage](storage.md#loading-controller))",
+    "controller": "the loading controller picks each blended request's tier and ratio, and leaves a storage-mode "
+                  "load to vLLM where reading it costs more than recomputing it ([storage](storage.md#loading-controller))",
 }
 PIPELINE = {
     "model_dir": "HF model directory (None: the embedded SmolLM2)",

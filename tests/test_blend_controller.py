@@ -1,5 +1,6 @@
 """The loading controller: its rule on given speeds, and its decisions from speeds measured on real tiers, one
-of them a disk tier made deliberately slow."""
+of them a disk tier made deliberately slow; for storage mode, whether to read a stored prefix or let vLLM recompute
+it (the worker's side of it: tests/test_vllm_paged.py)."""
 
 import time
 
@@ -7,25 +8,13 @@ import pytest
 import torch
 
 from kvblend.blend.config import BlendConfig
-from kvblend.blend.controller import LoadController, decide
-from kvblend.store import DiskTier, MemoryTier, RedisConfig, RedisTier, TieredStore
+from kvblend.blend.controller import LoadController, MeasuredRate, decide, decide_storage
+from kvblend.store import MemoryTier, RedisConfig, RedisTier, TieredStore
 from kvblend.store.entry import KVLayout
-from test_store_helpers import SHAPE, random_chunk
+from test_store_helpers import SHAPE, SlowDisk, random_chunk
 
 CONFIG = BlendConfig(ratio=0.15)
 LAYOUT = KVLayout(SHAPE["layers"], SHAPE["heads"], SHAPE["head_dim"], "bfloat16")
-
-
-class SlowDisk(DiskTier):
-    """A real disk tier whose every read first waits `delay_s` (a slow network filesystem, say)."""
-
-    def __init__(self, root, delay_s: float) -> None:
-        super().__init__(root, 1 << 30)
-        self.delay_s = delay_s
-
-    def get(self, key, layers=None, expect=None):
-        time.sleep(self.delay_s)
-        return super().get(key, layers, expect)
 
 
 def _decide(load_ms: float, overlap: bool, holders=("disk",), config=CONFIG, compute_us=10.0, chunk=1000, fixed=100):
@@ -131,3 +120,26 @@ def test_gpu_timed_blend_counts_its_device_time_once_it_has_run():
     device_s = start.elapsed_time(end) / 1e3
     want_ms = device_s / 1000 * (20 + late.ratio * kv.key.num_tokens) * 1e3
     assert late.compute_ms_per_layer == pytest.approx(want_ms, rel=1e-6), late
+
+
+def test_storage_loads_unless_measured_reads_cost_more_than_the_measured_prefill():
+    """Two 1 MiB spans of 256 tokens each on disk: unmeasured speeds load (and so get measured); then the
+    prefix is recomputed exactly when reading it costs more than vLLM prefilling its 512 tokens."""
+    tiers, sizes = ["disk", "disk"], [1 << 20] * 2
+    assert not decide_storage(tiers, sizes, {}, 512, 1e-4).recompute
+    assert not decide_storage(tiers, sizes, {"disk": 1e-9}, 512, None).recompute
+    assert not decide_storage(["memory", None], sizes, {"memory": 1e-12}, 512, 1e-4).recompute  # a tier unknown
+    slow = decide_storage(tiers, sizes, {"disk": 1e-8}, 512, 1e-5)  # 21 ms of reads, 5.1 ms of prefill
+    assert slow.recompute and slow.load_ms == pytest.approx(20.97, rel=1e-3) and slow.recompute_ms == pytest.approx(5.12)
+    fast = decide_storage(["memory", "disk"], sizes, {"memory": 1e-11, "disk": 1e-9}, 512, 1e-5)
+    assert not fast.recompute and fast.load_ms < fast.recompute_ms
+
+
+def test_measured_rate_is_a_moving_average_per_unit():
+    rate = MeasuredRate()
+    assert rate.value() is None
+    rate.observe(2.0, 1000)
+    rate.observe(1.0, 0)  # nothing measured: ignored
+    assert rate.value() == pytest.approx(2e-3)
+    rate.observe(1.0, 1000)
+    assert rate.value() == pytest.approx(0.7 * 2e-3 + 0.3 * 1e-3)

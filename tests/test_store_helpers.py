@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import time
+
 import torch
 
+from kvblend.store import DiskTier
 from kvblend.store.entry import ChunkKV, _header_digest
 from kvblend.store.key import ChunkKey
 
@@ -19,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 FINGERPRINT = "test-model-fingerprint-0001"
 SHAPE = dict(layers=4, tokens=17, heads=3, head_dim=64)
+
+
+class SlowDisk(DiskTier):
+    """A real disk tier whose every read first waits `delay_s` (a slow network filesystem, say)."""
+
+    def __init__(self, root, delay_s: float) -> None:
+        super().__init__(root, 1 << 30)
+        self.delay_s = delay_s
+
+    def _get(self, key, layers, expect, parallel):  # every read: one entry's, or each of a batch's
+        time.sleep(self.delay_s)
+        return super()._get(key, layers, expect, parallel)
 
 
 def random_chunk(

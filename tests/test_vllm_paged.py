@@ -9,9 +9,10 @@ pytest.importorskip("vllm")
 
 from kvblend.store import DiskTier, MemoryTier, TieredStore  # noqa: E402
 from kvblend.store.entry import ChunkKV, KVLayout, serialize  # noqa: E402
-from kvblend.vllm.metadata import KVBlendMetadata, LoadJob, SaveJob, Span  # noqa: E402
+from kvblend.vllm.metadata import KVBlendMetadata, KVBlendWorkerMeta, LoadJob, SaveJob, Span  # noqa: E402
 from kvblend.vllm.paged import PagedCache, slots_for  # noqa: E402
 from kvblend.vllm.scheduler import prefix_spans  # noqa: E402
+from test_store_helpers import SlowDisk  # noqa: E402
 from vllm_helpers import cpu_attention_layers  # noqa: E402
 
 BLOCK, HEADS, HEAD_DIM, LAYERS = 128, 3, 64, 3
@@ -91,7 +92,7 @@ def _packed_layers(num_layers, num_blocks):
     return layers, caches
 
 
-def _worker(store, num_blocks, layout="cpu_attn", layerwise_loads=True):
+def _worker(store, num_blocks, layout="cpu_attn", layerwise_loads=True, failure_policy="recompute"):
     from types import SimpleNamespace
 
     from kvblend.vllm.worker import WorkerSide
@@ -99,8 +100,9 @@ def _worker(store, num_blocks, layout="cpu_attn", layerwise_loads=True):
     spec = SimpleNamespace(num_kv_heads=HEADS, head_dim=HEAD_DIM, num_layers=LAYERS, dtype="float32")
     make = cpu_attention_layers if layout == "cpu_attn" else lambda n, b, *_: _packed_layers(n, b)
     layers, caches = make(LAYERS, num_blocks, BLOCK, HEADS, HEAD_DIM)
-    worker = WorkerSide(spec, SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK)), None, store, layers,
-                        blend=False, layerwise_loads=layerwise_loads)
+    config = SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK),
+                             kv_transfer_config=SimpleNamespace(kv_load_failure_policy=failure_policy))
+    worker = WorkerSide(spec, config, None, store, layers, blend=False, layerwise_loads=layerwise_loads)
     worker.register(caches)
     return worker, list(layers)
 
@@ -231,3 +233,42 @@ def test_save_groups_cut_adjacent_spans_at_the_byte_cap():
     ]
     assert save_groups(spans, token_bytes=1) == [spans[:3], spans[3:]]
     assert save_groups([], token_bytes=1) == []
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_load_that_reads_slower_than_vllm_prefills_is_left_to_vllm(tmp_path, policy):
+    """The worker times vLLM's forward between its layers' hooks (nothing runs between them here: an instant prefill) and its
+    store times reads (of a disk that waits 50 ms a read): reading the two spans would cost more than vLLM
+    recomputing their tokens, so the load is declined, its blocks reported as not loaded (vLLM recomputes them),
+    nothing the step computed on top of them stored, and the report says why. Where vLLM fails a request whose
+    load failed, nothing is declined."""
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 5000, (2 * BLOCK + 9,), generator=gen).tolist()
+    block_ids = [4, 0, 2]
+    with TieredStore([MemoryTier(1), SlowDisk(tmp_path / "kv", delay_s=0.05)]) as store:  # no entry fits in memory
+        spans, _ = _stored_spans(store, prompt, 2, gen)
+        worker, names = _worker(store, 8, failure_policy=policy)
+        _run_load(worker, names, LoadJob("unmeasured", block_ids, spans, 0))  # nothing measured: loaded, disk timed
+        reports = (worker.worker_meta() or KVBlendWorkerMeta()).reports
+        assert store.meter.seconds_per_byte()["disk"] > 0 and not worker.take_failed_blocks()
+        for name in names:  # vLLM's forward of 600 tokens that loads nothing: its layers' attention hooks
+            worker.wait_layer(name, 600)
+            worker.layer_saved(name)
+        assert worker.prefill.value() is not None
+        _run_load(worker, names, LoadJob("r", block_ids, spans, 0))
+        with TieredStore([MemoryTier(1 << 30)]) as other:  # what the step computed on top of a declined load
+            worker.store, kept = other, worker.store
+            worker.after_step(KVBlendMetadata(saves=[SaveJob("r", prompt, block_ids, spans)]))
+            stored = [s for s in spans if other.contains(s.key)]
+            worker.store = kept
+        reports.update((worker.worker_meta() or KVBlendWorkerMeta()).reports)
+        if policy == "fail":
+            assert not any("controller" in r for r in reports.values()) and not worker.take_failed_blocks()
+            assert len(stored) == 2  # loaded, so the step's rows are exact and stored
+            return
+        assert not stored  # vLLM recomputes those rows: never stored
+        assert reports["unmeasured"]["controller"]["reason"].endswith("not measured yet: load"), reports
+        decision = reports["r"]["controller"]
+        assert decision["recompute"] and decision["load_ms"] > 50 > decision["recompute_ms"], decision
+        assert worker.take_failed_blocks() == set(block_ids) and not worker._loads
+        assert worker.take_stats().data["counts"]["controller_decisions"] == {"storage_recompute": 1}

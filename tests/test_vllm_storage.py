@@ -4,7 +4,7 @@ blend module): stored spans are exact, so outputs equal plain vLLM's, and a bad 
 import pathlib
 
 import pytest
-from vllm_helpers import CPU_ENGINE_ARGS, agree_up_to_near_tie, generate, start_llm, stop_llm, tokens
+from vllm_helpers import CPU_ENGINE_ARGS, agree_up_to_near_tie, generate, report, start_llm, stop_llm, tokens
 
 from kvblend.model.spec import load_spec
 from kvblend.model.tokenizer import encode
@@ -24,10 +24,11 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, prompts, tmp_path_factory):
+def runs(model_dir, prompts, tokenizer, tmp_path_factory):
     """Plain vLLM without the connector; then two fresh engines with the connector on one store directory,
     the second started after one stored span was corrupted; the second then serves a longer prompt that starts
-    with the first (a conversation's next turn)."""
+    with the first (a conversation's next turn), a long prompt of its own, and the first prompt again."""
+    long_prompt = encode(tokenizer, pydoc_topics(["specialnames"])[0].text)[:900]
     store_dir = tmp_path_factory.mktemp("storage-store")
     connector = {"mode": "storage", "store_dir": str(store_dir), "span_tokens": SPAN}
     results = {}
@@ -46,6 +47,8 @@ def runs(model_dir, prompts, tmp_path_factory):
     llm = start_llm(model_dir, connector, prefix_caching=False, engine_args=CPU_ENGINE_ARGS)
     results["second"] = generate(llm, prompts, logprobs=5)
     results["next_turn"] = generate(llm, [prompts[0] + prompts[1][:400]])
+    results["prefilled"] = generate(llm, [long_prompt])  # one step of >= 512 tokens: vLLM's prefill speed, measured
+    results["decided"] = generate(llm, [prompts[0]], kvblend={"mode": "storage"})
     stop_llm(llm)
     results["store_dir"], results["fingerprint"] = store_dir, fingerprint
     return results
@@ -76,3 +79,14 @@ def test_request_served_from_the_store_stores_its_new_spans(runs, prompts):
     spans = prefix_spans(runs["fingerprint"], prompts[0] + prompts[1][:400], SPAN, "default")
     for span in spans[2:4]:
         assert any(pathlib.Path(runs["store_dir"]).rglob(span.key.digest + "*")), f"span at {span.start} not stored"
+
+
+def test_storage_loads_are_decided_on_measured_speeds(runs):
+    """Once the worker has timed one of vLLM's prefills (the long prompt) and its store has read spans, the
+    scheduler decides a stored prefix on both: here reading it from host memory beats recomputing 512 tokens on
+    this CPU, so it is loaded, and the report says what each would have cost."""
+    out = runs["decided"][0]
+    decision = report(out)["controller"]
+    assert not decision["recompute"] and None not in (decision["load_ms"], decision["recompute_ms"]), report(out)
+    assert 0 < decision["load_ms"] < decision["recompute_ms"], decision
+    assert out.num_cached_tokens == 2 * SPAN and report(out)["mode"] == "storage"

@@ -1,5 +1,6 @@
 """The loading controller (CacheBlend paper §5): per request, the tier to load the chunks' KV from and the
-recompute ratio, from the measured per-layer load time of each tier and the measured recompute time.
+recompute ratio, from the measured per-layer load time of each tier and the measured recompute time; and for an
+exact stored prefix (storage mode), whether reading it costs less than vLLM recomputing it (`decide_storage`).
 
 Loading layer i+1 overlaps computing layer i when a fetch thread has a core to itself (`overlap`): a layer then
 costs max(load, compute), so recomputing more tokens is free up to the load time, and the ratio is raised until
@@ -24,6 +25,74 @@ from kvblend.store.key import ChunkKey
 SMOOTHING = 0.3
 MAX_PENDING = 64  # GPU-timed blends awaiting their end event (the oldest are dropped past this)
 COMPUTE_STAGES = ("qkv", "select", "attention", "mlp", "post_check_graphs")
+
+
+class MeasuredRate:
+    """Seconds per unit (token-layer, token), a moving average of the newest measurements. A GPU's are timed between
+    two recorded CUDA events (enable_timing) and folded in once the device has passed the second: `value` queries,
+    never waits."""
+
+    def __init__(self) -> None:
+        self._value: float | None = None
+        self._pending: deque = deque(maxlen=MAX_PENDING)  # (start event, end event, units)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float, units: int) -> None:
+        if units > 0:
+            with self._lock:
+                self._fold(seconds / units)
+
+    def observe_events(self, start, end, units: int) -> None:
+        if units > 0:
+            with self._lock:
+                self._pending.append((start, end, units))
+
+    def value(self) -> float | None:
+        """The average, with every measurement the device has finished folded in (None: nothing measured yet)."""
+        with self._lock:
+            while self._pending and self._pending[0][1].query():
+                start, end, units = self._pending.popleft()
+                self._fold(start.elapsed_time(end) / 1e3 / units)
+            return self._value
+
+    def _fold(self, rate: float) -> None:
+        self._value = rate if self._value is None else (1 - SMOOTHING) * self._value + SMOOTHING * rate
+
+
+@dataclass(frozen=True)
+class StorageDecision:
+    """Whether to load a request's stored exact prefix or let vLLM recompute it (`recompute`), and the estimates."""
+
+    recompute: bool
+    reason: str
+    load_ms: float | None = None
+    recompute_ms: float | None = None
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for name in ("load_ms", "recompute_ms"):
+            if out[name] is not None:
+                out[name] = round(out[name], 3)
+        return out
+
+
+def decide_storage(span_tiers: Sequence[str | None], span_bytes: Sequence[int], s_per_byte: dict[str, float],
+                   tokens: int, s_per_token: float | None) -> StorageDecision:
+    """A storage-mode load is read before the forward that uses it, so it pays when reading every span from the
+    fastest tier holding it (`span_tiers`, None: not known) costs less than vLLM recomputing its `tokens` at
+    vLLM's measured prefill speed. Anything unmeasured loads (and so gets measured)."""
+    if s_per_token is None:
+        return StorageDecision(False, "vLLM's prefill speed not measured yet: load")
+    unmeasured = sorted({t or "unknown" for t in span_tiers if t not in s_per_byte})
+    if unmeasured:
+        return StorageDecision(False, f"{', '.join(unmeasured)} not measured yet: load")
+    load_s = sum(s_per_byte[t] * n for t, n in zip(span_tiers, span_bytes))
+    recompute_s = s_per_token * tokens
+    if load_s > recompute_s:
+        return StorageDecision(True, "reading the stored prefix costs more than vLLM recomputing it", load_s * 1e3,
+                               recompute_s * 1e3)
+    return StorageDecision(False, "reading the stored prefix costs less than recomputing it", load_s * 1e3,
+                           recompute_s * 1e3)
 
 
 @dataclass(frozen=True)
@@ -96,36 +165,17 @@ class LoadController:
         self.store = store
         self.layout = layout
         self.overlap = overlap
-        self._s_per_token_layer: float | None = None
-        self._pending: deque = deque(maxlen=MAX_PENDING)  # (start event, end event, token-layers)
-        self._lock = threading.Lock()
+        self.compute = MeasuredRate()  # the blend's seconds per token-layer
 
     def plan(self, keys: Sequence[ChunkKey], chunk_tokens: int, fixed_tokens: int, config: BlendConfig) -> LoadDecision:
-        with self._lock:
-            self._fold_finished()
-            speed = self._s_per_token_layer
         return decide(self.store.holders(keys), self.store.meter.seconds_per_byte(), chunk_tokens * self.layout.token_layer_bytes,
-                      chunk_tokens, fixed_tokens, speed, config, self.overlap)
+                      chunk_tokens, fixed_tokens, self.compute.value(), config, self.overlap)
 
     def observe(self, stage_ms: dict[str, float], token_layers: int) -> None:
         """Fold one blend's compute time (its compute stages over the token-layers it computed) into the speed."""
-        if token_layers <= 0:
-            return
-        with self._lock:
-            self._fold(sum(stage_ms.get(s, 0.0) for s in COMPUTE_STAGES) / 1e3 / token_layers)
+        self.compute.observe(sum(stage_ms.get(s, 0.0) for s in COMPUTE_STAGES) / 1e3, token_layers)
 
     def observe_events(self, start, end, token_layers: int) -> None:
         """One blend timed on the GPU between two recorded CUDA events (enable_timing): folded in at a later `plan`
         once the device has passed `end` (a query, not a wait)."""
-        if token_layers > 0:
-            with self._lock:
-                self._pending.append((start, end, token_layers))
-
-    def _fold_finished(self) -> None:
-        while self._pending and self._pending[0][1].query():
-            start, end, token_layers = self._pending.popleft()
-            self._fold(start.elapsed_time(end) / 1e3 / token_layers)
-
-    def _fold(self, rate: float) -> None:
-        old = self._s_per_token_layer
-        self._s_per_token_layer = rate if old is None else (1 - SMOOTHING) * old + SMOOTHING * rate
+        self.compute.observe_events(start, end, token_layers)

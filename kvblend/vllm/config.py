@@ -30,7 +30,9 @@ class ConnectorConfig:
     prefetch: as soon as the worker receives a step's load and blend jobs, start moving all their entries whole
     into the memory tier in the background (the layer reads wait for it rather than read twice).
     controller: per blended request, pick the tier to load from and a recompute ratio (never below `ratio`)
-    from measured load and recompute times (kvblend.blend.controller); its decision is in the request report.
+    from measured load and recompute times (kvblend.blend.controller); per storage-mode load, leave it to vLLM
+    when reading it costs more than vLLM's measured prefill of its tokens (with kv_load_failure_policy
+    "recompute"); its decision is in the request report.
     cpu_ops "vllm": on a CPU engine the chunks' rope shift runs on vLLM's C++ rotary kernel; "torch": on
     kvblend's torch references. blend_attention: how a blend's active rows attend, "auto" (kvblend's sparse-query
     kernel on a GPU, vLLM's backend on a CPU: kvblend.vllm.paged_target), "vllm" or "kvblend". blend_cuda_graphs:

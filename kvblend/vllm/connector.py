@@ -154,11 +154,13 @@ class KVBlendConnector(KVConnectorBase_V1):
         self.worker_side.start_load(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        self.worker_side.wait_layer(layer_name)
+        self.worker_side.wait_layer(layer_name, self._get_connector_metadata().step_tokens)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
-        """Nothing per layer: extraction copies whole spans in `wait_for_save`, when every layer's KV of the
-        step is in the paged cache, so one copy per span replaces one per layer."""
+        """No copy per layer: extraction copies whole spans in `wait_for_save`, when every layer's KV of the
+        step is in the paged cache, so one copy per span replaces one per layer. The last layer ends the timing
+        of a prefill (`WorkerSide.layer_saved`)."""
+        self.worker_side.layer_saved(layer_name)
 
     def wait_for_save(self) -> None:
         if self.has_connector_metadata():

@@ -67,6 +67,7 @@ class KVBlendMetadata(KVConnectorMetadata):
     blends: list[BlendJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
     check: SaveJob | None = None
+    step_tokens: int = 0  # tokens vLLM computes in this step (the worker times its prefill speed by them)
 
     def for_shard(self, shard: str) -> "KVBlendMetadata":
         """The same jobs on the store entries of one tensor-parallel rank's `shard` of the KV."""
@@ -78,7 +79,8 @@ class KVBlendMetadata(KVConnectorMetadata):
 
         return KVBlendMetadata(loads=[replace(j, spans=on(j.spans)) for j in self.loads],
                                blends=[replace(j, exact_spans=on(j.exact_spans), chunks=on(j.chunks)) for j in self.blends],
-                               saves=[replace(j, spans=on(j.spans)) for j in self.saves], check=self.check)
+                               saves=[replace(j, spans=on(j.spans)) for j in self.saves], check=self.check,
+                               step_tokens=self.step_tokens)
 
 
 STORE_FIELDS = frozenset({"stored_spans", "store_ms"})  # a worker report of storing alone (no load, no blend)

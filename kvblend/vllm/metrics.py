@@ -55,7 +55,8 @@ METRICS = (
     Metric("gate_decisions", "The quality gate's decision per blended request (pass, raised, full_prefill)",
            "decision"),
     Metric("controller_decisions", "The loading controller's choice per blended request: the tier it loaded "
-           "from (any: each chunk from the fastest holder), or recompute", "choice"),
+           "from (any: each chunk from the fastest holder), or recompute; per storage-mode load it decided on: "
+           "storage_load or storage_recompute", "choice"),
 )
 _BY_NAME = {m.name: m for m in METRICS}
 

@@ -21,8 +21,8 @@ REASONS = {
     "tenant": "the chunks are stored in the shared namespace, not in this tenant's: store them with its tenant_secret",
     "prefix_cached": "vLLM's own prefix cache already held the reusable part of the prompt",
     "gate": "the quality gate sent the request to a full prefill (gate says why)",
-    "controller": "the loading controller measured recomputing the chunks as faster than loading them (controller "
-                  "says why)",
+    "controller": "the loading controller measured recomputing the stored chunks or prefix as faster than loading "
+                  "them (controller says why)",
     "error": "loading or blending the stored KV failed (load_error or blend_error says why); vLLM recomputed it",
 }
 

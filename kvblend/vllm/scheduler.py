@@ -211,6 +211,7 @@ class SchedulerSide:
     def build_meta(self, scheduler_output) -> KVBlendMetadata:
         meta, self._jobs = self._jobs, KVBlendMetadata()
         so = scheduler_output
+        meta.step_tokens = so.total_num_scheduled_tokens
         for req in so.scheduled_new_reqs:
             prompt = list(req.prompt_token_ids or [])
             block_ids = list(req.block_ids[0]) if req.block_ids else []

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from kvblend.blend.controller import LoadController
+from kvblend.blend.controller import LoadController, MeasuredRate, decide_storage
 from kvblend.blend.cuda_graphs import PostCheckGraphs
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
@@ -46,6 +46,7 @@ from kvblend.vllm.tensor_parallel import tp_sum
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PREFILL_MIN_TOKENS = 512  # steps computing fewer tokens (decodes, a blend's last token) say little of prefill speed
 
 
 def layer_index(name: str) -> int:
@@ -122,11 +123,21 @@ class WorkerSide:
         self._saver: SaveQueue | None = None  # on a GPU: stores off the critical path
         self.stats = KVBlendStats()  # blends and the store's tiers, for vLLM's /metrics
         self._counted = store.counters()  # the tiers' counters as last reported
+        # vLLM's own prefill speed (seconds per token), for storage-mode decisions (`_declined`): each forward of
+        # PREFILL_MIN_TOKENS or more that loads nothing during it, timed from its first layer's attention hook to
+        # its last's (`wait_layer`, `layer_saved`; CUDA events on a GPU). vLLM 0.32 calls start_load_kv after the
+        # forward in steps without a synchronous load, so the step-level hooks do not bracket it.
+        self.prefill = MeasuredRate()
+        self._step: tuple[int, object] | None = None  # (tokens, start mark) of the forward being timed
+        self._layer_names: list[str] = []
+        # a declined load is reported as failed so that vLLM recomputes it: only where that is what vLLM does
+        self._may_decline = vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         ordered = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
         self.caches = [PagedCache(self.attention_layers[name], kv, self.block_size, self.num_kv_heads, self.head_dim)
                        for name, kv in ordered]
+        self._layer_names = [name for name, _ in ordered]
         device = self.caches[0].kv.device
         if device.type == "cuda":
             self._saver = SaveQueue(device, self._put)
@@ -197,15 +208,16 @@ class WorkerSide:
     # -- before the forward -------------------------------------------------------------------------------
     def start_load(self, meta: KVBlendMetadata) -> None:
         """Prefetch every job's entries whole into the memory tier first (background threads; the layer reads
-        wait for them), so loading overlaps the blends' first layers and the jobs before it; then run them."""
+        wait for them), so loading overlaps the blends' first layers and the jobs before it; then run them. Storage
+        loads the controller declines (`_declined`, decided before any prefetch) are left to vLLM."""
         meta = meta.for_shard(self.shard)
+        loads = [_SpanLoad(job) for job in meta.loads if not self._declined(job)]
         wanted = [s.key for job in meta.blends if job.prefetch for s in job.exact_spans + job.chunks]
-        wanted += [s.key for job in meta.loads if job.prefetch for s in job.spans]
+        wanted += [s.key for load in loads if load.job.prefetch for s in load.job.spans]
         if wanted:
             self.store.prefetch(wanted, kv_layout(self.spec))
         for job in meta.blends:
             self._blend(job)
-        loads = [_SpanLoad(job) for job in meta.loads]
         if self.layerwise_loads:
             self._loads += loads
             return
@@ -214,9 +226,52 @@ class WorkerSide:
             for layer in range(len(self.caches)):
                 self._write_layer(layer)
 
-    def wait_layer(self, layer_name: str) -> None:
+    def _declined(self, job: LoadJob) -> bool:
+        """Whether the loading controller has vLLM recompute this storage-mode load instead (its blocks reported
+        as not loaded, its decision in the request's report): when reading its spans, each from the fastest tier
+        holding it at that tier's measured speed, costs more than vLLM's measured prefill of their tokens."""
+        if not self.controller_wanted or not self._may_decline:
+            return False
+        token_bytes = kv_layout(self.spec).token_layer_bytes * self.spec.num_layers
+        tiers = [next(iter(self.store.holders([s.key])), None) for s in job.spans]
+        tokens = sum(s.end - max(s.start, job.write_from) for s in job.spans)
+        decision = decide_storage(tiers, [s.length * token_bytes for s in job.spans],
+                                  self.store.meter.seconds_per_byte(), tokens, self.prefill.value())
+        self._reports.setdefault(job.req_id, {})["controller"] = decision.as_dict()
+        if decision.load_ms is not None:
+            self.stats.add("controller_decisions", label="storage_recompute" if decision.recompute else "storage_load")
+        if decision.recompute:
+            self.failed_blocks |= blocks_from(job.block_ids, job.write_from, self.block_size)
+        return decision.recompute
+
+    def _mark(self):
+        """Now, on the device's timeline: a recorded CUDA event on a GPU, the host's clock on a CPU."""
+        if self.caches[0].kv.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def wait_layer(self, layer_name: str, step_tokens: int = 0) -> None:
+        """Before a layer's attention in vLLM's forward of `step_tokens` tokens: write that layer's rows of the
+        pending layerwise loads (its first layer: start timing a prefill that loads nothing)."""
+        if layer_name == self._layer_names[0] and step_tokens >= PREFILL_MIN_TOKENS and not self._loads:
+            self._step = (step_tokens, self._mark())
         if self.layerwise_loads and self._loads:
             self._write_layer(layer_index(layer_name))
+
+    def layer_saved(self, layer_name: str) -> None:
+        """After a layer's attention in vLLM's forward: its last layer ends a timed prefill, scaled from the first
+        attention to the last (all but one layer's projections and MLP) up to every layer."""
+        if self._step is None or layer_name != self._layer_names[-1]:
+            return
+        (tokens, start), end, n = self._step, self._mark(), len(self._layer_names)
+        self._step = None
+        share = n / (n - 1) if n > 1 else 1.0
+        if isinstance(start, float):
+            self.prefill.observe((end - start) * share, tokens)
+        else:
+            self.prefill.observe_events(start, end, round(tokens / share))
 
     def _write_layer(self, layer: int) -> None:
         """Write this layer's rows of every pending span load, straight from its spans' entries (read whole, for
@@ -404,8 +459,9 @@ class WorkerSide:
         if self.tp_world > 1 and meta.loads:
             self._agree_on_loads(meta.loads)
         for job in meta.saves:
-            if "load_error" in self._reports.get(job.req_id, {}):
-                continue  # rows computed this step on top of a failed span load are recomputed by vLLM, never stored
+            report = self._reports.get(job.req_id, {})
+            if "load_error" in report or (report.get("controller") or {}).get("recompute"):
+                continue  # rows computed this step on top of a failed or declined load are recomputed, never stored
             try:
                 self._save(job)
             except Exception as exc:  # extraction is best effort: the request itself is already served
