@@ -87,8 +87,9 @@ def test_a_prefetch_in_flight_counts_as_held_by_memory(tmp_path):
     kv = random_chunk(seed=4)
     with TieredStore([MemoryTier(1 << 30), slow]) as store:
         slow.put(kv.key, kv)
+        assert store.fastest_holder(kv.key) == "disk" and store.fastest_holder(random_chunk(seed=9).key) is None
         future = store.prefetch([kv.key])
-        assert store.holders([kv.key]) == ["memory", "disk"]
+        assert store.holders([kv.key]) == ["memory", "disk"] and store.fastest_holder(kv.key) == "memory"
         start = time.monotonic()
         assert store.get(kv.key, layers=(1,), tier="memory") is not None  # waits for the prefetch, then hits
         assert time.monotonic() - start > 0.1 and future.result() == 1

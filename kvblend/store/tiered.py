@@ -259,6 +259,14 @@ class TieredStore:
             self._moved[tier.name].add("bytes_read", n=kv.nbytes)
         return kv
 
+    def fastest_holder(self, key: ChunkKey) -> str | None:
+        """The fastest tier holding `key` (a key being prefetched: the fastest tier), asking slower tiers only
+        while faster ones lack it; None where none holds it."""
+        with self._inflight_lock:
+            if key.digest in self._inflight:
+                return self.tiers[0].name
+        return next((tier.name for tier in self.tiers if tier.contains(key)), None)
+
     def holders(self, keys: Sequence[ChunkKey]) -> list[str]:
         """The tiers that hold every one of `keys`, fastest first (a key being prefetched counts as held by the
         fastest tier, which its reads wait for)."""

@@ -233,7 +233,7 @@ class WorkerSide:
         if not self.controller_wanted or not self._may_decline:
             return False
         token_bytes = kv_layout(self.spec).token_layer_bytes * self.spec.num_layers
-        tiers = [next(iter(self.store.holders([s.key])), None) for s in job.spans]
+        tiers = [self.store.fastest_holder(s.key) for s in job.spans]
         tokens = sum(s.end - max(s.start, job.write_from) for s in job.spans)
         decision = decide_storage(tiers, [s.length * token_bytes for s in job.spans],
                                   self.store.meter.seconds_per_byte(), tokens, self.prefill.value())
