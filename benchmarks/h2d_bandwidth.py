@@ -142,21 +142,6 @@ def step_while_saving(spans: int = 64, tokens: int = 256, prewarm: bool = False)
              "step_ms_max": max(during) if during else None, "save_thread_host_ms": saver.host_ms}]
 
 
-def numa() -> dict:
-    """The host's NUMA nodes and the GPU's (its PCI device's `numa_node`): a copy from memory on the other node
-    crosses the sockets' link. Empty where NVML or sysfs cannot tell."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        bus = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())).busId
-        bus = (bus.decode() if isinstance(bus, bytes) else bus).lower()[-12:]  # domain:bus:device.function
-        return {"gpu_pci": bus, "gpu_numa_node": int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text()),
-                "host_numa_nodes": Path("/sys/devices/system/node/online").read_text().strip()}
-    except Exception:  # noqa: BLE001 - no NVML or no sysfs entry: the rates stand alone
-        return {}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", default="6,16,63")
@@ -184,7 +169,7 @@ def main() -> int:
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
-        write(args.out, record("h2d_bandwidth", rows, numa=numa()))
+        write(args.out, record("h2d_bandwidth", rows))
     return 0
 
 

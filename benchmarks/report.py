@@ -325,7 +325,7 @@ def gpu_rag_targets(data: dict) -> list[list[str]]:
 
 
 
-# a blend's stages in the order they run; fetch_wait (synced) also drains the work queued before each wait
+# a blend's stages in the order they run (in a synced profile fetch_wait also drains the work queued before each wait)
 PROFILE_STAGES = ("fetch_wait", "rope_shift_gather", "qkv", "attention", "mlp", "select", "post_check_graphs")
 
 

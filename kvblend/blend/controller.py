@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
+import torch
+
 from kvblend.blend.config import BlendConfig
 from kvblend.store.entry import KVLayout
 from kvblend.store.key import ChunkKey
@@ -25,6 +27,13 @@ from kvblend.store.key import ChunkKey
 SMOOTHING = 0.3
 MAX_PENDING = 64  # GPU-timed blends awaiting their end event (the oldest are dropped past this)
 COMPUTE_STAGES = ("qkv", "select", "attention", "mlp", "post_check_graphs")
+
+
+def recorded_event() -> torch.cuda.Event:
+    """A timing CUDA event recorded now on the current stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class MeasuredRate:

@@ -19,6 +19,7 @@ import torch
 
 from kvblend.blend.check_graphs import CheckLayerGraphs
 from kvblend.blend.config import BlendConfig
+from kvblend.blend.controller import recorded_event
 from kvblend.blend.cuda_graphs import PostCheckGraphs, bucket
 from kvblend.blend.gate import (
     GateReport,
@@ -122,13 +123,6 @@ def aligned_to_device(parts: Sequence[torch.Tensor], device: torch.device) -> li
     return [on_device[start : start + n] for start, n in zip(starts, sizes)]
 
 
-def _event() -> torch.cuda.Event:
-    """A timing event recorded now on the current CUDA stream."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
 class BlendRun:
     """Per-request state of one blend: the active rows, their hidden states, the output KV. Step per layer."""
 
@@ -222,13 +216,13 @@ class BlendRun:
         sync: copies and compute overlap as in an unprofiled run, and a stage's time includes the device's waits
         for its inputs (`fetch_wait`: for the layer's chunk KV) and for the host's launches."""
         self.profile = True
-        self._marks = [("", _event())]
+        self._marks = [("", recorded_event())]
 
     def _tick(self, stage: str, start: float) -> float:
         """End `stage` (begun at host time `start`): its host time, or with `profile` an event on the device."""
         now = time.perf_counter()
         if self.profile:
-            self._marks.append((stage, _event()))
+            self._marks.append((stage, recorded_event()))
         else:
             self.stats.stage_ms[stage] += (now - start) * 1e3
         return now

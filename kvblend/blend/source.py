@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kvblend.blend.controller import recorded_event
 from kvblend.cpu import unpin_thread
 from kvblend.model.spec import ModelSpec
 from kvblend.store.entry import KVLayout
@@ -166,9 +167,7 @@ class TensorLayerSource:
                 self._stream.wait_stream(compute)
             else:  # its first use: only what ran before the allocation (the memory's earlier owners) must be done
                 self._stream.wait_event(self._allocated)
-            if self._timed is not None:  # after the waits: the copies' own time
-                began = torch.cuda.Event(enable_timing=True)
-                began.record(self._stream)
+            began = recorded_event() if self._timed is not None else None  # after the waits: the copies' own time
             row, nbytes = 0, 0
             for k, v, n in zip(self.ks, self.vs, self._lengths):
                 block = slice(row, row + (last - first) * n)

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from kvblend.blend.controller import LoadController, MeasuredRate, decide_storage
+from kvblend.blend.controller import LoadController, MeasuredRate, decide_storage, recorded_event
 from kvblend.blend.cuda_graphs import PostCheckGraphs
 from kvblend.blend.engine import BlendEngine
 from kvblend.blend.layout import ChunkRef, PromptLayout
@@ -246,11 +246,7 @@ class WorkerSide:
 
     def _mark(self):
         """Now, on the device's timeline: a recorded CUDA event on a GPU, the host's clock on a CPU."""
-        if self.caches[0].kv.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return recorded_event() if self.caches[0].kv.device.type == "cuda" else time.perf_counter()
 
     def wait_layer(self, layer_name: str, step_tokens: int = 0) -> None:
         """Before a layer's attention in vLLM's forward of `step_tokens` tokens: write that layer's rows of the
@@ -383,8 +379,7 @@ class WorkerSide:
             config = decision.apply(job.config)
         timed = self.controller is not None and target.device.type == "cuda"
         if timed:  # host stage times are launch times on a GPU: the controller gets the blend's device time
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            events[0].record()
+            start_event = recorded_event()
         copies = {}  # with profile on a GPU: the chunk KV's copies to the device (TensorLayerSource.copy_times)
         if chunk_kv is None:
             result = self._engine.blend(layout, config, logits_at="none", on_missing="recompute", exact_prefix=exact,
@@ -400,8 +395,7 @@ class WorkerSide:
             copies = source.copy_times() if job.profile and source is not None else {}
         stats = result.stats
         if timed:
-            events[1].record()
-            self.controller.observe_events(*events, stats.token_layers_computed)
+            self.controller.observe_events(start_event, recorded_event(), stats.token_layers_computed)
         elif self.controller is not None:
             self.controller.observe(stats.stage_ms, stats.token_layers_computed)
         controller = {"controller": decision.as_dict()} if decision else {}
